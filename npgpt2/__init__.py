@@ -1,0 +1,23 @@
+"""npgpt2: GPT-2 in NumPy, with every activation exposed under TransformerLens's names.
+
+    import npgpt2
+    model = npgpt2.from_pretrained("gpt2")
+    logits, cache = model.run_with_cache("I am not sure what you are saying")
+    cache["blocks.5.attn.hook_pattern"]      # [batch, head, query_pos, key_pos]
+"""
+
+from .cache import ActivationCache, get_act_name
+from .config import ALIASES, ConfigError, GPT2Config
+from .hub import ModelNotFoundError, OfflineError
+from .loading import from_pretrained
+from .model import GPT2, HookError, HookPoint, InputError, KeyValueCache
+from .tokenizer import Tokenizer
+from .weights import WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALIASES", "ActivationCache", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
+    "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "Tokenizer", "WeightsError",
+    "from_pretrained", "get_act_name",
+]

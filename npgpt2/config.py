@@ -1,0 +1,155 @@
+"""GPT2Config: the handful of numbers that fix a GPT-2's shape, and the known sizes.
+
+The field names follow Hugging Face's ``config.json`` (``n_layer``, ``n_head``, ``n_embd`` ...);
+TransformerLens's names (``d_model``, ``n_heads``, ``d_head`` ...) are provided as read-only
+aliases so that code written for either reads naturally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+# name a person types -> Hugging Face hub repository
+ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+
+# (n_layer, n_head, n_embd) of the published checkpoints; all share n_ctx 1024 and vocab 50257.
+KNOWN_SIZES = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+    "distilgpt2": (6, 12, 768),
+}
+
+
+class ConfigError(ValueError):
+    """config.json describes a model this implementation cannot run faithfully."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_ctx: int = 1024
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config {name}={value!r}: expected a positive integer")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        if self.activation_function != "gelu_new":
+            raise ConfigError(
+                f"config activation_function={self.activation_function!r}: only 'gelu_new' "
+                "(GPT-2's tanh approximation) is implemented"
+            )
+
+    # TransformerLens's names -------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        return self.n_embd
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def d_head(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def d_vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def eps(self) -> float:
+        return self.layer_norm_epsilon
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "GPT2Config":
+        """Build from a Hugging Face ``config.json`` dict, refusing what this model cannot run."""
+        model_type = d.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ConfigError(f"config model_type={model_type!r}: expected 'gpt2'")
+        # Variants that change the computation and are not implemented: refuse, never ignore.
+        refused = {
+            "scale_attn_by_inverse_layer_idx": False,
+            "scale_attn_weights": True,
+            "add_cross_attention": False,
+        }
+        for key, supported in refused.items():
+            if key in d and bool(d[key]) != supported:
+                raise ConfigError(
+                    f"config {key}={d[key]!r}: only {key}={supported} is implemented"
+                )
+        n_ctx = d.get("n_positions", d.get("n_ctx", 1024))
+        if "n_ctx" in d and "n_positions" in d and d["n_ctx"] != d["n_positions"]:
+            raise ConfigError(
+                f"config n_ctx={d['n_ctx']} differs from n_positions={d['n_positions']}"
+            )
+        kwargs = dict(
+            n_layer=d.get("n_layer", 12),
+            n_head=d.get("n_head", 12),
+            n_embd=d.get("n_embd", 768),
+            n_ctx=n_ctx,
+            vocab_size=d.get("vocab_size", 50257),
+            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            n_inner=d.get("n_inner"),
+            activation_function=d.get("activation_function", "gelu_new"),
+        )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "GPT2Config":
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` Hugging Face transformers writes for this shape."""
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "n_positions": self.n_ctx,
+            "n_ctx": self.n_ctx,
+            "vocab_size": self.vocab_size,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "n_inner": self.n_inner,
+            "activation_function": self.activation_function,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+        }

@@ -1,0 +1,34 @@
+"""``from_pretrained``: files (hub.py) -> arrays (weights.py) -> a model (model.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import hub
+from .config import GPT2Config
+from .model import GPT2
+from .tokenizer import Tokenizer
+from .weights import read_checkpoint, weights_from_state_dict
+
+_DTYPES = ("float32", "float64")
+
+
+def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: str | None = None,
+                    local_files_only: bool = False, dtype: str = "float32") -> GPT2:
+    """Load a GPT-2 for the NumPy forward pass.
+
+    name: an alias ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"), a hub repo id
+        ("openai-community/gpt2"), or a local folder with config.json and safetensors weights.
+    revision, cache_dir, local_files_only: passed to huggingface_hub (HF_HUB_OFFLINE=1 is honoured).
+    dtype: "float32" (as published; the weights stay memory-mapped) or "float64" (the whole
+        forward pass in double precision, for exact analysis).
+    """
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+    files = hub.resolve(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    config = GPT2Config.from_json_file(files.config)
+    weights = weights_from_state_dict(read_checkpoint(files.weights), config, dtype=np.dtype(dtype))
+    tokenizer = Tokenizer(files.vocab, files.merges) if files.vocab and files.merges else Tokenizer()
+    model = GPT2(config, weights, tokenizer, name=name)
+    model.source = files.source
+    return model
