@@ -15,6 +15,7 @@ this file shows plain NumPy arrays with the names an interpretability paper woul
 from __future__ import annotations
 
 import contextlib
+import math
 import difflib
 import re
 from typing import Callable, Iterable
@@ -183,10 +184,8 @@ class GPT2:
         if past_kv is not None and past_kv.length + pos > past_kv.capacity:
             raise InputError(f"{past_kv.length} cached + {pos} new positions exceed n_ctx={cfg.n_ctx}")
 
-        # [pos, offset + pos]: 0 where a query may attend, -inf for keys in its future
-        mask_bias = ops.causal_mask_bias(pos, offset + pos, resid.dtype)
         for l in range(start, stop):
-            resid = self._block(l, resid, mask_bias, past_kv)
+            resid = self._block(l, resid, past_kv)
         if past_kv is not None:
             past_kv.length += pos
         if stop_at_layer is not None:
@@ -209,13 +208,12 @@ class GPT2:
 
     __call__ = forward
 
-    def _block(self, l: int, resid: np.ndarray, mask_bias: np.ndarray,
-               past_kv: KeyValueCache | None) -> np.ndarray:
+    def _block(self, l: int, resid: np.ndarray, past_kv: KeyValueCache | None) -> np.ndarray:
         """One transformer block.  [batch, pos, d_model] -> [batch, pos, d_model]"""
         blk = self.weights.blocks[l]
         resid_pre = self._hook(f"blocks.{l}.hook_resid_pre", resid)
         x = self._layer_norm(f"blocks.{l}.ln1", resid_pre, blk.ln1_w, blk.ln1_b)
-        attn_out = self._hook(f"blocks.{l}.hook_attn_out", self._attention(l, x, mask_bias, past_kv))
+        attn_out = self._hook(f"blocks.{l}.hook_attn_out", self._attention(l, x, past_kv))
         resid_mid = self._hook(f"blocks.{l}.hook_resid_mid", resid_pre + attn_out)
         x = self._layer_norm(f"blocks.{l}.ln2", resid_mid, blk.ln2_w, blk.ln2_b)
         mlp_out = self._hook(f"blocks.{l}.hook_mlp_out", self._mlp(l, x))
@@ -228,8 +226,7 @@ class GPT2:
         normalized = self._hook(f"{prefix}.hook_normalized", x / scale)  # [b, p, d]
         return ops.affine(normalized, w, b)
 
-    def _attention(self, l: int, x: np.ndarray, mask_bias: np.ndarray,
-                   past_kv: KeyValueCache | None) -> np.ndarray:
+    def _attention(self, l: int, x: np.ndarray, past_kv: KeyValueCache | None) -> np.ndarray:
         """Causal multi-head self-attention.  [batch, pos, d_model] -> [batch, pos, d_model]"""
         blk, cfg = self.weights.blocks[l], self.cfg
         batch, pos, d_model = x.shape
@@ -247,20 +244,23 @@ class GPT2:
         else:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-        # [batch, head, query_pos, d_head] @ [batch, head, d_head, key_pos] -> [batch, head, q, k]
-        scores = q.transpose(0, 2, 1, 3) @ keys.transpose(0, 1, 3, 2)
-        scores /= np.sqrt(d_head).astype(scores.dtype)
-        scores += mask_bias  # a query never sees later keys
-        scores = self._hook(name + "hook_attn_scores", scores)
-        pattern = self._hook(name + "hook_pattern", ops.softmax(scores))  # rows sum to 1
-
-        # [batch, head, q, k] @ [batch, head, k, d_head] -> [batch, pos, head, d_head]
-        z = self._hook(name + "hook_z", (pattern @ values).transpose(0, 2, 1, 3))
+        q = q.transpose(0, 2, 1, 3) / math.sqrt(d_head)  # [batch, head, query_pos, d_head]
+        # (dividing q rather than the scores gives the same numbers, d_head being a power of two)
+        if self._wants(name + "hook_attn_scores") or self._wants(name + "hook_pattern"):
+            # q.k for every (query, key) pair; a query never sees later keys: their score is -inf
+            scores = self._hook(name + "hook_attn_scores", ops.causal_scores(q, keys))  # [b, h, q, k]
+            pattern = self._hook(name + "hook_pattern", ops.softmax(scores))  # rows sum to 1
+            z = pattern @ values  # [batch, head, q, k] @ [batch, head, k, d_head]
+        else:  # the same computation, skipping the masked half (see ops.causal_attention)
+            z = ops.causal_attention(q, keys, values)  # [batch, head, query_pos, d_head]
+        z = self._hook(name + "hook_z", z.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
         if self._wants(name + "hook_result"):
             # Each head's write into the residual stream: z[h] @ W_O[h]. Summing them (plus b_O) is
             # the attention output, so a hook that edits one head's result edits the output.
-            W_O = blk.W_attn_out.reshape(n_head, d_head, d_model)
-            result = self._hook(name + "hook_result", np.einsum("bphe,hed->bphd", z, W_O))
+            W_O = blk.W_attn_out.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
+            # [batch, head, pos, d_head] @ [head, d_head, d_model] -> [batch, pos, head, d_model]
+            result = (z.transpose(0, 2, 1, 3) @ W_O).transpose(0, 2, 1, 3)
+            result = self._hook(name + "hook_result", result)
             return result.sum(axis=2) + blk.b_O
         return ops.linear(z.reshape(batch, pos, d_model), blk.W_attn_out, blk.b_O)
 
