@@ -77,6 +77,11 @@ _BLOCK_HOOKS = (
 )
 
 
+# Computed only when asked for by name (or by a list or predicate that matches it): not part of
+# the default run_with_cache, as in TransformerLens. cache.compute_head_results() derives it from z.
+_ON_REQUEST = ("attn.hook_result",)
+
+
 class KeyValueCache:
     """Keys and values of the positions seen so far, for incremental decoding.
 
@@ -364,12 +369,15 @@ class GPT2:
     def run_with_cache(self, input, names_filter=None, return_type="logits", **kwargs):
         """``forward``, keeping activations: returns (output, ActivationCache).
 
-        names_filter: None (every hook point), a name, a list of names, or a predicate on names.
-        Only the requested activations are kept; ``attn.hook_result`` is computed only if requested.
+        names_filter: None (every hook point but ``attn.hook_result``), a name, a list of names, or
+        a predicate on names. Only the requested activations are kept. ``attn.hook_result``
+        ([batch, pos, head, d_model] per layer, the largest) is computed only when it is requested.
         """
         from .cache import ActivationCache
 
         wanted = frozenset(self.resolve_hook_names(names_filter))
+        if names_filter is None:  # "everything the forward pass computes anyway"
+            wanted -= {n for n in wanted if n.endswith(_ON_REQUEST)}
         self._cache, self._cache_names = {}, wanted
         try:
             out = self.forward(input, return_type=return_type, **kwargs)
