@@ -150,6 +150,6 @@ class GPT2Config:
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "n_inner": self.n_inner,
             "activation_function": self.activation_function,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
+            # <|endoftext|>, when the vocabulary has it
+            **({"bos_token_id": 50256, "eos_token_id": 50256} if self.vocab_size > 50256 else {}),
         }

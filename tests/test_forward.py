@@ -1,0 +1,249 @@
+import numpy as np
+import pytest
+
+import npgpt2
+from npgpt2 import HookError, InputError, ops
+from conftest import TINY
+
+B, P = 2, 12
+D, H, DH, M, V = TINY.d_model, TINY.n_head, TINY.d_head, TINY.d_mlp, TINY.d_vocab
+SHAPES = {
+    "hook_embed": (B, P, D), "hook_pos_embed": (B, P, D),
+    "hook_resid_pre": (B, P, D), "ln1.hook_scale": (B, P, 1), "ln1.hook_normalized": (B, P, D),
+    "attn.hook_q": (B, P, H, DH), "attn.hook_k": (B, P, H, DH), "attn.hook_v": (B, P, H, DH),
+    "attn.hook_attn_scores": (B, H, P, P), "attn.hook_pattern": (B, H, P, P),
+    "attn.hook_z": (B, P, H, DH), "attn.hook_result": (B, P, H, D), "hook_attn_out": (B, P, D),
+    "hook_resid_mid": (B, P, D), "ln2.hook_scale": (B, P, 1), "ln2.hook_normalized": (B, P, D),
+    "mlp.hook_pre": (B, P, M), "mlp.hook_post": (B, P, M), "hook_mlp_out": (B, P, D),
+    "hook_resid_post": (B, P, D), "ln_final.hook_scale": (B, P, 1), "ln_final.hook_normalized": (B, P, D),
+}
+
+
+def short(name):
+    return name.split(".", 2)[2] if name.startswith("blocks.") else name
+
+
+def test_every_hook_point_with_transformerlens_names_and_shapes(model, tokens):
+    names = model.hook_names()
+    assert names[:3] == ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"]
+    assert names[-1] == "ln_final.hook_normalized"
+    assert len(names) == 2 + 18 * TINY.n_layer + 2
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: True)
+    assert logits.shape == (B, P, V)
+    assert set(cache.keys()) == set(names)
+    for name in names:
+        assert cache[name].shape == SHAPES[short(name)], name
+        assert isinstance(cache[name], np.ndarray) and cache[name].dtype == np.float32
+
+
+def test_default_cache_leaves_out_hook_result(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    assert "blocks.0.attn.hook_result" not in cache
+    assert len(cache) == len(model.hook_names()) - TINY.n_layer
+
+
+def test_names_filter_forms(model, tokens):
+    _, c = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
+    assert list(c.keys()) == ["blocks.1.attn.hook_pattern"]
+    _, c = model.run_with_cache(tokens, names_filter=["hook_embed", "blocks.0.mlp.hook_post"])
+    assert set(c.keys()) == {"hook_embed", "blocks.0.mlp.hook_post"}
+    _, c = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+    assert len(c) == TINY.n_layer
+    assert c["z", 1] is c["blocks.1.attn.hook_z"]
+
+
+def test_unknown_hook_name_suggests_the_closest(model, tokens):
+    with pytest.raises(HookError, match="blocks.0.attn.hook_pattern"):
+        model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_patern")
+    with pytest.raises(HookError, match="unknown hook point 'blocks.9.hook_resid_pre'"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.9.hook_resid_pre", lambda a, h: None)])
+
+
+def test_cache_key_errors_are_helpful(model, tokens):
+    _, c = model.run_with_cache(tokens, names_filter="hook_embed")
+    with pytest.raises(KeyError, match="names_filter"):
+        c["pattern", 0]
+
+
+def test_forward_identities(model, tokens):
+    """The cached activations fit together exactly as the architecture says."""
+    logits, c = model.run_with_cache(tokens, names_filter=lambda n: True)
+    w = model.weights
+    np.testing.assert_allclose(c["hook_embed"], model.W_E[tokens])
+    np.testing.assert_allclose(c["blocks.0.hook_resid_pre"], c["hook_embed"] + c["hook_pos_embed"])
+    for l in range(TINY.n_layer):
+        blk = w.blocks[l]
+        pre = c["resid_pre", l]
+        np.testing.assert_allclose(c["resid_mid", l], pre + c["attn_out", l], atol=1e-6)
+        np.testing.assert_allclose(c["resid_post", l], c["resid_mid", l] + c["mlp_out", l], atol=1e-6)
+        # layer norm: normalized is centred with unit RMS; scale is the RMS of the centred input
+        centred = pre - pre.mean(-1, keepdims=True)
+        np.testing.assert_allclose(c["blocks.%d.ln1.hook_scale" % l] ** 2,
+                                   (centred ** 2).mean(-1, keepdims=True) + TINY.eps, rtol=1e-5)
+        np.testing.assert_allclose(c[f"blocks.{l}.ln1.hook_normalized"], centred / c[f"blocks.{l}.ln1.hook_scale"], atol=1e-5)
+        pattern = c["pattern", l]
+        np.testing.assert_allclose(pattern.sum(-1), 1, atol=1e-6)
+        future = np.triu(np.ones((P, P), bool), 1)
+        assert np.all(pattern[..., future] == 0) and np.all(np.isneginf(c["attn_scores", l][..., future]))
+        np.testing.assert_allclose(pattern, ops.softmax(c["attn_scores", l]), atol=1e-7)
+        # scores = q.k / sqrt(d_head)
+        qk = np.einsum("bqhd,bkhd->bhqk", c["q", l], c["k", l]) / np.sqrt(DH)
+        np.testing.assert_allclose(np.where(future, 0, c["attn_scores", l]), np.where(future, 0, qk), atol=1e-4)
+        np.testing.assert_allclose(c["z", l], np.einsum("bhqk,bkhd->bqhd", pattern, c["v", l]), atol=1e-5)
+        # per-head results sum (with b_O) to the attention output
+        np.testing.assert_allclose(c["result", l].sum(2) + blk.b_O, c["attn_out", l], atol=1e-5)
+        np.testing.assert_allclose(c["post", l], ops.gelu_new(c["pre", l]))
+        np.testing.assert_allclose(c["mlp_out", l], c["post", l] @ blk.W_out + blk.b_out, atol=1e-5)
+    final = c["ln_final.hook_normalized"] * w.ln_final_w + w.ln_final_b
+    np.testing.assert_allclose(logits, final @ model.W_E.T, atol=1e-4)
+
+
+def test_transformerlens_weight_views(model, tokens):
+    _, c = model.run_with_cache(tokens, names_filter=lambda n: "blocks.1" in n)
+    x = c["blocks.1.ln1.hook_normalized"] * model.weights.blocks[1].ln1_w + model.weights.blocks[1].ln1_b
+    for W, b, name in ((model.W_Q, model.b_Q, "q"), (model.W_K, model.b_K, "k"), (model.W_V, model.b_V, "v")):
+        assert W.shape == (TINY.n_layer, H, D, DH) and b.shape == (TINY.n_layer, H, DH)
+        np.testing.assert_allclose(np.einsum("bpd,hde->bphe", x, W[1]) + b[1], c[name, 1], atol=1e-5)
+    assert model.W_O.shape == (TINY.n_layer, H, DH, D)
+    np.testing.assert_allclose(np.einsum("bphe,hed->bphd", c["z", 1], model.W_O[1]), c["result", 1], atol=1e-5)
+    assert model.W_in.shape == (TINY.n_layer, D, M) and model.W_out.shape == (TINY.n_layer, M, D)
+    assert model.W_U.shape == (D, V) and model.b_U.shape == (V,) and not model.b_U.any()
+
+
+def test_blockwise_attention_equals_the_full_computation(model, model64, tokens):
+    # Without a listener on scores/pattern the model takes the blockwise path; with one, the full one.
+    long_tokens = np.random.default_rng(5).integers(0, V, (2, 60))
+    for m, tol in ((model, 1e-5), (model64, 1e-12)):
+        plain = m(long_tokens)
+        full, _ = m.run_with_cache(long_tokens, names_filter="blocks.0.attn.hook_pattern")
+        np.testing.assert_allclose(plain, full, atol=tol)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 150, 8)) for _ in range(3))
+    full = ops.softmax(ops.causal_scores(q, k, block=1000)) @ v
+    for block in (1, 7, 64, 150):
+        np.testing.assert_allclose(ops.causal_attention(q, k, v, block=block), full, atol=1e-12)
+        np.testing.assert_allclose(ops.causal_scores(q, k, block=block), ops.causal_scores(q, k, block=1000))
+
+
+def test_hook_replaces_activation(model, tokens):
+    def zero(act, hook):
+        assert hook.name == "blocks.1.hook_mlp_out" and hook.layer() == 1
+        return act * 0
+
+    patched = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero)])
+    _, c = model.run_with_cache(tokens)
+    # with layer 1's MLP zeroed, the final residual is resid_mid of layer 1
+    expected = ops.layer_norm(c["resid_mid", 1], model.weights.ln_final_w, model.weights.ln_final_b, TINY.eps) @ model.W_U
+    np.testing.assert_allclose(patched, expected, atol=1e-4)
+    assert model._hooks == {}  # removed afterwards
+    assert not np.allclose(model(tokens), patched)
+
+
+def test_observing_hook_and_predicate_names(model, tokens):
+    seen = []
+    out = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"),
+                                                   lambda a, h: seen.append((h.name, a.shape)))])
+    assert [s[0] for s in seen] == [f"blocks.{l}.attn.hook_pattern" for l in range(TINY.n_layer)]
+    np.testing.assert_array_equal(out, model(tokens))
+
+
+def test_hook_on_pattern_changes_output(model, tokens):
+    def uniform(pattern, hook):
+        causal = np.tril(np.ones(pattern.shape[-2:]))
+        return np.broadcast_to(causal / causal.sum(-1, keepdims=True), pattern.shape)
+
+    _, c = model.run_with_cache(tokens)
+    with model.hooks([("blocks.0.attn.hook_pattern", uniform)]):
+        _, hooked = model.run_with_cache(tokens)
+    v = hooked["v", 0]
+    expected_z = np.cumsum(v, axis=1) / np.arange(1, P + 1)[None, :, None, None]
+    np.testing.assert_allclose(hooked["z", 0], expected_z, atol=1e-5)
+    assert not np.allclose(hooked["z", 0], c["z", 0])
+
+
+def test_hook_with_wrong_shape_names_point_and_shapes(model, tokens):
+    with pytest.raises(HookError, match=r"blocks.0.hook_resid_pre returned shape \(2, 12\); expected \(2, 12, 64\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, h: a[..., 0])])
+
+
+def test_hooks_removed_when_forward_raises(model, tokens):
+    def boom(act, hook):
+        raise RuntimeError("inside a hook")
+
+    with pytest.raises(RuntimeError, match="inside a hook"):
+        model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", boom)])
+    assert model._hooks == {}
+    with pytest.raises(RuntimeError):
+        with model.hooks([("hook_embed", boom)]):
+            model(tokens)
+    assert model._hooks == {}
+    model(tokens)  # runs clean
+
+
+def test_add_hook_and_reset(model, tokens):
+    calls = []
+    model.add_hook("hook_pos_embed", lambda a, h: calls.append(1))
+    model(tokens)
+    model.reset_hooks()
+    model(tokens)
+    assert calls == [1]
+
+
+def test_start_and_stop_at_layer(model, tokens):
+    logits, c = model.run_with_cache(tokens)
+    resid = model(tokens, stop_at_layer=1)
+    np.testing.assert_array_equal(resid, c["resid_post", 0])
+    np.testing.assert_allclose(model(c["resid_pre", 1], start_at_layer=1), logits, atol=1e-5)
+    loss = model(c["resid_pre", 1], start_at_layer=1, tokens=tokens, return_type="loss")
+    assert loss == pytest.approx(model.loss(tokens), abs=1e-5)
+    with pytest.raises(InputError, match="start_at_layer=5 is out of range"):
+        model(tokens, start_at_layer=5)
+    with pytest.raises(InputError, match=r"residual stream \[batch, pos, 64\]"):
+        model(tokens, start_at_layer=1)
+
+
+def test_loss_equals_hand_computed_cross_entropy(model64, tokens):
+    logits = model64(tokens)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.array([[logp[b, p, tokens[b, p + 1]] for p in range(P - 1)] for b in range(B)])
+    np.testing.assert_allclose(model64.loss(tokens, per_token=True), nll, atol=1e-10)
+    assert model64.loss(tokens) == pytest.approx(nll.mean(), abs=1e-10)
+    logits2, loss2 = model64(tokens, return_type="both")
+    assert loss2 == pytest.approx(nll.mean(), abs=1e-10)
+
+
+def test_padding_is_ignored_by_loss_and_leaves_real_positions_alone(model):
+    texts = ["The dog", "Hello, my dog is cute"]
+    batch = model(texts)
+    for i, t in enumerate(texts):
+        alone = model(t)
+        n = alone.shape[1]
+        np.testing.assert_allclose(batch[i, :n], alone[0], atol=1e-5)
+    per_tok = model.loss(texts, per_token=True)
+    assert np.isnan(per_tok[0, 1:]).all() and not np.isnan(per_tok[0, 0])
+    expected = np.concatenate([model.loss(t, per_token=True)[0] for t in texts]).mean()
+    assert model.loss(texts) == pytest.approx(expected, abs=1e-5)
+
+
+def test_text_input_equals_token_input(model):
+    np.testing.assert_array_equal(model("Hello, my dog is cute"), model(np.array([[15496, 11, 616, 3290, 318, 13779]])))
+    np.testing.assert_array_equal(model([15496, 11, 616]), model(np.array([[15496, 11, 616]])))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((1, 0), np.int64), "empty input"),
+    (np.array([[1, 50300]]), "token id 50300 is out of range for vocab_size 50257"),
+    (np.array([[-1, 2]]), "token id -1 is out of range"),
+    (np.array([[1.0, 2.0]]), "must be integers; got an array of dtype float64"),
+    (np.zeros((1, 2, 3), np.int64), r"shape \[batch, pos\] or \[pos\]; got shape \(1, 2, 3\)"),
+    (np.zeros((1, 65), np.int64), r"65 tokens is longer than the context of n_ctx=64; truncate it"),
+    ("", "no tokens"),
+])
+def test_bad_input_is_named(model, bad, match):
+    with pytest.raises(InputError, match=match):
+        model(bad)
+
+
+def test_bad_return_type(model, tokens):
+    with pytest.raises(ValueError, match="return_type='probs'"):
+        model(tokens, return_type="probs")
