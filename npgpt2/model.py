@@ -196,8 +196,7 @@ class GPT2:
         if stop_at_layer is not None:
             return resid
 
-        x = self._layer_norm("ln_final", resid, w.ln_final_w, w.ln_final_b)
-        logits = ops.linear(x, w.W_U, w.b_U)  # [batch, pos, d_vocab]
+        logits = self.unembed(resid)  # [batch, pos, d_vocab]
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -212,6 +211,12 @@ class GPT2:
         raise ValueError(f"return_type={return_type!r}: expected 'logits', 'loss', 'both' or None")
 
     __call__ = forward
+
+    def unembed(self, resid: np.ndarray) -> np.ndarray:
+        """Final layer norm, then the unembedding.  [batch, pos, d_model] -> [batch, pos, d_vocab]"""
+        w = self.weights
+        x = self._layer_norm("ln_final", resid, w.ln_final_w, w.ln_final_b)
+        return ops.linear(x, w.W_U, w.b_U)
 
     def _block(self, l: int, resid: np.ndarray, past_kv: KeyValueCache | None) -> np.ndarray:
         """One transformer block.  [batch, pos, d_model] -> [batch, pos, d_model]"""
@@ -387,6 +392,21 @@ class GPT2:
         return out, ActivationCache(store, self)
 
     # ------------------------------------------------------------------------------------------
+    # Generation (see generate.py)
+    # ------------------------------------------------------------------------------------------
+    def generate(self, input, max_new_tokens: int = 20, **kwargs):
+        """Continue a prompt; see ``npgpt2.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
+
+    def generate_stream(self, input, max_new_tokens: int = 20, **kwargs):
+        """Yield new tokens as they are produced; see ``npgpt2.generate.generate_stream``."""
+        from .generate import generate_stream
+
+        return generate_stream(self, input, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
     # Tokens
     # ------------------------------------------------------------------------------------------
     def to_tokens(self, input, prepend_bos: bool = False, return_mask: bool = False):
@@ -421,14 +441,14 @@ class GPT2:
         """Text or token ids -> the string of each token (a list, or a list of lists for a batch)."""
         if isinstance(input, str):
             input = self.to_tokens(input, prepend_bos=prepend_bos)
-        tokens = self._check_tokens(input)
+        tokens = self.validate_tokens(input)
         rows = [[self.tokenizer.token_str(t) for t in row] for row in tokens]
         return rows[0] if len(rows) == 1 else rows
 
     def to_string(self, tokens):
         """Token ids -> text: a str for [pos], a list of str for [batch, pos]."""
         arr = np.asarray(tokens)
-        checked = self._check_tokens(arr)
+        checked = self.validate_tokens(arr)
         texts = [self.tokenizer.decode(row) for row in checked]
         return texts[0] if arr.ndim == 1 else texts
 
@@ -438,7 +458,7 @@ class GPT2:
                                        and all(isinstance(t, str) for t in input)):
             input, mask = self.to_tokens(input, return_mask=True)
             attention_mask = mask if attention_mask is None else attention_mask
-        tokens = self._check_tokens(input, offset)
+        tokens = self.validate_tokens(input, offset)
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask)
             if attention_mask.ndim == 1:
@@ -448,8 +468,10 @@ class GPT2:
                                  f"{tokens.shape}, the shape of the tokens")
         return tokens, attention_mask
 
-    def _check_tokens(self, tokens, offset: int = 0) -> np.ndarray:
-        """Validate token ids -> int64 [batch, pos]."""
+    def validate_tokens(self, tokens, offset: int = 0) -> np.ndarray:
+        """Token ids -> int64 [batch, pos], or an ``InputError`` saying what is wrong with them.
+
+        ``offset``: positions already in a key/value cache, counted against n_ctx."""
         arr = np.asarray(tokens)
         if arr.dtype == object or arr.dtype.kind not in "iu":
             raise InputError(f"token ids must be integers; got an array of dtype {arr.dtype} "

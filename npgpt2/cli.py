@@ -1,0 +1,302 @@
+"""The ``npgpt2`` command (also ``python -m npgpt2``).
+
+    npgpt2 generate "Alan Turing theorized that computers would one day become"
+    npgpt2 tokens "Hello, my dog is cute"
+    npgpt2 trace "The dog" --layer 0
+    npgpt2 info
+    npgpt2 download gpt2-medium
+    npgpt2 parity --model gpt2
+
+Every command that takes --model accepts an alias, a hub repository id, or a local folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import fnmatch
+import os
+import sys
+
+import numpy as np
+
+from .config import ALIASES
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _load(args, **kwargs):
+    from .loading import from_pretrained
+
+    return from_pretrained(args.model, revision=getattr(args, "revision", None),
+                           dtype=getattr(args, "dtype", "float32"), **kwargs)
+
+
+# ---------------------------------------------------------------------------------- generate
+def cmd_generate(args):
+    model = _load(args)
+    tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    import warnings
+
+    from .generate import ContextLimitWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ContextLimitWarning)
+        for token in model.generate_stream(tokens[0], max_new_tokens=args.n, temperature=args.temperature,
+                                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                           stop_at_eos=not args.no_stop):
+            # a token may end inside a multi-byte character: decode bytes incrementally
+            out.write(decoder.decode(model.tokenizer.encoding.decode_single_token_bytes(token)))
+            out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
+    for w in caught:
+        print(f"npgpt2: {w.message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------ tokens
+def cmd_tokens(args):
+    model = _load(args)
+    tokens = model.to_tokens(args.text, prepend_bos=args.prepend_bos)[0]
+    print(f"{len(tokens)} tokens")
+    print(f"{'pos':>4}  {'id':>6}  token")
+    for i, t in enumerate(tokens):
+        print(f"{i:>4}  {int(t):>6}  {model.tokenizer.token_str(t)!r}")
+
+
+# ------------------------------------------------------------------------------------- trace
+def cmd_trace(args):
+    model = _load(args)
+    tokens = model.to_tokens(args.text, prepend_bos=args.prepend_bos)
+    str_tokens = model.to_str_tokens(tokens)
+
+    def selected(name):
+        if args.layer is not None:
+            if not name.startswith(f"blocks.{args.layer}."):
+                return False
+        if args.names:
+            return fnmatch.fnmatch(name, args.names)
+        return not name.endswith("attn.hook_result")  # computed only when asked for by --names
+
+    if args.layer is not None and not 0 <= args.layer < model.cfg.n_layer:
+        raise CLIError(f"--layer {args.layer} is out of range: the model has layers 0..{model.cfg.n_layer - 1}")
+    names = [n for n in model.hook_names() if selected(n)]
+    if not names:
+        raise CLIError(f"no hook point matches --names {args.names!r}"
+                       + (f" in layer {args.layer}" if args.layer is not None else ""))
+    logits, cache = model.run_with_cache(tokens, names_filter=names)
+    print(f"{model.name}: {len(str_tokens)} tokens {str_tokens}")
+    print(f"{'hook point':<34} {'shape':<20} {'mean':>9} {'std':>9} {'min':>9} {'max':>9}")
+    for name in names:
+        a = cache[name]
+        finite = a[np.isfinite(a)]  # attention scores hold -inf for the masked future
+        print(f"{name:<34} {str(list(a.shape)):<20} {finite.mean():>9.4f} {finite.std():>9.4f} "
+              f"{finite.min():>9.4f} {finite.max():>9.4f}")
+        if name.endswith("hook_pattern"):
+            last = a[0, :, -1, :]  # [head, key]: where the last position looks
+            tops = ", ".join(f"H{h}->{str_tokens[int(k)]!r} {last[h, k]:.2f}"
+                             for h, k in enumerate(last.argmax(-1)))
+            print(f"{'':<4}last query attends most to: {tops}")
+    top = logits[0, -1].argsort()[::-1][:5]
+    print("next-token prediction: " + ", ".join(f"{model.tokenizer.token_str(t)!r}" for t in top))
+
+
+# -------------------------------------------------------------------------------------- info
+def cmd_info(args):
+    model = _load(args)
+    c = model.cfg
+    print(f"model      {model.name}")
+    print(f"files      {model.source}")
+    print(f"config     n_layer={c.n_layer} n_head={c.n_head} d_model={c.d_model} d_head={c.d_head} "
+          f"d_mlp={c.d_mlp} n_ctx={c.n_ctx} d_vocab={c.d_vocab} eps={c.eps}")
+    print(f"parameters {model.n_params():,} ({model.dtype})")
+    print("hook points (per block: blocks.{l}.<name>, l = 0.." + f"{c.n_layer - 1}):")
+    for n in model.hook_names():
+        if n.startswith("blocks.0."):
+            print(f"  blocks.{{l}}.{n[len('blocks.0.'):]}")
+        elif not n.startswith("blocks."):
+            print(f"  {n}")
+
+
+# ---------------------------------------------------------------------------------- download
+def cmd_download(args):
+    from .hub import resolve
+
+    files = resolve(args.model, revision=args.revision)
+    print(f"{args.model}: {files.source}")
+    for path in [files.config, *files.weights, files.vocab, files.merges]:
+        if path:
+            print(f"  {path}  ({os.path.getsize(path):,} bytes)")
+
+
+# ------------------------------------------------------------------------------------ parity
+DEFAULT_PARITY_TEXTS = ["Hello, my dog is cute", "I am not sure what you are saying",
+                        "Alan Turing theorized that computers would one day become"]
+# |npgpt2 - transformers| <= atol + rtol * |transformers|
+PARITY_TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-12)}
+
+
+def cmd_parity(args):
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        print("npgpt2 parity needs transformers and torch: pip install \"npgpt2[reference]\" "
+              "(with torch==2.13.0 or any CPU build first)", file=sys.stderr)
+        return 1
+    from .hub import resolve
+
+    files = resolve(args.model, revision=args.revision)
+    model = _load(args)
+    folder = os.path.dirname(files.config)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(
+        folder, attn_implementation="eager", dtype=getattr(torch, args.dtype)).eval()
+    texts = [args.text] if args.text else DEFAULT_PARITY_TEXTS
+    atol, rtol = PARITY_TOLERANCES[args.dtype]
+    worst: dict[str, float] = {}  # quantity -> largest |diff| - rtol * |ref|
+    for text in texts:
+        tokens = model.validate_tokens(model.to_tokens(text, prepend_bos=args.prepend_bos))
+        logits, cache = model.run_with_cache(tokens)
+        with torch.no_grad():
+            ref = hf(torch.from_numpy(tokens), output_hidden_states=True, output_attentions=True)
+        pairs = [("logits", logits, ref.logits)]
+        for l in range(model.cfg.n_layer):
+            pairs.append((f"hidden state {l} (resid_pre)", cache["resid_pre", l], ref.hidden_states[l]))
+            pairs.append((f"attention pattern {l}", cache["pattern", l], ref.attentions[l]))
+        final = cache["ln_final.hook_normalized"] * model.weights.ln_final_w + model.weights.ln_final_b
+        pairs.append(("final hidden state (ln_f)", final, ref.hidden_states[-1]))
+        for name, ours, theirs in pairs:
+            theirs = theirs.numpy()
+            excess = float(np.max(np.abs(ours - theirs) - rtol * np.abs(theirs)))
+            worst[name] = max(worst.get(name, -np.inf), excess)
+    print(f"{model.name} ({model.source}), {args.dtype}, {len(texts)} prompt(s); "
+          f"pass if |diff| <= {atol:g} + {rtol:g}*|transformers|")
+    print(f"{'quantity':<32} {'max |diff| - rtol*|ref|':>24}  result")
+    failed = 0
+    for name, excess in worst.items():
+        ok = excess <= atol
+        failed += not ok
+        print(f"{name:<32} {excess:>24.3e}  {'pass' if ok else 'FAIL'}")
+    print(f"{len(worst) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------ parser
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line (the full usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="npgpt2", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="GPT-2 in NumPy: generate text and look inside the forward pass.",
+        epilog="examples:\n"
+               "  npgpt2 generate \"Alan Turing theorized that computers would one day become\"\n"
+               "  npgpt2 trace \"The dog\" --layer 0 --names '*pattern'\n"
+               "  npgpt2 info --model gpt2-medium\n\n"
+               f"models: {', '.join(ALIASES)}, any hub repo id, or a local folder.\n"
+               "Files are cached by huggingface_hub (HF_HOME); HF_HUB_OFFLINE=1 never downloads.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, func, help, example, **kw):
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    def model_args(p, dtype=False):
+        p.add_argument("--model", "-m", default="gpt2",
+                       help="alias (gpt2, gpt2-medium, ...), hub repo id, or local folder (default: gpt2)")
+        p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+        if dtype:
+            p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+
+    p = add("generate", cmd_generate, "continue a prompt, streaming the new text as it is produced",
+            'npgpt2 generate "Alan Turing theorized that computers would one day become" -n 40')
+    p.add_argument("prompt")
+    model_args(p)
+    p.add_argument("-n", "--max-new-tokens", dest="n", type=_positive_int, default=40,
+                   help="how many tokens to add (default: 40)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="0 = greedy, the default; higher = more random")
+    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample only from the smallest set with probability p")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--prepend-bos", action="store_true", help="put <|endoftext|> before the prompt")
+    p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
+
+    p = add("tokens", cmd_tokens, "show how a text is split into tokens: ids and strings side by side",
+            'npgpt2 tokens "Hello, my dog is cute"')
+    p.add_argument("text")
+    model_args(p)
+    p.add_argument("--prepend-bos", action="store_true")
+
+    p = add("trace", cmd_trace,
+            "walk the forward pass: every hook point in order with its shape and statistics",
+            "npgpt2 trace \"The dog\" --layer 0 --names '*attn*'")
+    p.add_argument("text")
+    model_args(p, dtype=True)
+    p.add_argument("--layer", "-l", type=int, help="only this block's hook points")
+    p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
+    p.add_argument("--prepend-bos", action="store_true")
+
+    p = add("info", cmd_info, "config, parameter count, where the files are, the hook point names",
+            "npgpt2 info --model distilgpt2")
+    model_args(p)
+
+    p = add("download", cmd_download, "fetch a model's files into the Hugging Face cache for offline use",
+            "npgpt2 download gpt2-medium")
+    p.add_argument("model", help="alias, hub repo id")
+    p.add_argument("--revision")
+
+    p = add("parity", cmd_parity,
+            "compare npgpt2 with Hugging Face transformers on the same weights (needs the reference extra)",
+            "npgpt2 parity --model gpt2 --dtype float64")
+    p.add_argument("text", nargs="?", help="prompt to compare on (default: three example sentences)")
+    model_args(p, dtype=True)
+    p.add_argument("--prepend-bos", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .config import ConfigError
+    from .hub import ModelNotFoundError
+    from .model import HookError, InputError
+    from .weights import WeightsError
+
+    try:
+        return args.func(args) or 0
+    except (CLIError, ModelNotFoundError, ConfigError, WeightsError, InputError, HookError, ValueError) as e:
+        print(f"npgpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The command line, driven as a user would: ``python -m npgpt2 ...`` in a subprocess, offline,
+against a synthetic checkpoint in the hub cache (and a local folder)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import npgpt2
+from npgpt2 import cli
+
+
+def run(args, hf_home, check=True):
+    env = {**os.environ, "HF_HOME": hf_home, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "npgpt2", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_help_explains_each_command(hf_home):
+    out = run(["--help"], hf_home).stdout
+    for command in ("generate", "tokens", "trace", "info", "download", "parity"):
+        assert command in out
+        sub = run([command, "--help"], hf_home).stdout
+        assert "example:" in sub and f"npgpt2 {command}" in sub
+
+
+def test_generate_streams_the_greedy_continuation(tiny_hub, hf_home):
+    proc = run(["generate", "Hello, my dog", "--model", tiny_hub, "-n", "8"], hf_home)
+    model = npgpt2.from_pretrained(tiny_hub)
+    assert proc.stdout == model.generate("Hello, my dog", max_new_tokens=8) + "\n"
+
+
+def test_generate_sampling_is_reproducible(tiny_dir, hf_home):
+    args = ["generate", "The dog", "-m", str(tiny_dir), "-n", "6", "-t", "0.8", "--top-k", "40", "--seed", "3"]
+    assert run(args, hf_home).stdout == run(args, hf_home).stdout
+
+
+def test_tokens_side_by_side(tiny_hub, hf_home):
+    out = run(["tokens", "Hello, my dog is cute", "--model", tiny_hub], hf_home).stdout
+    assert "6 tokens" in out
+    assert "15496  'Hello'" in out and "13779  ' cute'" in out
+
+
+def test_trace_walks_every_hook_point_in_order(tiny_hub, hf_home):
+    out = run(["trace", "The dog is", "--model", tiny_hub], hf_home).stdout
+    model = npgpt2.from_pretrained(tiny_hub)
+    names = [n for n in model.hook_names() if not n.endswith("hook_result")]
+    positions = [out.index(n + " ") for n in names]
+    assert positions == sorted(positions)
+    assert "[1, 4, 3, 3]" in out  # a pattern's shape
+    assert "last query attends most to: H0->" in out
+    layer = run(["trace", "The dog", "--model", tiny_hub, "--layer", "1", "--names", "*attn.hook_*"], hf_home).stdout
+    assert "blocks.1.attn.hook_result" in layer and "blocks.0." not in layer and "hook_mlp_out" not in layer
+
+
+def test_info(tiny_hub, hf_home):
+    out = run(["info", "--model", tiny_hub], hf_home).stdout
+    assert "n_layer=2 n_head=4 d_model=64" in out
+    assert f"{npgpt2.from_pretrained(tiny_hub).n_params():,}" in out
+    assert "npgpt2-test/tiny-gpt2@main" in out and "blocks.{l}.attn.hook_pattern" in out
+
+
+def test_download_reports_cached_files(tiny_hub, hf_home):
+    out = run(["download", tiny_hub], hf_home).stdout
+    assert "model.safetensors" in out and os.path.join(hf_home, "hub") in out
+
+
+def test_parity_without_reference_extra_says_how_to_install(monkeypatch, capsys, tiny_dir):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name in ("torch", "transformers"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert cli.main(["parity", "--model", str(tiny_dir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install "npgpt2[reference]"' in err
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["generate", "hi", "--model", "gpt3"], ["unknown model 'gpt3'", "gpt2-medium"]),
+    (["generate", "hi", "--model", "gpt2-large"], ["not in the local Hugging Face cache", "npgpt2 download gpt2-large"]),
+    (["generate", "hi", "--temperature", "-1"], ["temperature=-1.0"]),
+    (["generate", "hi", "-n", "0"], ["0 must be at least 1"]),
+    (["generate", "hi", "--top-p", "2"], ["top_p=2.0"]),
+    (["generate", "hi", "--top-k", "0"], ["top_k=0"]),
+    (["generate", "word " * 70], ["longer than the context of n_ctx=64"]),
+    (["trace", "hi", "--layer", "7"], ["--layer 7 is out of range"]),
+    (["trace", "hi", "--names", "*nothing*"], ["no hook point matches"]),
+    (["generate", "hi", "--model", "/no/such/folder"], ["unknown model"]),
+])
+def test_user_errors_are_one_line_and_nonzero(args, fragments, tiny_hub, hf_home):
+    if "--model" not in args:
+        args = args + ["--model", tiny_hub]
+    assert_user_error(run(args, hf_home, check=False), *fragments)
+
+
+def test_console_script_is_declared():
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["npgpt2"] == "npgpt2.cli:main"

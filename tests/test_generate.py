@@ -1,0 +1,139 @@
+import warnings
+
+import numpy as np
+import pytest
+
+import npgpt2
+from npgpt2 import InputError, KeyValueCache
+from npgpt2.generate import ContextLimitWarning, sample
+from conftest import TINY
+
+
+def test_incremental_logits_equal_full_forward(model):
+    """Every step's logits with the key/value cache equal a full pass over the same prefix."""
+    tokens = np.random.default_rng(2).integers(0, TINY.d_vocab, (2, 40))
+    kv = KeyValueCache(model.cfg, batch=2, dtype=model.dtype)
+    step_logits = [model(tokens[:, :10], past_kv=kv)]
+    for p in range(10, 40):
+        step_logits.append(model(tokens[:, p : p + 1], past_kv=kv))
+    assert kv.length == 40 and kv.layer(1)[0].shape == (2, TINY.n_head, 40, TINY.d_head)
+    np.testing.assert_allclose(np.concatenate(step_logits, axis=1), model(tokens), atol=1e-4)
+
+
+def test_kv_cache_holds_the_keys_and_values(model):
+    tokens = np.array([[5, 6, 7, 8]])
+    kv = KeyValueCache(model.cfg, 1, model.dtype)
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_k", "blocks.0.attn.hook_v"])
+    model(tokens, past_kv=kv)
+    keys, values = kv.layer(0)
+    np.testing.assert_array_equal(keys, cache["k", 0].transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(values, cache["v", 0].transpose(0, 2, 1, 3))
+
+
+def test_greedy_generation_with_and_without_cache_agree(model):
+    prompt = np.array([15496, 11, 616, 3290])
+    with_kv = model.generate(prompt, max_new_tokens=25, return_type="tokens")
+    without = model.generate(prompt, max_new_tokens=25, return_type="tokens", use_kv_cache=False)
+    np.testing.assert_array_equal(with_kv, without)
+    assert with_kv.shape == (29,) and with_kv[:4].tolist() == prompt.tolist()
+    # greedy = argmax of the full forward pass at every step
+    for p in range(4, 29):
+        assert with_kv[p] == model(with_kv[:p])[0, -1].argmax()
+
+
+def test_text_in_text_out(model):
+    text = model.generate("Hello, my dog", max_new_tokens=5)
+    assert isinstance(text, str) and text.startswith("Hello, my dog")
+    streamed = list(model.generate_stream("Hello, my dog", max_new_tokens=5))
+    assert all(isinstance(t, int) for t in streamed)
+    assert text == model.to_string(np.array(model.to_tokens("Hello, my dog")[0].tolist() + streamed))
+
+
+def test_sampling_is_reproducible_for_a_seed(model):
+    kw = dict(max_new_tokens=15, temperature=1.0, return_type="tokens")
+    a = model.generate([1, 2, 3], seed=7, **kw)
+    assert np.array_equal(a, model.generate([1, 2, 3], seed=7, **kw))
+    assert not all(np.array_equal(a, model.generate([1, 2, 3], seed=s, **kw)) for s in range(8, 12))
+
+
+def test_sample_top_k_and_top_p():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    draws = np.array([sample(logits, 1.0, top_k=2, rng=rng)[0] for _ in range(2000)])
+    assert set(draws) == {0, 1}
+    assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.04
+    draws = np.array([sample(logits, 1.0, top_p=0.79, rng=rng)[0] for _ in range(2000)])
+    assert set(draws) == {0, 1}  # 0.5 < 0.79, 0.5 + 0.3 >= 0.79: the nucleus is {0, 1}
+    draws = np.array([sample(logits, 1.0, top_p=0.1, rng=rng)[0] for _ in range(50)])
+    assert set(draws) == {0}  # at least the most likely token is kept
+    draws = np.array([sample(logits, 1.0, rng=rng)[0] for _ in range(4000)])
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    assert sample(logits, 0.0)[0] == 0
+
+
+def test_stop_at_eos(model):
+    # a hook that makes <|endoftext|> overwhelmingly likely after two steps
+    state = {"step": 0}
+
+    def push_eos(act, hook):
+        state["step"] += 1
+        if state["step"] >= 3:
+            act = act.copy()
+            act[..., :] = model.W_U[:, 50256] * 100
+        return act
+
+    out = model.generate([1, 2, 3], max_new_tokens=10, return_type="tokens",
+                         fwd_hooks=[("ln_final.hook_normalized", push_eos)])
+    assert out[-1] == 50256 and len(out) == 3 + 3
+    state["step"] = 0
+    out = model.generate([1, 2, 3], max_new_tokens=10, return_type="tokens", stop_at_eos=False,
+                         fwd_hooks=[("ln_final.hook_normalized", push_eos)])
+    assert len(out) == 13
+
+
+def test_hooks_apply_during_generation(model):
+    seen = []
+    model.generate([1, 2, 3], max_new_tokens=4,
+                   fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, h: seen.append(a.shape))])
+    # the prompt step, then one query at a time over a growing set of keys
+    assert seen == [(1, TINY.n_head, 3, 3), (1, TINY.n_head, 1, 4), (1, TINY.n_head, 1, 5), (1, TINY.n_head, 1, 6)]
+    assert model._hooks == {}
+
+
+def test_steering_with_a_hook_changes_the_output(model):
+    plain = model.generate([1, 2, 3], max_new_tokens=8, return_type="tokens")
+    steered = model.generate([1, 2, 3], max_new_tokens=8, return_type="tokens",
+                             fwd_hooks=[("blocks.1.hook_resid_post",
+                                         lambda a, h: a + 50 * model.W_U[:, 1234] / np.linalg.norm(model.W_U[:, 1234]))])
+    assert not np.array_equal(plain, steered)
+
+
+def test_batch_of_equal_length_prompts(model):
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    out = model.generate(prompts, max_new_tokens=6, return_type="tokens")
+    assert out.shape == (2, 9)
+    for i in range(2):
+        np.testing.assert_array_equal(out[i], model.generate(prompts[i], max_new_tokens=6, return_type="tokens"))
+    with pytest.raises(InputError, match="different numbers of tokens"):
+        model.generate(["The dog", "Hello, my dog is cute"])
+
+
+def test_context_limit_stops_with_a_message(model):
+    with pytest.warns(ContextLimitWarning, match="reached the context length n_ctx=64"):
+        out = model.generate(np.arange(60), max_new_tokens=10, return_type="tokens")
+    assert len(out) == 64
+    with pytest.raises(InputError, match="leaving no room in the context of n_ctx=64"):
+        model.generate(np.arange(64), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens=0: expected a positive integer"),
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(top_p=0.0), r"top_p=0.0: expected a number in \(0, 1\]"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_k=0), "top_k=0: expected an integer >= 1"),
+    (dict(return_type="probs"), "return_type='probs'"),
+])
+def test_bad_generation_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model.generate([1, 2, 3], **kwargs)
