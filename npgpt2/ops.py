@@ -135,7 +135,9 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
     """
     n_q, n_k = q.shape[2], k.shape[2]
     offset = n_k - n_q
-    k_t = np.ascontiguousarray(k.swapaxes(-1, -2))  # [batch, head, d_head, n_k]
+    k_t = k.swapaxes(-1, -2)  # [batch, head, d_head, n_k]
+    if n_q > block:  # several blocks will read it: lay it out once for fast products
+        k_t = np.ascontiguousarray(k_t)
     z = np.empty(q.shape, dtype=np.result_type(q, v))
     for start in range(0, n_q, block):
         stop = min(start + block, n_q)
