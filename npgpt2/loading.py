@@ -14,7 +14,9 @@ _DTYPES = ("float32", "float64")
 
 
 def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: str | None = None,
-                    local_files_only: bool = False, dtype: str = "float32") -> GPT2:
+                    local_files_only: bool = False, dtype: str = "float32", fold_ln: bool = False,
+                    center_writing_weights: bool = False, center_unembed: bool = False,
+                    fold_value_biases: bool = False) -> GPT2:
     """Load a GPT-2 for the NumPy forward pass.
 
     name: an alias ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"), a hub repo id
@@ -22,6 +24,9 @@ def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: 
     revision, cache_dir, local_files_only: passed to huggingface_hub (HF_HUB_OFFLINE=1 is honoured).
     dtype: "float32" (as published; the weights stay memory-mapped) or "float64" (the whole
         forward pass in double precision, for exact analysis).
+    fold_ln, center_writing_weights, center_unembed, fold_value_biases: TransformerLens's weight
+        processing (see ``npgpt2.processing``); all off by default, so the logits equal Hugging
+        Face's. TransformerLens turns the first three on by default.
     """
     if str(dtype) not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
@@ -31,4 +36,5 @@ def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: 
     tokenizer = Tokenizer(files.vocab, files.merges) if files.vocab and files.merges else Tokenizer()
     model = GPT2(config, weights, tokenizer, name=name)
     model.source = files.source
-    return model
+    return model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)

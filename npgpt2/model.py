@@ -124,6 +124,8 @@ class GPT2:
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
         self.name = name or "gpt2"
         self.source: str | None = None  # where the files came from (set by the loader)
+        self.processing = {"fold_ln": False, "center_writing_weights": False,
+                           "center_unembed": False, "fold_value_biases": False}
         self._hook_names = self._list_hook_names()
         self._points = {n: HookPoint(n) for n in self._hook_names}
         self._hooks: dict[str, list[HookFn]] = {}
@@ -563,6 +565,51 @@ class GPT2:
                      doc="[n_layer, d_mlp, d_model]")
     b_out = property(lambda self: np.stack([b.b_out for b in self.weights.blocks]),
                      doc="[n_layer, d_model]")
+
+    def process_weights(self, fold_ln: bool = False, center_writing_weights: bool = False,
+                        center_unembed: bool = False, fold_value_biases: bool = False) -> "GPT2":
+        """Rewrite the weights in place, keeping the log-probabilities (see ``npgpt2.processing``).
+        Returns the model. ``self.processing`` records what has been applied."""
+        from .processing import process_weights
+
+        asked = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        again = [k for k, v in asked.items() if v and self.processing.get(k)]
+        if again:
+            raise ValueError(f"already applied to this model: {', '.join(again)}")
+        self.weights = process_weights(self.weights, self.cfg, **asked)
+        self.processing = {k: self.processing.get(k, False) or v for k, v in asked.items()}
+        return self
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False,
+                         include_mlp_biases: bool = True) -> np.ndarray:
+        """Sum of the output biases written into the residual stream before ``layer``: each b_O,
+        and each b_out with ``include_mlp_biases``; ``mlp_input`` adds layer ``layer``'s b_O.
+        [d_model]"""
+        total = np.zeros(self.cfg.d_model, self.dtype)
+        for blk in self.weights.blocks[:layer]:
+            total = total + blk.b_O + (blk.b_out if include_mlp_biases else 0)
+        if mlp_input:
+            total = total + self.weights.blocks[layer].b_O
+        return total
+
+    def to_single_token(self, text: str) -> int:
+        """The id of a text that is exactly one token; an error naming the split otherwise."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) != 1:
+            raise InputError(f"{text!r} is {len(ids)} tokens {[self.tokenizer.token_str(i) for i in ids]}, "
+                             "not one (a leading space is usually part of the token: ' Mary')")
+        return self.validate_tokens(ids)[0, 0].item()
+
+    def tokens_to_residual_directions(self, tokens) -> np.ndarray:
+        """The unembedding column of each token: its direction in the residual stream.
+        A token (id or one-token string) -> [d_model]; ids [...] -> [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = np.asarray(tokens)
+        if ids.dtype.kind not in "iu" or ids.size == 0 or ids.min() < 0 or ids.max() >= self.cfg.d_vocab:
+            raise InputError(f"expected token ids in [0, {self.cfg.d_vocab}); got {tokens!r}")
+        return np.moveaxis(self.W_U[:, ids], 0, -1)
 
     def n_params(self) -> int:
         """Number of parameters (a tied unembedding counted once)."""

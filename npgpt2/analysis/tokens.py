@@ -1,0 +1,77 @@
+"""What the model predicts at each position of a prompt, as tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .. import ops
+
+
+def _prompt_tokens(model, prompt, prepend_bos: bool) -> np.ndarray:
+    """A text or token ids -> one row of ids [pos]."""
+    if isinstance(prompt, str):
+        return model.to_tokens(prompt, prepend_bos=prepend_bos)[0]
+    tokens = model.validate_tokens(prompt)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"expected one prompt; got a batch of {tokens.shape[0]}")
+    return tokens[0]
+
+
+def _entropy(logp: np.ndarray) -> np.ndarray:
+    """Entropy in nats of each distribution given by log-probabilities over the last axis."""
+    p = np.exp(logp)
+    return -(p * np.where(p > 0, logp, 0.0)).sum(-1)
+
+
+def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False) -> pd.DataFrame:
+    """One row per position j of the prompt: the token there, the token that actually comes next,
+    the model's probability / log-probability / rank for it, the entropy of the prediction, and
+    its top-k predicted tokens with their probabilities.
+
+    The last position has no next token in the prompt: its ``next_*`` columns are empty.
+    Columns: position, token_id, token, next_token_id, next_token, next_prob, next_logprob,
+    next_rank (0 = the model's top choice), entropy (nats), top1 .. top{k}, top1_prob ...
+    """
+    tokens = _prompt_tokens(model, prompt, prepend_bos)
+    logp = ops.log_softmax(model(tokens[None])[0].astype(np.float64))  # [pos, d_vocab]
+    n = len(tokens)
+    top = np.argsort(-logp, axis=-1, kind="stable")[:, :k]
+    rows = []
+    for j in range(n):
+        row = {"position": j, "token_id": int(tokens[j]), "token": model.tokenizer.token_str(tokens[j])}
+        if j + 1 < n:
+            nxt = int(tokens[j + 1])
+            row.update(next_token_id=nxt, next_token=model.tokenizer.token_str(nxt),
+                       next_prob=float(np.exp(logp[j, nxt])), next_logprob=float(logp[j, nxt]),
+                       next_rank=int((logp[j] > logp[j, nxt]).sum()))
+        else:
+            row.update(next_token_id=pd.NA, next_token=None, next_prob=np.nan, next_logprob=np.nan,
+                       next_rank=pd.NA)
+        row["entropy"] = float(_entropy(logp[j]))
+        for r in range(k):
+            row[f"top{r + 1}"] = model.tokenizer.token_str(top[j, r])
+            row[f"top{r + 1}_prob"] = float(np.exp(logp[j, top[j, r]]))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.astype({"next_token_id": "Int64", "next_rank": "Int64"})
+
+
+def prompt_token_probs(model, prompt, prepend_bos: bool = False) -> pd.DataFrame:
+    """P(next token = token_i | the prompt up to position j), for every prompt token i (rows) and
+    every position j (columns).
+
+    Rows are labelled (i, token_i), columns (j, token_j): the columns are *positions* of one forward
+    pass, not layers. Column j is the model's prediction after reading tokens 0..j, looked up at the
+    prompt's own tokens. The diagonal just above the main one (row j + 1, column j) is the
+    probability given to the token that really came next; the other entries say how much
+    probability the model puts, at position j, on tokens that happen to occur elsewhere in the
+    prompt (earlier ones: copying; later ones: anticipation). It says nothing about how the
+    prediction is built up across layers: see ``logit_lens`` for that.
+    """
+    tokens = _prompt_tokens(model, prompt, prepend_bos)
+    probs = np.exp(ops.log_softmax(model(tokens[None])[0].astype(np.float64)))  # [pos, d_vocab]
+    strs = [model.tokenizer.token_str(t) for t in tokens]
+    index = pd.MultiIndex.from_arrays([np.arange(len(tokens)), strs], names=["i", "token_i"])
+    columns = pd.MultiIndex.from_arrays([np.arange(len(tokens)), strs], names=["position", "token"])
+    return pd.DataFrame(probs[:, tokens].T, index=index, columns=columns)

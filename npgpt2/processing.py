@@ -1,0 +1,91 @@
+"""Weight processing, as TransformerLens does it: rewrite the weights so the model computes the same
+log-probabilities while its parts are easier to read.
+
+* ``fold_ln``: each layer norm's gain and bias move into the matmul that reads it (W_Q/W_K/W_V,
+  W_in, W_U), whose input-side mean is then removed; the layer norms keep only "centre and divide
+  by the scale". ``hook_normalized`` (taken before gain and bias) is unchanged by this.
+* ``center_writing_weights``: everything that writes to the residual stream (W_E, W_pos, W_O, b_O,
+  W_out, b_out) has its mean over d_model removed: every reader centres its input anyway.
+* ``center_unembed``: W_U (and b_U) lose their mean over the vocabulary, which shifts each
+  position's logits by a constant: softmax does not see it.
+* ``fold_value_biases``: b_V moves into b_O (b_O += sum_h b_V[h] @ W_O[h]), exact because each
+  attention pattern row sums to 1.
+
+Each function returns new arrays (the loaded ones are read-only memory maps) and leaves the
+forward pass's layout as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .config import GPT2Config
+from .weights import GPT2Weights
+
+
+def _fold(w, b, W, bias):
+    """Fold a layer norm's gain ``w`` and bias ``b`` into the linear map (W, bias) that reads it,
+    then remove W's mean over its input (d_model) axis. W: [d_model, n_out], bias: [n_out]."""
+    bias = (bias if bias is not None else 0) + b @ W
+    W = w[:, None] * W
+    return W - W.mean(axis=0, keepdims=True), bias
+
+
+def apply_fold_ln(weights: GPT2Weights) -> GPT2Weights:
+    if weights.ln_final_w is None:
+        raise ValueError("the layer norms are already folded")
+    blocks = []
+    for blk in weights.blocks:
+        W_qkv, b_qkv = _fold(blk.ln1_w, blk.ln1_b, blk.W_qkv, blk.b_qkv)
+        W_in, b_in = _fold(blk.ln2_w, blk.ln2_b, blk.W_in, blk.b_in)
+        blocks.append(dataclasses.replace(blk, W_qkv=W_qkv, b_qkv=b_qkv, W_in=W_in, b_in=b_in,
+                                          ln1_w=None, ln1_b=None, ln2_w=None, ln2_b=None))
+    W_U, b_U = _fold(weights.ln_final_w, weights.ln_final_b, weights.W_U, weights.b_U)
+    return dataclasses.replace(weights, blocks=blocks, W_U=W_U, b_U=b_U, ln_final_w=None,
+                               ln_final_b=None)
+
+
+def apply_center_writing_weights(weights: GPT2Weights) -> GPT2Weights:
+    def centred(x):  # remove the mean over the last (d_model) axis
+        return x - x.mean(axis=-1, keepdims=True)
+
+    blocks = [dataclasses.replace(b, W_attn_out=centred(b.W_attn_out), b_O=centred(b.b_O),
+                                  W_out=centred(b.W_out), b_out=centred(b.b_out))
+              for b in weights.blocks]
+    # W_U keeps the uncentred embedding (it was a view of it, and the unembedding reads no stream)
+    return dataclasses.replace(weights, W_E=centred(weights.W_E), W_pos=centred(weights.W_pos),
+                               blocks=blocks, W_U=np.array(weights.W_U))
+
+
+def apply_center_unembed(weights: GPT2Weights) -> GPT2Weights:
+    W_U = weights.W_U - weights.W_U.mean(axis=-1, keepdims=True)
+    b_U = None if weights.b_U is None else weights.b_U - weights.b_U.mean()
+    return dataclasses.replace(weights, W_U=W_U, b_U=b_U)
+
+
+def apply_fold_value_biases(weights: GPT2Weights, cfg: GPT2Config) -> GPT2Weights:
+    D = cfg.d_model
+    blocks = []
+    for b in weights.blocks:
+        b_V = b.b_qkv[2 * D :]  # [n_head * d_head], head after head, as W_attn_out's rows
+        b_qkv = np.concatenate([b.b_qkv[: 2 * D], np.zeros_like(b_V)])
+        blocks.append(dataclasses.replace(b, b_qkv=b_qkv, b_O=b.b_O + b_V @ b.W_attn_out))
+    return dataclasses.replace(weights, blocks=blocks)
+
+
+def process_weights(weights: GPT2Weights, cfg: GPT2Config, fold_ln: bool = False,
+                    center_writing_weights: bool = False, center_unembed: bool = False,
+                    fold_value_biases: bool = False) -> GPT2Weights:
+    """Apply the chosen steps in TransformerLens's order (fold, centre writers, centre unembed,
+    fold value biases)."""
+    if fold_ln:
+        weights = apply_fold_ln(weights)
+    if center_writing_weights:
+        weights = apply_center_writing_weights(weights)
+    if center_unembed:
+        weights = apply_center_unembed(weights)
+    if fold_value_biases:
+        weights = apply_fold_value_biases(weights, cfg)
+    return weights
