@@ -3,6 +3,7 @@
     npgpt2 generate "Alan Turing theorized that computers would one day become"
     npgpt2 tokens "Hello, my dog is cute"
     npgpt2 trace "The dog" --layer 0
+    npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png
     npgpt2 info
     npgpt2 download gpt2-medium
     npgpt2 parity --model gpt2
@@ -186,6 +187,31 @@ def cmd_parity(args):
     return 1 if failed else 0
 
 
+# -------------------------------------------------------------------------------------- lens
+def cmd_lens(args):
+    from .analysis import logit_lens
+
+    model = _load(args)
+    tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
+    df = logit_lens(model, tokens, incl_mid=args.incl_mid)
+    layers = list(df["layer"].cat.categories)
+    tokens_str = df[df["layer_index"] == 0].sort_values("position")["token"].tolist()
+    cell = df.assign(cell=[f"{t!r} {p:.2f}" if not np.isnan(p) else f"{t!r}"
+                           for t, p in zip(df["top_token"], df["next_prob"])])
+    table = cell.pivot(index="layer", columns="position", values="cell").reindex(layers)
+    table.columns = [f"{p}:{t!r}" for p, t in enumerate(tokens_str)]
+    print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token)")
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 24):
+        print(table.to_string())
+    if args.png:
+        from .plot import logit_lens_heatmap
+
+        logit_lens_heatmap(df, path=args.png)
+        print(f"heatmap written to {args.png}")
+
+
 # ------------------------------------------------------------------------------------ parser
 def _positive_int(text):
     try:
@@ -258,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
     p.add_argument("--prepend-bos", action="store_true")
 
+    p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
+            'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')
+    p.add_argument("prompt")
+    model_args(p, dtype=True)
+    p.add_argument("--png", help="also draw the layer x position heatmap to this file (needs matplotlib)")
+    p.add_argument("--incl-mid", action="store_true", help="also read between attention and MLP")
+    p.add_argument("--prepend-bos", action="store_true")
+
     p = add("info", cmd_info, "config, parameter count, where the files are, the hook point names",
             "npgpt2 info --model distilgpt2")
     model_args(p)
@@ -289,7 +323,8 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args) or 0
-    except (CLIError, ModelNotFoundError, ConfigError, WeightsError, InputError, HookError, ValueError) as e:
+    except (CLIError, ModelNotFoundError, ConfigError, WeightsError, InputError, HookError, ValueError,
+            ImportError) as e:
         print(f"npgpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
