@@ -177,7 +177,7 @@ class GPT2:
         stop = self._check_layer(stop_at_layer, "stop_at_layer", n_layer)
         offset = past_kv.length if past_kv is not None else 0
 
-        if start == 0:
+        if start_at_layer is None:
             tokens, mask = self._prepare(input, attention_mask, offset)
             batch, pos = tokens.shape
             embed = self._hook("hook_embed", w.W_E[tokens])  # [batch, pos, d_model]
