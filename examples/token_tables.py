@@ -20,31 +20,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import numpy as np
 import pandas as pd
 
 import npgpt2
 from npgpt2.analysis import logit_lens, next_token_table, prompt_token_probs
+from npgpt2.testing import pretrained_or_synthetic
 
 PROMPTS = ["Hello, my dog is cute", "Oh, I love ice cream so much!", "I am not sure what you are saying"]
 
 
-def load_model(name: str = "gpt2") -> npgpt2.GPT2:
-    try:
-        return npgpt2.from_pretrained(name, local_files_only=True)
-    except npgpt2.OfflineError:
-        print(f"({name} is not cached: using a small random model; run `npgpt2 download {name}` for the real one)\n")
-        from npgpt2.testing import random_state_dict, write_checkpoint
-
-        cfg = npgpt2.GPT2Config(n_layer=4, n_head=4, n_embd=64, n_ctx=128)
-        folder = write_checkpoint(tempfile.mkdtemp(prefix="npgpt2-example-"), cfg, random_state_dict(cfg))
-        return npgpt2.from_pretrained(folder)
 
 
 def main(model: npgpt2.GPT2 | None = None, out_dir: str | None = None) -> dict:
-    model = model if model is not None else load_model()
+    model = model if model is not None else pretrained_or_synthetic()
     pd.set_option("display.width", 200)
     results = {}
     for prompt in PROMPTS:
@@ -91,4 +81,4 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--out-dir", help="write a logit-lens heatmap per prompt here (needs matplotlib)")
     args = ap.parse_args()
-    main(load_model(args.model), args.out_dir)
+    main(pretrained_or_synthetic(args.model), args.out_dir)

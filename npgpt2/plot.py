@@ -103,3 +103,108 @@ def attribution_bars(dla: pd.DataFrame, column: str = "attribution", top: int = 
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel(f"direct logit attribution ({column})")
     return _finish(fig, path)
+
+
+def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
+    """Attention pattern heatmaps, one panel per head, with token labels on both axes.
+
+    patterns: an ActivationCache holding the patterns, or {layer: [batch, head, q, k]} arrays.
+    heads: [(layer, head), ...]. Query positions run down, key positions across.
+    """
+    plt = _pyplot()
+    heads = list(heads)
+    if not heads:
+        raise ValueError("no heads to draw: pass heads=[(layer, head), ...]")
+    n = len(str_tokens)
+    cols = min(len(heads), 3)
+    rows = -(-len(heads) // cols)
+    size = max(3.0, 0.35 * n + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    labels = [f"{i}:{t!r}" for i, t in enumerate(str_tokens)]
+    for ax, (layer, head) in zip(axes.ravel(), heads):
+        pattern = patterns["pattern", layer] if hasattr(patterns, "cache_dict") else patterns[layer]
+        im = ax.imshow(pattern[batch, head], vmin=0, vmax=1, cmap="Blues")
+        ax.set_title(f"L{layer}H{head}")
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        ax.set_xlabel("key (attended to)")
+        ax.set_ylabel("query")
+    for ax in axes.ravel()[len(heads):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title: str | None = None) -> str:
+    """A self-contained HTML page showing every head of one layer (no external scripts, styles or
+    network: open it offline). pattern: [head, q, k] (one prompt). Each head is a grid whose cell
+    (query, key) is shaded by the attention weight; hovering shows the tokens and the weight, and
+    the head selector enlarges one head. Returns the HTML (and writes it to ``path`` if given)."""
+    import html as _html
+    import json
+
+    pattern = np.asarray(pattern, dtype=float)
+    if pattern.ndim != 3 or pattern.shape[1:] != (len(str_tokens), len(str_tokens)):
+        raise ValueError(f"pattern must be [head, {len(str_tokens)}, {len(str_tokens)}] for "
+                         f"{len(str_tokens)} tokens; got {pattern.shape}")
+    n_head = pattern.shape[0]
+    title = title or f"Attention patterns, layer {layer}"
+    data = json.dumps({"tokens": list(map(str, str_tokens)), "layer": layer,
+                       "patterns": np.round(pattern, 4).tolist()})
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+.heads {{ display: flex; flex-wrap: wrap; gap: 1.2em; }}
+.head {{ cursor: pointer; }} .head h3 {{ margin: 0.2em 0; font-size: 0.95em; }}
+table.grid {{ border-collapse: collapse; }}
+table.grid td {{ width: 9px; height: 9px; padding: 0; border: 1px solid #f4f4f4; }}
+.big table.grid td {{ width: 26px; height: 26px; }}
+.big th {{ font-weight: normal; font-size: 0.8em; white-space: pre; }}
+.big th.key {{ writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; }}
+#info {{ min-height: 1.4em; font-family: monospace; margin: 0.6em 0; }}
+</style></head><body>
+<h1>{_html.escape(title)}</h1>
+<p>{n_head} heads; rows are queries, columns are the keys they attend to. Click a head to enlarge it;
+hover over a cell to read it.</p>
+<div id="info"></div><div id="big" class="big"></div><div class="heads" id="heads"></div>
+<script id="data" type="application/json">{_html.escape(data, quote=False)}</script>
+<script>
+const D = JSON.parse(document.getElementById("data").textContent);
+const info = document.getElementById("info");
+function shade(w) {{ const c = Math.round(255 * (1 - w)); return `rgb(${{c}},${{c}},255)`; }}
+function grid(h, withLabels) {{
+  const t = document.createElement("table"); t.className = "grid";
+  const n = D.tokens.length;
+  if (withLabels) {{
+    const r = t.insertRow(); r.appendChild(document.createElement("th"));
+    D.tokens.forEach((k, j) => {{ const th = document.createElement("th"); th.className = "key";
+      th.textContent = j + ":" + k; r.appendChild(th); }});
+  }}
+  for (let i = 0; i < n; i++) {{
+    const r = t.insertRow();
+    if (withLabels) {{ const th = document.createElement("th"); th.textContent = i + ":" + D.tokens[i]; r.appendChild(th); }}
+    for (let j = 0; j < n; j++) {{
+      const w = D.patterns[h][i][j], c = r.insertCell();
+      c.style.background = j > i ? "#fafafa" : shade(w);
+      c.onmouseover = () => {{ info.textContent =
+        `L${{D.layer}}H${{h}}: query ${{i}} ${{JSON.stringify(D.tokens[i])}} -> key ${{j}} ${{JSON.stringify(D.tokens[j])}}: ${{w.toFixed(4)}}`; }};
+    }}
+  }}
+  return t;
+}}
+function enlarge(h) {{ const b = document.getElementById("big"); b.innerHTML = "<h2>L" + D.layer + "H" + h + "</h2>";
+  b.appendChild(grid(h, true)); }}
+const heads = document.getElementById("heads");
+D.patterns.forEach((_, h) => {{ const d = document.createElement("div"); d.className = "head";
+  d.innerHTML = "<h3>L" + D.layer + "H" + h + "</h3>"; d.appendChild(grid(h, false));
+  d.onclick = () => enlarge(h); heads.appendChild(d); }});
+enlarge(0);
+</script></body></html>
+"""
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    return page

@@ -132,3 +132,23 @@ def add_to_hub_cache(hub_cache: str | os.PathLike, repo_id: str, folder: str | o
     with open(os.path.join(repo_dir, "refs", revision), "w") as f:
         f.write(commit)
     return snapshot
+
+
+def pretrained_or_synthetic(name: str = "gpt2", n_layer: int = 4, n_head: int = 4, n_embd: int = 64,
+                            n_ctx: int = 128, seed: int = 0):
+    """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder), else a
+    small random model of the given shape, with a note saying so. For examples that should run
+    anywhere and show real results where they can."""
+    import tempfile
+
+    from .hub import OfflineError
+    from .loading import from_pretrained
+
+    try:
+        return from_pretrained(name, local_files_only=True)
+    except OfflineError:
+        print(f"({name} is not cached: using a small random model, whose tables have the real shape "
+              f"and meaning but noise in them; `npgpt2 download {name}` fetches the real one)\n")
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx)
+    folder = write_checkpoint(tempfile.mkdtemp(prefix="npgpt2-synthetic-"), cfg, random_state_dict(cfg, seed))
+    return from_pretrained(folder)

@@ -100,5 +100,5 @@ def direct_logit_attribution(model, cache, tokens, answer, wrong_answer=None, by
     for b in range(batch):
         df[f"prompt_{b}"] = attrs[:, b]
     df = df.sort_values("attribution", ascending=False, kind="stable").reset_index(drop=True)
-    df.attrs["logit_diff"] = logit_diff
+    df.attrs["logit_diff"] = logit_diff.tolist()  # a list: pandas compares attrs when combining frames
     return df

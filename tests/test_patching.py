@@ -1,0 +1,113 @@
+"""Activation patching: TransformerLens's shapes, identities, agreement with the naive method."""
+
+import numpy as np
+import pytest
+
+from npgpt2 import InputError, patching
+from conftest import TINY
+
+L, H = TINY.n_layer, TINY.n_head
+
+
+@pytest.fixture(scope="module")
+def runs(model64):
+    rng = np.random.default_rng(12)
+    clean = rng.integers(0, TINY.d_vocab, (2, 8))
+    corrupted = clean.copy()
+    corrupted[:, 3] = rng.integers(0, TINY.d_vocab, 2)  # differ at position 3 only
+    clean_logits, clean_cache = model64.run_with_cache(clean)
+    metric = patching.logit_diff_metric([7, 8], [9, 10])
+    return clean, corrupted, clean_logits, clean_cache, metric
+
+
+def naive(model, corrupted, hook_name, index, clean_act, metric):
+    def hook(act, h):
+        act = act.copy()
+        act[index] = clean_act[index]
+        return act
+    return metric(model.run_with_hooks(corrupted, fwd_hooks=[(hook_name, hook)]))
+
+
+SHAPES = [
+    (patching.get_act_patch_resid_pre, (L, 8)), (patching.get_act_patch_resid_mid, (L, 8)),
+    (patching.get_act_patch_attn_out, (L, 8)), (patching.get_act_patch_mlp_out, (L, 8)),
+    (patching.get_act_patch_attn_head_out_all_pos, (L, H)), (patching.get_act_patch_attn_head_q_all_pos, (L, H)),
+    (patching.get_act_patch_attn_head_k_all_pos, (L, H)), (patching.get_act_patch_attn_head_v_all_pos, (L, H)),
+    (patching.get_act_patch_attn_head_pattern_all_pos, (L, H)),
+    (patching.get_act_patch_attn_head_out_by_pos, (L, 8, H)), (patching.get_act_patch_attn_head_q_by_pos, (L, 8, H)),
+    (patching.get_act_patch_attn_head_k_by_pos, (L, 8, H)), (patching.get_act_patch_attn_head_v_by_pos, (L, 8, H)),
+    (patching.get_act_patch_attn_head_pattern_by_pos, (L, H, 8)),
+    (patching.get_act_patch_block_every, (3, L, 8)), (patching.get_act_patch_attn_head_all_pos_every, (5, L, H)),
+    (patching.get_act_patch_attn_head_by_pos_every, (4, L, 8, H)),
+]
+
+
+@pytest.mark.parametrize("fn,shape", SHAPES, ids=[f.__name__ for f, _ in SHAPES])
+def test_transformerlens_names_and_shapes(model64, runs, fn, shape):
+    clean, corrupted, _, clean_cache, metric = runs
+    assert fn(model64, corrupted, clean_cache, metric).shape == shape
+
+
+@pytest.mark.parametrize("activation,axes,hook,index", [
+    ("resid_pre", ("layer", "pos"), "hook_resid_pre", lambda i: (slice(None), i[0])),
+    ("mlp_out", ("layer", "pos"), "hook_mlp_out", lambda i: (slice(None), i[0])),
+    ("z", ("layer", "pos", "head"), "attn.hook_z", lambda i: (slice(None), i[0], i[1])),
+    ("k", ("layer", "head"), "attn.hook_k", lambda i: (slice(None), slice(None), i[0])),
+    ("pattern", ("layer", "head_index", "dest_pos"), "attn.hook_pattern", lambda i: (slice(None), i[0], i[1])),
+])
+def test_sweep_equals_naive_full_forward_patching(model64, runs, activation, axes, hook, index):
+    """Starting at the patched layer and batching patches changes nothing: each entry equals a full
+    forward pass of the corrupted prompts with that one patch."""
+    clean, corrupted, _, clean_cache, metric = runs
+    result = patching.generic_activation_patch(model64, corrupted, clean_cache, metric, activation, axes)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        idx = tuple(int(rng.integers(0, n)) for n in result.shape)
+        name = f"blocks.{idx[0]}.{hook}"
+        expected = naive(model64, corrupted, name, index(idx[1:]), clean_cache[name], metric)
+        assert result[idx] == pytest.approx(expected, abs=1e-10)
+
+
+def test_patching_everything_restores_clean_and_nothing_leaves_corrupted(model64, runs):
+    clean, corrupted, clean_logits, clean_cache, metric = runs
+    captured = []
+    # every position of resid_pre at layer 0 from the clean run: the clean logits, exactly
+    patching.generic_activation_patch(model64, corrupted, clean_cache, lambda lg: captured.append(lg) or 0.0,
+                                      "resid_pre", ("layer",))
+    np.testing.assert_allclose(captured[0], clean_logits, rtol=0, atol=1e-10)
+    whole = patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "resid_pre", ("layer",))
+    np.testing.assert_allclose(whole, metric(clean_logits), atol=1e-10)
+    # positions before the first difference hold identical activations: patching them changes nothing
+    corrupted_value = metric(model64(corrupted))
+    by_pos = patching.get_act_patch_resid_pre(model64, corrupted, clean_cache, metric)
+    np.testing.assert_allclose(by_pos[:, :3], corrupted_value, atol=1e-10)
+    np.testing.assert_allclose(by_pos[0, 3], metric(clean_logits), atol=1e-10)  # the only difference
+
+
+def test_normalized_metric_and_frame(model64, runs):
+    clean, corrupted, clean_logits, clean_cache, metric = runs
+    norm = patching.normalized_metric(metric, metric(clean_logits), metric(model64(corrupted)))
+    assert norm(clean_logits) == pytest.approx(1) and norm(model64(corrupted)) == pytest.approx(0)
+    result = patching.get_act_patch_resid_pre(model64, corrupted, clean_cache, norm)
+    df = patching.patching_frame(result, ("layer", "pos"), model64.to_str_tokens(corrupted[0]))
+    assert list(df.columns) == ["layer", "pos", "token", "metric"] and len(df) == L * 8
+    assert df.loc[(df.layer == 0) & (df.pos == 3), "metric"].item() == pytest.approx(1)
+    with pytest.raises(ValueError, match="nothing to normalise"):
+        patching.normalized_metric(metric, 1.0, 1.0)
+
+
+def test_small_batches_give_the_same_answer(model64, runs):
+    clean, corrupted, _, clean_cache, metric = runs
+    big = patching.get_act_patch_attn_head_out_by_pos(model64, corrupted, clean_cache, metric)
+    small = patching.get_act_patch_attn_head_out_by_pos(model64, corrupted, clean_cache, metric, max_batch=2)
+    np.testing.assert_allclose(big, small, atol=1e-10)
+
+
+def test_bad_input_is_named(model64, runs):
+    clean, corrupted, _, clean_cache, metric = runs
+    with pytest.raises(InputError, match=r"clean run has \[batch, pos\] = \[2, 8\] but the corrupted tokens are \[2, 7\]"):
+        patching.get_act_patch_resid_pre(model64, corrupted[:, :7], clean_cache, metric)
+    with pytest.raises(ValueError, match="unknown activation 'embed'"):
+        patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "embed", ("layer",))
+    with pytest.raises(ValueError, match=r"index_axis_names \('layer', 'head'\) do not fit activation 'resid_pre'"):
+        patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "resid_pre", ("layer", "head"))
