@@ -12,6 +12,7 @@ from . import hub
 from .hub import ModelNotFoundError, OfflineError
 from .loading import from_pretrained
 from .model import GPT2, HookError, HookPoint, InputError, KeyValueCache
+from .sae import SAE, SAEError
 from .tokenizer import Tokenizer
 from .weights import WeightsError
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALIASES", "ActivationCache", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
-    "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "Tokenizer", "WeightsError",
+    "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "SAE", "SAEError", "Tokenizer",
+    "WeightsError",
     "from_pretrained", "get_act_name",
 ]

@@ -208,3 +208,56 @@ enlarge(0);
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)
     return page
+
+
+def toy_model_geometry(toy, path=None):
+    """Toy models of superposition: for each instance, the features' directions in the hidden space
+    (when it is 2-D: arrows, coloured by importance) above the W^T W matrix (feature overlaps)."""
+    plt = _pyplot()
+    n_inst = toy.W.shape[0]
+    two_d = toy.n_hidden == 2
+    fig, axes = plt.subplots(2 if two_d else 1, n_inst, figsize=(3.2 * n_inst, 6.4 if two_d else 3.4), squeeze=False)
+    spread = np.ptp(toy.importance) or 1.0
+    colours = plt.cm.viridis(0.9 * (toy.importance - toy.importance.min()) / spread)  # yellow: most important
+    for i in range(n_inst):
+        W = toy.W[i]
+        row = 0
+        if two_d:
+            ax = axes[0, i]
+            for j in range(toy.n_features):
+                ax.plot([0, W[0, j]], [0, W[1, j]], color=colours[j], linewidth=2)
+                ax.scatter([W[0, j]], [W[1, j]], color=colours[j], s=20)
+            lim = max(1.2, np.abs(W).max() * 1.15)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_aspect("equal")
+            ax.set_title(f"sparsity {toy.sparsity[i]:.2f}")
+            row = 1
+        ax = axes[row, i]
+        gram = W.T @ W
+        bound = np.abs(gram).max() or 1
+        ax.imshow(gram, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_title("W^T W" if two_d else f"W^T W, sparsity {toy.sparsity[i]:.2f}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _finish(fig, path)
+
+
+def sae_training_curves(log: pd.DataFrame, path=None):
+    """SAE training: loss and reconstruction error, L0, and dead latents against the step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].plot(log["step"], log["loss"], label="loss")
+    axes[0].plot(log["step"], log["mse"], label="mse")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[1].plot(log["step"], log["l0"])
+    axes[1].set_title("L0 (active latents per input)")
+    axes[2].plot(log["step"], log["dead_latents"])
+    if "resampled" in log and log["resampled"].any():
+        for s in log.loc[log["resampled"] > 0, "step"]:
+            axes[2].axvline(s, color="grey", linestyle=":", linewidth=0.8)
+    axes[2].set_title("dead latents (dotted: resampling)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    return _finish(fig, path)

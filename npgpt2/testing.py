@@ -103,15 +103,16 @@ def write_checkpoint(folder: str | os.PathLike, config: GPT2Config, state: dict[
 
 def add_to_hub_cache(hub_cache: str | os.PathLike, repo_id: str, folder: str | os.PathLike,
                      revision: str = "main") -> str:
-    """File every file of ``folder`` into a huggingface_hub cache as repo ``repo_id``.
+    """File every file of ``folder`` (sub-folders included) into a huggingface_hub cache as repo ``repo_id``.
 
     Lays out ``models--{org}--{name}/blobs/<sha256>``, ``snapshots/<commit>/<file>`` (symlinks to
     the blobs, as huggingface_hub makes them) and ``refs/<revision>``. Returns the snapshot folder.
     """
     folder = os.fspath(folder)
     repo_dir = os.path.join(os.fspath(hub_cache), "models--" + repo_id.replace("/", "--"))
+    files = sorted(os.path.relpath(os.path.join(root, name), folder)
+                   for root, _, names in os.walk(folder) for name in names)  # sub-folders too
     digest = hashlib.sha1()
-    files = sorted(os.listdir(folder))
     for name in files:
         digest.update(name.encode())
         with open(os.path.join(folder, name), "rb") as f:
@@ -119,7 +120,6 @@ def add_to_hub_cache(hub_cache: str | os.PathLike, repo_id: str, folder: str | o
     commit = digest.hexdigest()  # a 40-hex-digit id, as a git commit hash is
     snapshot = os.path.join(repo_dir, "snapshots", commit)
     os.makedirs(os.path.join(repo_dir, "blobs"), exist_ok=True)
-    os.makedirs(snapshot, exist_ok=True)
     os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
     for name in files:
         with open(os.path.join(folder, name), "rb") as f:
@@ -127,20 +127,31 @@ def add_to_hub_cache(hub_cache: str | os.PathLike, repo_id: str, folder: str | o
         if not os.path.exists(blob):
             shutil.copyfile(os.path.join(folder, name), blob)
         link = os.path.join(snapshot, name)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
         if not os.path.lexists(link):
-            os.symlink(os.path.relpath(blob, snapshot), link)
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
     with open(os.path.join(repo_dir, "refs", revision), "w") as f:
         f.write(commit)
     return snapshot
 
 
-def pretrained_or_synthetic(name: str = "gpt2", n_layer: int = 4, n_head: int = 4, n_embd: int = 64,
-                            n_ctx: int = 128, seed: int = 0):
-    """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder), else a
-    small random model of the given shape, with a note saying so. For examples that should run
-    anywhere and show real results where they can."""
+def synthetic_model(n_layer: int = 4, n_head: int = 4, n_embd: int = 64, n_ctx: int = 128, seed: int = 0,
+                    **kwargs):
+    """A small random GPT-2 (GPT-2's real vocabulary, so text works), written to a temporary folder
+    in the hub's layout and loaded from there. ``kwargs`` go to ``from_pretrained``."""
     import tempfile
 
+    from .loading import from_pretrained
+
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx)
+    folder = write_checkpoint(tempfile.mkdtemp(prefix="npgpt2-synthetic-"), cfg, random_state_dict(cfg, seed))
+    return from_pretrained(folder, **kwargs)
+
+
+def pretrained_or_synthetic(name: str = "gpt2", **shape):
+    """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder), else
+    ``synthetic_model(**shape)``, with a note saying so. For examples that should run anywhere and
+    show real results where they can."""
     from .hub import OfflineError
     from .loading import from_pretrained
 
@@ -149,6 +160,4 @@ def pretrained_or_synthetic(name: str = "gpt2", n_layer: int = 4, n_head: int = 
     except OfflineError:
         print(f"({name} is not cached: using a small random model, whose tables have the real shape "
               f"and meaning but noise in them; `npgpt2 download {name}` fetches the real one)\n")
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=n_ctx)
-    folder = write_checkpoint(tempfile.mkdtemp(prefix="npgpt2-synthetic-"), cfg, random_state_dict(cfg, seed))
-    return from_pretrained(folder)
+    return synthetic_model(**shape)

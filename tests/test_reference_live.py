@@ -72,3 +72,41 @@ def test_tokenizer_agrees_with_transformers_on_varied_text(tmp_path):
     texts += ["", " ", "a" * 200, "The quick brown fox jumps over the lazy dog."]
     for t in texts:
         assert ours.encode(t) == hf.encode(t), repr(t)
+
+
+def test_sae_gradients_match_torch_autograd():
+    from npgpt2.sae_training import init_sae, sae_loss_and_grads
+
+    rng = np.random.default_rng(0)
+    params = init_sae(24, 96, 0, np.float64)
+    params["b_enc"] = rng.standard_normal(96) * 0.1
+    params["b_dec"] = rng.standard_normal(24) * 0.1
+    x = rng.standard_normal((64, 24))
+    loss, _, grads = sae_loss_and_grads(params, x, 3e-3)
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    tx = torch.tensor(x)
+    f = torch.relu((tx - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    t_loss = ((f @ t["W_dec"] + t["b_dec"] - tx) ** 2).sum(-1).mean() + 3e-3 * f.sum(-1).mean()
+    t_loss.backward()
+    assert loss == pytest.approx(t_loss.item(), rel=1e-12)
+    for k in params:
+        np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_toy_model_gradients_match_torch_autograd():
+    from npgpt2.toy_models import generate_batch, loss_and_grads
+
+    rng = np.random.default_rng(1)
+    W, b = rng.standard_normal((3, 2, 5)), rng.standard_normal((3, 5)) * 0.1
+    x = generate_batch(rng, 128, 5, np.array([0.0, 0.5, 0.9]))
+    imp = 0.9 ** np.arange(5)
+    loss, gW, gb = loss_and_grads(W, b, x, imp)
+    tW, tb = torch.tensor(W, requires_grad=True), torch.tensor(b, requires_grad=True)
+    tx = torch.tensor(x)
+    h = torch.einsum("imn,bin->bim", tW, tx)
+    out = torch.relu(torch.einsum("imn,bim->bin", tW, h) + tb)
+    t_loss = (torch.tensor(imp) * (out - tx) ** 2).sum() / x.shape[0]
+    t_loss.backward()
+    assert loss == pytest.approx(t_loss.item(), rel=1e-12)
+    np.testing.assert_allclose(gW, tW.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-12)
