@@ -22,26 +22,14 @@ slower when other work has run in between than back to back, as here.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 import npgpt2
-from npgpt2.testing import random_state_dict, write_checkpoint
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (pages the weights in, fills caches)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from common import gpt2_small_folder, median_time
 
 
 _RSS_CHILD = """
@@ -66,10 +54,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cfg = npgpt2.GPT2Config()  # gpt2-small: 12 layers, 12 heads, d_model 768
-    folder = args.folder or os.path.join(tempfile.gettempdir(), "npgpt2-bench-gpt2-small")
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        print(f"writing random gpt2-small-shaped weights to {folder} ...", flush=True)
-        write_checkpoint(folder, cfg, random_state_dict(cfg, seed=0))
+    folder = gpt2_small_folder(args.folder)
 
     load_times = []
     for _ in range(args.repeats):

@@ -12,25 +12,13 @@ On randomly initialised gpt2-small-shaped weights, batch 1:
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import numpy as np
 
 import npgpt2
 from npgpt2 import KeyValueCache
-from npgpt2.testing import random_state_dict, write_checkpoint
-
-
-def median(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from common import gpt2_small_folder, median_time
 
 
 def per_token_cost(model, prompt_len, new=20, repeats=3):
@@ -57,15 +45,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cfg = npgpt2.GPT2Config()
-    folder = args.folder or os.path.join(tempfile.gettempdir(), "npgpt2-bench-gpt2-small")
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        print(f"writing random gpt2-small-shaped weights to {folder} ...", flush=True)
-        write_checkpoint(folder, cfg, random_state_dict(cfg, seed=0))
-    model = npgpt2.from_pretrained(folder)
+    model = npgpt2.from_pretrained(gpt2_small_folder(args.folder))
     prompt = np.random.default_rng(0).integers(0, cfg.d_vocab, (1, 10))
     n = args.new_tokens
 
-    ours = median(lambda: model.generate(prompt, max_new_tokens=n, stop_at_eos=False,
+    ours = median_time(lambda: model.generate(prompt, max_new_tokens=n, stop_at_eos=False,
                                          return_type="tokens"), args.repeats)
     print(f"npgpt2 generate: {n} tokens in {ours:.3f} s = {n / ours:.1f} tokens/s")
     try:
@@ -73,14 +57,14 @@ def main(argv=None):
         from transformers import GPT2LMHeadModel
 
         torch.set_grad_enabled(False)
-        hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+        hf = GPT2LMHeadModel.from_pretrained(gpt2_small_folder(args.folder)).eval()
         t_prompt = torch.from_numpy(prompt)
 
         def hf_generate():
             return hf.generate(t_prompt, attention_mask=torch.ones_like(t_prompt), max_new_tokens=n,
                                min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=50256)
 
-        theirs = median(hf_generate, args.repeats)
+        theirs = median_time(hf_generate, args.repeats)
         same = np.array_equal(hf_generate()[0].numpy(),
                               model.generate(prompt, max_new_tokens=n, stop_at_eos=False, return_type="tokens")[0])
         print(f"transformers generate: {n} tokens in {theirs:.3f} s = {n / theirs:.1f} tokens/s "

@@ -12,15 +12,13 @@ Target: at least 2x faster.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import numpy as np
 
 import npgpt2
 from npgpt2 import patching
-from npgpt2.testing import random_state_dict, write_checkpoint
+from common import gpt2_small_folder
 
 
 def naive_sweep(model, corrupted, clean_cache, metric):
@@ -43,10 +41,7 @@ def main(argv=None):
     ap.add_argument("--folder")
     args = ap.parse_args(argv)
     cfg = npgpt2.GPT2Config()
-    folder = args.folder or os.path.join(tempfile.gettempdir(), "npgpt2-bench-gpt2-small")
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        write_checkpoint(folder, cfg, random_state_dict(cfg, seed=0))
-    model = npgpt2.from_pretrained(folder)
+    model = npgpt2.from_pretrained(gpt2_small_folder(args.folder))
     rng = np.random.default_rng(0)
     clean = rng.integers(0, cfg.d_vocab, (2, 15))
     corrupted = clean.copy()
@@ -62,7 +57,8 @@ def main(argv=None):
             times.append(time.perf_counter() - t)
         return float(np.median(times)), result
 
-    t_fast, fast = timed(lambda: patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric))
+    t_fast, fast = timed(lambda: patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric,
+                                                                  progress=False))
     t_naive, naive = timed(lambda: naive_sweep(model, corrupted, clean_cache, metric))
     print(f"resid_pre sweep, {cfg.n_layer} layers x 15 positions, batch 2, gpt2-small shape")
     print(f"  npgpt2 get_act_patch_resid_pre: {t_fast:.2f} s")

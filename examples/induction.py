@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import pandas as pd
 
 from npgpt2.head_detector import detect_head, induction_scores, repeated_tokens

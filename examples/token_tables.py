@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import pandas as pd
 
 import npgpt2

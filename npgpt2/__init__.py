@@ -8,7 +8,7 @@
 
 from .cache import ActivationCache, get_act_name
 from .config import ALIASES, ConfigError, GPT2Config
-from . import hub
+from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
 from .hub import ModelNotFoundError, OfflineError
 from .loading import from_pretrained
 from .model import GPT2, HookError, HookPoint, InputError, KeyValueCache

@@ -184,12 +184,17 @@ class ActivationCache:
             result = _slice(self["result", l], pos_slice, -3)  # [batch, pos, head, d_model]
             parts.append(np.moveaxis(result, -2, 0))
             labels += [f"L{l}H{h}" for h in range(n_head)]
+        return self._finish_stack(parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
+
+    def _finish_stack(self, parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels):
+        """Concatenate per-layer component stacks [n, batch, pos, d_model]; optionally add the
+        ``remainder`` (so the stack sums to ``resid_post`` of layer - 1) and apply the layer norm."""
         template = _slice(self["hook_embed"], pos_slice, -2)
         stack = np.concatenate(parts) if parts else np.zeros((0, *template.shape), template.dtype)
         if incl_remainder:
             total = _slice(self["resid_post", layer - 1], pos_slice, -2) if layer else template * 0
             stack = np.concatenate([stack, (total - stack.sum(0))[None]])
-            labels.append("remainder")
+            labels = labels + ["remainder"]
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
@@ -224,15 +229,7 @@ class ActivationCache:
             parts.append(np.moveaxis(results, -2, 0))
             neurons = np.atleast_1d(np.arange(self.model.cfg.d_mlp)[_as_index(neuron_slice)])
             labels += [f"L{l}N{n}" for n in neurons]
-        template = _slice(self["hook_embed"], pos_slice, -2)
-        stack = np.concatenate(parts) if parts else np.zeros((0, *template.shape), template.dtype)
-        if incl_remainder:
-            total = _slice(self["resid_post", layer - 1], pos_slice, -2) if layer else template * 0
-            stack = np.concatenate([stack, (total - stack.sum(0))[None]])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._finish_stack(parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels)
 
     def apply_ln_to_stack(self, residual_stack: np.ndarray, layer=None, mlp_input: bool = False,
                           pos_slice=None, batch_slice=None, has_batch_dim: bool = True,

@@ -76,7 +76,8 @@ def _check_runs(model, corrupted_tokens, clean_cache) -> np.ndarray:
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
-                             index_axis_names, corrupted_cache=None, max_batch: int | None = None) -> np.ndarray:
+                             index_axis_names, corrupted_cache=None, max_batch: int | None = None,
+                             progress: bool = True) -> np.ndarray:
     """Patch ``activation_name`` from the clean run into the corrupted run at every index of the
     given axes and return the metric for each: an array [layer, <other axes>].
 
@@ -86,7 +87,10 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         layer, head_index, dest_pos / layer, head_index, dest_pos, src_pos).
     corrupted_cache: the corrupted run's cache if you have it (only its resid_pre is read).
     max_batch: most prompt copies in one forward pass (default: what keeps the logits <= 256 MB).
+    progress: show a progress bar over the layers.
     """
+    from tqdm.auto import tqdm
+
     if activation_name not in _HOOKS:
         raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
     tokens = _check_runs(model, corrupted_tokens, clean_cache)
@@ -105,7 +109,8 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     per_pass = max(1, max_batch // batch)  # variants per forward pass
 
     out = np.zeros([model.cfg.n_layer] + [sizes[a] for a in axes[1:]])
-    for layer in range(model.cfg.n_layer):
+    for layer in tqdm(range(model.cfg.n_layer), desc=f"patching {activation_name}", disable=not progress,
+                      leave=False):
         hook = f"blocks.{layer}.{_HOOKS[activation_name]}"
         clean = clean_cache[hook]
         start = corrupted_cache["resid_pre", layer]

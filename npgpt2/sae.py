@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from . import ops
-from .model import InputError
 
 # SAELens releases this loader knows: release -> hub repo, the model they were trained on, and the
 # weight processing that model had (TransformerLens's from_pretrained defaults). Of those, only

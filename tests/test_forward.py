@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-import npgpt2
 from npgpt2 import HookError, InputError, ops
 from conftest import TINY
 

@@ -1,9 +1,6 @@
-import warnings
-
 import numpy as np
 import pytest
 
-import npgpt2
 from npgpt2 import InputError, KeyValueCache
 from npgpt2.generate import ContextLimitWarning, sample
 from conftest import TINY

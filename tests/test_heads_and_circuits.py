@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from npgpt2 import InputError, ops, plot
+from npgpt2 import InputError, plot
 from npgpt2.analysis import (FactoredMatrix, ablate, ablation_hook, composition_frame, composition_scores,
                              ov_circuit, parse_component, qk_circuit, singular_directions)
 from npgpt2.head_detector import (detect_head, get_duplicate_token_head_detection_pattern,

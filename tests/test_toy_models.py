@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from npgpt2.sae_training import init_sae, train_sae
-from npgpt2.toy_models import ToyModel, generate_batch, loss_and_grads, train_toy_models
+from npgpt2.toy_models import generate_batch, loss_and_grads, train_toy_models
 
 
 def test_gradients_match_finite_differences():
