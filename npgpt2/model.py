@@ -190,6 +190,8 @@ class GPT2:
             batch, pos = resid.shape[:2]
         if past_kv is not None and past_kv.length + pos > past_kv.capacity:
             raise InputError(f"{past_kv.length} cached + {pos} new positions exceed n_ctx={cfg.n_ctx}")
+        if past_kv is not None and past_kv.batch != batch:
+            raise InputError(f"the key/value cache holds a batch of {past_kv.batch}; got {batch} sequences")
 
         for l in range(start, stop):
             resid = self._block(l, resid, past_kv)

@@ -28,6 +28,7 @@ RELEASES = {
         "model": "gpt2",
         "sae_ids": [f"blocks.{l}.hook_resid_pre" for l in range(12)] + ["blocks.11.hook_resid_post"],
         "processing": {"center_writing_weights": True},
+        "defaults": {"prepend_bos": True},  # trained on TransformerLens's tokens, which start with BOS
     },
 }
 
@@ -156,6 +157,8 @@ class SAE:
                 raise SAEError(f"cfg.json says {key}={cfg[key]} but W_enc has shape {list(arrays['W_enc'].shape)}")
         cfg = dict(cfg)
         cfg.setdefault("model_processing", (info or {}).get("processing", {}))
+        for key, value in (info or {}).get("defaults", {}).items():
+            cfg.setdefault(key, value)
         cfg.setdefault("release", release)
         hook = cfg.get("hook_name") or cfg.get("hook_point") or (sae_id if "hook_" in sae_id else None)
         return cls(**arrays, hook_name=hook, cfg=cfg)

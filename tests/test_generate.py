@@ -17,6 +17,12 @@ def test_incremental_logits_equal_full_forward(model):
     np.testing.assert_allclose(np.concatenate(step_logits, axis=1), model(tokens), atol=1e-4)
 
 
+def test_kv_cache_batch_must_match(model):
+    kv = KeyValueCache(model.cfg, batch=2, dtype=model.dtype)
+    with pytest.raises(InputError, match="holds a batch of 2; got 1 sequences"):
+        model(np.array([[1, 2]]), past_kv=kv)
+
+
 def test_kv_cache_holds_the_keys_and_values(model):
     tokens = np.array([[5, 6, 7, 8]])
     kv = KeyValueCache(model.cfg, 1, model.dtype)

@@ -110,3 +110,25 @@ def test_toy_model_gradients_match_torch_autograd():
     assert loss == pytest.approx(t_loss.item(), rel=1e-12)
     np.testing.assert_allclose(gW, tW.grad.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_parity_command_passes_on_a_hub_checkpoint(tmp_path):
+    """`npgpt2 parity` as a user runs it: both implementations on the same cached files, a table of
+    the largest differences, exit code 0."""
+    import os
+    import subprocess
+    import sys
+
+    from npgpt2.testing import add_to_hub_cache
+
+    cfg = npgpt2.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_ctx=64)
+    folder = write_checkpoint(tmp_path / "ckpt", cfg, random_state_dict(cfg, seed=5))
+    hf_home = tmp_path / "hf"
+    add_to_hub_cache(hf_home / "hub", "npgpt2-test/parity-gpt2", folder)
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    for dtype in ("float32", "float64"):
+        proc = subprocess.run([sys.executable, "-m", "npgpt2", "parity", "--model", "npgpt2-test/parity-gpt2",
+                               "--dtype", dtype], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "attention pattern 1" in proc.stdout and "FAIL" not in proc.stdout
+        assert proc.stdout.strip().splitlines()[-1].endswith("passed, 0 failed")
