@@ -12,11 +12,20 @@ from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
 from .hub import ModelNotFoundError, OfflineError
 from .loading import from_pretrained
 from .model import GPT2, HookError, HookPoint, InputError, KeyValueCache
-from .sae import SAE, SAEError
 from .tokenizer import Tokenizer
 from .weights import WeightsError
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The SAE module brings pandas with it: import it when it is first asked for, so that
+    # `import npgpt2` stays light.
+    if name in ("SAE", "SAEError"):
+        from . import sae
+
+        return getattr(sae, name)
+    raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 __all__ = [
     "ALIASES", "ActivationCache", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
