@@ -132,3 +132,21 @@ def test_parity_command_passes_on_a_hub_checkpoint(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "attention pattern 1" in proc.stdout and "FAIL" not in proc.stdout
         assert proc.stdout.strip().splitlines()[-1].endswith("passed, 0 failed")
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 64), (12, 12, 768)], ids=["tiny", "gpt2-small"])
+def test_greedy_generation_equals_transformers(tmp_path, shape):
+    """50 greedy new tokens, token for token the same as transformers' generate(do_sample=False)."""
+    n_layer, n_head, n_embd = shape
+    cfg = npgpt2.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=128)
+    folder = write_checkpoint(tmp_path / "gen", cfg, random_state_dict(cfg, seed=17))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    model = npgpt2.from_pretrained(folder)
+    prompt = model.to_tokens("Alan Turing theorized that computers would one day become")
+    with torch.no_grad():
+        ref = hf.generate(torch.from_numpy(prompt), attention_mask=torch.ones_like(torch.from_numpy(prompt)),
+                          max_new_tokens=50, min_new_tokens=50, do_sample=False, use_cache=True,
+                          pad_token_id=50256)[0].numpy()
+    ours = model.generate(prompt[0], max_new_tokens=50, stop_at_eos=False, return_type="tokens")
+    assert len(ours) == len(ref) == prompt.shape[1] + 50
+    np.testing.assert_array_equal(ours, ref)
