@@ -145,13 +145,13 @@ class SAE:
                 raise SAEError(f"no SAE {sae_id!r} in {repo_id}: {e}") from None
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-        from .weights import _to_float, read_safetensors
+        from .weights import to_compute_dtype, read_safetensors
 
         tensors = read_safetensors(weights_path)
         missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in tensors]
         if missing:
             raise SAEError(f"{weights_path} lacks {', '.join(missing)} (found {', '.join(sorted(tensors))})")
-        arrays = {k: _to_float(k, tensors[k], np.dtype(dtype)) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        arrays = {k: to_compute_dtype(k, tensors[k], np.dtype(dtype)) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
         for key in ("d_in", "d_sae"):
             if key in cfg and cfg[key] != {"d_in": arrays["W_enc"].shape[0], "d_sae": arrays["W_enc"].shape[1]}[key]:
                 raise SAEError(f"cfg.json says {key}={cfg[key]} but W_enc has shape {list(arrays['W_enc'].shape)}")

@@ -37,7 +37,7 @@ _STORED_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
-    "BF16": np.uint16,  # NumPy has no bfloat16: read the bits, widen in `_to_float`
+    "BF16": np.uint16,  # NumPy has no bfloat16: read the bits, widen in `to_compute_dtype`
 }
 
 
@@ -92,7 +92,7 @@ def read_checkpoint(paths: list[str | os.PathLike]) -> dict[str, np.ndarray]:
     return state
 
 
-def _to_float(key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def to_compute_dtype(key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Stored tensor -> compute dtype. float32 stays memory-mapped when the compute dtype is float32."""
     if array.dtype == np.uint16:  # bfloat16 bits: they are the top half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -221,7 +221,7 @@ def weights_from_state_dict(
             )
 
     def get(key):
-        return _to_float(key, plain[key], dtype)
+        return to_compute_dtype(key, plain[key], dtype)
 
     blocks = [
         BlockWeights(**{field: get(f"h.{layer}.{suffix}") for suffix, (field, _) in _BLOCK_KEYS.items()})
