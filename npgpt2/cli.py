@@ -112,7 +112,11 @@ def cmd_info(args):
     model = _load(args)
     c = model.cfg
     print(f"model      {model.name}")
-    print(f"files      {model.source}")
+    print(f"source     {model.source}")
+    if model.files is not None:
+        print(f"files in   {os.path.dirname(os.path.realpath(model.files.config))}")
+        for path in model.files.weights:
+            print(f"weights    {path} ({os.path.getsize(path):,} bytes)")
     print(f"config     n_layer={c.n_layer} n_head={c.n_head} d_model={c.d_model} d_head={c.d_head} "
           f"d_mlp={c.d_mlp} n_ctx={c.n_ctx} d_vocab={c.d_vocab} eps={c.eps}")
     print(f"parameters {model.n_params():,} ({model.dtype})")

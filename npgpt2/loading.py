@@ -36,5 +36,6 @@ def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: 
     tokenizer = Tokenizer(files.vocab, files.merges) if files.vocab and files.merges else Tokenizer()
     model = GPT2(config, weights, tokenizer, name=name)
     model.source = files.source
+    model.files = files  # the local paths of config, weights and BPE files
     return model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                  center_unembed=center_unembed, fold_value_biases=fold_value_biases)

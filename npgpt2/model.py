@@ -124,6 +124,7 @@ class GPT2:
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
         self.name = name or "gpt2"
         self.source: str | None = None  # where the files came from (set by the loader)
+        self.files = None  # their local paths (hub.CheckpointFiles, set by the loader)
         self.processing = {"fold_ln": False, "center_writing_weights": False,
                            "center_unembed": False, "fold_value_biases": False}
         self._hook_names = self._list_hook_names()

@@ -71,6 +71,7 @@ def test_info(tiny_hub, hf_home):
     assert "n_layer=2 n_head=4 d_model=64" in out
     assert f"{npgpt2.from_pretrained(tiny_hub).n_params():,}" in out
     assert "npgpt2-test/tiny-gpt2@main" in out and "blocks.{l}.attn.hook_pattern" in out
+    assert os.path.join(hf_home, "hub", "models--npgpt2-test--tiny-gpt2") in out  # where the files are
 
 
 def test_download_reports_cached_files(tiny_hub, hf_home):
