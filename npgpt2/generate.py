@@ -81,13 +81,10 @@ def generate_stream(model: GPT2, input, max_new_tokens: int = 20, temperature: f
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     single = isinstance(input, str) or np.ndim(input) == 1
-    if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-        tokens, mask = model.to_tokens(input, prepend_bos=prepend_bos, return_mask=True)
-        if not mask.all():
-            raise InputError("the prompts have different numbers of tokens; generate them one at a "
-                             "time or give prompts of equal token length")
-    else:
-        tokens = model.validate_tokens(input)
+    tokens, mask = model.tokens_and_mask(input, prepend_bos=prepend_bos)
+    if mask is not None and not mask.all():
+        raise InputError("the prompts have different numbers of tokens; generate them one at a "
+                         "time or give prompts of equal token length")
     batch, n_prompt = tokens.shape
     n_ctx = model.cfg.n_ctx
     if n_prompt >= n_ctx:
@@ -131,10 +128,7 @@ def generate(model: GPT2, input, max_new_tokens: int = 20, return_type: str = "s
     """
     if return_type not in ("str", "tokens"):
         raise ValueError(f"return_type={return_type!r}: expected 'str' or 'tokens'")
-    if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-        prompt = model.to_tokens(input, prepend_bos=kwargs.get("prepend_bos", False))
-    else:
-        prompt = model.validate_tokens(input)
+    prompt, _ = model.tokens_and_mask(input, prepend_bos=kwargs.get("prepend_bos", False))
     new = [np.atleast_1d(t) for t in generate_stream(model, input, max_new_tokens, **kwargs)]
     out = np.concatenate([prompt, np.stack(new, axis=1)], axis=1) if new else prompt
     single = isinstance(input, str) or np.ndim(input) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import ops
-from .model import InputError
+from .model import InputError, is_text
 
 HEAD_NAMES = ("previous_token_head", "duplicate_token_head", "induction_head")
 
@@ -76,13 +76,13 @@ def detect_head(model, seq, detection_pattern, heads=None, cache=None, *, exclud
     heads: [(layer, head), ...] or {layer: [heads]}.
     Texts are tokenized without a BOS (``model.to_tokens`` default); pass ids to choose.
     """
-    if isinstance(seq, list) and seq and isinstance(seq[0], str):
+    if is_text(seq) and not isinstance(seq, str):
         return np.mean([detect_head(model, s, detection_pattern, heads, None, exclude_bos=exclude_bos,
                                     exclude_current_token=exclude_current_token, error_measure=error_measure)
                         for s in seq], axis=0)
     if error_measure not in ("mul", "abs"):
         raise ValueError(f"error_measure={error_measure!r}: expected 'mul' or 'abs'")
-    tokens = model.to_tokens(seq) if isinstance(seq, str) else model.validate_tokens(seq)
+    tokens, _ = model.tokens_and_mask(seq)
     if tokens.shape[0] != 1:
         raise InputError(f"detect_head takes one sequence (or a list of texts); got a batch of {tokens.shape[0]}")
     n = tokens.shape[1]

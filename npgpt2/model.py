@@ -38,6 +38,12 @@ class InputError(ValueError):
     """Input the model cannot take: empty, wrong type or shape, token ids out of range, too long."""
 
 
+def is_text(input) -> bool:
+    """A str, or a non-empty list/tuple of str (rather than token ids)."""
+    return isinstance(input, str) or (isinstance(input, (list, tuple)) and len(input) > 0
+                                      and all(isinstance(t, str) for t in input))
+
+
 class HookPoint:
     """The second argument a hook function receives: which activation it is looking at."""
 
@@ -457,13 +463,18 @@ class GPT2:
         texts = [self.tokenizer.decode(row) for row in checked]
         return texts[0] if arr.ndim == 1 else texts
 
+    def tokens_and_mask(self, input, prepend_bos: bool = False, offset: int = 0):
+        """Text, a list of texts, or token ids -> (validated int64 tokens [batch, pos], the padding
+        mask for texts or None for ids)."""
+        if is_text(input):
+            tokens, mask = self.to_tokens(input, prepend_bos=prepend_bos, return_mask=True)
+            return self.validate_tokens(tokens, offset), mask
+        return self.validate_tokens(input, offset), None
+
     def _prepare(self, input, attention_mask, offset: int = 0):
         """Any accepted input -> (checked int64 tokens [batch, pos], attention mask or None)."""
-        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input
-                                       and all(isinstance(t, str) for t in input)):
-            input, mask = self.to_tokens(input, return_mask=True)
-            attention_mask = mask if attention_mask is None else attention_mask
-        tokens = self.validate_tokens(input, offset)
+        tokens, mask = self.tokens_and_mask(input, offset=offset)
+        attention_mask = mask if attention_mask is None else attention_mask
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask)
             if attention_mask.ndim == 1:

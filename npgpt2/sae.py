@@ -189,9 +189,8 @@ def _check_fits(model, sae: SAE):
 
 
 def _sae_tokens(model, sae: SAE, input):
-    if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
-        return model.to_tokens(input, prepend_bos=bool(sae.cfg.get("prepend_bos", False)))
-    return model.validate_tokens(input)
+    """Text is tokenized with the BOS the SAE was trained with; token ids pass as they are."""
+    return model.tokens_and_mask(input, prepend_bos=bool(sae.cfg.get("prepend_bos", False)))[0]
 
 
 def run_with_sae(model, sae: SAE, input, return_type="logits"):

@@ -22,10 +22,7 @@ def logit_lens(model, input, cache=None, incl_mid: bool = False, prepend_bos: bo
     next_token, next_prob, next_rank, top_token, top_prob; with ``return_logits`` also the logits
     [layer, batch, pos, d_vocab].
     """
-    if isinstance(input, (str, list, tuple)) and input and isinstance(input if isinstance(input, str) else input[0], str):
-        tokens = model.to_tokens(input, prepend_bos=prepend_bos)
-    else:
-        tokens = model.validate_tokens(input)
+    tokens, _ = model.tokens_and_mask(input, prepend_bos=prepend_bos)
     if cache is None:
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
     stack, labels = cache.accumulated_resid(incl_mid=incl_mid, apply_ln=True, return_labels=True)

@@ -10,9 +10,7 @@ from .. import ops
 
 def _prompt_tokens(model, prompt, prepend_bos: bool) -> np.ndarray:
     """A text or token ids -> one row of ids [pos]."""
-    if isinstance(prompt, str):
-        return model.to_tokens(prompt, prepend_bos=prepend_bos)[0]
-    tokens = model.validate_tokens(prompt)
+    tokens, _ = model.tokens_and_mask(prompt, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise ValueError(f"expected one prompt; got a batch of {tokens.shape[0]}")
     return tokens[0]
