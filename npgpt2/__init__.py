@@ -11,7 +11,10 @@ from .config import ALIASES, ConfigError, GPT2Config
 from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
 from .hub import ModelNotFoundError, OfflineError
 from .loading import from_pretrained
-from .model import GPT2, HookError, HookPoint, InputError, KeyValueCache
+from .hooks import HookError, HookPoint
+from .inputs import InputError
+from .kv_cache import KeyValueCache
+from .model import GPT2
 from .tokenizer import Tokenizer
 from .weights import WeightsError
 

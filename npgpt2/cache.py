@@ -7,39 +7,7 @@ import difflib
 import numpy as np
 
 from . import ops
-
-# TransformerLens's short names: cache["pattern", 3] is cache["blocks.3.attn.hook_pattern"]
-_SHORT = {
-    "embed": "hook_embed", "pos_embed": "hook_pos_embed",
-    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-    "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z",
-    "attn_scores": "attn.hook_attn_scores", "scores": "attn.hook_attn_scores",
-    "pattern": "attn.hook_pattern", "attn": "attn.hook_pattern", "result": "attn.hook_result",
-    "pre": "mlp.hook_pre", "post": "mlp.hook_post",
-    "scale": "hook_scale", "normalized": "hook_normalized",
-}
-
-
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """('pattern', 3) -> 'blocks.3.attn.hook_pattern'; full names pass through (TransformerLens's
-    ``utils.get_act_name``). ``layer_type`` picks the layer norm for 'scale'/'normalized':
-    'ln1', 'ln2' (with a layer) or 'ln_final'."""
-    if "." in name or name.startswith("hook_"):
-        return name
-    if name not in _SHORT:
-        raise KeyError(f"unknown activation name {name!r}; expected a full hook name or one of "
-                       f"{', '.join(sorted(_SHORT))}")
-    hook = _SHORT[name]
-    if name in ("scale", "normalized"):
-        if layer is None:
-            return f"{layer_type or 'ln_final'}.{hook}"
-        return f"blocks.{layer}.{layer_type or 'ln1'}.{hook}"
-    if name in ("embed", "pos_embed"):
-        return hook
-    if layer is None:
-        raise KeyError(f"activation {name!r} needs a layer, e.g. ({name!r}, 0)")
-    return f"blocks.{layer}.{hook}"
+from .hooks import get_act_name  # noqa: F401  (TransformerLens users import it from here too)
 
 
 class ActivationCache:

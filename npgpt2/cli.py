@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         return 2
     from .config import ConfigError
     from .hub import ModelNotFoundError
-    from .model import HookError, InputError
+    from . import HookError, InputError
     from .weights import WeightsError
 
     try:

@@ -14,7 +14,9 @@ from typing import Iterator
 import numpy as np
 
 from . import ops
-from .model import GPT2, InputError, KeyValueCache
+from .inputs import InputError
+from .kv_cache import KeyValueCache
+from .model import GPT2
 
 
 class ContextLimitWarning(UserWarning):
@@ -74,7 +76,8 @@ def generate_stream(model: GPT2, input, max_new_tokens: int = 20, temperature: f
     top_k, top_p: restrict sampling to the k most likely tokens / the nucleus of probability p.
     stop_at_eos: stop once every sequence has produced <|endoftext|> (later tokens of a finished
         sequence are <|endoftext|>).
-    fwd_hooks: [(name, fn)] active for the whole generation (see ``GPT2.run_with_hooks``).
+    fwd_hooks: [(name, fn)] fired at every step of this generation, and only there (see
+        ``GPT2.run_with_hooks``).
     use_kv_cache: False recomputes the whole prefix at every step (slow; for checking).
 
     Stops with a ``ContextLimitWarning`` when the sequence reaches n_ctx.
@@ -94,29 +97,32 @@ def generate_stream(model: GPT2, input, max_new_tokens: int = 20, temperature: f
     eos = model.tokenizer.eot_token
     finished = np.zeros(batch, dtype=bool)
 
-    with model.hooks(fwd_hooks):
-        kv = KeyValueCache(model.cfg, batch, model.dtype) if use_kv_cache else None
-        sequence = tokens
-        step_input = tokens
-        for step in range(max_new_tokens):
-            if sequence.shape[1] >= n_ctx:
-                warnings.warn(f"generation stopped after {step} new tokens: the sequence reached the "
-                              f"context length n_ctx={n_ctx}", ContextLimitWarning, stacklevel=2)
-                return
-            if kv is not None:
-                resid = model.forward(step_input, past_kv=kv, stop_at_layer=model.cfg.n_layer)
-            else:
-                resid = model.forward(sequence, stop_at_layer=model.cfg.n_layer)
-            logits = model.unembed(resid[:, -1:])[:, 0]  # only the last position is needed
-            next_tokens = sample(logits, temperature, top_k, top_p, rng).astype(np.int64)
-            if stop_at_eos:
-                next_tokens = np.where(finished, eos, next_tokens)
-                finished |= next_tokens == eos
-            sequence = np.concatenate([sequence, next_tokens[:, None]], axis=1)
-            step_input = next_tokens[:, None]
-            yield int(next_tokens[0]) if single else next_tokens
-            if stop_at_eos and finished.all():
-                return
+    fwd_hooks = model._expand(fwd_hooks)  # checked now, fired only while a step is computed
+    kv = KeyValueCache(model.cfg, batch, model.dtype) if use_kv_cache else None
+    sequence = tokens
+    step_input = tokens
+    for step in range(max_new_tokens):
+        if sequence.shape[1] >= n_ctx:
+            warnings.warn(f"generation stopped after {step} new tokens: the sequence reached the "
+                          f"context length n_ctx={n_ctx}", ContextLimitWarning, stacklevel=2)
+            return
+        # The hooks of this step: the model's, the caller's ``with model.hooks()`` block (if the
+        # caller is inside one now), and fwd_hooks. Between steps the stream leaves no hook behind.
+        run = model._new_run(fwd_hooks)
+        if kv is not None:
+            resid = model._forward(run, step_input, past_kv=kv, stop_at_layer=model.cfg.n_layer)
+        else:
+            resid = model._forward(run, sequence, stop_at_layer=model.cfg.n_layer)
+        logits = model._unembed(run, resid[:, -1:])[:, 0]  # only the last position is needed
+        next_tokens = sample(logits, temperature, top_k, top_p, rng).astype(np.int64)
+        if stop_at_eos:
+            next_tokens = np.where(finished, eos, next_tokens)
+            finished |= next_tokens == eos
+        sequence = np.concatenate([sequence, next_tokens[:, None]], axis=1)
+        step_input = next_tokens[:, None]
+        yield int(next_tokens[0]) if single else next_tokens
+        if stop_at_eos and finished.all():
+            return
 
 
 def generate(model: GPT2, input, max_new_tokens: int = 20, return_type: str = "str", **kwargs):

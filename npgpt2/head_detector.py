@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import ops
-from .model import InputError, is_text
+from .inputs import InputError, is_text
 
 HEAD_NAMES = ("previous_token_head", "duplicate_token_head", "induction_head")
 

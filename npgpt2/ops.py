@@ -87,7 +87,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def causal_mask_bias(n_query: int, n_key: int, dtype) -> np.ndarray:
+def causal_mask(n_query: int, n_key: int, dtype) -> np.ndarray:
     """Additive causal mask: 0 where query i may see key j, -inf where j lies in its future.
 
     [n_query, n_key]. Queries are the last ``n_query`` of the ``n_key`` positions (with a key/value
@@ -95,54 +95,33 @@ def causal_mask_bias(n_query: int, n_key: int, dtype) -> np.ndarray:
     """
     offset = n_key - n_query
     future = np.arange(n_key)[None, :] > (offset + np.arange(n_query))[:, None]
-    bias = np.where(future, -np.inf, 0.0).astype(dtype)
-    bias.flags.writeable = False  # shared between calls (cached)
-    return bias
-
-
-def causal_scores(q: np.ndarray, k: np.ndarray, block: int = 64) -> np.ndarray:
-    """q k^T with the causal mask applied: -inf where a key lies in the query's future.
-
-    q: [batch, head, n_q, d_head], already divided by sqrt(d_head); k: [batch, head, n_k, d_head]
-    with n_k >= n_q, the queries being the last n_q positions. -> [batch, head, n_q, n_k].
-
-    Computed one block of queries at a time, and only against the keys the block may see: the
-    masked part is filled with -inf, never multiplied.
-    """
-    n_q, n_k = q.shape[2], k.shape[2]
-    offset = n_k - n_q
-    k_t = np.ascontiguousarray(k.swapaxes(-1, -2))  # [batch, head, d_head, n_k]
-    scores = np.full(q.shape[:3] + (n_k,), -np.inf, dtype=np.result_type(q, k))
-    for start in range(0, n_q, block):
-        stop = min(start + block, n_q)
-        visible = offset + stop  # keys 0 .. visible-1 are in the past of this block's last query
-        blk = q[:, :, start:stop] @ k_t[..., :visible]  # [batch, head, block, visible]
-        blk += causal_mask_bias(stop - start, visible, blk.dtype)
-        scores[:, :, start:stop, :visible] = blk
-    return scores
+    mask = np.where(future, -np.inf, 0.0).astype(dtype)
+    mask.flags.writeable = False  # shared between calls (cached)
+    return mask
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64) -> np.ndarray:
-    """softmax(causal_scores(q, k)) v, without ever forming the whole score matrix.
+    """softmax(q k^T + causal_mask) v, a block of queries at a time, never forming the whole
+    [query_pos, key_pos] score matrix.
 
-    q: [batch, head, n_q, d_head], already divided by sqrt(d_head); k, v: [batch, head, n_k, d_head].
-    -> [batch, head, n_q, d_head].
+    q: [batch, head, query_pos, d_head], already divided by sqrt(d_head); k, v: [batch, head,
+    key_pos, d_head], the queries being the last query_pos positions. -> [batch, head, query_pos, d_head].
 
     Each block of queries is multiplied only with the keys it may see, and its scores, pattern and
-    output are finished before the next block: the numbers of the full computation, for about half
-    the arithmetic and a block-sized working set. The model uses it when no one asks for the
-    scores or the pattern.
+    output are finished before the next block: the numbers of the eager computation (model.py), for
+    about half the arithmetic and a block-sized working set. The model uses it when no one asks for
+    the scores or the pattern.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     offset = n_k - n_q
-    k_t = k.swapaxes(-1, -2)  # [batch, head, d_head, n_k]
+    k_t = k.swapaxes(-1, -2)  # [batch, head, d_head, key_pos]
     if n_q > block:  # several blocks will read it: lay it out once for fast products
         k_t = np.ascontiguousarray(k_t)
-    z = np.empty(q.shape, dtype=np.result_type(q, v))
+    z = np.empty(q.shape, dtype=np.result_type(q, v))  # [batch, head, query_pos, d_head]
     for start in range(0, n_q, block):
         stop = min(start + block, n_q)
-        visible = offset + stop
+        visible = offset + stop  # keys 0 .. visible-1 are in the past of this block's last query
         scores = q[:, :, start:stop] @ k_t[..., :visible]  # [batch, head, block, visible]
-        scores += causal_mask_bias(stop - start, visible, scores.dtype)
+        scores += causal_mask(stop - start, visible, scores.dtype)
         z[:, :, start:stop] = softmax(scores) @ v[:, :, :visible]
     return z

@@ -21,15 +21,12 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from .model import InputError
+from .hooks import block_hook
+from .inputs import InputError
 
 # short activation name -> hook point inside block l
-_HOOKS = {
-    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
-    "z": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
-    "pattern": "attn.hook_pattern",
-}
+_HOOKS = {short: block_hook(short) for short in ("resid_pre", "resid_mid", "resid_post", "attn_out",
+                                                  "mlp_out", "z", "q", "k", "v", "pattern")}
 # axis name -> which axis of the activation [batch, ...] it indexes
 _AXES = {
     ("resid", "pos"): 1,  # [batch, pos, d_model]

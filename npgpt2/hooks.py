@@ -1,0 +1,332 @@
+"""Hook points and run state: which activations have names, who listens to them, what a call keeps.
+
+The forward pass (model.py) hands every named activation to ``hook(name, array)`` and goes on with
+what comes back. ``hook`` is a ``Run``: the state of *one* call of the model, made when the call
+starts and dropped when it ends:
+
+* the hook functions that call fires (the model's own, those of an enclosing ``model.hooks()``
+  block in this thread, and those passed to ``run_with_hooks`` or ``generate``);
+* the activations it keeps, for ``run_with_cache``.
+
+Because that state belongs to the call and not to the model, two threads can run one model at once,
+and a hook may itself call the model (nested calls keep their own caches and hooks).
+
+Three places a hook can live, from widest to narrowest:
+
+``model.add_hook(name, fn)``
+    model-wide, every call in every thread, until ``model.reset_hooks()``;
+``with model.hooks([(name, fn)]):``
+    calls made inside the block, in this thread (a ``contextvars`` context);
+``model.run_with_hooks(x, fwd_hooks=[(name, fn)])``, ``run_with_cache``, ``generate(fwd_hooks=...)``
+    that one call (for a generation stream, the steps it computes).
+
+``HOOK_POINTS`` is the one list of hook names: the model, the cache's short names, patching and the
+README's table are all made from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import difflib
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+HookFn = Callable[[np.ndarray, "HookPoint"], "np.ndarray | None"]
+
+
+class HookError(ValueError):
+    """A hook name that does not exist, or a hook that returned an array of the wrong shape."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The hook points
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HookSpec:
+    """One kind of hook point: ``name`` (with ``{l}`` for the block), TransformerLens's short name,
+    the shape of the array, what it is, and whether it is computed only when asked for."""
+
+    name: str
+    short: str
+    shape: str
+    doc: str
+    on_request: bool = False
+
+
+HOOK_POINTS = (
+    HookSpec("hook_embed", "embed", "[batch, pos, d_model]", "token embeddings, W_E[tokens]"),
+    HookSpec("hook_pos_embed", "pos_embed", "[batch, pos, d_model]", "position embeddings, W_pos[pos]"),
+    HookSpec("blocks.{l}.hook_resid_pre", "resid_pre", "[batch, pos, d_model]",
+             "the residual stream entering the block"),
+    HookSpec("blocks.{l}.ln1.hook_scale", "scale", "[batch, pos, 1]",
+             "the layer norm's divisor, sqrt(var + eps)"),
+    HookSpec("blocks.{l}.ln1.hook_normalized", "normalized", "[batch, pos, d_model]",
+             "centred and divided by the scale, *before* the gain and bias"),
+    HookSpec("blocks.{l}.attn.hook_q", "q", "[batch, pos, head, d_head]", "queries"),
+    HookSpec("blocks.{l}.attn.hook_k", "k", "[batch, pos, head, d_head]", "keys"),
+    HookSpec("blocks.{l}.attn.hook_v", "v", "[batch, pos, head, d_head]", "values"),
+    HookSpec("blocks.{l}.attn.hook_attn_scores", "attn_scores", "[batch, head, query_pos, key_pos]",
+             "q.k / sqrt(d_head); a key in the query's future is -inf"),
+    HookSpec("blocks.{l}.attn.hook_pattern", "pattern", "[batch, head, query_pos, key_pos]",
+             "softmax of the scores over key_pos"),
+    HookSpec("blocks.{l}.attn.hook_z", "z", "[batch, pos, head, d_head]", "the pattern-weighted values"),
+    HookSpec("blocks.{l}.attn.hook_result", "result", "[batch, pos, head, d_model]",
+             "each head's output z[h] @ W_O[h], no b_O; computed only when asked for", on_request=True),
+    HookSpec("blocks.{l}.hook_attn_out", "attn_out", "[batch, pos, d_model]", "the attention layer's output"),
+    HookSpec("blocks.{l}.hook_resid_mid", "resid_mid", "[batch, pos, d_model]",
+             "resid_pre + attn_out, entering the MLP"),
+    HookSpec("blocks.{l}.ln2.hook_scale", "scale", "[batch, pos, 1]", "as ln1"),
+    HookSpec("blocks.{l}.ln2.hook_normalized", "normalized", "[batch, pos, d_model]", "as ln1"),
+    HookSpec("blocks.{l}.mlp.hook_pre", "pre", "[batch, pos, d_mlp]", "the MLP's input to the GELU"),
+    HookSpec("blocks.{l}.mlp.hook_post", "post", "[batch, pos, d_mlp]", "the GELU's output (the neurons)"),
+    HookSpec("blocks.{l}.hook_mlp_out", "mlp_out", "[batch, pos, d_model]", "the MLP layer's output"),
+    HookSpec("blocks.{l}.hook_resid_post", "resid_post", "[batch, pos, d_model]",
+             "resid_mid + mlp_out, leaving the block"),
+    HookSpec("ln_final.hook_scale", "scale", "[batch, pos, 1]", "as ln1, before the unembedding"),
+    HookSpec("ln_final.hook_normalized", "normalized", "[batch, pos, d_model]", "as ln1"),
+)
+
+# TransformerLens's other spellings of a short name
+SHORT_ALIASES = {"scores": "attn_scores", "attn": "pattern"}
+
+
+def hook_names(n_layer: int) -> tuple[str, ...]:
+    """Every hook point of an ``n_layer`` model, in the order the forward pass reaches them."""
+    before = [s.name for s in HOOK_POINTS if s.name.startswith("hook_")]
+    block = [s.name for s in HOOK_POINTS if s.name.startswith("blocks.")]
+    after = [s.name for s in HOOK_POINTS if s.name.startswith("ln_final.")]
+    return tuple(before + [n.format(l=l) for l in range(n_layer) for n in block] + after)
+
+
+def block_hook(short: str) -> str:
+    """A short name -> the hook's name inside a block: 'pattern' -> 'attn.hook_pattern'
+    ('scale' and 'normalized' give ln1's)."""
+    short = SHORT_ALIASES.get(short, short)
+    for spec in HOOK_POINTS:
+        if spec.short == short and spec.name.startswith("blocks."):
+            return spec.name[len("blocks.{l}."):]
+    raise KeyError(f"no hook point inside a block has the short name {short!r}")
+
+
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """('pattern', 3) -> 'blocks.3.attn.hook_pattern'; full names pass through (TransformerLens's
+    ``utils.get_act_name``). ``layer_type`` picks the layer norm for 'scale'/'normalized':
+    'ln1', 'ln2' (with a layer) or 'ln_final'."""
+    if "." in name or name.startswith("hook_"):
+        return name
+    if name not in short_names():
+        raise KeyError(f"unknown activation name {name!r}; expected a full hook name or one of "
+                       f"{', '.join(short_names())}")
+    if name in ("embed", "pos_embed"):
+        return "hook_" + name
+    if name in ("scale", "normalized"):
+        if layer is None:
+            return f"{layer_type or 'ln_final'}.hook_{name}"
+        return f"blocks.{layer}.{layer_type or 'ln1'}.hook_{name}"
+    if layer is None:
+        raise KeyError(f"activation {name!r} needs a layer, e.g. ({name!r}, 0)")
+    return f"blocks.{layer}.{block_hook(name)}"
+
+
+def short_names() -> list[str]:
+    """Every short name TransformerLens uses (``cache["pattern", 3]``)."""
+    return sorted({s.short for s in HOOK_POINTS} | set(SHORT_ALIASES))
+
+
+def markdown_table() -> str:
+    """The README's table of hook points, made from ``HOOK_POINTS``."""
+    rows = ["| name | short | shape | what it is |", "| --- | --- | --- | --- |"]
+    for s in HOOK_POINTS:
+        rows.append(f"| `{s.name}` | `{s.short}` | {s.shape} | {s.doc} |")
+    return "\n".join(rows)
+
+
+class HookPoint:
+    """The second argument a hook function receives: which activation it is looking at."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def layer(self) -> int | None:
+        """The block index for ``blocks.{l}...`` names, else None."""
+        m = re.match(r"blocks\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else None
+
+    def __repr__(self):
+        return f"HookPoint({self.name!r})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The state of one call
+# ----------------------------------------------------------------------------------------------
+class Run:
+    """One call of the model: the hooks it fires and the activations it keeps.
+
+    The forward pass calls it at every hook point: ``resid = hook("blocks.0.hook_resid_pre", resid)``.
+    """
+
+    __slots__ = ("hooks", "points", "keep", "cache")
+
+    def __init__(self, hooks: dict[str, list[HookFn]], points: dict[str, HookPoint],
+                 keep: frozenset[str] = frozenset()):
+        self.hooks = hooks  # {name: [fn, ...]}, fixed for the whole call
+        self.points = points
+        self.keep = keep  # names whose activations are cached
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, act: np.ndarray) -> np.ndarray:
+        fns = self.hooks.get(name)
+        if fns:
+            for fn in fns:
+                out = fn(act, self.points[name])
+                if out is not None:
+                    act = _checked_replacement(name, act, out)
+        if name in self.keep:
+            self.cache[name] = act
+        return act
+
+    def wants(self, name: str) -> bool:
+        """Does anyone look at ``name``? (for activations computed only on request)"""
+        return name in self.hooks or name in self.keep
+
+
+def _checked_replacement(name: str, act: np.ndarray, out) -> np.ndarray:
+    out = np.asarray(out)
+    if out.shape != act.shape:
+        raise HookError(f"hook on {name} returned shape {out.shape}; expected {act.shape} "
+                        "(the shape it was given)")
+    return out.astype(act.dtype, copy=False)
+
+
+# (model, name, fn) triples of the enclosing ``model.hooks()`` blocks, in this thread / context
+_SCOPED: contextvars.ContextVar[tuple] = contextvars.ContextVar("npgpt2_scoped_hooks", default=())
+
+
+class HookedModel:
+    """The hook half of ``GPT2``: registering hooks and making the ``Run`` of each call.
+
+    Expects ``self.cfg`` (for the number of layers) and a ``_forward(run, input, ...)``.
+    """
+
+    def _init_hooks(self) -> None:
+        self._hook_names = hook_names(self.cfg.n_layer)
+        self._points = {n: HookPoint(n) for n in self._hook_names}
+        # Model-wide hooks. Replaced, never mutated, under the lock: a call reads one consistent dict.
+        self._hooks: dict[str, list[HookFn]] = {}
+        self._hooks_lock = threading.Lock()
+
+    def _new_run(self, extra: Iterable[tuple[str, HookFn]] = (), keep: frozenset[str] = frozenset()) -> Run:
+        """The state of one call: the model's hooks, then this context's, then ``extra``."""
+        hooks = self._hooks
+        scoped = [(n, fn) for m, n, fn in _SCOPED.get() if m is self]
+        extra = list(extra)
+        if scoped or extra:
+            hooks = {n: list(fns) for n, fns in hooks.items()}
+            for n, fn in scoped + extra:
+                hooks.setdefault(n, []).append(fn)
+        return Run(hooks, self._points, keep)
+
+    def hook_names(self) -> list[str]:
+        """Every hook point, in the order the forward pass reaches them."""
+        return list(self._hook_names)
+
+    def resolve_hook_names(self, names) -> list[str]:
+        """A name, a list of names, or a predicate on names -> the matching hook names.
+
+        Unknown names raise ``HookError`` with the closest real names.
+        """
+        if names is None:
+            return list(self._hook_names)
+        if callable(names):
+            return [n for n in self._hook_names if names(n)]
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        for n in names:
+            if n not in self._points:
+                close = difflib.get_close_matches(str(n), self._hook_names, n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names()"
+                raise HookError(f"unknown hook point {n!r}{hint}")
+        return names
+
+    def _expand(self, fwd_hooks: Iterable[tuple]) -> list[tuple[str, HookFn]]:
+        """[(name, list of names or predicate, fn)] -> [(name, fn)], every name and fn checked."""
+        pairs = []
+        for item in fwd_hooks:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise HookError(f"a hook is a (name, function) pair; got {item!r}")
+            name, fn = item
+            if not callable(fn):
+                raise HookError(f"hook for {name!r} is {type(fn).__name__}, not a function")
+            pairs += [(n, fn) for n in self.resolve_hook_names(name)]
+        return pairs
+
+    def add_hook(self, name, fn: HookFn) -> None:
+        """Register ``fn(activation, hook)`` at a name (or every name a predicate accepts), for
+        every later call of the model, in every thread."""
+        pairs = self._expand([(name, fn)])
+        with self._hooks_lock:
+            hooks = {n: list(fns) for n, fns in self._hooks.items()}
+            for n, f in pairs:
+                hooks.setdefault(n, []).append(f)
+            self._hooks = hooks
+
+    def reset_hooks(self) -> None:
+        """Remove every hook added with ``add_hook``."""
+        with self._hooks_lock:
+            self._hooks = {}
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple] = (), reset_hooks_end: bool = True):
+        """Context manager: the hooks fire in calls made inside the block, in this thread, and are
+        gone on leaving it, even when the block raises. With ``reset_hooks_end=False`` they are
+        added to the model for good instead (``add_hook``), as TransformerLens does."""
+        pairs = self._expand(fwd_hooks)
+        if not reset_hooks_end:
+            for n, fn in pairs:
+                self.add_hook(n, fn)
+            yield self
+            return
+        token = _SCOPED.set(_SCOPED.get() + tuple((self, n, fn) for n, fn in pairs))
+        try:
+            yield self
+        finally:
+            _SCOPED.reset(token)
+
+    def run_with_hooks(self, input, fwd_hooks: Iterable[tuple] = (), return_type="logits",
+                       reset_hooks_end: bool = True, **kwargs):
+        """``forward`` with ``fwd_hooks`` = [(name or predicate, fn), ...] active for this call.
+
+        ``fn(activation, hook)`` returns None to only look, or an array of the same shape to replace
+        the activation from there on. ``reset_hooks_end=False`` leaves them on the model.
+        """
+        pairs = self._expand(fwd_hooks)
+        if not reset_hooks_end:
+            for n, fn in pairs:
+                self.add_hook(n, fn)
+            pairs = []
+        return self._forward(self._new_run(pairs), input, return_type=return_type, **kwargs)
+
+    def run_with_cache(self, input, names_filter=None, return_type="logits", **kwargs):
+        """``forward``, keeping activations: returns (output, ActivationCache).
+
+        names_filter: None (every hook point but ``attn.hook_result``), a name, a list of names, or
+        a predicate on names. Only the requested activations are kept. ``attn.hook_result``
+        ([batch, pos, head, d_model] per layer, the largest) is computed only when it is requested.
+        """
+        from .cache import ActivationCache
+
+        keep = frozenset(self.resolve_hook_names(names_filter))
+        if names_filter is None:  # "everything the forward pass computes anyway"
+            on_request = tuple(s.name.split("}.", 1)[-1] for s in HOOK_POINTS if s.on_request)
+            keep = frozenset(n for n in keep if not n.endswith(on_request))
+        run = self._new_run(keep=keep)
+        out = self._forward(run, input, return_type=return_type, **kwargs)
+        return out, ActivationCache(run.cache, self)

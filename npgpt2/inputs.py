@@ -1,0 +1,145 @@
+"""Input handling: text -> token ids, and the checks that give bad input a clear error.
+
+Kept apart from the forward pass (model.py) so that stepping through the maths does not step
+through validation. ``TokenInput`` is the part of ``GPT2`` that turns what a person passes into
+int64 token ids [batch, pos] and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Input the model cannot take: empty, wrong type or shape, token ids out of range, too long."""
+
+
+def is_text(input) -> bool:
+    """A str, or a non-empty list/tuple of str (rather than token ids)."""
+    return isinstance(input, str) or (isinstance(input, (list, tuple)) and len(input) > 0
+                                      and all(isinstance(t, str) for t in input))
+
+
+class TokenInput:
+    """Tokens in and out. Expects ``self.cfg``, ``self.tokenizer``, ``self.dtype`` and ``self.W_U``."""
+
+    def to_tokens(self, input, prepend_bos: bool = False, return_mask: bool = False):
+        """Text (or a list of texts) -> token ids, int64 [batch, pos].
+
+        Texts of unequal length are right-padded with <|endoftext|>; with ``return_mask=True`` the
+        attention mask [batch, pos] (1 = real token, 0 = padding) is returned too.
+
+        prepend_bos=False is what GPT-2 and Hugging Face do. Set it to True to put <|endoftext|>
+        first: then the first real token has something to attend to other than itself, which many
+        interpretability results (and TransformerLens's default) assume, and its prediction is made.
+        """
+        texts = [input] if isinstance(input, str) else input
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise InputError(f"to_tokens takes a str or a list of str, got {type(input).__name__}")
+        if not texts:
+            raise InputError("to_tokens got an empty list of texts")
+        bos = [self.tokenizer.eot_token] if prepend_bos else []
+        ids = [bos + self.tokenizer.encode(t) for t in texts]
+        for t, seq in zip(texts, ids):
+            if not seq:
+                raise InputError(f"text {t!r} has no tokens; pass prepend_bos=True or a non-empty text")
+        pos = max(len(s) for s in ids)
+        tokens = np.full((len(ids), pos), self.tokenizer.eot_token, dtype=np.int64)
+        mask = np.zeros((len(ids), pos), dtype=np.int64)
+        for i, seq in enumerate(ids):
+            tokens[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
+        return (tokens, mask) if return_mask else tokens
+
+    def to_str_tokens(self, input, prepend_bos: bool = False):
+        """Text or token ids -> the string of each token (a list, or a list of lists for a batch)."""
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos)
+        tokens = self.validate_tokens(input)
+        rows = [[self.tokenizer.token_str(t) for t in row] for row in tokens]
+        return rows[0] if len(rows) == 1 else rows
+
+    def to_string(self, tokens):
+        """Token ids -> text: a str for [pos], a list of str for [batch, pos]."""
+        arr = np.asarray(tokens)
+        checked = self.validate_tokens(arr)
+        texts = [self.tokenizer.decode(row) for row in checked]
+        return texts[0] if arr.ndim == 1 else texts
+
+    def tokens_and_mask(self, input, prepend_bos: bool = False, offset: int = 0):
+        """Text, a list of texts, or token ids -> (validated int64 tokens [batch, pos], the padding
+        mask for texts or None for ids)."""
+        if is_text(input):
+            tokens, mask = self.to_tokens(input, prepend_bos=prepend_bos, return_mask=True)
+            return self.validate_tokens(tokens, offset), mask
+        return self.validate_tokens(input, offset), None
+
+    def _prepare(self, input, attention_mask, offset: int = 0):
+        """Any accepted input -> (checked int64 tokens [batch, pos], attention mask or None)."""
+        tokens, mask = self.tokens_and_mask(input, offset=offset)
+        attention_mask = mask if attention_mask is None else attention_mask
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.ndim == 1:
+                attention_mask = attention_mask[None]
+            if attention_mask.shape != tokens.shape:
+                raise InputError(f"attention_mask has shape {attention_mask.shape}; expected "
+                                 f"{tokens.shape}, the shape of the tokens")
+        return tokens, attention_mask
+
+    def validate_tokens(self, tokens, offset: int = 0) -> np.ndarray:
+        """Token ids -> int64 [batch, pos], or an ``InputError`` saying what is wrong with them.
+
+        ``offset``: positions already in a key/value cache, counted against n_ctx."""
+        arr = np.asarray(tokens)
+        if arr.dtype == object or arr.dtype.kind not in "iu":
+            raise InputError(f"token ids must be integers; got an array of dtype {arr.dtype} "
+                             "(pass text, or integer ids)")
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise InputError(f"token ids must have shape [batch, pos] or [pos]; got shape {arr.shape}")
+        if arr.size == 0:
+            raise InputError(f"empty input: token array of shape {arr.shape}")
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is out of range for vocab_size {self.cfg.d_vocab}")
+        if offset + arr.shape[1] > self.cfg.n_ctx:
+            raise InputError(
+                f"sequence of {offset + arr.shape[1]} tokens is longer than the context of "
+                f"n_ctx={self.cfg.n_ctx}; truncate it, e.g. tokens[:, -{self.cfg.n_ctx}:]")
+        return arr.astype(np.int64, copy=False)
+
+    def _check_residual(self, resid, layer: int) -> np.ndarray:
+        resid = np.asarray(resid)
+        if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
+            raise InputError(f"with start_at_layer={layer} the input is the residual stream "
+                             f"[batch, pos, {self.cfg.d_model}]; got shape {resid.shape}")
+        return resid.astype(self.dtype, copy=False)
+
+    def _check_layer(self, value, name: str, default: int) -> int:
+        if value is None:
+            return default
+        n = self.cfg.n_layer
+        if not isinstance(value, (int, np.integer)) or not -n <= value <= n:
+            raise InputError(f"{name}={value!r} is out of range for a model of {n} layers")
+        return int(value) if value >= 0 else n + int(value)
+
+    def to_single_token(self, text: str) -> int:
+        """The id of a text that is exactly one token; an error naming the split otherwise."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) != 1:
+            raise InputError(f"{text!r} is {len(ids)} tokens {[self.tokenizer.token_str(i) for i in ids]}, "
+                             "not one (a leading space is usually part of the token: ' Mary')")
+        return self.validate_tokens(ids)[0, 0].item()
+
+    def tokens_to_residual_directions(self, tokens) -> np.ndarray:
+        """The unembedding column of each token: its direction in the residual stream.
+        A token (id or one-token string) -> [d_model]; ids [...] -> [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = np.asarray(tokens)
+        if ids.dtype.kind not in "iu" or ids.size == 0 or ids.min() < 0 or ids.max() >= self.cfg.d_vocab:
+            raise InputError(f"expected token ids in [0, {self.cfg.d_vocab}); got {tokens!r}")
+        return np.moveaxis(self.W_U[:, ids], 0, -1)

@@ -1,0 +1,60 @@
+"""The key/value cache: keys and values of the positions seen so far, for incremental decoding.
+
+A new position's query must attend to every earlier key, but the earlier keys and values do not
+change when a token is added (attention is causal), so they are kept instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GPT2Config
+
+
+class KeyValueCache:
+    """Keys and values of every layer for the first ``length`` positions of a batch.
+
+    ``keys[l]`` and ``values[l]`` are [batch, head, n_ctx, d_head] buffers, preallocated so that one
+    step writes one new position instead of copying the whole history. ``layer(l)`` gives the
+    filled part. A forward pass with ``past_kv`` must run every layer (it refuses
+    ``start_at_layer``/``stop_at_layer`` that skip one), so all layers always hold ``length``
+    positions.
+    """
+
+    def __init__(self, cfg: GPT2Config, batch: int, dtype):
+        shape = (batch, cfg.n_head, cfg.n_ctx, cfg.d_head)
+        self.keys = [np.empty(shape, dtype) for _ in range(cfg.n_layer)]
+        self.values = [np.empty(shape, dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+        self.capacity = cfg.n_ctx
+        self.batch = batch
+        self.n_layer = cfg.n_layer
+
+    def layer(self, l: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of layer ``l`` so far, each [batch, head, length, d_head]."""
+        return self.keys[l][:, :, : self.length], self.values[l][:, :, : self.length]
+
+    def extend(self, l: int, k_heads: np.ndarray, v_heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write this call's keys and values ([batch, head, pos, d_head]) after the stored ones, and
+        return all of them, [batch, head, length + pos, d_head]. ``length`` itself moves on only
+        when the whole forward pass has finished (``advance``)."""
+        end = self.length + k_heads.shape[2]
+        self.keys[l][:, :, self.length : end] = k_heads
+        self.values[l][:, :, self.length : end] = v_heads
+        return self.keys[l][:, :, :end], self.values[l][:, :, :end]
+
+    def check(self, batch: int, pos: int, start: int, stop: int) -> None:
+        """Refuse a call this cache cannot serve correctly (before anything is written)."""
+        from .inputs import InputError
+
+        if (start, stop) != (0, self.n_layer):
+            raise InputError(
+                f"a key/value cache needs every layer to run; got layers [{start}, {stop}) of "
+                f"{self.n_layer} (start_at_layer/stop_at_layer cannot be used with past_kv)")
+        if self.batch != batch:
+            raise InputError(f"the key/value cache holds a batch of {self.batch}; got {batch} sequences")
+        if self.length + pos > self.capacity:
+            raise InputError(f"{self.length} cached + {pos} new positions exceed n_ctx={self.capacity}")
+
+    def advance(self, pos: int) -> None:
+        self.length += pos
