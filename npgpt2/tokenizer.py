@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from functools import lru_cache
+import threading
+from concurrent.futures import Future
 from importlib import resources
 
 import numpy as np
@@ -29,8 +30,7 @@ def bundled_files() -> tuple[str, str]:
     return str(data / "vocab.json"), str(data / "merges.txt")
 
 
-@lru_cache(maxsize=4)
-def _encoding(vocab_path: str, merges_path: str):
+def _build_encoding(vocab_path: str, merges_path: str):
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
@@ -49,6 +49,26 @@ def _encoding(vocab_path: str, merges_path: str):
     )
 
 
+# (vocab_path, merges_path) -> Future of its Encoding: each pair is built once, in a thread of its own
+_ENCODINGS: dict[tuple[str, str], Future] = {}
+_ENCODINGS_LOCK = threading.Lock()
+
+
+def _encoding_future(vocab_path: str, merges_path: str) -> Future:
+    def build(future: Future) -> None:
+        try:
+            future.set_result(_build_encoding(vocab_path, merges_path))
+        except BaseException as e:  # handed to whoever waits for it
+            future.set_exception(e)
+
+    with _ENCODINGS_LOCK:
+        future = _ENCODINGS.get((vocab_path, merges_path))
+        if future is None:
+            future = _ENCODINGS[(vocab_path, merges_path)] = Future()
+            threading.Thread(target=build, args=(future,), name="npgpt2-tokenizer", daemon=True).start()
+    return future
+
+
 class Tokenizer:
     """Text <-> token ids. ``<|endoftext|>`` in text is read as the special token 50256, as
     Hugging Face's GPT2Tokenizer does."""
@@ -58,10 +78,16 @@ class Tokenizer:
             vocab_path, merges_path = bundled_files()
         self.vocab_path, self.merges_path = vocab_path, merges_path
 
+    def start_loading(self) -> "Tokenizer":
+        """Start building the Encoding in a background thread (``from_pretrained`` does, so that it
+        is built while the weights load). Returns self."""
+        _encoding_future(self.vocab_path, self.merges_path)
+        return self
+
     @property
     def encoding(self):
-        """The tiktoken Encoding (built on first use, then shared)."""
-        return _encoding(self.vocab_path, self.merges_path)
+        """The tiktoken Encoding (built once per pair of files, then shared)."""
+        return _encoding_future(self.vocab_path, self.merges_path).result()
 
     @property
     def n_vocab(self) -> int:

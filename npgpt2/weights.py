@@ -3,7 +3,7 @@
 Two steps, kept apart so each can be read on its own:
 
 1. ``read_safetensors`` lets the ``safetensors`` library check a file (well-formed header, every tensor's
-   bytes present), then maps each tensor straight from disk with ``np.memmap``: nothing is copied, so
+   bytes present), then maps each tensor straight from disk with ``mmap``: nothing is copied, so
    loading gpt2-small takes milliseconds and pages are read only when the forward pass touches them.
    Pickled checkpoints (``pytorch_model.bin``) are never read.
 2. ``weights_from_state_dict`` turns Hugging Face key names into a ``GPT2Weights``, checking every
@@ -18,6 +18,7 @@ per-head views (``W_Q`` [n_head, d_model, d_head], ...) are reshapes of these ar
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
@@ -63,10 +64,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(header_len))
     data_start = 8 + header_len
-    if os.path.getsize(path) == data_start:  # only empty tensors; memmap refuses empty files
+    if os.path.getsize(path) == data_start:  # only empty tensors; mmap refuses empty files
         raw = np.zeros(0, dtype=np.uint8)
     else:
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as fh:  # the mapping outlives the file handle
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        # a plain, read-only np.ndarray over the mapped file (np.memmap would make every slice and
+        # every result computed from the weights an np.memmap too)
+        raw = np.frombuffer(mapped, dtype=np.uint8)
     tensors = {}
     for key in keys:
         info = header[key]
@@ -99,7 +104,7 @@ def to_compute_dtype(key: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray
     if array.dtype != dtype:
         array = array.astype(dtype)
     # One reduction finds any NaN or inf (they propagate through a sum); only then look closer.
-    if not np.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
+    if not np.isfinite(np.add.reduce(array, axis=None)):
         bad = ~np.isfinite(array)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -26,12 +26,34 @@ def test_hub_layout_keys_are_what_the_hub_stores(tiny_dir):
     assert not any(k.startswith("transformer.") for k in keys) and "lm_head.weight" not in keys
 
 
-def test_float32_weights_are_memory_mapped_not_copied(model):
-    # W_E is a view into the file mapping; the tied unembedding is a view of W_E
-    assert isinstance(model.weights.W_E.base, np.ndarray) or isinstance(model.weights.W_E, np.memmap)
-    assert not model.weights.W_E.flags.owndata
+def _memory_owner(array):
+    """Follow .base to the object that owns an array's memory."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array.obj if isinstance(array, memoryview) else array
+
+
+def test_float32_weights_are_memory_mapped_not_copied(model, tiny_dir):
+    import mmap
+
+    # Every float32 weight is a plain, read-only ndarray whose memory is the mapped file itself
+    # (a copy would own its memory; np.memmap would be a subclass).
+    for name, array in model.weights.arrays():
+        assert type(array) is np.ndarray, name
+        assert not array.flags.writeable, name
+        assert isinstance(_memory_owner(array), mmap.mmap), name
+    # the tied unembedding is a view of W_E, not a second copy
     assert np.shares_memory(model.W_U, model.W_E)
-    assert not model.weights.blocks[0].W_qkv.flags.writeable  # read-only mapping
+    # and the mapping holds the file's bytes: the first row of W_E is where the header says
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(tiny_dir, "model.safetensors"), "numpy") as f:
+        np.testing.assert_array_equal(model.weights.W_E[0], f.get_tensor("wte.weight")[0])
+
+
+def test_float64_weights_are_plain_copies(model64):
+    for name, array in model64.weights.arrays():
+        assert type(array) is np.ndarray and array.dtype == np.float64, name
 
 
 def test_alias_loads_through_offline_hub_cache(tiny_dir, hf_home):
