@@ -10,6 +10,7 @@ from .cache import ActivationCache, get_act_name
 from .config import ALIASES, ConfigError, GPT2Config
 from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
 from .hub import ModelNotFoundError, OfflineError
+from .debug import step_through
 from .loading import from_pretrained
 from .hooks import HookError, HookPoint
 from .inputs import InputError
@@ -34,5 +35,5 @@ __all__ = [
     "ALIASES", "ActivationCache", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
     "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "SAE", "SAEError", "Tokenizer",
     "WeightsError",
-    "from_pretrained", "get_act_name",
+    "from_pretrained", "get_act_name", "step_through",
 ]

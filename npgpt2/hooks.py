@@ -192,9 +192,9 @@ class Run:
             self.cache[name] = act
         return act
 
-    def wants(self, name: str) -> bool:
-        """Does anyone look at ``name``? (for activations computed only on request)"""
-        return name in self.hooks or name in self.keep
+    def wants(self, *names: str) -> bool:
+        """Does anyone look at one of these names? (for activations computed only on request)"""
+        return any(name in self.hooks or name in self.keep for name in names)
 
 
 def _checked_replacement(name: str, act: np.ndarray, out) -> np.ndarray:

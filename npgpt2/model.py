@@ -110,13 +110,13 @@ class GPT2(HookedModel, TokenInput, WeightViews):
             residual stream leaving the last block run is returned, [batch, pos, d_model].
         """
         hook = self._new_run()  # the hooks this call fires (see hooks.py)
-        return self._forward(hook, input, return_type, attention_mask=attention_mask, past_kv=past_kv,
-                             start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens)
+        return self._forward(hook, input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens)
 
     __call__ = forward
 
-    def _forward(self, hook: Run, input, return_type="logits", *, attention_mask=None, past_kv=None,
+    def _forward(self, hook: Run, input, return_type="logits", attention_mask=None, past_kv=None,
                  start_at_layer=None, stop_at_layer=None, tokens=None):
+        """``forward``, with the hooks and cache of this call in ``hook`` (see hooks.Run)."""
         start = self._check_layer(start_at_layer, "start_at_layer", 0)
         stop = self._check_layer(stop_at_layer, "stop_at_layer", self.cfg.n_layer)
         offset = past_kv.length if past_kv is not None else 0  # positions already in the cache
@@ -196,11 +196,10 @@ class GPT2(HookedModel, TokenInput, WeightViews):
         if past_kv is not None:  # the earlier positions' keys and values come first
             k_heads, v_heads = past_kv.extend(l, k_heads, v_heads)  # [batch, head, key_pos, d_head]
 
-        if (self.attn_implementation == "eager" or hook.wants(name + "hook_attn_scores")
-                or hook.wants(name + "hook_pattern")):
-            mask = ops.causal_mask(pos, k_heads.shape[2], q_heads.dtype)  # [query_pos, key_pos] 0, or -inf for a later key
-            scores = hook(name + "hook_attn_scores",  # [batch, head, query_pos, key_pos]
-                          q_heads @ k_heads.swapaxes(-1, -2) / math.sqrt(d_head) + mask)
+        if self.attn_implementation == "eager" or hook.wants(name + "hook_attn_scores", name + "hook_pattern"):
+            mask = ops.causal_mask(pos, k_heads.shape[2], q_heads.dtype)  # [query_pos, key_pos]: 0, or -inf for a later key
+            scores = q_heads @ k_heads.swapaxes(-1, -2) / math.sqrt(d_head) + mask  # [batch, head, query_pos, key_pos]
+            scores = hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
             pattern = hook(name + "hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
             z_heads = pattern @ v_heads  # [batch, head, query_pos, d_head]
         else:  # the same numbers, a block of queries at a time (see ops.causal_attention)
