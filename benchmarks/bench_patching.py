@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import npgpt2
-from npgpt2 import patching
+from npgpt2.analysis import patching
 from common import gpt2_small_folder
 
 

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from npgpt2.optim import Adam
-from npgpt2.sae_training import _project_out_parallel, init_sae, sae_loss_and_grads
+from npgpt2.training.optim import Adam
+from npgpt2.training.sae import _project_out_parallel, init_sae, sae_loss_and_grads
 
 D_IN, D_SAE, BATCH = 768, 24576, 4096
 

@@ -19,7 +19,7 @@ import os
 
 import pandas as pd
 
-from npgpt2.head_detector import detect_head, induction_scores, repeated_tokens
+from npgpt2.analysis.head_detector import detect_head, induction_scores, repeated_tokens
 from npgpt2.testing import pretrained_or_synthetic
 
 

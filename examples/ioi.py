@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 import npgpt2
-from npgpt2 import patching
+from npgpt2.analysis import patching
 from npgpt2.analysis import direct_logit_attribution
 from npgpt2.analysis.ablation import ablation_hook
 from npgpt2.testing import pretrained_or_synthetic

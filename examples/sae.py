@@ -22,7 +22,7 @@ import pandas as pd
 
 import npgpt2
 from npgpt2.sae import SAE, active_latents, ce_loss_recovered, latent_logit_effect, top_activating
-from npgpt2.sae_training import activation_batches, train_sae
+from npgpt2.training.sae import activation_batches, train_sae
 from npgpt2.testing import synthetic_model
 
 CORPUS = [

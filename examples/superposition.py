@@ -18,8 +18,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from npgpt2.sae_training import init_sae, train_sae
-from npgpt2.toy_models import generate_batch, train_toy_models
+from npgpt2.training.sae import init_sae, train_sae
+from npgpt2.training.toy_models import generate_batch, train_toy_models
 
 
 def main(out_dir: str | None = None, steps: int = 3000) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import ops
 from .config import GPT2Config
-from .hooks import HookedModel, Run
+from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
 from .inputs import InputError, TokenInput
 from .kv_cache import KeyValueCache
 from .tokenizer import Tokenizer
@@ -181,8 +181,7 @@ class GPT2(HookedModel, TokenInput, WeightViews):
         """Causal multi-head self-attention.  [batch, pos, d_model] -> [batch, pos, d_model]"""
         w = self.weights.blocks[l]
         batch, pos, d_model = x.shape
-        n_head = self.cfg.n_head
-        d_head = d_model // n_head
+        n_head, d_head = self.cfg.n_head, d_model // self.cfg.n_head
         name = f"blocks.{l}.attn."
 
         qkv = ops.linear(x, w.W_qkv, w.b_qkv)  # [batch, pos, 3 * d_model]

@@ -46,11 +46,8 @@ def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: f
 
 def affine(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:
     """x * w + b, skipping a missing (folded) gain or bias.  [..., d] -> [..., d]"""
-    if w is not None:
-        x = x * w
-    if b is not None:
-        x = x + b
-    return x
+    x = x if w is None else x * w
+    return x if b is None else x + b
 
 
 def gelu_new(x: np.ndarray) -> np.ndarray:
@@ -93,9 +90,7 @@ def causal_mask(n_query: int, n_key: int, dtype) -> np.ndarray:
     [n_query, n_key]. Queries are the last ``n_query`` of the ``n_key`` positions (with a key/value
     cache from earlier steps, n_key > n_query).
     """
-    offset = n_key - n_query
-    future = np.arange(n_key)[None, :] > (offset + np.arange(n_query))[:, None]
-    mask = np.where(future, -np.inf, 0.0).astype(dtype)
+    mask = np.triu(np.full((n_query, n_key), -np.inf, dtype), k=n_key - n_query + 1)  # j > i + offset
     mask.flags.writeable = False  # shared between calls (cached)
     return mask
 

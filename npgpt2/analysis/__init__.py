@@ -8,8 +8,8 @@
     qk_circuit, ov_circuit    per-head circuits as FactoredMatrix; singular_directions as tokens
     composition_scores        Q/K/V composition between heads of different layers
 
-Activation patching lives in ``npgpt2.patching`` and head detection in ``npgpt2.head_detector``,
-where TransformerLens keeps them.
+    patching                  activation patching, TransformerLens's names (also ``npgpt2.patching``)
+    head_detector             head detection scores and induction (also ``npgpt2.head_detector``)
 """
 
 from .ablation import ablate, ablation_hook, parse_component

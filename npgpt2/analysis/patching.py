@@ -1,0 +1,199 @@
+"""Activation patching: put activations from a clean run into a corrupted run, one piece at a time,
+and measure how much of the clean behaviour comes back.
+
+The functions carry TransformerLens's names, argument order and output shapes
+(``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric)`` -> [layer, pos]),
+so code from the TransformerLens demos ports by changing an import. Two things differ underneath:
+
+* a patch at layer l starts the forward pass at layer l, from the corrupted run's cached residual
+  stream, instead of recomputing the layers before it (they are unchanged by a patch at l);
+* many patches run as one batch: each variant is a copy of the corrupted prompts, patched at its
+  own place.
+
+``patching_metric(logits) -> float`` sees logits [batch, pos, d_vocab] of the corrupted prompts.
+``logit_diff_metric`` and ``normalized_metric`` build the usual ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from ..hooks import block_hook
+from ..inputs import InputError
+
+# short activation name -> hook point inside block l
+_HOOKS = {short: block_hook(short) for short in ("resid_pre", "resid_mid", "resid_post", "attn_out",
+                                                  "mlp_out", "z", "q", "k", "v", "pattern")}
+# axis name -> which axis of the activation [batch, ...] it indexes
+_AXES = {
+    ("resid", "pos"): 1,  # [batch, pos, d_model]
+    ("head", "pos"): 1, ("head", "head"): 2,  # [batch, pos, head, d_head]
+    ("pattern", "head_index"): 1, ("pattern", "dest_pos"): 2, ("pattern", "src_pos"): 3,  # [b, h, q, k]
+}
+
+
+def _kind(activation: str) -> str:
+    return "pattern" if activation == "pattern" else "head" if activation in ("z", "q", "k", "v") else "resid"
+
+
+def logit_diff_metric(answer_tokens, wrong_tokens, pos: int = -1):
+    """A metric: mean over the batch of logit[answer] - logit[wrong] at position ``pos``.
+    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all)."""
+    right = np.asarray(answer_tokens)
+    wrong = np.asarray(wrong_tokens)
+
+    def metric(logits: np.ndarray) -> float:
+        rows = np.arange(logits.shape[0])
+        last = logits[:, pos]
+        return float(np.mean(last[rows, np.broadcast_to(right, rows.shape)]
+                             - last[rows, np.broadcast_to(wrong, rows.shape)]))
+
+    return metric
+
+
+def normalized_metric(metric, clean_value: float, corrupted_value: float):
+    """(metric - corrupted) / (clean - corrupted): 0 means the corrupted behaviour, 1 the clean."""
+    if clean_value == corrupted_value:
+        raise ValueError(f"the clean and corrupted runs both score {clean_value}: nothing to normalise by")
+    return lambda logits: (metric(logits) - corrupted_value) / (clean_value - corrupted_value)
+
+
+def _check_runs(model, corrupted_tokens, clean_cache) -> np.ndarray:
+    tokens = model.validate_tokens(corrupted_tokens)
+    clean_shape = clean_cache["hook_embed"].shape[:2] if "hook_embed" in clean_cache else \
+        clean_cache["resid_pre", 0].shape[:2]
+    if tuple(clean_shape) != tokens.shape:
+        raise InputError(f"the clean run has [batch, pos] = {list(clean_shape)} but the corrupted tokens "
+                         f"are {list(tokens.shape)}: clean and corrupted prompts must have the same "
+                         "number of tokens (pad or rephrase them)")
+    return tokens
+
+
+def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
+                             index_axis_names, corrupted_cache=None, max_batch: int | None = None,
+                             progress: bool = True) -> np.ndarray:
+    """Patch ``activation_name`` from the clean run into the corrupted run at every index of the
+    given axes and return the metric for each: an array [layer, <other axes>].
+
+    index_axis_names: always "layer" first; ("layer",) alone patches the whole activation.
+    activation_name: resid_pre, resid_mid, resid_post, attn_out, mlp_out (axes layer, pos);
+        z, q, k, v (axes layer, head / layer, pos, head); pattern (layer, head_index /
+        layer, head_index, dest_pos / layer, head_index, dest_pos, src_pos).
+    corrupted_cache: the corrupted run's cache if you have it (only its resid_pre is read).
+    max_batch: most prompt copies in one forward pass (default: what keeps the logits <= 256 MB).
+    progress: show a progress bar over the layers.
+    """
+    from tqdm.auto import tqdm
+
+    if activation_name not in _HOOKS:
+        raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
+    tokens = _check_runs(model, corrupted_tokens, clean_cache)
+    batch, n_pos = tokens.shape
+    kind = _kind(activation_name)
+    axes = list(index_axis_names)
+    if axes[0] != "layer" or any((kind, a) not in _AXES for a in axes[1:]):
+        raise ValueError(f"index_axis_names {tuple(axes)} do not fit activation {activation_name!r}")
+    sizes = {"pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos, "head": model.cfg.n_head,
+             "head_index": model.cfg.n_head}
+    if corrupted_cache is None or any(f"blocks.{l}.hook_resid_pre" not in corrupted_cache
+                                      for l in range(model.cfg.n_layer)):
+        _, corrupted_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    if max_batch is None:
+        max_batch = max(1, int(256e6 // (n_pos * model.cfg.d_vocab * model.dtype.itemsize)))
+    per_pass = max(1, max_batch // batch)  # variants per forward pass
+
+    out = np.zeros([model.cfg.n_layer] + [sizes[a] for a in axes[1:]])
+    for layer in tqdm(range(model.cfg.n_layer), desc=f"patching {activation_name}", disable=not progress,
+                      leave=False):
+        hook = f"blocks.{layer}.{_HOOKS[activation_name]}"
+        clean = clean_cache[hook]
+        start = corrupted_cache["resid_pre", layer]
+        indices = list(itertools.product(*[range(sizes[a]) for a in axes[1:]]))
+        for chunk_start in range(0, len(indices), per_pass):
+            chunk = indices[chunk_start : chunk_start + per_pass]
+
+            def patch(act, hook_point, chunk=chunk):
+                act = act.copy().reshape(len(chunk), batch, *act.shape[1:])
+                for v, idx in enumerate(chunk):
+                    where = [slice(None)] * clean.ndim
+                    for axis_name, i in zip(axes[1:], idx):
+                        where[_AXES[(kind, axis_name)]] = i
+                    act[v][tuple(where)] = clean[tuple(where)]
+                return act.reshape(len(chunk) * batch, *act.shape[2:])
+
+            logits = model.run_with_hooks(np.tile(start, (len(chunk), 1, 1)), fwd_hooks=[(hook, patch)],
+                                          start_at_layer=layer)
+            for v, idx in enumerate(chunk):
+                out[(layer, *idx)] = patching_metric(logits[v * batch : (v + 1) * batch])
+    return out
+
+
+def _patcher(activation_name, index_axis_names, doc):
+    def fn(model, corrupted_tokens, clean_cache, patching_metric, **kwargs):
+        return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric,
+                                        activation_name, index_axis_names, **kwargs)
+
+    fn.__doc__ = (f"{doc}\n\nPatch clean ``{activation_name}`` into the corrupted run at each "
+                  f"({', '.join(index_axis_names)}); returns the metric [{', '.join(index_axis_names)}].")
+    return fn
+
+
+get_act_patch_resid_pre = _patcher("resid_pre", ("layer", "pos"), "Residual stream entering each layer.")
+get_act_patch_resid_mid = _patcher("resid_mid", ("layer", "pos"), "Residual stream between attention and MLP.")
+get_act_patch_attn_out = _patcher("attn_out", ("layer", "pos"), "Output of each attention layer.")
+get_act_patch_mlp_out = _patcher("mlp_out", ("layer", "pos"), "Output of each MLP layer.")
+get_act_patch_attn_head_out_all_pos = _patcher("z", ("layer", "head"), "Each head's output (z), all positions.")
+get_act_patch_attn_head_q_all_pos = _patcher("q", ("layer", "head"), "Each head's queries, all positions.")
+get_act_patch_attn_head_k_all_pos = _patcher("k", ("layer", "head"), "Each head's keys, all positions.")
+get_act_patch_attn_head_v_all_pos = _patcher("v", ("layer", "head"), "Each head's values, all positions.")
+get_act_patch_attn_head_pattern_all_pos = _patcher("pattern", ("layer", "head_index"),
+                                                   "Each head's attention pattern, all positions.")
+get_act_patch_attn_head_out_by_pos = _patcher("z", ("layer", "pos", "head"), "Each head's output at each position.")
+get_act_patch_attn_head_q_by_pos = _patcher("q", ("layer", "pos", "head"), "Each head's query at each position.")
+get_act_patch_attn_head_k_by_pos = _patcher("k", ("layer", "pos", "head"), "Each head's key at each position.")
+get_act_patch_attn_head_v_by_pos = _patcher("v", ("layer", "pos", "head"), "Each head's value at each position.")
+get_act_patch_attn_head_pattern_by_pos = _patcher("pattern", ("layer", "head_index", "dest_pos"),
+                                                  "Each head's attention pattern row at each destination.")
+get_act_patch_attn_head_pattern_dest_src_pos = _patcher(
+    "pattern", ("layer", "head_index", "dest_pos", "src_pos"), "Each single attention weight.")
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
+    """resid_pre, attn_out and mlp_out patched by (layer, pos): [3, layer, pos]."""
+    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in
+                     (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)])
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
+    """Head output, q, k, v and pattern patched by (layer, head) over all positions: [5, layer, head]."""
+    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
+        get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos,
+        get_act_patch_attn_head_k_all_pos, get_act_patch_attn_head_v_all_pos,
+        get_act_patch_attn_head_pattern_all_pos)])
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
+    """Head output, q, k and v patched by (layer, pos, head): [4, layer, pos, head]."""
+    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
+        get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos,
+        get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)])
+
+
+def patching_frame(result: np.ndarray, index_axis_names=("layer", "pos"), str_tokens=None,
+                   value_name: str = "metric") -> pd.DataFrame:
+    """A patching result as a tidy DataFrame: one row per patch, a column per axis (with the token
+    for position axes when ``str_tokens`` is given) and the metric."""
+    names = list(index_axis_names)
+    if result.ndim != len(names):
+        raise ValueError(f"result has {result.ndim} axes but {len(names)} names were given: {names}")
+    grids = np.meshgrid(*[np.arange(n) for n in result.shape], indexing="ij")
+    df = pd.DataFrame({name: g.ravel() for name, g in zip(names, grids)})
+    if str_tokens is not None:
+        for name in names:
+            if name.endswith("pos"):
+                df[name.replace("pos", "token")] = [str_tokens[i] for i in df[name]]
+    df[value_name] = result.ravel()
+    return df
