@@ -3,6 +3,10 @@
 Only what the NumPy model needs is fetched: ``config.json``, the safetensors weights (one file, or
 the shards named by ``model.safetensors.index.json``), ``vocab.json`` and ``merges.txt``. Pickled
 ``pytorch_model.bin`` files are never downloaded.
+
+Failures come out as one line, as a ``ModelNotFoundError`` or one of its subclasses: ``OfflineError``
+(not cached and downloads are off, or the hub unreachable), ``AccessDeniedError`` (a gated or private
+repository: log in or set HF_TOKEN) and ``DownloadError`` (a transfer broke part-way).
 """
 
 from __future__ import annotations
@@ -20,6 +24,21 @@ class ModelNotFoundError(ValueError):
 
 class OfflineError(ModelNotFoundError):
     """Downloads are off (HF_HUB_OFFLINE=1 or local_files_only=True) and the files are not cached."""
+
+
+class AccessDeniedError(ModelNotFoundError):
+    """The hub repository is gated or private, and the request's credentials (none, or a token
+    without access) do not open it. The message says what to do: log in, set HF_TOKEN, or ask
+    for access on the repository's page."""
+
+
+class DownloadError(ModelNotFoundError):
+    """A transfer from the hub failed part-way (connection dropped, timeout, wrong size). No
+    truncated file is left where the complete one belongs; calling again downloads what is missing."""
+
+
+# what to do when the hub wants credentials (`hf auth login` stores a token; HF_TOKEN overrides it)
+_LOGIN = "log in with `hf auth login` or set the HF_TOKEN environment variable to an access token"
 
 
 @dataclass
@@ -81,12 +100,16 @@ def resolve(name: str, revision: str | None = None, cache_dir: str | None = None
             "such as 'openai-community/gpt2', or an existing local folder")
 
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     offline = local_files_only or constants.HF_HUB_OFFLINE
+    endpoint = constants.ENDPOINT
+    fetching = [""]  # the file being fetched, for the error messages
 
     def fetch(filename: str) -> str:
+        fetching[0] = filename
         return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only)
 
@@ -112,24 +135,89 @@ def resolve(name: str, revision: str | None = None, cache_dir: str | None = None
                     "reads safetensors only and never unpickles pytorch_model.bin")
             weights = [fetch(shard) for shard in _shards(index)]
         vocab, merges = fetch_optional("vocab.json"), fetch_optional("merges.txt")
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
         hub_cache = cache_dir or constants.HF_HUB_CACHE
         if offline:
             raise OfflineError(
                 f"{name} ({where}) is not in the local Hugging Face cache ({hub_cache}) and downloads "
                 "are off (HF_HUB_OFFLINE=1 or local_files_only=True). Download it once while online: "
                 f"`npgpt2 download {name}`") from None
+        # huggingface_hub turns the hub's HTTP errors other than 401 into this one (it looks in the
+        # cache before giving up): report what the hub said, not a network problem
+        if isinstance(e.__cause__, HfHubHTTPError):
+            raise _http_error(e.__cause__, where, endpoint) from None
         raise OfflineError(
-            f"could not download {name} ({where}) and it is not in the local cache ({hub_cache}); "
-            f"check the network, then `npgpt2 download {name}`") from None
-    except RepositoryNotFoundError:
+            f"could not download {name} ({where}) from {endpoint} and it is not in the local cache "
+            f"({hub_cache}); check the network, then `npgpt2 download {name}`") from None
+    except GatedRepoError as e:  # before RepositoryNotFoundError, its base class
+        if _status(e) == 403:  # logged in, but not (yet) granted access
+            raise AccessDeniedError(
+                f"{repo_id} is a gated repository and your account has not been granted access: "
+                f"request it at {endpoint}/{repo_id} (the token used is HF_TOKEN's, or that of "
+                "`hf auth login`)") from None
+        raise AccessDeniedError(
+            f"{repo_id} is a gated repository: accept its conditions at {endpoint}/{repo_id}, then "
+            f"{_LOGIN} of that account") from None
+    except RepositoryNotFoundError as e:
+        known = f"known aliases are {', '.join(sorted(ALIASES))}"
+        if _status(e) == 401:  # the hub's answer to a request without a token, for a private repo too
+            raise ModelNotFoundError(
+                f"unknown model {name!r}: {endpoint} has no public repository {repo_id}; if it is "
+                f"private, {_LOGIN}; {known}") from None
         raise ModelNotFoundError(
-            f"unknown model {name!r}: no hub repository {repo_id}; known aliases are "
-            f"{', '.join(sorted(ALIASES))}") from None
+            f"unknown model {name!r}: {endpoint} has no repository {repo_id}; {known}") from None
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}") from None
     except EntryNotFoundError:
-        raise ModelNotFoundError(f"{where} has no config.json: is it a GPT-2 model?") from None
+        what = ": is it a GPT-2 model?" if fetching[0] == "config.json" else ""
+        raise ModelNotFoundError(f"{where} has no {fetching[0]}{what}") from None
     except HfHubHTTPError as e:
-        raise ModelNotFoundError(f"could not fetch {where}: {e}") from None
+        raise _http_error(e, where, endpoint) from None
+    except _transport_errors() as e:
+        raise DownloadError(
+            f"downloading {fetching[0]} of {where} from {endpoint} failed: "
+            f"{_first_line(e) or 'connection error'} ({type(e).__name__}); try again: the files "
+            "already complete stay in the cache") from None
+    except OSError as e:  # e.g. huggingface_hub's size check, or the cache folder not writable
+        raise DownloadError(
+            f"downloading {fetching[0]} of {where} from {endpoint} failed: "
+            f"{_first_line(e) or type(e).__name__}") from None
     return CheckpointFiles(config, weights, vocab, merges, where)
+
+
+def _status(error) -> int | None:
+    return getattr(getattr(error, "response", None), "status_code", None)
+
+
+def _first_line(text) -> str:
+    """The first line of a message (huggingface_hub's run over several), or ''."""
+    lines = str(text or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _http_error(error, where: str, endpoint: str) -> ModelNotFoundError:
+    """One line for an HTTP error from the hub: its status and what its server said."""
+    status = _status(error)
+    response = getattr(error, "response", None)
+    reason = getattr(response, "reason_phrase", None) or getattr(response, "reason", None) or ""
+    said = _first_line(getattr(error, "server_message", None))
+    answer = f"{status} {reason}".strip() + (f": {said}" if said else "")
+    if status == 401:
+        return AccessDeniedError(
+            f"{endpoint} refused {where} ({answer}): the repository is private or gated, or the "
+            f"token is not valid; {_LOGIN}")
+    return ModelNotFoundError(f"could not fetch {where}: {endpoint} answered {answer}")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses: httpx2 (huggingface_hub 2.x),
+    httpx (1.x); requests (before 1.0) raises OSErrors, caught separately."""
+    import importlib
+
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
