@@ -9,7 +9,7 @@
 from .cache import ActivationCache, get_act_name
 from .config import ALIASES, ConfigError, GPT2Config
 from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
-from .hub import ModelNotFoundError, OfflineError
+from .hub import AccessDeniedError, DownloadError, ModelNotFoundError, OfflineError
 from .debug import step_through
 from .loading import from_pretrained
 from .hooks import HookError, HookPoint
@@ -32,7 +32,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 __all__ = [
-    "ALIASES", "ActivationCache", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
+    "ALIASES", "AccessDeniedError", "ActivationCache", "DownloadError", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
     "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "SAE", "SAEError", "Tokenizer",
     "WeightsError",
     "from_pretrained", "get_act_name", "step_through",
