@@ -14,6 +14,7 @@ and ``z_heads`` are there to print.
 
 from __future__ import annotations
 
+import bdb
 import pdb
 
 # module-name patterns pdb never stops in (see pdb.Pdb's ``skip``)
@@ -42,3 +43,6 @@ def step_through(model, input="The cat sat", *, stdin=None, stdout=None, **forwa
         return debugger.runcall(model.forward, input, **forward_kwargs)
     finally:
         model.attn_implementation = saved
+        debugger.clear_all_breaks()
+        if not any(bdb.Breakpoint.bpbynumber[1:]):  # none left anywhere: the next walk counts from 1
+            bdb.Breakpoint.next, bdb.Breakpoint.bpbynumber = 1, [None]

@@ -81,7 +81,7 @@ def test_step_through_stops_in_the_maths_only(model):
 
     lines, first = inspect.getsourcelines(npgpt2.model.GPT2._attention)
     after = first + next(i for i, line in enumerate(lines) if line.strip().startswith("z_heads = pattern @"))
-    commands = ["s"] * 40 + [f"b {npgpt2.model.__file__}:{after}", "c", "p pattern.shape", "cl 1", "c"]
+    commands = ["s"] * 40 + [f"b {npgpt2.model.__file__}:{after}", "c", "p pattern.shape", f"clear {npgpt2.model.__file__}:{after}", "c"]
     out = io.StringIO()
     logits = npgpt2.step_through(model, "The cat sat", stdin=io.StringIO("\n".join(commands) + "\n"),
                                  stdout=out)
@@ -135,7 +135,7 @@ def test_the_reference_is_independent_of_ops(monkeypatch, model64):
     # the oracle must not go through ops.py: breaking ops must not change it
     tokens = np.arange(5)
     before = reference.gpt2(tokens, model64.weights, 4)
-    monkeypatch.setattr(npgpt2.ops, "softmax", lambda x, axis=-1: x * 0)
+    monkeypatch.setattr(npgpt2.ops, "softmax", lambda x, axis=-1: np.ones_like(x))
     monkeypatch.setattr(npgpt2.ops, "gelu_new", lambda x: x * 0)
     np.testing.assert_array_equal(reference.gpt2(tokens, model64.weights, 4), before)
     assert not np.allclose(model64(tokens)[0], before)
@@ -186,3 +186,25 @@ def test_readme_hook_table_is_the_registry():
 
     readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md"), encoding="utf-8").read()
     assert markdown_table() in readme
+
+
+def test_the_readme_debugger_walk_is_what_pdb_does(model):
+    # Replay the README's pdb session; every stop it shows must be where pdb really stops.
+    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md"), encoding="utf-8").read()
+    walk = readme.split('>>> npgpt2.step_through(model, "The cat sat")\n', 1)[1].split("```", 1)[0]
+    commands = [line[len("(Pdb) "):].split("#")[0].strip() for line in walk.splitlines()
+                if line.startswith("(Pdb) ")]
+    stops = [line[2:] for line in walk.splitlines() if line.startswith("> ")]
+    assert len(commands) >= 8 and len(stops) >= 5
+    out = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(PACKAGE))  # `b npgpt2/model.py:N` as typed in the project folder
+    try:
+        npgpt2.step_through(model, "The cat sat", stdin=io.StringIO("\n".join(commands) + "\n"), stdout=out)
+    finally:
+        os.chdir(cwd)
+    transcript = out.getvalue()
+    assert "***" not in transcript, transcript  # no command failed (an unbound name, a bad line)
+    for stop in stops:
+        assert stop in transcript, (stop, transcript)
+    assert "array([[ 464, 3797, 3332]])" in transcript  # "The cat sat"
