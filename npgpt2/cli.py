@@ -3,6 +3,7 @@
     npgpt2 generate "Alan Turing theorized that computers would one day become"
     npgpt2 tokens "Hello, my dog is cute"
     npgpt2 trace "The dog" --layer 0
+    npgpt2 step "The cat sat"
     npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png
     npgpt2 info
     npgpt2 download gpt2-medium
@@ -68,6 +69,16 @@ def cmd_tokens(args):
     print(f"{'pos':>4}  {'id':>6}  token")
     for i, t in enumerate(tokens):
         print(f"{i:>4}  {int(t):>6}  {model.tokenizer.token_str(t)!r}")
+
+
+# -------------------------------------------------------------------------------------- step
+def cmd_step(args):
+    from .debug import step_through
+
+    model = _load(args)
+    print("npgpt2: the debugger starts at the first line of the forward pass; `s` steps in, `n` runs a "
+          "line, `p NAME` prints an array, `c` runs to the end (see the README's walk)", file=sys.stderr)
+    step_through(model, args.text)
 
 
 # ------------------------------------------------------------------------------------- trace
@@ -287,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", "-l", type=int, help="only this block's hook points")
     p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
     p.add_argument("--prepend-bos", action="store_true")
+
+    p = add("step", cmd_step,
+            "step through the forward pass in the Python debugger, the maths only (hooks, checks, "
+            "NumPy skipped)", 'npgpt2 step "The cat sat" --model gpt2')
+    p.add_argument("text", nargs="?", default="The cat sat")
+    model_args(p, dtype=True)
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
             'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')

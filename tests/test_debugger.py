@@ -208,3 +208,12 @@ def test_the_readme_debugger_walk_is_what_pdb_does(model):
     for stop in stops:
         assert stop in transcript, (stop, transcript)
     assert "array([[ 464, 3797, 3332]])" in transcript  # "The cat sat"
+
+
+def test_step_command_opens_the_debugger_at_the_forward(tiny_dir):
+    proc = subprocess.run([sys.executable, "-m", "npgpt2", "step", "The cat sat", "-m", tiny_dir],
+                          input="s\ns\nn\nuntil 125\np tokens\nc\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.py(112)forward()" in proc.stdout
+    assert "array([[ 464, 3797, 3332]])" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
