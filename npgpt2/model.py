@@ -125,7 +125,7 @@ class GPT2(HookedModel, TokenInput, WeightViews):
             resid = self._embed(hook, tokens, offset)  # [batch, pos, d_model]
         else:  # the input is the residual stream entering block `start`
             resid = self._check_residual(input, start)  # [batch, pos, d_model]
-            tokens, mask = (None, None) if tokens is None else self._prepare(tokens, attention_mask, offset)
+            tokens, mask = (None, None) if tokens is None else self._prepare(tokens, attention_mask, offset)  # [batch, pos]
         if past_kv is not None:
             past_kv.check(resid.shape[0], resid.shape[1], start, stop)
 
@@ -143,7 +143,7 @@ class GPT2(HookedModel, TokenInput, WeightViews):
             return None
         if tokens is None:
             raise InputError("the loss needs token ids: pass tokens=... together with start_at_layer")
-        loss = self._loss_from_logits(logits, tokens, mask, per_token=False)
+        loss = self._loss_from_logits(logits, tokens, mask, per_token=False)  # a float
         if return_type == "loss":
             return loss
         if return_type == "both":
@@ -237,7 +237,7 @@ class GPT2(HookedModel, TokenInput, WeightViews):
     def loss(self, input, per_token: bool = False, attention_mask=None):
         """Mean next-token cross-entropy (nats). ``per_token=True`` -> [batch, pos - 1], with NaN
         where the target is padding (so ``np.nanmean`` gives the mean)."""
-        tokens, mask = self._prepare(input, attention_mask)
+        tokens, mask = self._prepare(input, attention_mask)  # [batch, pos]
         logits = self.forward(tokens)  # [batch, pos, d_vocab]
         return self._loss_from_logits(logits, tokens, mask, per_token)
 
@@ -248,7 +248,7 @@ class GPT2(HookedModel, TokenInput, WeightViews):
         logp = ops.log_softmax(logits[:, :-1])  # [batch, pos - 1, d_vocab]
         nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [batch, pos - 1]
         if mask is not None:
-            nll = np.where(np.asarray(mask)[:, 1:] > 0, nll, np.nan)
+            nll = np.where(np.asarray(mask)[:, 1:] > 0, nll, np.nan)  # [batch, pos - 1], NaN at padding
         if per_token:
             return nll
         return float(np.nanmean(nll))
