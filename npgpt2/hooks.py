@@ -167,34 +167,76 @@ class HookPoint:
 # The state of one call
 # ----------------------------------------------------------------------------------------------
 class Run:
-    """One call of the model: the hooks it fires and the activations it keeps.
+    """One call of the model: the hooks it fires and the activations (and gradients) it keeps.
 
     The forward pass calls it at every hook point: ``resid = hook("blocks.0.hook_resid_pre", resid)``.
+    When the call computes gradients, the backward pass (backward.py) calls ``hook.grad(name, d_act)``
+    at the same points in reverse, and reads what the forward saved for it in ``hook.saved``.
     """
 
-    __slots__ = ("hooks", "points", "keep", "cache")
+    __slots__ = ("hooks", "points", "keep", "cache", "bwd_hooks", "keep_grad", "save", "saved", "changed",
+                 "given")
 
     def __init__(self, hooks: dict[str, list[HookFn]], points: dict[str, HookPoint],
-                 keep: frozenset[str] = frozenset()):
+                 keep: frozenset[str] = frozenset(), bwd_hooks: dict[str, list[HookFn]] | None = None,
+                 keep_grad: frozenset[str] = frozenset(), save: frozenset[str] = frozenset()):
         self.hooks = hooks  # {name: [fn, ...]}, fixed for the whole call
         self.points = points
         self.keep = keep  # names whose activations are cached
         self.cache: dict[str, np.ndarray] = {}
+        self.bwd_hooks = bwd_hooks or {}  # {name: [fn, ...]} fired on the gradient at that point
+        self.keep_grad = keep_grad  # names whose gradients are cached, as "{name}_grad"
+        self.save = save  # names whose activations the backward pass needs
+        self.saved: dict[str, np.ndarray] = {}
+        self.changed: dict[str, np.ndarray] = {}  # where a forward hook changed a saved point's value
+        self.given: dict[str, np.ndarray] = {}  # and what the forward had computed there
 
     def __call__(self, name: str, act: np.ndarray) -> np.ndarray:
         fns = self.hooks.get(name)
         if fns:
+            given = act
             for fn in fns:
                 out = fn(act, self.points[name])
                 if out is not None:
                     act = _checked_replacement(name, act, out)
+            if self.save and act is not given:
+                self.changed[name] = act != given
+                self.given[name] = given
         if name in self.keep:
             self.cache[name] = act
+        if name in self.save:
+            self.saved[name] = act
         return act
 
+    def grad(self, name: str, d_act: np.ndarray) -> np.ndarray:
+        """At a hook point on the way back: fire the backward hooks on the gradient with respect to
+        the activation, keep it if asked, and return the gradient that flows on to what computed it.
+
+        npgpt2 cannot differentiate a forward hook's function: where a forward hook changed an
+        activation's value, the new value counts as a constant, and no gradient flows back through
+        those entries (as with torch's ``detach``); where it left the value alone, it flows on.
+        """
+        fns = self.bwd_hooks.get(name)
+        if fns:
+            for fn in fns:
+                out = fn(d_act, self.points[name])
+                if out is not None:
+                    d_act = _checked_replacement(name, d_act, out)
+        if name in self.keep_grad:
+            self.cache[name + "_grad"] = d_act
+        changed = self.changed.get(name)
+        return d_act if changed is None else np.where(changed, 0, d_act)
+
+    def computed(self, name: str) -> np.ndarray:
+        """The value the forward pass computed at a saved point, before any hook changed it (what
+        the derivative of the function that computed it is taken at)."""
+        return self.given.get(name, self.saved[name])
+
     def wants(self, *names: str) -> bool:
-        """Does anyone look at one of these names? (for activations computed only on request)"""
-        return any(name in self.hooks or name in self.keep for name in names)
+        """Does anyone look at one of these names, or its gradient? (for activations computed only
+        on request)"""
+        return any(name in self.hooks or name in self.keep or name in self.bwd_hooks or name in self.keep_grad
+                   for name in names)
 
 
 def _checked_replacement(name: str, act: np.ndarray, out) -> np.ndarray:
@@ -205,33 +247,37 @@ def _checked_replacement(name: str, act: np.ndarray, out) -> np.ndarray:
     return out.astype(act.dtype, copy=False)
 
 
-# (model, name, fn) triples of the enclosing ``model.hooks()`` blocks, in this thread / context
+# (model, direction, name, fn) of the enclosing ``model.hooks()`` blocks, in this thread / context
 _SCOPED: contextvars.ContextVar[tuple] = contextvars.ContextVar("npgpt2_scoped_hooks", default=())
+
+_DIRECTIONS = ("fwd", "bwd")
 
 
 class HookedModel:
     """The hook half of ``GPT2``: registering hooks and making the ``Run`` of each call.
 
-    Expects ``self.cfg`` (for the number of layers) and a ``_forward(run, input, ...)``.
+    Expects ``self.cfg`` (for the number of layers), ``_forward(run, input, ...)`` (model.py) and,
+    for the gradient API, ``_backward_run(run, input, metric, ...)`` (backward.py).
     """
 
     def _init_hooks(self) -> None:
         self._hook_names = hook_names(self.cfg.n_layer)
         self._points = {n: HookPoint(n) for n in self._hook_names}
-        # Model-wide hooks. Replaced, never mutated, under the lock: a call reads one consistent dict.
+        # Model-wide hooks, per direction. Replaced, never mutated, under the lock: a call reads one
+        # consistent dict.
         self._hooks: dict[str, list[HookFn]] = {}
+        self._bwd_hooks: dict[str, list[HookFn]] = {}
         self._hooks_lock = threading.Lock()
 
-    def _new_run(self, extra: Iterable[tuple[str, HookFn]] = (), keep: frozenset[str] = frozenset()) -> Run:
+    def _new_run(self, extra: Iterable[tuple[str, HookFn]] = (), keep: frozenset[str] = frozenset(),
+                 bwd_extra: Iterable[tuple[str, HookFn]] = (), keep_grad: frozenset[str] = frozenset(),
+                 save: frozenset[str] = frozenset()) -> Run:
         """The state of one call: the model's hooks, then this context's, then ``extra``."""
-        hooks = self._hooks
-        scoped = [(n, fn) for m, n, fn in _SCOPED.get() if m is self]
-        extra = list(extra)
-        if scoped or extra:
-            hooks = {n: list(fns) for n, fns in hooks.items()}
-            for n, fn in scoped + extra:
-                hooks.setdefault(n, []).append(fn)
-        return Run(hooks, self._points, keep)
+        scoped = _SCOPED.get()
+        hooks = _merged(self._hooks, [(n, fn) for m, d, n, fn in scoped if m is self and d == "fwd"], extra)
+        bwd = _merged(self._bwd_hooks, [(n, fn) for m, d, n, fn in scoped if m is self and d == "bwd"],
+                      bwd_extra)
+        return Run(hooks, self._points, keep, bwd, keep_grad, save)
 
     def hook_names(self) -> list[str]:
         """Every hook point, in the order the forward pass reaches them."""
@@ -256,10 +302,10 @@ class HookedModel:
                 raise HookError(f"unknown hook point {n!r}{hint}")
         return names
 
-    def _expand(self, fwd_hooks: Iterable[tuple]) -> list[tuple[str, HookFn]]:
+    def _expand(self, hooks: Iterable[tuple]) -> list[tuple[str, HookFn]]:
         """[(name, list of names or predicate, fn)] -> [(name, fn)], every name and fn checked."""
         pairs = []
-        for item in fwd_hooks:
+        for item in hooks:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise HookError(f"a hook is a (name, function) pair; got {item!r}")
             name, fn = item
@@ -268,58 +314,75 @@ class HookedModel:
             pairs += [(n, fn) for n in self.resolve_hook_names(name)]
         return pairs
 
-    def add_hook(self, name, fn: HookFn) -> None:
-        """Register ``fn(activation, hook)`` at a name (or every name a predicate accepts), for
-        every later call of the model, in every thread."""
+    def add_hook(self, name, fn: HookFn, dir: str = "fwd") -> None:
+        """Register ``fn(activation, hook)`` (``dir="fwd"``) or ``fn(gradient, hook)`` (``dir="bwd"``)
+        at a name (or every name a predicate accepts), for every later call of the model, in every
+        thread. A backward hook fires in the calls that compute gradients."""
+        if dir not in _DIRECTIONS:
+            raise HookError(f"dir={dir!r}: expected 'fwd' or 'bwd'")
         pairs = self._expand([(name, fn)])
+        attribute = "_hooks" if dir == "fwd" else "_bwd_hooks"
         with self._hooks_lock:
-            hooks = {n: list(fns) for n, fns in self._hooks.items()}
-            for n, f in pairs:
-                hooks.setdefault(n, []).append(f)
-            self._hooks = hooks
+            setattr(self, attribute, _merged(getattr(self, attribute), pairs))
 
     def reset_hooks(self) -> None:
-        """Remove every hook added with ``add_hook``."""
+        """Remove every hook added with ``add_hook``, forward and backward."""
         with self._hooks_lock:
-            self._hooks = {}
+            self._hooks, self._bwd_hooks = {}, {}
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple] = (), reset_hooks_end: bool = True):
+    def hooks(self, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] = (),
+              reset_hooks_end: bool = True):
         """Context manager: the hooks fire in calls made inside the block, in this thread, and are
         gone on leaving it, even when the block raises. With ``reset_hooks_end=False`` they are
         added to the model for good instead (``add_hook``), as TransformerLens does."""
-        pairs = self._expand(fwd_hooks)
+        added = [("fwd", n, fn) for n, fn in self._expand(fwd_hooks)]
+        added += [("bwd", n, fn) for n, fn in self._expand(bwd_hooks)]
         if not reset_hooks_end:
-            for n, fn in pairs:
-                self.add_hook(n, fn)
+            for d, n, fn in added:
+                self.add_hook(n, fn, dir=d)
             yield self
             return
-        token = _SCOPED.set(_SCOPED.get() + tuple((self, n, fn) for n, fn in pairs))
+        token = _SCOPED.set(_SCOPED.get() + tuple((self, d, n, fn) for d, n, fn in added))
         try:
             yield self
         finally:
             _SCOPED.reset(token)
 
-    def run_with_hooks(self, input, fwd_hooks: Iterable[tuple] = (), return_type="logits",
-                       reset_hooks_end: bool = True, **kwargs):
+    def run_with_hooks(self, input, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] = (),
+                       return_type="logits", reset_hooks_end: bool = True, metric=None, **kwargs):
         """``forward`` with ``fwd_hooks`` = [(name or predicate, fn), ...] active for this call.
 
         ``fn(activation, hook)`` returns None to only look, or an array of the same shape to replace
         the activation from there on. ``reset_hooks_end=False`` leaves them on the model.
+
+        With ``bwd_hooks`` (or a ``metric``) the call also runs the backward pass of a scalar:
+        ``metric(logits)`` (see ``npgpt2.metrics``), or the loss with ``return_type="loss"``; it
+        returns that scalar, and each ``fn(gradient, hook)`` sees d scalar / d activation.
         """
-        pairs = self._expand(fwd_hooks)
+        pairs, bwd_pairs = self._expand(fwd_hooks), self._expand(bwd_hooks)
         if not reset_hooks_end:
             for n, fn in pairs:
                 self.add_hook(n, fn)
-            pairs = []
+            for n, fn in bwd_pairs:
+                self.add_hook(n, fn, dir="bwd")
+            pairs, bwd_pairs = [], []
+        if bwd_pairs or metric is not None:
+            run = self._new_run(pairs, bwd_extra=bwd_pairs, save=self._saved_for_backward())
+            value, _ = self._backward_run(run, input, metric, return_type, "run_with_hooks", **kwargs)
+            return value
         return self._forward(self._new_run(pairs), input, return_type=return_type, **kwargs)
 
-    def run_with_cache(self, input, names_filter=None, return_type="logits", **kwargs):
+    def run_with_cache(self, input, names_filter=None, return_type="logits", incl_bwd: bool = False,
+                       metric=None, **kwargs):
         """``forward``, keeping activations: returns (output, ActivationCache).
 
         names_filter: None (every hook point but ``attn.hook_result``), a name, a list of names, or
         a predicate on names. Only the requested activations are kept. ``attn.hook_result``
         ([batch, pos, head, d_model] per layer, the largest) is computed only when it is requested.
+        incl_bwd: also keep the gradient at each of those names, as ``"{name}_grad"`` (same shape).
+            It needs a scalar: ``return_type="loss"`` or ``metric`` (``npgpt2.metrics``); the output
+            is then that scalar.
         """
         from .cache import ActivationCache
 
@@ -327,6 +390,29 @@ class HookedModel:
         if names_filter is None:  # "everything the forward pass computes anyway"
             on_request = tuple(s.name.split("}.", 1)[-1] for s in HOOK_POINTS if s.on_request)
             keep = frozenset(n for n in keep if not n.endswith(on_request))
-        run = self._new_run(keep=keep)
-        out = self._forward(run, input, return_type=return_type, **kwargs)
+        if incl_bwd or metric is not None:
+            run = self._new_run(keep=keep, keep_grad=keep if incl_bwd else frozenset(),
+                                save=self._saved_for_backward())
+            out, _ = self._backward_run(run, input, metric, return_type, "run_with_cache(incl_bwd=True)",
+                                        **kwargs)
+        else:
+            run = self._new_run(keep=keep)
+            out = self._forward(run, input, return_type=return_type, **kwargs)
         return out, ActivationCache(run.cache, self)
+
+    def _saved_for_backward(self) -> frozenset[str]:
+        """The hook points whose activations the backward pass reads."""
+        ends = ("hook_scale", "hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "mlp.hook_pre", "mlp.hook_post")
+        return frozenset(n for n in self._hook_names if n.endswith(ends))
+
+
+def _merged(base: dict[str, list[HookFn]], *more: Iterable[tuple[str, HookFn]]) -> dict[str, list[HookFn]]:
+    """``base`` plus the (name, fn) pairs of ``more``, as a new dict (``base`` is left alone)."""
+    pairs = [pair for group in more for pair in group]
+    if not pairs:
+        return base
+    merged = {n: list(fns) for n, fns in base.items()}
+    for n, fn in pairs:
+        merged.setdefault(n, []).append(fn)
+    return merged

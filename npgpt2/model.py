@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from . import ops
+from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
 from .inputs import InputError, TokenInput
@@ -37,12 +38,13 @@ from .weights import GPT2Weights
 ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
 
 
-class GPT2(HookedModel, TokenInput, WeightViews):
+class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
     """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)``.
 
     ``cfg`` holds the shape, ``weights`` the arrays (GPT-2's own layout), ``tokenizer`` the BPE.
-    Hooks and caching come from ``HookedModel`` (hooks.py), token handling from ``TokenInput``
-    (inputs.py), TransformerLens's weight names (``W_Q``, ``W_O``, ``W_in`` ...) from ``WeightViews``.
+    Hooks and caching come from ``HookedModel`` (hooks.py), gradients from ``Differentiable``
+    (backward.py), token handling from ``TokenInput`` (inputs.py), TransformerLens's weight names
+    (``W_Q``, ``W_O``, ``W_in`` ...) from ``WeightViews``.
     """
 
     def __init__(self, cfg: GPT2Config, weights: GPT2Weights, tokenizer: Tokenizer | None = None,

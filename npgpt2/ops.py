@@ -1,6 +1,9 @@
 """The pure functions GPT-2 is made of. No state, no hooks: arrays in, arrays out.
 
 Each works on any leading batch dimensions and keeps the input's float dtype (float32 or float64).
+Beside each forward function ``f`` stands ``f_backward``: given the gradient of a scalar with
+respect to f's output (``d_out``) and what the forward saw, it returns the gradient with respect to
+f's inputs (the chain rule, one step). backward.py chains them from the logits back to the tokens.
 """
 
 from __future__ import annotations
@@ -24,14 +27,41 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     return out
 
 
+def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray):
+    """Gradients of x @ W + b.  d_out [..., n_out], x [..., n_in], W [n_in, n_out]
+    -> (d_x [..., n_in], d_W [n_in, n_out], d_b [n_out])"""
+    d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
+    d_x = (d_out_rows @ W.T).reshape(x.shape)  # each input feeds every output through W
+    d_W = x.reshape(-1, x.shape[-1]).T @ d_out_rows  # summed over every row (batch and position)
+    return d_x, d_W, d_out_rows.sum(axis=0)
+
+
 def center(x: np.ndarray) -> np.ndarray:
     """Subtract the mean over the last axis.  [..., d] -> [..., d]"""
     return x - x.mean(axis=-1, keepdims=True)
 
 
+def center_backward(d_centred: np.ndarray) -> np.ndarray:
+    """Gradient of ``center``: the same centring (its Jacobian I - 1/d is symmetric).  [..., d] -> [..., d]"""
+    return d_centred - d_centred.mean(axis=-1, keepdims=True)
+
+
 def ln_scale(x_centered: np.ndarray, eps: float) -> np.ndarray:
     """The layer-norm divisor sqrt(mean(x^2) + eps) of an already centred x.  [..., d] -> [..., 1]"""
     return np.sqrt(np.mean(x_centered * x_centered, axis=-1, keepdims=True) + eps)
+
+
+def ln_scale_backward(d_scale: np.ndarray, normalized: np.ndarray) -> np.ndarray:
+    """Gradient of ``ln_scale`` with respect to the centred x, written with normalized = x / scale:
+    d scale / d x_i = x_i / (d * scale) = normalized_i / d.  d_scale [..., 1] -> [..., d]"""
+    return d_scale * normalized / normalized.shape[-1]
+
+
+def divide_backward(d_normalized: np.ndarray, normalized: np.ndarray, scale: np.ndarray):
+    """Gradients of normalized = centred / scale.  -> (d_centred [..., d], d_scale [..., 1])"""
+    d_centred = d_normalized / scale
+    d_scale = -(d_normalized * normalized).sum(axis=-1, keepdims=True) / scale  # d (c/s) / ds = -c/s^2
+    return d_centred, d_scale
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
@@ -44,10 +74,31 @@ def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: f
     return affine(x, w, b)
 
 
+def layer_norm_backward(d_out: np.ndarray, normalized: np.ndarray, scale: np.ndarray, w: np.ndarray | None):
+    """Gradients of ``layer_norm``, from what its forward computed: normalized = (x - mean) / scale
+    [..., d] and scale [..., 1].  d_out [..., d] -> (d_x [..., d], d_w [d] or None, d_b [d])
+
+    The three steps of the forward, undone in reverse: the gain and bias, the division by the scale
+    (which depends on x too), the centring. The model's backward takes the same steps one by one,
+    so that hooks can see ``hook_normalized`` and ``hook_scale``'s gradients in between.
+    """
+    d_normalized, d_w, d_b = affine_backward(d_out, normalized, w)
+    d_centred, d_scale = divide_backward(d_normalized, normalized, scale)
+    d_centred = d_centred + ln_scale_backward(d_scale, normalized)
+    return center_backward(d_centred), d_w, d_b
+
+
 def affine(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:
     """x * w + b, skipping a missing (folded) gain or bias.  [..., d] -> [..., d]"""
     x = x if w is None else x * w
     return x if b is None else x + b
+
+
+def affine_backward(d_out: np.ndarray, x: np.ndarray, w: np.ndarray | None):
+    """Gradients of x * w + b.  d_out, x [..., d] -> (d_x [..., d], d_w [d] or None, d_b [d])"""
+    rows = tuple(range(d_out.ndim - 1))  # every axis but the last: the gain is shared by all rows
+    d_w = None if w is None else (d_out * x).sum(axis=rows)
+    return (d_out if w is None else d_out * w), d_w, d_out.sum(axis=rows)
 
 
 def gelu_new(x: np.ndarray) -> np.ndarray:
@@ -66,6 +117,18 @@ def gelu_new(x: np.ndarray) -> np.ndarray:
     return inner
 
 
+def gelu_new_backward(d_out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Gradient of ``gelu_new`` at its input x.  d_out, x [...] -> d_x [...]
+
+    With u = c (x + 0.044715 x^3) and t = tanh(u), gelu = 0.5 x (1 + t), so
+    d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
+    """
+    x_sq = x * x
+    t = np.tanh(_GELU_C * (x + 0.044715 * x_sq * x))
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x_sq)
+    return d_out * slope
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x) / sum(exp(x)) along ``axis``, shifted by the max for stability.  [...] -> [...]
 
@@ -77,10 +140,37 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return out
 
 
+def softmax_backward(d_out: np.ndarray, out: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Gradient of ``softmax`` from its output p: d_x_i = p_i (d_out_i - sum_j p_j d_out_j).  [...] -> [...]
+
+    (Its Jacobian is diag(p) - p p^T.) An entry with p = 0, such as a masked key, gets gradient 0.
+    """
+    return out * (d_out - (d_out * out).sum(axis=axis, keepdims=True))
+
+
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """log(softmax(x)) computed without forming softmax.  [...] -> [...]"""
     shifted = x - x.max(axis=axis, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Gradient of sum_n weights_n * -log softmax(logits_n)[targets_n] with respect to the logits:
+    weights_n * (softmax(logits_n) - onehot(targets_n)).
+    logits [..., d_vocab], targets [...] int, weights [...] -> [..., d_vocab]"""
+    d_logits = softmax(logits)
+    np.put_along_axis(d_logits, targets[..., None],
+                      np.take_along_axis(d_logits, targets[..., None], axis=-1) - 1.0, axis=-1)
+    d_logits *= weights[..., None]
+    return d_logits
+
+
+def embedding_backward(d_embed: np.ndarray, tokens: np.ndarray, n_vocab: int) -> np.ndarray:
+    """Gradient of the lookup W_E[tokens]: each position's gradient added to its token's row.
+    d_embed [batch, pos, d_model], tokens [batch, pos] -> d_W_E [n_vocab, d_model]"""
+    d_W_E = np.zeros((n_vocab, d_embed.shape[-1]), dtype=d_embed.dtype)
+    np.add.at(d_W_E, tokens.reshape(-1), d_embed.reshape(-1, d_embed.shape[-1]))  # a token seen twice adds twice
+    return d_W_E
 
 
 @lru_cache(maxsize=16)
@@ -120,3 +210,33 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
         scores += causal_mask(stop - start, visible, scores.dtype)
         z[:, :, start:stop] = softmax(scores) @ v[:, :, :visible]
     return z
+
+
+def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                              block: int = 64):
+    """Gradients of ``causal_attention``, recomputing each block's pattern instead of storing it.
+    d_z [batch, head, query_pos, d_head]; q (already divided by sqrt(d_head)), k, v as in the forward.
+    -> (d_q, d_k, d_v), shaped as q, k, v
+
+    Per block of queries: pattern = softmax(q k^T + mask) again; then z = pattern v gives
+    d_pattern = d_z v^T and d_v += pattern^T d_z; the softmax gives d_scores; scores = q k^T gives
+    d_q = d_scores k and d_k += d_scores^T q. Keys and values collect from every block that sees them.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    offset = n_k - n_q
+    d_q = np.empty_like(q)
+    d_k = np.zeros(k.shape, dtype=np.result_type(q, k))
+    d_v = np.zeros(v.shape, dtype=np.result_type(q, v))
+    for start in range(0, n_q, block):
+        stop = min(start + block, n_q)
+        visible = offset + stop
+        q_blk, k_vis, v_vis = q[:, :, start:stop], k[:, :, :visible], v[:, :, :visible]
+        scores = q_blk @ k_vis.swapaxes(-1, -2)  # [batch, head, block, visible]
+        scores += causal_mask(stop - start, visible, scores.dtype)
+        pattern = softmax(scores)  # [batch, head, block, visible]
+        d_z_blk = d_z[:, :, start:stop]  # [batch, head, block, d_head]
+        d_v[:, :, :visible] += pattern.swapaxes(-1, -2) @ d_z_blk
+        d_scores = softmax_backward(d_z_blk @ v_vis.swapaxes(-1, -2), pattern)  # [batch, head, block, visible]
+        d_q[:, :, start:stop] = d_scores @ k_vis
+        d_k[:, :, :visible] += d_scores.swapaxes(-1, -2) @ q_blk
+    return d_q, d_k, d_v

@@ -1,0 +1,206 @@
+"""Differentiable metrics on the logits: the scalars that gradients, attribution and patching are
+taken of.
+
+A metric is called on logits [batch, pos, d_vocab] and returns a float; ``metric.grad(logits)``
+returns d metric / d logits, an array shaped like the logits. Any object with ``__call__`` and
+``grad`` works wherever a metric is taken (``model.value_and_grad``, ``run_with_cache(incl_bwd=True,
+metric=...)``, patching).
+
+    loss(tokens, mask)            mean next-token cross-entropy (nats), padding skipped
+    logit_diff(" Mary", " John")  logit[answer] - logit[wrong] at the last position, batch mean
+    logprob(" Paris"), prob(" Paris")
+    normalized(metric, clean_value, corrupted_value)   0 = corrupted behaviour, 1 = clean
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+
+
+class Metric:
+    """A scalar function of the logits with its gradient. Subclasses define ``value`` and ``grad``."""
+
+    def __call__(self, logits: np.ndarray) -> float:
+        return float(self.value(_checked(logits)))
+
+    def value(self, logits: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def grad(self, logits: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _checked(logits) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 3:
+        raise ValueError(f"a metric takes logits [batch, pos, d_vocab]; got shape {logits.shape}")
+    return logits
+
+
+def _token_ids(tokens, name: str) -> np.ndarray:
+    """One token (an id, or a string that is one GPT-2 token) or one per batch row -> int ids."""
+    from .tokenizer import Tokenizer
+
+    items = [tokens] if isinstance(tokens, (str, int, np.integer)) else list(np.asarray(tokens, dtype=object).ravel())
+    ids = []
+    for t in items:
+        if isinstance(t, str):
+            encoded = Tokenizer().encode(t)
+            if len(encoded) != 1:
+                raise ValueError(f"{name}={t!r} is {len(encoded)} tokens, not one (a leading space is "
+                                 "usually part of the token: ' Mary')")
+            t = encoded[0]
+        ids.append(int(t))
+    return np.array(ids, dtype=np.int64) if len(ids) > 1 else np.array(ids[0], dtype=np.int64)
+
+
+def _rows(ids: np.ndarray, batch: int, name: str) -> np.ndarray:
+    if ids.ndim and ids.shape[0] != batch:
+        raise ValueError(f"{name} has {ids.shape[0]} tokens for a batch of {batch}: give one, or one per row")
+    return np.broadcast_to(ids, (batch,))
+
+
+class Loss(Metric):
+    """Mean next-token cross-entropy in nats: logits at position p predict tokens[:, p + 1].
+
+    mask [batch, pos] (1 = real token, 0 = padding) drops the targets that are padding; weights
+    [batch, pos - 1] weigh each prediction (then the value is sum(w * nll) / sum(w)).
+    """
+
+    def __init__(self, tokens, mask=None, weights=None):
+        self.tokens = np.atleast_2d(np.asarray(tokens))
+        batch, pos = self.tokens.shape
+        if pos < 2:
+            raise ValueError("the loss needs at least 2 tokens (one to predict from, one to predict)")
+        w = np.ones((batch, pos - 1))
+        if mask is not None:
+            mask = np.atleast_2d(np.asarray(mask))
+            if mask.shape != self.tokens.shape:
+                raise ValueError(f"mask has shape {mask.shape}; expected {self.tokens.shape}, the tokens' shape")
+            w = w * (mask[:, 1:] > 0)
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (batch, pos - 1):
+                raise ValueError(f"weights has shape {weights.shape}; expected {(batch, pos - 1)}, one "
+                                 "per prediction")
+            w = w * weights
+        if w.sum() <= 0:
+            raise ValueError("the loss has no target to average over (everything is masked)")
+        self.weights = w / w.sum()  # [batch, pos - 1], summing to 1
+
+    def _check(self, logits):
+        if logits.shape[:2] != self.tokens.shape:
+            raise ValueError(f"logits of shape {logits.shape} for tokens of shape {self.tokens.shape}")
+
+    def value(self, logits):
+        self._check(logits)
+        logp = ops.log_softmax(logits[:, :-1].astype(np.float64, copy=False))  # [batch, pos - 1, d_vocab]
+        nll = -np.take_along_axis(logp, self.tokens[:, 1:, None], axis=-1)[..., 0]  # [batch, pos - 1]
+        return float((nll * self.weights).sum())
+
+    def grad(self, logits):
+        logits = _checked(logits)
+        self._check(logits)
+        d_logits = np.zeros_like(logits)
+        d_logits[:, :-1] = ops.cross_entropy_backward(logits[:, :-1], self.tokens[:, 1:],
+                                                      self.weights.astype(logits.dtype))
+        return d_logits
+
+
+class LogitDiff(Metric):
+    """Batch mean of logit[answer] - logit[wrong] at position ``pos``."""
+
+    def __init__(self, answer, wrong, pos: int = -1):
+        self.answer, self.wrong, self.pos = _token_ids(answer, "answer"), _token_ids(wrong, "wrong"), pos
+
+    def value(self, logits):
+        rows = np.arange(logits.shape[0])
+        at = logits[:, self.pos].astype(np.float64)  # [batch, d_vocab]
+        return float(np.mean(at[rows, _rows(self.answer, len(rows), "answer")]
+                             - at[rows, _rows(self.wrong, len(rows), "wrong")]))
+
+    def grad(self, logits):
+        logits = _checked(logits)
+        batch = logits.shape[0]
+        rows = np.arange(batch)
+        d_logits = np.zeros_like(logits)
+        np.add.at(d_logits, (rows, self.pos, _rows(self.answer, batch, "answer")), 1.0 / batch)
+        np.add.at(d_logits, (rows, self.pos, _rows(self.wrong, batch, "wrong")), -1.0 / batch)
+        return d_logits
+
+
+class LogProb(Metric):
+    """Batch mean of log P(token) at position ``pos``."""
+
+    def __init__(self, token, pos: int = -1):
+        self.token, self.pos = _token_ids(token, "token"), pos
+
+    def value(self, logits):
+        rows = np.arange(logits.shape[0])
+        logp = ops.log_softmax(logits[:, self.pos].astype(np.float64))
+        return float(np.mean(logp[rows, _rows(self.token, len(rows), "token")]))
+
+    def grad(self, logits):
+        logits = _checked(logits)
+        batch = logits.shape[0]
+        d_logits = np.zeros_like(logits)
+        # d log p_t / d logits = onehot(t) - softmax: minus the cross-entropy's gradient
+        d_logits[:, self.pos] = -ops.cross_entropy_backward(
+            logits[:, self.pos], _rows(self.token, batch, "token").copy(), np.full(batch, 1.0 / batch, logits.dtype))
+        return d_logits
+
+
+class Prob(Metric):
+    """Batch mean of P(token) at position ``pos``."""
+
+    def __init__(self, token, pos: int = -1):
+        self.token, self.pos = _token_ids(token, "token"), pos
+
+    def value(self, logits):
+        rows = np.arange(logits.shape[0])
+        p = ops.softmax(logits[:, self.pos].astype(np.float64))
+        return float(np.mean(p[rows, _rows(self.token, len(rows), "token")]))
+
+    def grad(self, logits):
+        logits = _checked(logits)
+        batch = logits.shape[0]
+        rows = np.arange(batch)
+        tokens = _rows(self.token, batch, "token")
+        p = ops.softmax(logits[:, self.pos])  # [batch, d_vocab]
+        d_logits = np.zeros_like(logits)
+        # d p_t / d logits = p_t (onehot(t) - p)
+        d_at = -p * p[rows, tokens][:, None]
+        d_at[rows, tokens] += p[rows, tokens]
+        d_logits[:, self.pos] = d_at / batch
+        return d_logits
+
+
+class Normalized(Metric):
+    """(metric - corrupted_value) / (clean_value - corrupted_value): 0 is the corrupted behaviour,
+    1 the clean one."""
+
+    def __init__(self, metric, clean_value: float, corrupted_value: float):
+        if clean_value == corrupted_value:
+            raise ValueError(f"the clean and corrupted runs both score {clean_value}: nothing to normalise by")
+        self.metric, self.clean, self.corrupted = metric, float(clean_value), float(corrupted_value)
+
+    def value(self, logits):
+        return (self.metric(logits) - self.corrupted) / (self.clean - self.corrupted)
+
+    def grad(self, logits):
+        return check_metric(self.metric).grad(logits) / (self.clean - self.corrupted)
+
+
+loss, logit_diff, logprob, prob, normalized = Loss, LogitDiff, LogProb, Prob, Normalized
+
+
+def check_metric(metric):
+    """A metric usable for gradients, or a ``TypeError`` naming what it lacks."""
+    if not callable(metric) or not callable(getattr(metric, "grad", None)):
+        missing = "a grad(logits) method" if callable(metric) else "__call__ and grad(logits)"
+        raise TypeError(f"the metric {metric!r} has no {missing}: gradients need d metric / d logits. "
+                        "Use one of npgpt2.metrics (loss, logit_diff, logprob, prob, normalized) or "
+                        "give your object a grad(logits) returning an array shaped like the logits")
+    return metric
