@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 import npgpt2
-from npgpt2 import ops
 from npgpt2.analysis import direct_logit_attribution, logit_lens, next_token_table, prompt_token_probs
 from conftest import TINY
+import by_hand
 
 L, H = TINY.n_layer, TINY.n_head
 
@@ -79,7 +79,7 @@ def test_logit_lens_last_layer_is_the_model_output(model64, run64):
     assert list(df["layer"].cat.categories) == ["0_pre", "1_pre", "final_post"]
     assert len(df) == 3 * 3 * 9
     last = df[(df["layer"] == "final_post") & (df["position"] < 8)]
-    logp = ops.log_softmax(logits)
+    logp = by_hand.log_softmax(logits)
     expected = np.exp(np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0])
     np.testing.assert_allclose(last.sort_values(["batch", "position"])["next_prob"], expected.ravel(), atol=1e-10)
     assert (last["top_token"].tolist() == [model64.tokenizer.token_str(t) for t in logits[:, :8].argmax(-1).ravel()])
@@ -102,12 +102,48 @@ def test_dla_rows_sum_to_the_logit_difference(model64, run64, by):
     np.testing.assert_allclose(per_prompt, actual, atol=1e-9)
     np.testing.assert_allclose(df.attrs["logit_diff"], actual, atol=1e-9)
     assert df["attribution"].is_monotonic_decreasing
-    np.testing.assert_allclose(df["attribution"], df[[f"prompt_{b}" for b in range(3)]].mean(axis=1))
+    # rows recomputed from the cached activations: a component's write at the last position,
+    # centred, divided by the final layer norm's scale (worked out from resid_post), dotted with the
+    # final gain times W_U[:, right] - W_U[:, wrong]; the attribution is their mean over prompts
+    w = model64.weights
+    final = cache["resid_post", L - 1][:, -1]
+    scale = np.sqrt(final.var(-1) + TINY.eps)  # [batch]
+    unembed = (model64.W_U[:, right] - model64.W_U[:, wrong]).T  # [batch, d_model]
+    assert w.b_U is None  # GPT-2 has no unembedding bias
+    expected_rows = {label: ((write - write.mean(-1, keepdims=True)) * w.ln_final_w * unembed).sum(-1) / scale
+                     for label, write in component_writes(model64, cache, tokens, by).items()}
+    expected_rows["final_ln_bias+b_U"] = unembed @ w.ln_final_b  # what no component writes
+    for label, expected in expected_rows.items():
+        row = df[df["component"] == label].iloc[0]
+        np.testing.assert_allclose(row[[f"prompt_{b}" for b in range(3)]].to_numpy(float), expected, atol=1e-9,
+                                   err_msg=label)
+        assert row["attribution"] == pytest.approx(expected.mean(), abs=1e-9)
     n_rows = {"layer": 2 + 2 * L, "head": L * H + L + 3, "neuron": L * H + L * TINY.d_mlp + 3}[by] + 1
     assert len(df) == n_rows and "final_ln_bias+b_U" in set(df["component"])
     if by == "head":
         row = df[df["component"] == "L1H2"].iloc[0]
         assert (row["type"], row["layer"], row["head"]) == ("head", 1, 2)
+
+
+def component_writes(model, cache, tokens, by):
+    """A few components' writes into the residual stream at the last position, [batch, d_model],
+    from the cached activations and the weights."""
+    w, P = model.weights, tokens.shape[1]
+    writes = {"embed": w.W_E[tokens[:, -1]], "pos_embed": np.broadcast_to(w.W_pos[P - 1], (len(tokens), TINY.d_model))}
+    if by == "layer":
+        writes.update({"0_attn_out": cache["attn_out", 0][:, -1], "1_mlp_out": cache["mlp_out", 1][:, -1]})
+    else:
+        for l, h in [(0, 1), (1, 2)]:  # head h's slice of z times its rows of the output matrix
+            writes[f"L{l}H{h}"] = cache["z", l][:, -1, h] @ w.blocks[l].W_attn_out[h * TINY.d_head:(h + 1) * TINY.d_head]
+        b_O = sum(blk.b_O for blk in w.blocks)
+    if by == "head":
+        writes["0_mlp_out"] = cache["mlp_out", 0][:, -1]
+        writes["bias"] = np.broadcast_to(b_O, (len(tokens), TINY.d_model))
+    if by == "neuron":
+        for l, n in [(0, 5), (1, 200)]:
+            writes[f"L{l}N{n}"] = cache["post", l][:, -1, n, None] * w.blocks[l].W_out[n]
+        writes["bias"] = np.broadcast_to(b_O + sum(blk.b_out for blk in w.blocks), (len(tokens), TINY.d_model))
+    return writes
 
 
 def test_dla_single_answer_per_position_and_strings(model64):
@@ -153,7 +189,7 @@ def test_processing_keeps_log_probs(tiny_dir, model64, options):
     tokens = np.random.default_rng(9).integers(0, TINY.d_vocab, (2, 10))
     processed = npgpt2.from_pretrained(tiny_dir, dtype="float64", **options)
     assert all(processed.processing[k] for k in options)
-    np.testing.assert_allclose(ops.log_softmax(processed(tokens)), ops.log_softmax(model64(tokens)), atol=1e-9)
+    np.testing.assert_allclose(by_hand.log_softmax(processed(tokens)), by_hand.log_softmax(model64(tokens)), atol=1e-9)
 
 
 def test_processing_in_place_and_consistency_of_activations(tiny_dir, model64):
@@ -171,7 +207,8 @@ def test_processing_in_place_and_consistency_of_activations(tiny_dir, model64):
     m.process_weights(center_writing_weights=True)
     _, centred = m.run_with_cache(tokens)
     # writers centred: the residual stream becomes the centred original; what reads it is unchanged
-    np.testing.assert_allclose(centred["resid_post", 1], ops.center(before["resid_post", 1]), atol=1e-9)
+    resid = before["resid_post", 1]
+    np.testing.assert_allclose(centred["resid_post", 1], resid - resid.mean(-1, keepdims=True), atol=1e-9)
     np.testing.assert_allclose(centred["pattern", 1], before["pattern", 1], atol=1e-9)
     with pytest.raises(ValueError, match="already applied to this model: fold_ln"):
         m.process_weights(fold_ln=True)
@@ -182,7 +219,7 @@ def test_next_token_table(model64):
     text = "Hello, my dog is cute"
     df = next_token_table(model64, text, k=3)
     tokens = model64.to_tokens(text)[0]
-    logp = ops.log_softmax(model64(tokens))[0]
+    logp = by_hand.log_softmax(model64(tokens))[0]
     assert df["position"].tolist() == list(range(6)) and df["token"].tolist() == model64.to_str_tokens(text)
     np.testing.assert_allclose(df["next_logprob"][:5], logp[np.arange(5), tokens[1:]], atol=1e-10)
     np.testing.assert_allclose(df["next_prob"][:5], np.exp(logp[np.arange(5), tokens[1:]]), atol=1e-12)
@@ -200,6 +237,9 @@ def test_prompt_token_probs_labels_positions_not_layers(model64):
     assert m.columns.names == ["position", "token"] and m.index.names == ["i", "token_i"]
     assert m.columns.get_level_values("position").tolist() == list(range(9))
     assert not any("layer" in str(c) for c in m.columns.to_flat_index())
+    tokens = model64.to_tokens(text)[0]
+    probs = by_hand.softmax(model64(tokens)[0])  # [position, d_vocab]
+    np.testing.assert_allclose(m.to_numpy(), probs[:, tokens].T, atol=1e-12)  # entry (i, j): P(token i at j)
     table = next_token_table(model64, text)
     diag = [m.iloc[j + 1, j] for j in range(8)]
     np.testing.assert_allclose(diag, table["next_prob"][:8], atol=1e-12)

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import npgpt2
 from npgpt2 import cli
+import by_hand
 
 
 def run(args, hf_home, check=True):
@@ -40,12 +42,68 @@ def test_help_explains_each_command(hf_home):
 def test_generate_streams_the_greedy_continuation(tiny_hub, hf_home):
     proc = run(["generate", "Hello, my dog", "--model", tiny_hub, "-n", "8"], hf_home)
     model = npgpt2.from_pretrained(tiny_hub)
-    assert proc.stdout == model.generate("Hello, my dog", max_new_tokens=8) + "\n"
+    assert proc.stdout == model.to_string(by_hand.greedy(model, model.to_tokens("Hello, my dog")[0], 8)) + "\n"
 
 
 def test_generate_sampling_is_reproducible(tiny_dir, hf_home):
     args = ["generate", "The dog", "-m", str(tiny_dir), "-n", "6", "-t", "0.8", "--top-k", "40", "--seed", "3"]
     assert run(args, hf_home).stdout == run(args, hf_home).stdout
+
+
+def generate_in_process(capsys, *args):
+    """``npgpt2 generate ...`` run in this process (quicker than a subprocess); its stdout."""
+    assert cli.main(["generate", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_seeds_give_different_samples(tiny_dir, capsys):
+    # at temperature 2 the tiny model spreads its probability over thousands of tokens: five seeds
+    # giving fewer than five different 4-token continuations would take a coincidence
+    outs = {generate_in_process(capsys, "The dog", "-m", str(tiny_dir), "-n", "4", "-t", "2", "--seed", str(s))
+            for s in range(5)}
+    assert len(outs) == 5
+
+
+def test_generate_top_k_1_is_greedy_at_any_temperature(tiny_dir, capsys):
+    model = npgpt2.from_pretrained(tiny_dir)
+    greedy = model.to_string(by_hand.greedy(model, model.to_tokens("The dog")[0], 6))
+    for seed in ("0", "1"):
+        out = generate_in_process(capsys, "The dog", "-m", str(tiny_dir), "-n", "6", "-t", "5", "--top-k", "1",
+                                  "--seed", seed)
+        assert out == greedy + "\n"
+
+
+def top_k_path(model, ids, text, k):
+    """Token ids, each among the k likeliest next tokens of the model given the ones before, that
+    spell the bytes ``text`` after the prompt ``ids``; None if there are none."""
+    if not text:
+        return []
+    logits = model(np.array([ids]))[0, -1]
+    for t in np.argsort(-logits)[:k].tolist():
+        piece = model.tokenizer.encoding.decode_single_token_bytes(t)
+        if text.startswith(piece):
+            rest = top_k_path(model, ids + [t], text[len(piece):], k)
+            if rest is not None:
+                return [t] + rest
+    return None
+
+
+def test_generate_samples_only_from_the_top_k(tiny_dir, capsys):
+    model = npgpt2.from_pretrained(tiny_dir)
+    prompt = "The dog"
+    ids = model.to_tokens(prompt)[0].tolist()
+    continuations = set()
+    for seed in range(4):
+        out = generate_in_process(capsys, prompt, "-m", str(tiny_dir), "-n", "6", "-t", "3", "--top-k", "3",
+                                  "--seed", str(seed))
+        assert out.startswith(prompt) and out.endswith("\n")
+        new = out[len(prompt):-1]
+        if "\ufffd" in new:  # a token ended inside a UTF-8 character: the bytes are not recoverable
+            continue
+        path = top_k_path(model, ids, new.encode("utf-8"), 3)
+        assert path is not None and len(path) == 6, (seed, new)
+        continuations.add(tuple(path))
+    assert len(continuations) >= 2  # at temperature 3 the three are near equally likely
 
 
 def test_tokens_side_by_side(tiny_hub, hf_home):

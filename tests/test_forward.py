@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from npgpt2 import HookError, InputError, ops
+from npgpt2 import HookError, InputError
 from conftest import TINY
+import by_hand
 
 B, P = 2, 12
 D, H, DH, M, V = TINY.d_model, TINY.n_head, TINY.d_head, TINY.d_mlp, TINY.d_vocab
@@ -76,25 +77,61 @@ def test_forward_identities(model, tokens):
         np.testing.assert_allclose(c["resid_mid", l], pre + c["attn_out", l], atol=1e-6)
         np.testing.assert_allclose(c["resid_post", l], c["resid_mid", l] + c["mlp_out", l], atol=1e-6)
         # layer norm: normalized is centred with unit RMS; scale is the RMS of the centred input
-        centred = pre - pre.mean(-1, keepdims=True)
-        np.testing.assert_allclose(c["blocks.%d.ln1.hook_scale" % l] ** 2,
-                                   (centred ** 2).mean(-1, keepdims=True) + TINY.eps, rtol=1e-5)
-        np.testing.assert_allclose(c[f"blocks.{l}.ln1.hook_normalized"], centred / c[f"blocks.{l}.ln1.hook_scale"], atol=1e-5)
-        pattern = c["pattern", l]
-        np.testing.assert_allclose(pattern.sum(-1), 1, atol=1e-6)
+        for ln, stream in (("ln1", pre), ("ln2", c["resid_mid", l])):
+            centred = stream - stream.mean(-1, keepdims=True)
+            np.testing.assert_allclose(c[f"blocks.{l}.{ln}.hook_scale"] ** 2,
+                                       (centred ** 2).mean(-1, keepdims=True) + TINY.eps, rtol=1e-5)
+            np.testing.assert_allclose(c[f"blocks.{l}.{ln}.hook_normalized"],
+                                       by_hand.layer_norm(stream, 1, 0, TINY.eps), atol=1e-5)
+        x = c[f"blocks.{l}.ln1.hook_normalized"] * blk.ln1_w + blk.ln1_b
+        np.testing.assert_allclose(np.concatenate([c["q", l], c["k", l], c["v", l]], 2).reshape(B, P, 3 * D),
+                                   x @ blk.W_qkv + blk.b_qkv, atol=1e-5)
+        # scores = q.k / sqrt(d_head) with the future masked; pattern = their softmax over keys
+        q = c["q", l].transpose(0, 2, 1, 3) / np.sqrt(DH)  # [batch, head, query, d_head]
+        scores = by_hand.causal_scores(q, c["k", l].transpose(0, 2, 1, 3))
         future = np.triu(np.ones((P, P), bool), 1)
-        assert np.all(pattern[..., future] == 0) and np.all(np.isneginf(c["attn_scores", l][..., future]))
-        np.testing.assert_allclose(pattern, ops.softmax(c["attn_scores", l]), atol=1e-7)
-        # scores = q.k / sqrt(d_head)
-        qk = np.einsum("bqhd,bkhd->bhqk", c["q", l], c["k", l]) / np.sqrt(DH)
-        np.testing.assert_allclose(np.where(future, 0, c["attn_scores", l]), np.where(future, 0, qk), atol=1e-4)
+        assert np.all(np.isneginf(c["attn_scores", l][..., future])) and np.isfinite(c["attn_scores", l][..., ~future]).all()
+        np.testing.assert_allclose(c["attn_scores", l], scores, atol=1e-4)
+        pattern = c["pattern", l]
+        assert np.all(pattern[..., future] == 0)
+        np.testing.assert_allclose(pattern, by_hand.softmax(scores), atol=1e-6)
         np.testing.assert_allclose(c["z", l], np.einsum("bhqk,bkhd->bqhd", pattern, c["v", l]), atol=1e-5)
         # per-head results sum (with b_O) to the attention output
         np.testing.assert_allclose(c["result", l].sum(2) + blk.b_O, c["attn_out", l], atol=1e-5)
-        np.testing.assert_allclose(c["post", l], ops.gelu_new(c["pre", l]))
+        x = c[f"blocks.{l}.ln2.hook_normalized"] * blk.ln2_w + blk.ln2_b
+        np.testing.assert_allclose(c["pre", l], x @ blk.W_in + blk.b_in, atol=1e-5)
+        np.testing.assert_allclose(c["post", l], by_hand.gelu_new(c["pre", l]), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(c["mlp_out", l], c["post", l] @ blk.W_out + blk.b_out, atol=1e-5)
+    np.testing.assert_allclose(c["ln_final.hook_normalized"],
+                               by_hand.layer_norm(c["resid_post", TINY.n_layer - 1], 1, 0, TINY.eps), atol=1e-5)
     final = c["ln_final.hook_normalized"] * w.ln_final_w + w.ln_final_b
     np.testing.assert_allclose(logits, final @ model.W_E.T, atol=1e-4)
+
+
+def test_mlp_post_is_gpt2_gelu_of_pre(model64, tokens):
+    # float64, so the comparison is tight enough to tell GPT-2's GELU from any near miss
+    _, c = model64.run_with_cache(tokens, names_filter=lambda n: "mlp.hook_p" in n)
+    for l in range(TINY.n_layer):
+        pre = c["pre", l]
+        assert np.abs(pre).max() > 2  # the range where the cubic term matters
+        np.testing.assert_allclose(c["post", l], by_hand.gelu_new(pre), rtol=1e-12, atol=1e-14)
+
+
+def test_huge_attention_scores_and_logits_stay_finite(model, tokens):
+    """Scores and logits in the hundreds and thousands, where exp overflows in float32: the pattern
+    and the loss still equal the softmax and cross-entropy worked out by hand."""
+    hooks = [("blocks.0.attn.hook_attn_scores", lambda a, h: a * 1000),
+             ("ln_final.hook_normalized", lambda a, h: a * 100)]
+    with model.hooks(hooks):
+        (logits, loss), c = model.run_with_cache(tokens, return_type="both",
+                                                 names_filter=["blocks.0.attn.hook_attn_scores",
+                                                               "blocks.0.attn.hook_pattern"])
+    scores = c["attn_scores", 0]
+    assert np.abs(scores[np.isfinite(scores)]).max() > 1000 and np.abs(logits).max() > 500
+    np.testing.assert_allclose(c["pattern", 0], by_hand.softmax(scores), atol=1e-6)
+    logp = by_hand.log_softmax(logits)
+    nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)
+    assert np.isfinite(loss) and loss == pytest.approx(nll.mean(), rel=1e-5)
 
 
 def test_transformerlens_weight_views(model, tokens):
@@ -116,15 +153,12 @@ def test_blockwise_attention_equals_the_full_computation(model, model64, tokens)
         plain = m(long_tokens)
         full, _ = m.run_with_cache(long_tokens, names_filter="blocks.0.attn.hook_pattern")
         np.testing.assert_allclose(plain, full, atol=tol)
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 3, 150, 8)) for _ in range(3))
-    scores = q @ k.swapaxes(-1, -2) + np.triu(np.full((150, 150), -np.inf), k=1)  # plain numpy
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    full = weights / weights.sum(-1, keepdims=True) @ v
-    for block in (1, 7, 64, 150):
-        np.testing.assert_allclose(ops.causal_attention(q, k, v, block=block), full, atol=1e-12)
-    # queries that are the last positions of a longer sequence (as with a key/value cache)
-    np.testing.assert_allclose(ops.causal_attention(q[:, :, 100:], k, v, block=16), full[:, :, 100:], atol=1e-12)
+    # and the blockwise path (nothing asks for scores or pattern) against attention written out by
+    # hand from the cached q, k, v
+    _, c = model64.run_with_cache(long_tokens, names_filter=[f"blocks.1.attn.hook_{x}" for x in "qkvz"])
+    q, k, v = (c[name, 1].transpose(0, 2, 1, 3) for name in "qkv")  # [batch, head, pos, d_head]
+    z = by_hand.softmax(by_hand.causal_scores(q / np.sqrt(DH), k)) @ v
+    np.testing.assert_allclose(c["z", 1], z.transpose(0, 2, 1, 3), atol=1e-12)
 
 
 def test_hook_replaces_activation(model, tokens):
@@ -135,7 +169,7 @@ def test_hook_replaces_activation(model, tokens):
     patched = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", zero)])
     _, c = model.run_with_cache(tokens)
     # with layer 1's MLP zeroed, the final residual is resid_mid of layer 1
-    expected = ops.layer_norm(c["resid_mid", 1], model.weights.ln_final_w, model.weights.ln_final_b, TINY.eps) @ model.W_U
+    expected = by_hand.layer_norm(c["resid_mid", 1], model.weights.ln_final_w, model.weights.ln_final_b, TINY.eps) @ model.W_U
     np.testing.assert_allclose(patched, expected, atol=1e-4)
     assert model._hooks == {}  # removed afterwards
     assert not np.allclose(model(tokens), patched)

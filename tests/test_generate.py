@@ -4,6 +4,7 @@ import pytest
 from npgpt2 import InputError, KeyValueCache
 from npgpt2.generate import ContextLimitWarning, sample
 from conftest import TINY
+import by_hand
 
 
 def test_incremental_logits_equal_full_forward(model):
@@ -45,18 +46,43 @@ def test_greedy_generation_with_and_without_cache_agree(model):
 
 
 def test_text_in_text_out(model):
+    expected = by_hand.greedy(model, model.to_tokens("Hello, my dog")[0], 5)
     text = model.generate("Hello, my dog", max_new_tokens=5)
-    assert isinstance(text, str) and text.startswith("Hello, my dog")
+    assert isinstance(text, str) and text == model.to_string(expected)
     streamed = list(model.generate_stream("Hello, my dog", max_new_tokens=5))
-    assert all(isinstance(t, int) for t in streamed)
-    assert text == model.to_string(np.array(model.to_tokens("Hello, my dog")[0].tolist() + streamed))
+    assert all(isinstance(t, int) for t in streamed) and streamed == expected[-5:].tolist()
 
 
-def test_sampling_is_reproducible_for_a_seed(model):
-    kw = dict(max_new_tokens=15, temperature=1.0, return_type="tokens")
-    a = model.generate([1, 2, 3], seed=7, **kw)
-    assert np.array_equal(a, model.generate([1, 2, 3], seed=7, **kw))
-    assert not all(np.array_equal(a, model.generate([1, 2, 3], seed=s, **kw)) for s in range(8, 12))
+def first_sampled_tokens(model, prompt, n, **kwargs):
+    """The first sampled token of each of n copies of a prompt (one generation step of a batch)."""
+    return model.generate(np.tile(prompt, (n, 1)), max_new_tokens=1, return_type="tokens", **kwargs)[:, -1]
+
+
+def test_sampling_follows_temperature_top_k_top_p_and_seed(model):
+    prompt = np.array([1, 2, 3])
+    logits = model(prompt)[0, -1].astype(np.float64)
+    ranked = np.argsort(-logits)
+    # temperature: the frequencies of the three likeliest tokens (and of all the others) against
+    # softmax(logits / T) worked out here, within four standard errors
+    # (a few hundred draws: each costs a pass over the 50257-token vocabulary)
+    n = 200
+    probs = by_hand.softmax(logits / 0.5)[ranked[:3]]  # about 0.48, 0.18, 0.17 (at T = 1: 0.16, 0.10, 0.09)
+    draws = first_sampled_tokens(model, prompt, n, temperature=0.5, seed=0)
+    freq = [(draws == tok).mean() for tok in ranked[:3]]
+    np.testing.assert_allclose(freq + [1 - sum(freq)], list(probs) + [1 - probs.sum()], atol=4 * 0.5 / np.sqrt(n))
+    # seed: the same seed gives the same draws, another seed other draws
+    a = first_sampled_tokens(model, prompt, 100, temperature=0.5, seed=1)
+    np.testing.assert_array_equal(a, first_sampled_tokens(model, prompt, 100, temperature=0.5, seed=1))
+    assert (a != first_sampled_tokens(model, prompt, 100, temperature=0.5, seed=2)).mean() > 0.4
+    # top_k: only the k likeliest tokens, in proportion to their probabilities
+    draws = first_sampled_tokens(model, prompt, 150, temperature=1.0, top_k=3, seed=3)
+    assert set(draws) == set(ranked[:3])
+    np.testing.assert_allclose([(draws == tok).mean() for tok in ranked[:3]],
+                               by_hand.softmax(logits[ranked[:3]]), atol=4 * 0.5 / np.sqrt(150))
+    # top_p: the smallest set of likeliest tokens whose probability reaches p
+    nucleus = ranked[: np.searchsorted(np.cumsum(by_hand.softmax(logits)[ranked]), 0.3) + 1]
+    assert 1 < len(nucleus) < 6
+    assert set(first_sampled_tokens(model, prompt, 60, temperature=1.0, top_p=0.3, seed=4)) == set(nucleus)
 
 
 def test_sample_top_k_and_top_p():
@@ -72,6 +98,11 @@ def test_sample_top_k_and_top_p():
     draws = np.array([sample(logits, 1.0, rng=rng)[0] for _ in range(4000)])
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
     assert sample(logits, 0.0)[0] == 0
+    # temperature T: probabilities proportional to p ** (1 / T); each row of a batch drawn on its own
+    for t in (0.5, 2.0):
+        expected = np.array([0.5, 0.3, 0.15, 0.05]) ** (1 / t)
+        draws = sample(np.repeat(logits, 20000, axis=0), t, rng=rng)
+        np.testing.assert_allclose(np.bincount(draws, minlength=4) / 20000, expected / expected.sum(), atol=0.015)
 
 
 def test_stop_at_eos(model):
@@ -92,6 +123,36 @@ def test_stop_at_eos(model):
     out = model.generate([1, 2, 3], max_new_tokens=10, return_type="tokens", stop_at_eos=False,
                          fwd_hooks=[("ln_final.hook_normalized", push_eos)])
     assert len(out) == 13
+
+
+def test_finished_rows_of_a_batch_are_filled_with_endoftext(model):
+    """Row 0 is steered to emit <|endoftext|> at its third step and token 1234 at every other one;
+    row 1 is steered to token 42 (and, in the second run, to <|endoftext|> at its fifth step)."""
+    eos = 50256
+    W_U = model.W_U
+
+    def steer(row1_eos_step):
+        calls = []
+
+        def push(act, hook):  # ln_final.hook_normalized of the last position: [batch, 1, d_model]
+            step = len(calls)
+            calls.append(step)
+            act = act.copy()
+            act[0] = W_U[:, eos if step == 2 else 1234] * 100
+            act[1] = W_U[:, eos if step == row1_eos_step else 42] * 100
+            return act
+        return [("ln_final.hook_normalized", push)]
+
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    out = model.generate(prompts, max_new_tokens=7, return_type="tokens", fwd_hooks=steer(None))
+    assert out[0, 3:].tolist() == [1234, 1234, eos, eos, eos, eos, eos]  # finished: only <|endoftext|>
+    assert out[1, 3:].tolist() == [42] * 7  # the other row goes on
+    # once every row has finished, generation stops
+    out = model.generate(prompts, max_new_tokens=7, return_type="tokens", fwd_hooks=steer(4))
+    assert out[:, 3:].tolist() == [[1234, 1234, eos, eos, eos], [42, 42, 42, 42, eos]]
+    # without stop_at_eos, a row goes on after <|endoftext|>
+    out = model.generate(prompts, max_new_tokens=5, return_type="tokens", fwd_hooks=steer(None), stop_at_eos=False)
+    assert out[0, 3:].tolist() == [1234, 1234, eos, 1234, 1234]
 
 
 def test_hooks_apply_during_generation(model):
@@ -116,7 +177,7 @@ def test_batch_of_equal_length_prompts(model):
     out = model.generate(prompts, max_new_tokens=6, return_type="tokens")
     assert out.shape == (2, 9)
     for i in range(2):
-        np.testing.assert_array_equal(out[i], model.generate(prompts[i], max_new_tokens=6, return_type="tokens"))
+        np.testing.assert_array_equal(out[i], by_hand.greedy(model, prompts[i], 6))
     with pytest.raises(InputError, match="different numbers of tokens"):
         model.generate(["The dog", "Hello, my dog is cute"])
 

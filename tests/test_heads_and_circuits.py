@@ -96,7 +96,11 @@ def test_detect_head_finds_a_planted_previous_token_head(model64):
     assert scores[1, 2] == scores.max()
     assert scores_abs[1, 2] == pytest.approx(1 - round(1 / 8 * 8 / 8, 3))
     only = detect_head(model64, tokens, "previous_token_head", heads=[(0, 1)])
-    assert only[0, 1] != -1 and (np.delete(only.ravel(), 1) == -1).all()
+    # by hand: the share of head L0H1's attention (8 rows, each summing to 1) on the previous token
+    _, c = model64.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    pattern = c["pattern", 0][0, 1]
+    assert only[0, 1] == pytest.approx(sum(pattern[i, i - 1] for i in range(1, 8)) / 8, abs=1e-12)
+    assert (np.delete(only.ravel(), 1) == -1).all()
     assert excl[1, 2] == pytest.approx(1.0)
 
 
