@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from . import ops
-from .inputs import InputError
+from .inputs import InputError, is_text
 from .kv_cache import KeyValueCache
 from .model import GPT2
 
@@ -45,9 +45,11 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = Non
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
-        logits = np.where(logits < kth, -np.inf, logits)
+    if top_k is not None and top_k < logits.shape[-1]:  # exactly k tokens, even among ties
+        keep = np.argpartition(-logits, top_k - 1, axis=-1)[:, :top_k]
+        kept = np.full_like(logits, -np.inf)
+        np.put_along_axis(kept, keep, np.take_along_axis(logits, keep, axis=-1), axis=-1)
+        logits = kept
     probs = ops.softmax(logits)
     if top_p is not None and top_p < 1:
         order = np.argsort(-probs, axis=-1, kind="stable")
@@ -83,7 +85,7 @@ def generate_stream(model: GPT2, input, max_new_tokens: int = 20, temperature: f
     Stops with a ``ContextLimitWarning`` when the sequence reaches n_ctx.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    single = isinstance(input, str) or np.ndim(input) == 1
+    single = _single(input)
     tokens, mask = model.tokens_and_mask(input, prepend_bos=prepend_bos)
     if mask is not None and not mask.all():
         raise InputError("the prompts have different numbers of tokens; generate them one at a "
@@ -125,6 +127,11 @@ def generate_stream(model: GPT2, input, max_new_tokens: int = 20, temperature: f
             return
 
 
+def _single(input) -> bool:
+    """One prompt (a str, or ids [pos]) rather than a batch (a list of texts, or ids [batch, pos])."""
+    return isinstance(input, str) or (not is_text(input) and np.ndim(input) == 1)
+
+
 def generate(model: GPT2, input, max_new_tokens: int = 20, return_type: str = "str", **kwargs):
     """Continue a prompt. Greedy by default (temperature=0).
 
@@ -137,7 +144,7 @@ def generate(model: GPT2, input, max_new_tokens: int = 20, return_type: str = "s
     prompt, _ = model.tokens_and_mask(input, prepend_bos=kwargs.get("prepend_bos", False))
     new = [np.atleast_1d(t) for t in generate_stream(model, input, max_new_tokens, **kwargs)]
     out = np.concatenate([prompt, np.stack(new, axis=1)], axis=1) if new else prompt
-    single = isinstance(input, str) or np.ndim(input) == 1
+    single = _single(input)
     if return_type == "tokens":
         return out[0] if single else out
     texts = [model.to_string(row) for row in out]

@@ -134,7 +134,8 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
     Entries of -inf get probability 0 (as long as each row has one finite entry).
     """
-    out = x - x.max(axis=axis, keepdims=True)
+    out = x - x.max(axis=axis, keepdims=True)  # the largest entry becomes 0: exp cannot overflow
+    out = out if out.dtype.kind == "f" else out.astype(np.float64)  # (integer input)
     np.exp(out, out=out)
     out /= out.sum(axis=axis, keepdims=True)
     return out

@@ -201,3 +201,26 @@ def test_context_limit_stops_with_a_message(model):
 def test_bad_generation_arguments(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         model.generate([1, 2, 3], **kwargs)
+
+
+def test_generate_takes_a_list_of_equal_length_texts(model):
+    from by_hand import greedy
+
+    texts = ["The dog", "A cat"]
+    out = model.generate(texts, max_new_tokens=4)
+    assert isinstance(out, list) and len(out) == 2
+    ids = model.generate(texts, max_new_tokens=4, return_type="tokens")
+    for row, prompt in zip(ids, model.to_tokens(texts)):
+        np.testing.assert_array_equal(row, greedy(model, prompt, 4))
+    one = model.generate(["The dog"], max_new_tokens=4)
+    assert isinstance(one, list) and one == [out[0]]
+
+
+def test_top_k_keeps_exactly_k_tokens_among_ties():
+    from npgpt2.generate import sample
+
+    logits = np.array([[1.0, 5.0, 5.0, 5.0, 0.0]])
+    draws = {int(sample(logits, 1.0, top_k=1, rng=np.random.default_rng(s))[0]) for s in range(50)}
+    assert len(draws) == 1 and draws <= {1, 2, 3}
+    draws = {int(sample(logits, 1.0, top_k=2, rng=np.random.default_rng(s))[0]) for s in range(200)}
+    assert len(draws) == 2 and draws <= {1, 2, 3}

@@ -107,3 +107,7 @@ def test_causal_attention_with_huge_scores_in_float32():
         np.testing.assert_allclose(out, expected, atol=1e-4)
     masked = q @ k.swapaxes(-1, -2) + ops.causal_mask(20, 20, q.dtype)
     np.testing.assert_allclose(ops.softmax(masked) @ v, expected, atol=1e-4)
+
+
+def test_softmax_takes_integer_input():
+    np.testing.assert_allclose(ops.softmax(np.array([1, 2, 3])), by_hand.softmax(np.array([1.0, 2.0, 3.0])))

@@ -55,9 +55,10 @@ def direct_logit_attribution(model, cache, tokens, answer, wrong_answer=None, by
     """
     tokens = model.validate_tokens(tokens)
     batch, n_pos = tokens.shape
-    positions = np.broadcast_to(np.asarray(pos), (batch,)).astype(np.int64) % n_pos
-    if np.ndim(pos) and len(np.asarray(pos)) != batch:
-        raise ValueError(f"pos has {len(pos)} entries for {batch} prompts")
+    if np.ndim(pos) and len(np.asarray(pos)) not in (1, batch):
+        raise ValueError(f"pos has {len(np.asarray(pos))} entries for {batch} prompts: give one, or one per prompt")
+    positions = np.broadcast_to(np.asarray(pos).reshape(-1) if np.ndim(pos) else np.asarray(pos),
+                                (batch,)).astype(np.int64) % n_pos
     right = _answer_ids(model, answer, batch, "answer")
     direction = model.tokens_to_residual_directions(right)  # [batch, d_model]
     wrong = None
