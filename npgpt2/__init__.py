@@ -9,6 +9,7 @@
 from .cache import ActivationCache, get_act_name
 from .config import ALIASES, ConfigError, GPT2Config
 from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
+from . import metrics  # noqa: F401  (differentiable metrics for gradients)
 from .hub import AccessDeniedError, DownloadError, ModelNotFoundError, OfflineError
 from .debug import step_through
 from .loading import from_pretrained

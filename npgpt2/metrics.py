@@ -110,24 +110,28 @@ class Loss(Metric):
 
 
 class LogitDiff(Metric):
-    """Batch mean of logit[answer] - logit[wrong] at position ``pos``."""
+    """Batch mean of logit[answer] - logit[wrong] at position ``pos`` (one for all rows, or one per
+    row, e.g. each prompt's last real token when they are padded)."""
 
-    def __init__(self, answer, wrong, pos: int = -1):
-        self.answer, self.wrong, self.pos = _token_ids(answer, "answer"), _token_ids(wrong, "wrong"), pos
+    def __init__(self, answer, wrong, pos=-1):
+        self.answer, self.wrong, self.pos = _token_ids(answer, "answer"), _token_ids(wrong, "wrong"), np.asarray(pos)
+
+    def _at(self, batch):
+        return np.arange(batch), _rows(self.pos, batch, "pos")
 
     def value(self, logits):
-        rows = np.arange(logits.shape[0])
-        at = logits[:, self.pos].astype(np.float64)  # [batch, d_vocab]
+        rows, pos = self._at(logits.shape[0])
+        at = logits[rows, pos].astype(np.float64)  # [batch, d_vocab]
         return float(np.mean(at[rows, _rows(self.answer, len(rows), "answer")]
                              - at[rows, _rows(self.wrong, len(rows), "wrong")]))
 
     def grad(self, logits):
         logits = _checked(logits)
         batch = logits.shape[0]
-        rows = np.arange(batch)
+        rows, pos = self._at(batch)
         d_logits = np.zeros_like(logits)
-        np.add.at(d_logits, (rows, self.pos, _rows(self.answer, batch, "answer")), 1.0 / batch)
-        np.add.at(d_logits, (rows, self.pos, _rows(self.wrong, batch, "wrong")), -1.0 / batch)
+        np.add.at(d_logits, (rows, pos, _rows(self.answer, batch, "answer")), 1.0 / batch)
+        np.add.at(d_logits, (rows, pos, _rows(self.wrong, batch, "wrong")), -1.0 / batch)
         return d_logits
 
 

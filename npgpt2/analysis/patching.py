@@ -21,6 +21,7 @@ import itertools
 import numpy as np
 import pandas as pd
 
+from .. import metrics
 from ..hooks import block_hook
 from ..inputs import InputError
 
@@ -39,26 +40,16 @@ def _kind(activation: str) -> str:
     return "pattern" if activation == "pattern" else "head" if activation in ("z", "q", "k", "v") else "resid"
 
 
-def logit_diff_metric(answer_tokens, wrong_tokens, pos: int = -1):
+def logit_diff_metric(answer_tokens, wrong_tokens, pos: int = -1) -> metrics.LogitDiff:
     """A metric: mean over the batch of logit[answer] - logit[wrong] at position ``pos``.
-    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all)."""
-    right = np.asarray(answer_tokens)
-    wrong = np.asarray(wrong_tokens)
-
-    def metric(logits: np.ndarray) -> float:
-        rows = np.arange(logits.shape[0])
-        last = logits[:, pos]
-        return float(np.mean(last[rows, np.broadcast_to(right, rows.shape)]
-                             - last[rows, np.broadcast_to(wrong, rows.shape)]))
-
-    return metric
+    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all). Differentiable: it has
+    ``.grad(logits)`` (see ``npgpt2.metrics``)."""
+    return metrics.LogitDiff(answer_tokens, wrong_tokens, pos)
 
 
-def normalized_metric(metric, clean_value: float, corrupted_value: float):
+def normalized_metric(metric, clean_value: float, corrupted_value: float) -> metrics.Normalized:
     """(metric - corrupted) / (clean - corrupted): 0 means the corrupted behaviour, 1 the clean."""
-    if clean_value == corrupted_value:
-        raise ValueError(f"the clean and corrupted runs both score {clean_value}: nothing to normalise by")
-    return lambda logits: (metric(logits) - corrupted_value) / (clean_value - corrupted_value)
+    return metrics.Normalized(metric, clean_value, corrupted_value)
 
 
 def _check_runs(model, corrupted_tokens, clean_cache) -> np.ndarray:
