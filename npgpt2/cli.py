@@ -153,8 +153,6 @@ def cmd_download(args):
 # ------------------------------------------------------------------------------------ parity
 DEFAULT_PARITY_TEXTS = ["Hello, my dog is cute", "I am not sure what you are saying",
                         "Alan Turing theorized that computers would one day become"]
-# |npgpt2 - transformers| <= atol + rtol * |transformers|
-PARITY_TOLERANCES = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-12)}
 
 
 def cmd_parity(args):
@@ -166,39 +164,57 @@ def cmd_parity(args):
               "(with torch==2.13.0 or any CPU build first)", file=sys.stderr)
         return 1
     from .hub import resolve
+    from .parity import FLOAT32_ROW_LIMIT, FLOAT64_ROW_LIMIT, RATIO_LIMIT, Verdict, judge
 
     files = resolve(args.model, revision=args.revision)
     model = _load(args)
     folder = os.path.dirname(files.config)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(
-        folder, attn_implementation="eager", dtype=getattr(torch, args.dtype)).eval()
+    # transformers in float64 is the reference; its float32 error is the yardstick for npgpt2's
+    hf = {name: transformers.GPT2LMHeadModel.from_pretrained(
+        folder, attn_implementation="eager", dtype=getattr(torch, name)).eval()
+          for name in ("float32", "float64")}
     texts = [args.text] if args.text else DEFAULT_PARITY_TEXTS
-    atol, rtol = PARITY_TOLERANCES[args.dtype]
-    worst: dict[str, float] = {}  # quantity -> largest |diff| - rtol * |ref|
+    # quantity -> ([npgpt2 arrays], [float64 references], [transformers float32 arrays]), one per prompt
+    found: dict[str, tuple[list, list, list]] = {}
     for text in texts:
         tokens = model.validate_tokens(model.to_tokens(text, prepend_bos=args.prepend_bos))
-        logits, cache = model.run_with_cache(tokens)
-        with torch.no_grad():
-            ref = hf(torch.from_numpy(tokens), output_hidden_states=True, output_attentions=True)
-        pairs = [("logits", logits, ref.logits)]
-        for l in range(model.cfg.n_layer):
-            pairs.append((f"hidden state {l} (resid_pre)", cache["resid_pre", l], ref.hidden_states[l]))
-            pairs.append((f"attention pattern {l}", cache["pattern", l], ref.attentions[l]))
+        logits, cache = model.run_with_cache(tokens)  # attention through the whole score matrix
+        plain = model(tokens)  # attention block by block (ops.causal_attention)
+        ref = {}
+        for name, m in hf.items():
+            with torch.no_grad():
+                ref[name] = m(torch.from_numpy(tokens), output_hidden_states=True, output_attentions=True)
         final = cache["ln_final.hook_normalized"] * model.weights.ln_final_w + model.weights.ln_final_b
-        pairs.append(("final hidden state (ln_f)", final, ref.hidden_states[-1]))
-        for name, ours, theirs in pairs:
-            theirs = theirs.numpy()
-            excess = float(np.max(np.abs(ours - theirs) - rtol * np.abs(theirs)))
-            worst[name] = max(worst.get(name, -np.inf), excess)
-    print(f"{model.name} ({model.source}), {args.dtype}, {len(texts)} prompt(s); "
-          f"pass if |diff| <= {atol:g} + {rtol:g}*|transformers|")
-    print(f"{'quantity':<32} {'max |diff| - rtol*|ref|':>24}  result")
-    failed = 0
-    for name, excess in worst.items():
-        ok = excess <= atol
-        failed += not ok
-        print(f"{name:<32} {excess:>24.3e}  {'pass' if ok else 'FAIL'}")
-    print(f"{len(worst) - failed} passed, {failed} failed")
+        pairs = [("logits", plain, lambda r: r.logits),
+                 ("logits (run_with_cache)", logits, lambda r: r.logits)]
+        for l in range(model.cfg.n_layer):
+            pairs.append((f"hidden state {l} (resid_pre)", cache["resid_pre", l],
+                          lambda r, l=l: r.hidden_states[l]))
+            pairs.append((f"attention pattern {l}", cache["pattern", l], lambda r, l=l: r.attentions[l]))
+        pairs.append(("final hidden state (ln_f)", final, lambda r: r.hidden_states[-1]))
+        for name, ours, pick in pairs:
+            lists = found.setdefault(name, ([], [], []))
+            lists[0].append(ours)
+            lists[1].append(pick(ref["float64"]).numpy())
+            lists[2].append(pick(ref["float32"]).numpy())
+    # the ratio is judged on the logits; elsewhere a largest error can be that of a few numbers
+    # (position 0's huge residual), a matter of rounding luck (see npgpt2.parity)
+    verdicts = [judge(*lists, args.dtype, name, ratio_judged=name.startswith("logits"))
+                for name, lists in found.items()]
+    print(f"{model.name} ({model.source}), npgpt2 in {args.dtype}, {len(texts)} prompt(s); "
+          "errors are the largest |difference| from transformers in float64")
+    if args.dtype == "float32":
+        print(f"pass: logits' error <= {RATIO_LIMIT:g} x transformers' float32 error (ratio; in parentheses "
+              f"where only shown), and in every row (one position's values) error <= {FLOAT32_ROW_LIMIT:g} x "
+              "the row's largest |value|, or 1 if smaller (row err)")
+    else:
+        print(f"pass: in every row (one position's values) error <= {FLOAT64_ROW_LIMIT:g} x the row's "
+              "largest |value|, or 1 if smaller (row err)")
+    print(Verdict.header())
+    for v in verdicts:
+        print(v.line())
+    failed = sum(not v.passed for v in verdicts)
+    print(f"{len(verdicts) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
@@ -323,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
 
     p = add("parity", cmd_parity,
-            "compare npgpt2 with Hugging Face transformers on the same weights (needs the reference extra)",
+            "compare npgpt2 with Hugging Face transformers on the same weights, transformers in float64 "
+            "being the reference (needs the reference extra)",
             "npgpt2 parity --model gpt2 --dtype float64")
     p.add_argument("text", nargs="?", help="prompt to compare on (default: three example sentences)")
     model_args(p, dtype=True)
