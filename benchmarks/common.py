@@ -32,3 +32,27 @@ def median_time(fn, repeats: int, warmup: bool = True) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def describe_machine() -> str:
+    """CPU model, core count, numpy's BLAS (and torch's, when installed): ratios depend on them."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        numpy_blas = f"{blas.get('name')} {blas.get('version', '')}".strip()
+    except Exception:  # older numpy: no dict form
+        numpy_blas = "unknown BLAS"
+    line = f"CPU: {cpu}, {os.cpu_count()} cores; numpy {np.__version__} with {numpy_blas}"
+    try:
+        import torch
+
+        mkl = "MKL" if torch.backends.mkl.is_available() else "no MKL"
+        line += f"; torch {torch.__version__} ({mkl}, {torch.get_num_threads()} threads)"
+    except ImportError:
+        pass
+    return line
