@@ -38,25 +38,26 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-    d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U)  # [batch, pos, d_model]
+    d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True)
     d_resid, d_ln_final_w, d_ln_final_b = _layer_norm_backward(hook, "ln_final.", d_final_ln_out, w.ln_final_w)
 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients
-    block_grads = [_zero_block(b) for b in w.blocks]
+    block_grads = [_zero_block(b) if l < start_at_layer else None for l, b in enumerate(w.blocks)]
     for l in reversed(range(start_at_layer, cfg.n_layer)):
         d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid)  # [batch, pos, d_model]
 
     # the embeddings: resid = W_E[tokens] + W_pos[pos]; the sum copies the gradient to both
-    d_W_E, d_W_pos = np.zeros_like(w.W_E), np.zeros_like(w.W_pos)
+    # GPT-2's unembedding is the embedding, transposed: then the embedding's gradient is the
+    # lookup's plus the unembedding's (torch's wte.weight.grad), and d_W_U (computed transposed,
+    # [d_vocab, d_model]) is where it starts
+    tied = np.shares_memory(w.W_U, w.W_E)
+    d_W_E = d_W_U.T if tied else np.zeros_like(w.W_E)  # [d_vocab, d_model]
+    d_W_pos = np.zeros_like(w.W_pos)
     if start_at_layer == 0:
         d_embed = hook.grad("hook_embed", d_resid)  # [batch, pos, d_model]
         d_pos_embed = hook.grad("hook_pos_embed", d_resid)  # [batch, pos, d_model]
-        d_W_E = ops.embedding_backward(d_embed, tokens, cfg.d_vocab)  # [d_vocab, d_model]
+        ops.embedding_backward(d_embed, tokens, cfg.d_vocab, out=d_W_E)  # adds each position's row
         d_W_pos[: d_pos_embed.shape[1]] = d_pos_embed.sum(axis=0)  # [n_ctx, d_model]
-
-    tied = np.shares_memory(w.W_U, w.W_E)  # GPT-2's unembedding is the embedding, transposed
-    if tied:
-        d_W_E += d_W_U.T  # the lookup's gradient plus the unembedding's: torch's wte.weight.grad
     grads = GPT2Weights(
         W_E=d_W_E, W_pos=d_W_pos, blocks=block_grads, ln_final_w=d_ln_final_w,
         ln_final_b=None if w.ln_final_b is None else d_ln_final_b,
@@ -208,8 +209,11 @@ class Differentiable:
         metric = metrics.check_metric(metric)
         logits = self._forward(run, input, "logits", attention_mask=mask, start_at_layer=start_at_layer,
                                tokens=tokens)  # [batch, pos, d_vocab]
-        value = float(metric(logits))
-        d_logits = np.asarray(metric.grad(logits), dtype=logits.dtype)  # [batch, pos, d_vocab]
+        if hasattr(metric, "value_and_grad"):  # both from one pass over the logits
+            value, d_logits = metric.value_and_grad(logits)
+        else:
+            value, d_logits = metric(logits), metric.grad(logits)
+        value, d_logits = float(value), np.asarray(d_logits, dtype=logits.dtype)  # [batch, pos, d_vocab]
         if d_logits.shape != logits.shape:
             raise ValueError(f"{type(metric).__name__}.grad returned shape {d_logits.shape}; expected "
                              f"{logits.shape}, the logits' shape")

@@ -31,6 +31,10 @@ class Metric:
     def grad(self, logits: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def value_and_grad(self, logits: np.ndarray) -> tuple[float, np.ndarray]:
+        """Both at once (a metric may share work between them)."""
+        return self(logits), self.grad(logits)
+
 
 def _checked(logits) -> np.ndarray:
     logits = np.asarray(logits)
@@ -96,9 +100,8 @@ class Loss(Metric):
 
     def value(self, logits):
         self._check(logits)
-        logp = ops.log_softmax(logits[:, :-1].astype(np.float64, copy=False))  # [batch, pos - 1, d_vocab]
-        nll = -np.take_along_axis(logp, self.tokens[:, 1:, None], axis=-1)[..., 0]  # [batch, pos - 1]
-        return float((nll * self.weights).sum())
+        nll = ops.cross_entropy(logits[:, :-1], self.tokens[:, 1:])  # [batch, pos - 1]
+        return float((nll.astype(np.float64) * self.weights).sum())
 
     def grad(self, logits):
         logits = _checked(logits)
@@ -107,6 +110,23 @@ class Loss(Metric):
         d_logits[:, :-1] = ops.cross_entropy_backward(logits[:, :-1], self.tokens[:, 1:],
                                                       self.weights.astype(logits.dtype))
         return d_logits
+
+    def value_and_grad(self, logits):
+        """One softmax for both: nll = log(sum exp) - logit[target], grad = softmax - onehot."""
+        logits = _checked(logits)
+        self._check(logits)
+        d_logits = np.zeros_like(logits)  # the last position predicts nothing: gradient 0
+        probs = d_logits[:, :-1]  # [batch, pos - 1, d_vocab], worked on in place
+        np.subtract(logits[:, :-1], logits[:, :-1].max(axis=-1, keepdims=True), out=probs)
+        targets = self.tokens[:, 1:, None]
+        target_logit = np.take_along_axis(probs, targets, axis=-1)  # [batch, pos - 1, 1], shifted
+        np.exp(probs, out=probs)
+        total = probs.sum(axis=-1, keepdims=True)  # [batch, pos - 1, 1]
+        nll = (np.log(total) - target_logit)[..., 0]  # [batch, pos - 1]
+        weights = self.weights.astype(logits.dtype)[..., None]
+        probs *= weights / total  # weights * softmax
+        np.put_along_axis(probs, targets, np.take_along_axis(probs, targets, axis=-1) - weights, axis=-1)
+        return float((nll.astype(np.float64) * self.weights).sum()), d_logits
 
 
 class LogitDiff(Metric):

@@ -27,12 +27,18 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     return out
 
 
-def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray):
+def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False):
     """Gradients of x @ W + b.  d_out [..., n_out], x [..., n_in], W [n_in, n_out]
-    -> (d_x [..., n_in], d_W [n_in, n_out], d_b [n_out])"""
+    -> (d_x [..., n_in], d_W [n_in, n_out], d_b [n_out])
+
+    transpose_dW: compute d_W laid out as [n_out, n_in] (returned as its transposed view), for a W
+    that is itself a transposed view, such as the tied unembedding W_E.T.
+    """
     d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
+    x_rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     d_x = (d_out_rows @ W.T).reshape(x.shape)  # each input feeds every output through W
-    d_W = x.reshape(-1, x.shape[-1]).T @ d_out_rows  # summed over every row (batch and position)
+    # summed over every row (batch and position)
+    d_W = (d_out_rows.T @ x_rows).T if transpose_dW else x_rows.T @ d_out_rows
     return d_x, d_W, d_out_rows.sum(axis=0)
 
 
@@ -124,9 +130,21 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray) -> np.ndarray:
     d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
     """
     x_sq = x * x
-    t = np.tanh(_GELU_C * (x + 0.044715 * x_sq * x))
-    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x_sq)
-    return d_out * slope
+    t = x_sq * (0.044715 * _GELU_C)  # (in place from here: a [pos, d_mlp] array costs three, not ten)
+    t += _GELU_C
+    t *= x
+    np.tanh(t, out=t)  # t = tanh(u)
+    slope = x_sq  # reused: 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2) + 0.5 (1 + t)
+    slope *= 3 * 0.044715 * _GELU_C
+    slope += _GELU_C
+    slope *= x
+    slope *= 0.5
+    slope *= 1.0 - t * t
+    t += 1.0
+    t *= 0.5
+    slope += t
+    slope *= d_out
+    return slope
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -155,8 +173,14 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] of each row, from the log of the sum of exps (no softmax formed).
+    logits [..., d_vocab], targets [...] int -> [...]"""
+    return -np.take_along_axis(log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+
 def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Gradient of sum_n weights_n * -log softmax(logits_n)[targets_n] with respect to the logits:
+    """Gradient of sum_n weights_n * cross_entropy(logits_n, targets_n) with respect to the logits:
     weights_n * (softmax(logits_n) - onehot(targets_n)).
     logits [..., d_vocab], targets [...] int, weights [...] -> [..., d_vocab]"""
     d_logits = softmax(logits)
@@ -166,11 +190,16 @@ def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, weights: np.
     return d_logits
 
 
-def embedding_backward(d_embed: np.ndarray, tokens: np.ndarray, n_vocab: int) -> np.ndarray:
+def embedding_backward(d_embed: np.ndarray, tokens: np.ndarray, n_vocab: int, out=None) -> np.ndarray:
     """Gradient of the lookup W_E[tokens]: each position's gradient added to its token's row.
-    d_embed [batch, pos, d_model], tokens [batch, pos] -> d_W_E [n_vocab, d_model]"""
-    d_W_E = np.zeros((n_vocab, d_embed.shape[-1]), dtype=d_embed.dtype)
-    np.add.at(d_W_E, tokens.reshape(-1), d_embed.reshape(-1, d_embed.shape[-1]))  # a token seen twice adds twice
+    d_embed [batch, pos, d_model], tokens [batch, pos] -> d_W_E [n_vocab, d_model]
+    (added into ``out`` when given, e.g. the tied unembedding's gradient)"""
+    d_W_E = np.zeros((n_vocab, d_embed.shape[-1]), dtype=d_embed.dtype) if out is None else out
+    ids = tokens.reshape(-1)
+    order = np.argsort(ids, kind="stable")  # the positions of each token side by side
+    seen, first = np.unique(ids[order], return_index=True)
+    # a token seen twice adds twice: sum each run of equal tokens
+    d_W_E[seen] += np.add.reduceat(d_embed.reshape(-1, d_embed.shape[-1])[order], first, axis=0)
     return d_W_E
 
 
@@ -214,7 +243,7 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
 
 
 def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                              block: int = 64):
+                              block: int = 128):
     """Gradients of ``causal_attention``, recomputing each block's pattern instead of storing it.
     d_z [batch, head, query_pos, d_head]; q (already divided by sqrt(d_head)), k, v as in the forward.
     -> (d_q, d_k, d_v), shaped as q, k, v

@@ -304,6 +304,9 @@ def test_metrics_gradients(model64, batch):
                    metrics.logit_diff(" Mary", " John", pos=-2), metrics.logprob([" the", " a"]),
                    metrics.prob(" the"), metrics.normalized(metrics.logit_diff(" Mary", " John"), 2.0, -1.0)]:
         _check(metric, logits, metric.grad(logits))
+        value, grad = metric.value_and_grad(logits)  # the shared-work path gives the same
+        assert value == pytest.approx(metric(logits), abs=1e-12)
+        np.testing.assert_allclose(grad, metric.grad(logits), atol=1e-15)
     assert metrics.logit_diff(" Mary", " John")(logits) == pytest.approx(
         float(np.mean(logits[:, -1, 5335] - logits[:, -1, 1757])))
 
