@@ -59,10 +59,7 @@ def main(argv=None):
 
     model = npgpt2.from_pretrained(folder)
     tokens = np.random.default_rng(1).integers(0, model.cfg.d_vocab, (1, args.tokens))
-    times = {
-        "npgpt2 forward": median_time(lambda: model(tokens), args.repeats),
-        "npgpt2 value_and_grad": median_time(lambda: model.value_and_grad(tokens), args.repeats),
-    }
+    fns = {"npgpt2 forward": lambda: model(tokens), "npgpt2 value_and_grad": lambda: model.value_and_grad(tokens)}
     try:
         import torch
         from transformers import GPT2LMHeadModel
@@ -74,9 +71,18 @@ def main(argv=None):
             hf.zero_grad(set_to_none=True)
             hf(t_tokens, labels=t_tokens).loss.backward()
 
-        times["torch forward + backward"] = median_time(torch_step, args.repeats)
+        fns["torch forward + backward"] = torch_step
     except ImportError:
         print("transformers/torch not installed: npgpt2 timings only (pip install -e '.[reference]')")
+    # Interleaved, so that each sees the same state of the machine (on a virtual machine the cost
+    # of touching fresh memory drifts from minute to minute); the median of each is kept.
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            samples[name].append(median_time(fn, 1, warmup=False))
+    times = {name: float(np.median(s)) for name, s in samples.items()}
 
     print(f"\n{args.tokens} tokens, gpt2-small shape, median of {args.repeats}:")
     for name, t in times.items():

@@ -97,7 +97,8 @@ def _mlp_backward(hook: Run, name: str, w: BlockWeights, d_mlp_out, mlp_in):
     pre, post = hook.saved[name + "mlp.hook_pre"], hook.saved[name + "mlp.hook_post"]  # [batch, pos, d_mlp]
     d_post, d_W_out, d_b_out = ops.linear_backward(d_mlp_out, post, w.W_out)  # [batch, pos, d_mlp]
     d_post = hook.grad(name + "mlp.hook_post", d_post)  # [batch, pos, d_mlp]
-    d_pre = hook.grad(name + "mlp.hook_pre", ops.gelu_new_backward(d_post, pre))  # [batch, pos, d_mlp]
+    d_pre = ops.gelu_new_backward(d_post, pre, overwrite=hook.private(name + "mlp.hook_post"))  # [batch, pos, d_mlp]
+    d_pre = hook.grad(name + "mlp.hook_pre", d_pre)  # [batch, pos, d_mlp]
     d_mlp_in, d_W_in, d_b_in = ops.linear_backward(d_pre, mlp_in, w.W_in)  # [batch, pos, d_model]
     return d_mlp_in, d_W_in, d_b_in, d_W_out, d_b_out
 
@@ -134,8 +135,9 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
         d_q_heads = d_scores @ k_heads / math.sqrt(d_head)  # [batch, head, query_pos, d_head]
         d_k_heads = d_scores.swapaxes(-1, -2) @ q_heads / math.sqrt(d_head)  # [batch, head, key_pos, d_head]
     else:  # the blockwise forward kept no pattern: recompute it a block at a time
+        z_heads = hook.computed(a + "hook_z").transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]
         d_q_heads, d_k_heads, d_v_heads = ops.causal_attention_backward(
-            d_z_heads, q_heads / math.sqrt(d_head), k_heads, v_heads)
+            d_z_heads, q_heads / math.sqrt(d_head), k_heads, v_heads, z_heads)
         d_q_heads = d_q_heads / math.sqrt(d_head)  # the forward divided q by sqrt(d_head)
 
     d_q = hook.grad(a + "hook_q", d_q_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
@@ -209,7 +211,9 @@ class Differentiable:
         metric = metrics.check_metric(metric)
         logits = self._forward(run, input, "logits", attention_mask=mask, start_at_layer=start_at_layer,
                                tokens=tokens)  # [batch, pos, d_vocab]
-        if hasattr(metric, "value_and_grad"):  # both from one pass over the logits
+        if isinstance(metric, metrics.Loss):  # the logits are ours alone: the gradient overwrites them
+            value, d_logits = metric.value_and_grad(logits, out=logits)
+        elif hasattr(metric, "value_and_grad"):  # both from one pass over the logits
             value, d_logits = metric.value_and_grad(logits)
         else:
             value, d_logits = metric(logits), metric.grad(logits)

@@ -227,6 +227,11 @@ class Run:
         changed = self.changed.get(name)
         return d_act if changed is None else np.where(changed, 0, d_act)
 
+    def private(self, name: str) -> bool:
+        """Is the gradient that passed ``name`` held by no one else (not cached, no backward hook
+        saw it)? Then the backward pass may reuse its memory."""
+        return name not in self.keep_grad and name not in self.bwd_hooks
+
     def computed(self, name: str) -> np.ndarray:
         """The value the forward pass computed at a saved point, before any hook changed it (what
         the derivative of the function that computed it is taken at)."""

@@ -111,11 +111,12 @@ class Loss(Metric):
                                                       self.weights.astype(logits.dtype))
         return d_logits
 
-    def value_and_grad(self, logits):
-        """One softmax for both: nll = log(sum exp) - logit[target], grad = softmax - onehot."""
+    def value_and_grad(self, logits, out=None):
+        """One softmax for both: nll = log(sum exp) - logit[target], grad = softmax - onehot.
+        ``out``: where to write the gradient (it may be ``logits`` itself, which is then overwritten)."""
         logits = _checked(logits)
         self._check(logits)
-        d_logits = np.zeros_like(logits)  # the last position predicts nothing: gradient 0
+        d_logits = np.zeros_like(logits) if out is None else out
         probs = d_logits[:, :-1]  # [batch, pos - 1, d_vocab], worked on in place
         np.subtract(logits[:, :-1], logits[:, :-1].max(axis=-1, keepdims=True), out=probs)
         targets = self.tokens[:, 1:, None]
@@ -126,6 +127,7 @@ class Loss(Metric):
         weights = self.weights.astype(logits.dtype)[..., None]
         probs *= weights / total  # weights * softmax
         np.put_along_axis(probs, targets, np.take_along_axis(probs, targets, axis=-1) - weights, axis=-1)
+        d_logits[:, -1] = 0  # the last position predicts nothing
         return float((nll.astype(np.float64) * self.weights).sum()), d_logits
 
 

@@ -123,28 +123,33 @@ def gelu_new(x: np.ndarray) -> np.ndarray:
     return inner
 
 
-def gelu_new_backward(d_out: np.ndarray, x: np.ndarray) -> np.ndarray:
+def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Gradient of ``gelu_new`` at its input x.  d_out, x [...] -> d_x [...]
+    (``overwrite=True``: written into d_out's memory, which no one else may be holding)
 
     With u = c (x + 0.044715 x^3) and t = tanh(u), gelu = 0.5 x (1 + t), so
     d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
     """
-    x_sq = x * x
-    t = x_sq * (0.044715 * _GELU_C)  # (in place from here: a [pos, d_mlp] array costs three, not ten)
+    # in place from here on: two [pos, d_mlp] arrays instead of ten temporaries
+    a = x * x
+    t = a * (0.044715 * _GELU_C)
     t += _GELU_C
     t *= x
     np.tanh(t, out=t)  # t = tanh(u)
-    slope = x_sq  # reused: 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2) + 0.5 (1 + t)
-    slope *= 3 * 0.044715 * _GELU_C
-    slope += _GELU_C
-    slope *= x
-    slope *= 0.5
-    slope *= 1.0 - t * t
-    t += 1.0
-    t *= 0.5
-    slope += t
-    slope *= d_out
-    return slope
+    a *= 3 * 0.044715 * _GELU_C
+    a += _GELU_C
+    a *= x
+    a *= 0.5  # a = 0.5 x c (1 + 3 * 0.044715 x^2); the slope is (1 + t) (a (1 - t) + 0.5)
+    np.subtract(1.0, t, out=t)  # 1 - t
+    a *= t
+    a += 0.5
+    np.subtract(2.0, t, out=t)  # 1 + t
+    a *= t
+    if overwrite:
+        d_out *= a
+        return d_out
+    a *= d_out
+    return a
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -243,14 +248,16 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
 
 
 def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                              block: int = 128):
+                              z: np.ndarray, block: int = 64):
     """Gradients of ``causal_attention``, recomputing each block's pattern instead of storing it.
-    d_z [batch, head, query_pos, d_head]; q (already divided by sqrt(d_head)), k, v as in the forward.
-    -> (d_q, d_k, d_v), shaped as q, k, v
+    d_z, z [batch, head, query_pos, d_head] (z: the forward's output); q (already divided by
+    sqrt(d_head)), k, v as in the forward.  -> (d_q, d_k, d_v), shaped as q, k, v
 
     Per block of queries: pattern = softmax(q k^T + mask) again; then z = pattern v gives
-    d_pattern = d_z v^T and d_v += pattern^T d_z; the softmax gives d_scores; scores = q k^T gives
-    d_q = d_scores k and d_k += d_scores^T q. Keys and values collect from every block that sees them.
+    d_pattern = d_z v^T and d_v += pattern^T d_z; the softmax gives d_scores (its row sum
+    sum_k pattern d_pattern is d_z . z, a product over d_head instead of over the keys);
+    scores = q k^T gives d_q = d_scores k and d_k += d_scores^T q. Keys and values collect from
+    every block that sees them.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     offset = n_k - n_q
@@ -266,7 +273,10 @@ def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: 
         pattern = softmax(scores)  # [batch, head, block, visible]
         d_z_blk = d_z[:, :, start:stop]  # [batch, head, block, d_head]
         d_v[:, :, :visible] += pattern.swapaxes(-1, -2) @ d_z_blk
-        d_scores = softmax_backward(d_z_blk @ v_vis.swapaxes(-1, -2), pattern)  # [batch, head, block, visible]
+        row_sums = (d_z_blk * z[:, :, start:stop]).sum(axis=-1, keepdims=True)  # [batch, head, block, 1]
+        d_scores = d_z_blk @ v_vis.swapaxes(-1, -2)  # d_pattern, [batch, head, block, visible]
+        d_scores -= row_sums
+        d_scores *= pattern  # = softmax_backward(d_pattern, pattern)
         d_q[:, :, start:stop] = d_scores @ k_vis
         d_k[:, :, :visible] += d_scores.swapaxes(-1, -2) @ q_blk
     return d_q, d_k, d_v

@@ -115,7 +115,7 @@ def test_causal_attention_backward(rng, n_q, n_k, block):
     q = rng.standard_normal((2, 3, n_q, 4))
     k, v = rng.standard_normal((2, 3, n_k, 4)), rng.standard_normal((2, 3, n_k, 4))
     G = rng.standard_normal(q.shape)
-    d_q, d_k, d_v = ops.causal_attention_backward(G, q, k, v, block=block)
+    d_q, d_k, d_v = ops.causal_attention_backward(G, q, k, v, ops.causal_attention(q, k, v), block=block)
     _check(lambda q_: (G * ops.causal_attention(q_, k, v)).sum(), q, d_q)
     _check(lambda k_: (G * ops.causal_attention(q, k_, v)).sum(), k, d_k)
     _check(lambda v_: (G * ops.causal_attention(q, k, v_)).sum(), v, d_v)
