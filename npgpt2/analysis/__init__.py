@@ -7,6 +7,7 @@
     ablate, ablation_hook     zero / mean / resample ablation of heads, neurons, layers
     qk_circuit, ov_circuit    per-head circuits as FactoredMatrix; singular_directions as tokens
     composition_scores        Q/K/V composition between heads of different layers
+    token_saliency            gradient x input and integrated gradients over the prompt's tokens
 
     patching                  activation patching, TransformerLens's names (also ``npgpt2.patching``)
     head_detector             head detection scores and induction (also ``npgpt2.head_detector``)
@@ -17,8 +18,9 @@ from .attribution import direct_logit_attribution
 from .circuits import (FactoredMatrix, composition_frame, composition_scores, ov_circuit, qk_circuit,
                        singular_directions)
 from .lens import logit_lens
+from .saliency import token_saliency
 from .tokens import next_token_table, prompt_token_probs
 
 __all__ = ["FactoredMatrix", "ablate", "ablation_hook", "composition_frame", "composition_scores",
            "direct_logit_attribution", "logit_lens", "next_token_table", "ov_circuit", "parse_component",
-           "prompt_token_probs", "qk_circuit", "singular_directions"]
+           "prompt_token_probs", "qk_circuit", "singular_directions", "token_saliency"]
