@@ -4,6 +4,7 @@
     npgpt2 tokens "Hello, my dog is cute"
     npgpt2 trace "The dog" --layer 0
     npgpt2 step "The cat sat"
+    npgpt2 saliency "The Eiffel Tower is in the city of" --target " Paris"
     npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png
     npgpt2 info
     npgpt2 download gpt2-medium
@@ -101,14 +102,25 @@ def cmd_trace(args):
     if not names:
         raise CLIError(f"no hook point matches --names {args.names!r}"
                        + (f" in layer {args.layer}" if args.layer is not None else ""))
-    logits, cache = model.run_with_cache(tokens, names_filter=names)
+    if args.grad:
+        metric, what = _target_metric(model, tokens, args.target)
+        value, cache = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, metric=metric)
+        logits = model(tokens)
+    elif args.target:
+        raise CLIError("--target is for --grad: the gradient of that token's log-probability")
+    else:
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
     print(f"{model.name}: {len(str_tokens)} tokens {str_tokens}")
-    print(f"{'hook point':<34} {'shape':<20} {'mean':>9} {'std':>9} {'min':>9} {'max':>9}")
+    if args.grad:
+        print(f"gradients of {what} = {value:.4f}; grad norm = the gradient's norm over the whole activation")
+    grad_header = f" {'grad norm':>10}" if args.grad else ""
+    print(f"{'hook point':<34} {'shape':<20} {'mean':>9} {'std':>9} {'min':>9} {'max':>9}{grad_header}")
     for name in names:
         a = cache[name]
         finite = a[np.isfinite(a)]  # attention scores hold -inf for the masked future
+        grad = f" {np.linalg.norm(cache[name + '_grad']):>10.3e}" if args.grad else ""
         print(f"{name:<34} {str(list(a.shape)):<20} {finite.mean():>9.4f} {finite.std():>9.4f} "
-              f"{finite.min():>9.4f} {finite.max():>9.4f}")
+              f"{finite.min():>9.4f} {finite.max():>9.4f}{grad}")
         if name.endswith("hook_pattern"):
             last = a[0, :, -1, :]  # [head, key]: where the last position looks
             tops = ", ".join(f"H{h}->{str_tokens[int(k)]!r} {last[h, k]:.2f}"
@@ -116,6 +128,48 @@ def cmd_trace(args):
             print(f"{'':<4}last query attends most to: {tops}")
     top = logits[0, -1].argsort()[::-1][:5]
     print("next-token prediction: " + ", ".join(f"{model.tokenizer.token_str(t)!r}" for t in top))
+
+
+def _target_metric(model, tokens, target):
+    """--target TOKEN -> (its log-probability at the last position as a metric, a description);
+    no target: the mean next-token loss."""
+    from . import metrics
+
+    if target is None:
+        if tokens.shape[1] < 2:
+            raise CLIError("the loss needs at least 2 tokens; give --target TOKEN for a one-token text")
+        return metrics.loss(tokens), "the mean next-token loss"
+    return metrics.logprob(model.to_single_token(target)), f"log P({target!r}) at the last position"
+
+
+# ---------------------------------------------------------------------------------- saliency
+def cmd_saliency(args):
+    from .analysis import token_saliency
+    from . import metrics
+
+    model = _load(args)
+    tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
+    if args.target is None:
+        target = int(model(tokens)[0, -1].argmax())
+        print(f"target: the model's top prediction, {model.tokenizer.token_str(target)!r}")
+    else:
+        target = model.to_single_token(args.target)
+    df = token_saliency(model, tokens[0], metrics.logprob(target), method=args.method, steps=args.steps,
+                        baseline=args.baseline)
+    a = df.attrs
+    print(f"{args.method} of log P({model.tokenizer.token_str(target)!r}) = {a['metric']:.4f} over the "
+          f"token embeddings")
+    if args.method == "integrated_gradients":
+        print(f"baseline {a['baseline']}: {a['baseline_metric']:.4f}; the scores add up to "
+              f"{a['sum_of_scores']:.4f} (completeness error {a['completeness_error']:.2%}, {a['steps']} steps)")
+    print(f"{'pos':>4}  {'token':<16} {'score':>9} {'share':>7}")
+    for row in df.itertuples():
+        print(f"{row.position:>4}  {row.token!r:<16} {row.score:>9.4f} {row.share:>7.1%}")
+    if args.png:
+        from .plot import saliency_plot
+
+        saliency_plot(df, path=args.png)
+        print(f"wrote {args.png}")
 
 
 # -------------------------------------------------------------------------------------- info
@@ -313,6 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--layer", "-l", type=int, help="only this block's hook points")
     p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
+    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--grad", action="store_true",
+                   help="also the gradient's norm at each hook point (of the loss, or of --target)")
+    p.add_argument("--target", help="with --grad: a token whose log-probability at the last position "
+                                    "is differentiated, e.g. ' Paris'")
+
+    p = add("saliency", cmd_saliency, "which prompt tokens a prediction leans on: gradient x input or "
+            "integrated gradients over the token embeddings",
+            "npgpt2 saliency \"The Eiffel Tower is in the city of\" --target \" Paris\"")
+    p.add_argument("prompt")
+    model_args(p, dtype=True)
+    p.add_argument("--target", help="the token explained (default: the model's top prediction)")
+    p.add_argument("--method", choices=["grad_x_input", "integrated_gradients"], default="integrated_gradients")
+    p.add_argument("--steps", type=_positive_int, default=64, help="integrated gradients' steps (default: 64)")
+    p.add_argument("--baseline", choices=["zero", "eot"], default="zero")
+    p.add_argument("--png", help="also draw the scores to this file (needs matplotlib)")
     p.add_argument("--prepend-bos", action="store_true")
 
     p = add("step", cmd_step,

@@ -105,6 +105,20 @@ def attribution_bars(dla: pd.DataFrame, column: str = "attribution", top: int = 
     return _finish(fig, path)
 
 
+def saliency_plot(saliency: pd.DataFrame, path=None):
+    """A ``token_saliency`` table as one bar per prompt token, in order (positive blue, negative red)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(saliency)), 3))
+    labels = [f"{t!r}"[1:-1] for t in saliency["token"]]
+    ax.bar(range(len(saliency)), saliency["score"], color=np.where(saliency["score"] >= 0, "tab:blue", "tab:red"))
+    ax.set_xticks(range(len(saliency)), labels, rotation=60, ha="right")
+    ax.axhline(0, color="black", linewidth=0.8)
+    a = saliency.attrs
+    ax.set_ylabel(a.get("method", "score").replace("_", " "))
+    ax.set_title(f"metric {a['metric']:.3f}" + (f", baseline {a['baseline_metric']:.3f}" if "baseline_metric" in a else ""))
+    return _finish(fig, path)
+
+
 def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
     """Attention pattern heatmaps, one panel per head, with token labels on both axes.
 

@@ -66,3 +66,33 @@ def test_bad_arguments_are_named(model):
         token_saliency(model, PROMPT, method="integrated_gradients", steps=0)
     with pytest.raises(ValueError, match="one prompt"):
         token_saliency(model, ["a b", "c d"])
+
+
+def test_trace_grad_prints_each_hook_points_gradient_norm(tiny_dir, model, capsys):
+    from npgpt2 import cli
+
+    assert cli.main(["trace", "The dog sat", "-m", tiny_dir, "--grad", "--target", " on",
+                     "--names", "*resid_pre"]) == 0
+    out = capsys.readouterr().out
+    tokens = model.to_tokens("The dog sat")
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("resid_pre"), incl_bwd=True,
+                                    metric=metrics.logprob(" on"))
+    for l in range(2):
+        row = next(line for line in out.splitlines() if line.startswith(f"blocks.{l}.hook_resid_pre"))
+        assert float(row.split()[-1]) == pytest.approx(np.linalg.norm(cache[f"blocks.{l}.hook_resid_pre_grad"]),
+                                                       rel=1e-3)
+    assert "log P(' on')" in out
+    assert cli.main(["trace", "The dog", "-m", tiny_dir, "--target", " on"]) == 2  # --target needs --grad
+
+
+def test_saliency_command_prints_the_table(tiny_dir, model, capsys, tmp_path):
+    from npgpt2 import cli
+
+    png = tmp_path / "saliency.png"
+    assert cli.main(["saliency", PROMPT, "-m", tiny_dir, "--target", " Mary", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    df = token_saliency(model, PROMPT, metrics.logprob(" Mary"), method="integrated_gradients", steps=64)
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == len(df)
+    np.testing.assert_allclose([float(r[-2]) for r in rows], df["score"], atol=1e-4)
+    assert "completeness error" in out and png.stat().st_size > 1000
