@@ -148,7 +148,7 @@ def synthetic_model(n_layer: int = 4, n_head: int = 4, n_embd: int = 64, n_ctx: 
     return from_pretrained(folder, **kwargs)
 
 
-def pretrained_or_synthetic(name: str = "gpt2", **shape):
+def pretrained_or_synthetic(name: str = "gpt2", dtype: str = "float32", **shape):
     """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder), else
     ``synthetic_model(**shape)``, with a note saying so. For examples that should run anywhere and
     show real results where they can."""
@@ -156,11 +156,11 @@ def pretrained_or_synthetic(name: str = "gpt2", **shape):
     from .loading import from_pretrained
 
     try:
-        return from_pretrained(name, local_files_only=True)
+        return from_pretrained(name, local_files_only=True, dtype=dtype)
     except OfflineError:
         print(f"({name} is not cached: using a small random model, whose tables have the real shape "
               f"and meaning but noise in them; `npgpt2 download {name}` fetches the real one)\n")
-    return synthetic_model(**shape)
+    return synthetic_model(dtype=dtype, **shape)
 
 
 # Real GPT-2 small's residual stream at position 0 has a norm near 3,000; the realistic checkpoint
