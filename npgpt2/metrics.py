@@ -131,15 +131,19 @@ class Loss(Metric):
         return float((nll.astype(np.float64) * self.weights).sum()), d_logits
 
 
-class LogitDiff(Metric):
-    """Batch mean of logit[answer] - logit[wrong] at position ``pos`` (one for all rows, or one per
-    row, e.g. each prompt's last real token when they are padded)."""
+class _AtPosition(Metric):
+    """A metric read at position ``pos``: one for all rows, or one per row (e.g. each prompt's
+    last real token when they are padded)."""
+
+    def _at(self, batch: int):
+        return np.arange(batch), _rows(self.pos, batch, "pos")
+
+
+class LogitDiff(_AtPosition):
+    """Batch mean of logit[answer] - logit[wrong] at position ``pos``."""
 
     def __init__(self, answer, wrong, pos=-1):
         self.answer, self.wrong, self.pos = _token_ids(answer, "answer"), _token_ids(wrong, "wrong"), np.asarray(pos)
-
-    def _at(self, batch):
-        return np.arange(batch), _rows(self.pos, batch, "pos")
 
     def value(self, logits):
         rows, pos = self._at(logits.shape[0])
@@ -157,49 +161,42 @@ class LogitDiff(Metric):
         return d_logits
 
 
-class LogProb(Metric):
+class LogProb(_AtPosition):
     """Batch mean of log P(token) at position ``pos``."""
 
-    def __init__(self, token, pos: int = -1):
-        self.token, self.pos = _token_ids(token, "token"), pos
+    def __init__(self, token, pos=-1):
+        self.token, self.pos = _token_ids(token, "token"), np.asarray(pos)
+
+    def _row_logprobs(self, logits) -> np.ndarray:
+        """log P(token) of each row, [batch] (float64)."""
+        rows, pos = self._at(logits.shape[0])
+        logp = ops.log_softmax(logits[rows, pos].astype(np.float64))  # [batch, d_vocab]
+        return logp[rows, _rows(self.token, len(rows), "token")]
 
     def value(self, logits):
-        rows = np.arange(logits.shape[0])
-        logp = ops.log_softmax(logits[:, self.pos].astype(np.float64))
-        return float(np.mean(logp[rows, _rows(self.token, len(rows), "token")]))
+        return float(np.mean(self._row_logprobs(logits)))
 
     def grad(self, logits):
         logits = _checked(logits)
         batch = logits.shape[0]
+        rows, pos = self._at(batch)
         d_logits = np.zeros_like(logits)
         # d log p_t / d logits = onehot(t) - softmax: minus the cross-entropy's gradient
-        d_logits[:, self.pos] = -ops.cross_entropy_backward(
-            logits[:, self.pos], _rows(self.token, batch, "token").copy(), np.full(batch, 1.0 / batch, logits.dtype))
+        d_logits[rows, pos] = -ops.cross_entropy_backward(
+            logits[rows, pos], _rows(self.token, batch, "token").copy(), np.full(batch, 1.0 / batch, logits.dtype))
         return d_logits
 
 
-class Prob(Metric):
+class Prob(LogProb):
     """Batch mean of P(token) at position ``pos``."""
 
-    def __init__(self, token, pos: int = -1):
-        self.token, self.pos = _token_ids(token, "token"), pos
-
     def value(self, logits):
-        rows = np.arange(logits.shape[0])
-        p = ops.softmax(logits[:, self.pos].astype(np.float64))
-        return float(np.mean(p[rows, _rows(self.token, len(rows), "token")]))
+        return float(np.mean(np.exp(self._row_logprobs(logits))))
 
     def grad(self, logits):
-        logits = _checked(logits)
-        batch = logits.shape[0]
-        rows = np.arange(batch)
-        tokens = _rows(self.token, batch, "token")
-        p = ops.softmax(logits[:, self.pos])  # [batch, d_vocab]
-        d_logits = np.zeros_like(logits)
-        # d p_t / d logits = p_t (onehot(t) - p)
-        d_at = -p * p[rows, tokens][:, None]
-        d_at[rows, tokens] += p[rows, tokens]
-        d_logits[:, self.pos] = d_at / batch
+        d_logits = super().grad(logits)  # d log p / d logits; d p = p d log p
+        rows, pos = self._at(logits.shape[0])
+        d_logits[rows, pos] *= np.exp(self._row_logprobs(logits)).astype(d_logits.dtype)[:, None]
         return d_logits
 
 
