@@ -199,7 +199,9 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
 
         if self.attn_implementation == "eager" or hook.wants(name + "hook_attn_scores", name + "hook_pattern"):
             mask = ops.causal_mask(pos, k_heads.shape[2], q_heads.dtype)  # [query_pos, key_pos]: 0, or -inf for a later key
-            scores = q_heads @ k_heads.swapaxes(-1, -2) / math.sqrt(d_head) + mask  # [batch, head, query_pos, key_pos]
+            scores = q_heads @ k_heads.swapaxes(-1, -2)  # [batch, head, query_pos, key_pos]: query . key
+            scores /= math.sqrt(d_head)  # (in place: these are the largest arrays of the forward)
+            scores += mask
             scores = hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
             pattern = hook(name + "hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
             z_heads = pattern @ v_heads  # [batch, head, query_pos, d_head]
