@@ -343,3 +343,18 @@ def test_backward_hooks_observe_and_are_removed_after_errors(model64, batch):
         model64.run_with_hooks(batch, bwd_hooks=[("hook_embed", boom)], return_type="loss")
     assert model64._bwd_hooks == {} and model64._hooks == {}
     model64.value_and_grad(batch)  # no hook left behind
+
+
+def test_gradients_of_a_processed_model_are_those_of_the_arrays_it_uses(tiny_dir, batch):
+    processed = npgpt2.from_pretrained(tiny_dir, dtype="float64", fold_ln=True, center_writing_weights=True,
+                                       center_unembed=True)
+    assert not np.shares_memory(processed.weights.W_U, processed.weights.W_E)
+    value, grads = processed.value_and_grad(batch)
+    assert grads.blocks[0].ln1_w is None and grads.ln_final_w is None  # folded away
+    assert grads.b_U is not None and not np.shares_memory(grads.W_U, grads.W_E)
+    rng = np.random.default_rng(8)
+    for name in ["W_E", "W_U", "b_U", "blocks.1.W_qkv", "blocks.0.b_in"]:
+        W, G = _get(processed.weights, name), _get(grads, name)
+        D = rng.standard_normal(W.shape)
+        fd = (_with(processed, **{name: W + EPS * D}).loss(batch) - _with(processed, **{name: W - EPS * D}).loss(batch)) / (2 * EPS)
+        _agree(float((G * D).sum()), fd, G, D, name)
