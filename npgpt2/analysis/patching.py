@@ -173,6 +173,122 @@ def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, m
         get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)])
 
 
+# ----------------------------------------------------------------------------------------------
+# Attribution patching: the same sweeps estimated from one corrupted forward + backward pass
+# ----------------------------------------------------------------------------------------------
+def generic_attribution_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
+                              index_axis_names) -> np.ndarray:
+    """Attribution patching (Nanda, 2023): the first-order estimate of what patching
+    ``activation_name`` from the clean run into the corrupted run at each index would do to the
+    metric. For each index, sum over the patched slice of (clean - corrupted) * d metric / d activation,
+    the gradient taken on the corrupted run. Same axes and shape as ``generic_activation_patch``, but
+    the values are *changes* of the metric (the exact sweep's values minus the corrupted run's metric).
+
+    patching_metric: differentiable (``npgpt2.metrics``; ``logit_diff_metric`` and
+    ``normalized_metric`` make such metrics).
+    """
+    if activation_name not in _HOOKS:
+        raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
+    if not callable(getattr(patching_metric, "grad", None)):
+        raise TypeError("attribution patching needs a differentiable metric, one with grad(logits): use "
+                        "patching.logit_diff_metric, patching.normalized_metric or npgpt2.metrics")
+    tokens = _check_runs(model, corrupted_tokens, clean_cache)
+    kind = _kind(activation_name)
+    axes = list(index_axis_names)
+    if axes[0] != "layer" or any((kind, a) not in _AXES for a in axes[1:]):
+        raise ValueError(f"index_axis_names {tuple(axes)} do not fit activation {activation_name!r}")
+    names = [f"blocks.{layer}.{_HOOKS[activation_name]}" for layer in range(model.cfg.n_layer)]
+    _, corrupted = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, metric=patching_metric)
+    kept = [_AXES[(kind, a)] for a in axes[1:]]  # the activation's axes that index the result
+    per_layer = []
+    for name in names:
+        clean = clean_cache[name]
+        terms = (clean - corrupted[name]) * corrupted[name + "_grad"]  # [batch, ...]: each entry's first-order effect
+        summed = terms.sum(axis=tuple(i for i in range(terms.ndim) if i not in kept))
+        per_layer.append(np.transpose(summed, np.argsort(np.argsort(kept))))  # in index_axis_names' order
+    return np.stack(per_layer)
+
+
+def _attributor(activation_name, index_axis_names, doc):
+    def fn(model, corrupted_tokens, clean_cache, patching_metric):
+        return generic_attribution_patch(model, corrupted_tokens, clean_cache, patching_metric,
+                                         activation_name, index_axis_names)
+
+    fn.__doc__ = (f"{doc}\n\nAttribution-patching estimate of patching clean ``{activation_name}`` into the "
+                  f"corrupted run at each ({', '.join(index_axis_names)}): the change of the metric, "
+                  f"[{', '.join(index_axis_names)}]. See ``generic_attribution_patch``.")
+    return fn
+
+
+# one estimate for each exact sweep above: same name with attr for act, same arguments and shape
+get_attr_patch_resid_pre = _attributor("resid_pre", ("layer", "pos"), "Residual stream entering each layer.")
+get_attr_patch_resid_mid = _attributor("resid_mid", ("layer", "pos"), "Residual stream between attention and MLP.")
+get_attr_patch_attn_out = _attributor("attn_out", ("layer", "pos"), "Output of each attention layer.")
+get_attr_patch_mlp_out = _attributor("mlp_out", ("layer", "pos"), "Output of each MLP layer.")
+get_attr_patch_attn_head_out_all_pos = _attributor("z", ("layer", "head"), "Each head's output (z), all positions.")
+get_attr_patch_attn_head_q_all_pos = _attributor("q", ("layer", "head"), "Each head's queries, all positions.")
+get_attr_patch_attn_head_k_all_pos = _attributor("k", ("layer", "head"), "Each head's keys, all positions.")
+get_attr_patch_attn_head_v_all_pos = _attributor("v", ("layer", "head"), "Each head's values, all positions.")
+get_attr_patch_attn_head_pattern_all_pos = _attributor("pattern", ("layer", "head_index"),
+                                                       "Each head's attention pattern, all positions.")
+get_attr_patch_attn_head_out_by_pos = _attributor("z", ("layer", "pos", "head"), "Each head's output at each position.")
+get_attr_patch_attn_head_q_by_pos = _attributor("q", ("layer", "pos", "head"), "Each head's query at each position.")
+get_attr_patch_attn_head_k_by_pos = _attributor("k", ("layer", "pos", "head"), "Each head's key at each position.")
+get_attr_patch_attn_head_v_by_pos = _attributor("v", ("layer", "pos", "head"), "Each head's value at each position.")
+get_attr_patch_attn_head_pattern_by_pos = _attributor("pattern", ("layer", "head_index", "dest_pos"),
+                                                      "Each head's attention pattern row at each destination.")
+get_attr_patch_attn_head_pattern_dest_src_pos = _attributor(
+    "pattern", ("layer", "head_index", "dest_pos", "src_pos"), "Each single attention weight.")
+
+# sweep name -> (exact, attribution, index axes)
+_SWEEPS = {name: (globals()[f"get_act_patch_{name}"], globals()[f"get_attr_patch_{name}"], axes) for name, axes in {
+    "resid_pre": ("layer", "pos"), "resid_mid": ("layer", "pos"), "attn_out": ("layer", "pos"),
+    "mlp_out": ("layer", "pos"), "attn_head_out_all_pos": ("layer", "head"), "attn_head_q_all_pos": ("layer", "head"),
+    "attn_head_k_all_pos": ("layer", "head"), "attn_head_v_all_pos": ("layer", "head"),
+    "attn_head_pattern_all_pos": ("layer", "head_index"), "attn_head_out_by_pos": ("layer", "pos", "head"),
+    "attn_head_q_by_pos": ("layer", "pos", "head"), "attn_head_k_by_pos": ("layer", "pos", "head"),
+    "attn_head_v_by_pos": ("layer", "pos", "head"), "attn_head_pattern_by_pos": ("layer", "head_index", "dest_pos"),
+    "attn_head_pattern_dest_src_pos": ("layer", "head_index", "dest_pos", "src_pos"),
+}.items()}
+
+
+def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> np.ndarray:
+    """resid_pre, attn_out and mlp_out, estimated by (layer, pos): [3, layer, pos]."""
+    return np.stack([f(model, corrupted_tokens, clean_cache, metric) for f in
+                     (get_attr_patch_resid_pre, get_attr_patch_attn_out, get_attr_patch_mlp_out)])
+
+
+def get_attr_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric) -> np.ndarray:
+    """Head output, q, k, v and pattern, estimated by (layer, head) over all positions: [5, layer, head]."""
+    return np.stack([f(model, corrupted_tokens, clean_cache, metric) for f in (
+        get_attr_patch_attn_head_out_all_pos, get_attr_patch_attn_head_q_all_pos,
+        get_attr_patch_attn_head_k_all_pos, get_attr_patch_attn_head_v_all_pos,
+        get_attr_patch_attn_head_pattern_all_pos)])
+
+
+def attribution_vs_exact(model, corrupted_tokens, clean_cache, metric, activation: str = "resid_pre",
+                         str_tokens=None, **kwargs) -> pd.DataFrame:
+    """Both sweeps of one activation side by side: a row per index with ``exact`` (the patched
+    metric), ``exact_change`` (minus the corrupted run's metric) and ``attribution`` (the estimate of
+    that change); ``df.attrs["correlation"]`` is their Pearson correlation.
+
+    activation: a sweep's name without its prefix, e.g. "resid_pre", "attn_head_out_all_pos".
+    kwargs go to the exact sweep (max_batch, progress).
+    """
+    if activation not in _SWEEPS:
+        raise ValueError(f"activation={activation!r}: expected one of {', '.join(_SWEEPS)}")
+    exact_sweep, attribution_sweep, axes = _SWEEPS[activation]
+    exact = exact_sweep(model, corrupted_tokens, clean_cache, metric, **kwargs)
+    attribution = attribution_sweep(model, corrupted_tokens, clean_cache, metric)
+    corrupted_value = float(metric(model(_check_runs(model, corrupted_tokens, clean_cache))))
+    df = patching_frame(exact, axes, str_tokens, value_name="exact")
+    df["exact_change"] = df["exact"] - corrupted_value
+    df["attribution"] = attribution.ravel()
+    df.attrs["corrupted_metric"] = corrupted_value
+    df.attrs["correlation"] = float(np.corrcoef(df["exact_change"], df["attribution"])[0, 1])
+    return df
+
+
 def patching_frame(result: np.ndarray, index_axis_names=("layer", "pos"), str_tokens=None,
                    value_name: str = "metric") -> pd.DataFrame:
     """A patching result as a tidy DataFrame: one row per patch, a column per axis (with the token
