@@ -8,6 +8,8 @@
     qk_circuit, ov_circuit    per-head circuits as FactoredMatrix; singular_directions as tokens
     composition_scores        Q/K/V composition between heads of different layers
     token_saliency            gradient x input and integrated gradients over the prompt's tokens
+    edge_attribution          EAP / EAP-IG scores for every edge; patch_edges, circuit_faithfulness,
+                              greedy_circuit: exact evaluation of circuits
 
     patching                  activation patching, TransformerLens's names (also ``npgpt2.patching``)
     head_detector             head detection scores and induction (also ``npgpt2.head_detector``)
@@ -17,10 +19,12 @@ from .ablation import ablate, ablation_hook, parse_component
 from .attribution import direct_logit_attribution
 from .circuits import (FactoredMatrix, composition_frame, composition_scores, ov_circuit, qk_circuit,
                        singular_directions)
+from .edges import circuit_faithfulness, edge_attribution, graph_edges, greedy_circuit, patch_edges
 from .lens import logit_lens
 from .saliency import token_saliency
 from .tokens import next_token_table, prompt_token_probs
 
 __all__ = ["FactoredMatrix", "ablate", "ablation_hook", "composition_frame", "composition_scores",
            "direct_logit_attribution", "logit_lens", "next_token_table", "ov_circuit", "parse_component",
-           "prompt_token_probs", "qk_circuit", "singular_directions", "token_saliency"]
+           "prompt_token_probs", "qk_circuit", "singular_directions", "token_saliency", "edge_attribution",
+           "graph_edges", "patch_edges", "circuit_faithfulness", "greedy_circuit"]

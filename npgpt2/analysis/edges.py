@@ -1,0 +1,303 @@
+"""Edges of the computational graph: edge attribution patching (EAP, EAP-IG) and exact edge patching.
+
+The graph of the EAP and ACDC papers. Upstream nodes write into the residual stream: the input
+embeddings ("embed": token plus position), every head's output ("L3H5": z[h] @ W_O[h]) and every
+MLP's output ("mlp3"). Downstream inputs read from it: every head's query, key and value input,
+separately ("L3H5" with input "q", "k", "v"), every MLP's input ("mlp3", input "mlp") and the logits
+("logits"). An edge runs from a node to an input of a later component: a head of layer l reads the
+embeddings, the heads and the MLPs of layers before l; the MLP of layer l also reads layer l's heads;
+the logits read every node. gpt2-small has 32,491 edges.
+
+Each downstream input has its own copy of the residual stream: patching an edge changes what that
+one input sees (through its own layer norm), not the residual stream others read.
+
+    edge_attribution(model, clean, corrupted, metric)      EAP: (clean out - corrupted out) .
+                                                             d metric / d input, on the corrupted run
+    edge_attribution(..., method="eap-ig", ig_steps=5)     the gradient averaged over inputs between
+                                                             corrupted and clean embeddings
+    patch_edges(model, clean, corrupted, edges, metric)    exact: every edge outside ``edges`` carries
+                                                             its corrupted value (ACDC's evaluation)
+    circuit_faithfulness(...), greedy_circuit(scores, n)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .. import metrics as metrics_module
+from .. import ops
+
+
+# ----------------------------------------------------------------------------------------------
+# The graph
+# ----------------------------------------------------------------------------------------------
+def _nodes(cfg) -> list[tuple[str, int]]:
+    """Upstream nodes in the order the forward pass writes them: (name, layer); embed has layer -1."""
+    nodes = [("embed", -1)]
+    for l in range(cfg.n_layer):
+        nodes += [(f"L{l}H{h}", l) for h in range(cfg.n_head)] + [(f"mlp{l}", l)]
+    return nodes
+
+
+def _inputs(cfg) -> list[tuple[str, str, int]]:
+    """Downstream inputs in the order the forward pass reads them: (component, input, layer)."""
+    inputs = []
+    for l in range(cfg.n_layer):
+        inputs += [(f"L{l}H{h}", x, l) for x in "qkv" for h in range(cfg.n_head)] + [(f"mlp{l}", "mlp", l)]
+    return inputs + [("logits", "logits", cfg.n_layer)]
+
+
+def _reads(node: tuple[str, int], target: tuple[str, str, int]) -> bool:
+    """Does the input ``target`` read the node's output?"""
+    name, layer = node
+    _, kind, target_layer = target
+    if kind in "qkv":  # a head reads what was written before its layer
+        return layer < target_layer
+    if kind == "mlp":  # an MLP also reads its own layer's heads
+        return layer < target_layer or (layer == target_layer and not name.startswith("mlp"))
+    return True  # the logits read everything
+
+
+def graph_edges(cfg) -> pd.DataFrame:
+    """Every edge of the graph: columns upstream, downstream, input (q, k, v, mlp or logits)."""
+    nodes, inputs = _nodes(cfg), _inputs(cfg)
+    rows = [(u[0], d[0], d[1]) for d in inputs for u in nodes if _reads(u, d)]
+    return pd.DataFrame(rows, columns=["upstream", "downstream", "input"])
+
+
+def _edge_mask(cfg) -> np.ndarray:
+    """[input, node] True where the edge exists."""
+    nodes, inputs = _nodes(cfg), _inputs(cfg)
+    return np.array([[_reads(u, d) for u in nodes] for d in inputs])
+
+
+# ----------------------------------------------------------------------------------------------
+# Node outputs and input gradients, from a run's cache
+# ----------------------------------------------------------------------------------------------
+_OUTPUT_HOOKS = lambda n: n.endswith(("hook_embed", "hook_pos_embed", "attn.hook_result", "hook_mlp_out"))  # noqa: E731
+
+
+def _node_outputs(model, cache) -> np.ndarray:
+    """What each node writes into the residual stream: [node, batch, pos, d_model]."""
+    outs = [cache["hook_embed"] + cache["hook_pos_embed"]]
+    for l in range(model.cfg.n_layer):
+        result = cache[f"blocks.{l}.attn.hook_result"]  # [batch, pos, head, d_model]
+        outs += [result[:, :, h] for h in range(model.cfg.n_head)] + [cache[f"blocks.{l}.hook_mlp_out"]]
+    return np.stack(outs)
+
+
+def _input_gradients(model, cache) -> np.ndarray:
+    """d metric / d (each downstream input's own copy of the residual stream): [input, batch, pos, d_model].
+
+    A head's query input q_h = ln1(x) @ W_Q[h] + b_Q[h]: its gradient is d q_h @ W_Q[h]^T taken back
+    through the layer norm; likewise keys, values, and the MLP's input through ln2 and W_in. The
+    logits' input is the final residual stream, which only the final layer norm reads.
+    """
+    w, n_head = model.weights, model.cfg.n_head
+    views = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}  # [layer, head, d_model, d_head]
+    grads = []
+    for l in range(model.cfg.n_layer):
+        ln1 = (cache[f"blocks.{l}.ln1.hook_normalized"], cache[f"blocks.{l}.ln1.hook_scale"], w.blocks[l].ln1_w)
+        for x in "qkv":
+            d_x = cache[f"blocks.{l}.attn.hook_{x}_grad"]  # [batch, pos, head, d_head]
+            for h in range(n_head):
+                d_ln_out = d_x[:, :, h] @ views[x][l, h].T  # [batch, pos, d_model]
+                grads.append(ops.layer_norm_backward(d_ln_out, *ln1)[0])
+        d_mlp_in = cache[f"blocks.{l}.mlp.hook_pre_grad"] @ w.blocks[l].W_in.T  # [batch, pos, d_model]
+        ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], w.blocks[l].ln2_w)
+        grads.append(ops.layer_norm_backward(d_mlp_in, *ln2)[0])
+    grads.append(cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"])
+    return np.stack(grads)
+
+
+_GRAD_HOOKS = lambda n: n.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre",  # noqa: E731
+                                    "hook_normalized", "hook_scale")) or n.endswith("hook_resid_post")
+
+
+# ----------------------------------------------------------------------------------------------
+# Edge attribution
+# ----------------------------------------------------------------------------------------------
+def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str = "eap",
+                     ig_steps: int = 5) -> pd.DataFrame:
+    """A score for every edge: the first-order estimate of what giving that one edge its clean value
+    in the corrupted run does to the metric. Columns upstream, downstream, input, score; sorted by
+    |score|, largest first.
+
+    "eap" (Syed et al., 2023): (clean output of upstream - corrupted output) . d metric / d (the
+    downstream input), the gradient taken on the corrupted run.
+    "eap-ig" (Hanna et al., 2024): the same, with the gradient averaged over ``ig_steps`` runs whose
+    token embeddings lie between the corrupted and the clean ones (alpha = 1/steps ... 1).
+    metric: differentiable (``npgpt2.metrics``), on the logits of the (corrupted-shaped) batch.
+    """
+    if method not in ("eap", "eap-ig"):
+        raise ValueError(f"method={method!r}: expected 'eap' or 'eap-ig'")
+    if method == "eap-ig" and (not isinstance(ig_steps, (int, np.integer)) or ig_steps < 1):
+        raise ValueError(f"ig_steps={ig_steps!r}: expected a positive integer")
+    metric = metrics_module.check_metric(metric)
+    clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    _, clean_cache = model.run_with_cache(clean, names_filter=_OUTPUT_HOOKS)
+    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_OUTPUT_HOOKS)
+    change = _node_outputs(model, clean_cache) - _node_outputs(model, corrupted_cache)  # [node, batch, pos, d_model]
+
+    if method == "eap":
+        _, cache = model.run_with_cache(corrupted, names_filter=_GRAD_HOOKS, incl_bwd=True, metric=metric)
+        grads = _input_gradients(model, cache)
+    else:
+        clean_embed, corrupted_embed = clean_cache["hook_embed"], corrupted_cache["hook_embed"]
+        grads = 0
+        for alpha in np.arange(1, ig_steps + 1) / ig_steps:
+            between = corrupted_embed + alpha * (clean_embed - corrupted_embed)
+            with model.hooks([("hook_embed", lambda act, hook, between=between: between)]):
+                _, cache = model.run_with_cache(corrupted, names_filter=_GRAD_HOOKS, incl_bwd=True, metric=metric)
+            grads = grads + _input_gradients(model, cache) / ig_steps
+
+    n_nodes = change.shape[0]
+    scores = grads.reshape(len(grads), -1) @ change.reshape(n_nodes, -1).T  # [input, node]
+    mask = _edge_mask(model.cfg)
+    nodes, inputs = _nodes(model.cfg), _inputs(model.cfg)
+    d_index, u_index = np.nonzero(mask)
+    df = pd.DataFrame({"upstream": [nodes[u][0] for u in u_index], "downstream": [inputs[d][0] for d in d_index],
+                       "input": [inputs[d][1] for d in d_index], "score": scores[d_index, u_index]})
+    df.attrs["method"] = method
+    return df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+
+def _check_pair(model, clean_tokens, corrupted_tokens):
+    from ..inputs import InputError
+
+    clean, _ = model.tokens_and_mask(clean_tokens)
+    corrupted, _ = model.tokens_and_mask(corrupted_tokens)
+    if clean.shape != corrupted.shape:
+        raise InputError(f"clean tokens {list(clean.shape)} and corrupted tokens {list(corrupted.shape)} must "
+                         "have the same [batch, pos]")
+    return clean, corrupted
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact edge patching
+# ----------------------------------------------------------------------------------------------
+def run_with_edge_values(model, tokens, values: dict) -> np.ndarray:
+    """Logits of ``tokens`` with some edges carrying given values instead of their upstream node's.
+
+    values: {(upstream, downstream, input): array [batch, pos, d_model]}. The downstream input then
+    reads its residual stream plus (value - what the upstream node wrote in this run).
+    """
+    cfg, w = model.cfg, model.weights
+    nodes, inputs = _nodes(cfg), _inputs(cfg)
+    node_index = {name: i for i, (name, _) in enumerate(nodes)}
+    input_index = {(name, kind): i for i, (name, kind, _) in enumerate(inputs)}
+    sourced: dict[int, list[tuple[int, np.ndarray]]] = {}  # input -> [(node, value)]
+    for (up, down, kind), value in values.items():
+        if (down, kind) not in input_index or up not in node_index:
+            raise ValueError(f"no edge {up} -> {down} ({kind}); see graph_edges(model.cfg)")
+        if not _reads(nodes[node_index[up]], inputs[input_index[(down, kind)]]):
+            raise ValueError(f"{down} ({kind}) does not read {up}: no such edge")
+        sourced.setdefault(input_index[(down, kind)], []).append((node_index[up], np.asarray(value)))
+
+    written: dict[int, np.ndarray] = {}  # node -> what it wrote in this run
+    seen: dict[str, np.ndarray] = {}
+
+    def delta(i):
+        """What input i sees on top of the shared residual stream."""
+        return sum(value - written[u] for u, value in sourced.get(i, []))
+
+    def keep(name):
+        def hook(act, point):
+            seen[name] = act
+        return hook
+
+    def write_embed(act, point):
+        written[0] = seen["hook_embed"] + act
+
+    def write_heads(l):
+        def hook(result, point):
+            for h in range(cfg.n_head):
+                written[node_index[f"L{l}H{h}"]] = result[:, :, h]
+        return hook
+
+    def write_mlp(l):
+        def hook(act, point):
+            written[node_index[f"mlp{l}"]] = act
+        return hook
+
+    def head_inputs(l, kind, W, b):
+        def hook(act, point):  # act [batch, pos, head, d_head]
+            out = None
+            for h in range(cfg.n_head):
+                i = input_index[(f"L{l}H{h}", kind)]
+                if i in sourced:
+                    out = act.copy() if out is None else out
+                    x = ops.layer_norm(seen[f"blocks.{l}.hook_resid_pre"] + delta(i), w.blocks[l].ln1_w,
+                                       w.blocks[l].ln1_b, cfg.eps)
+                    out[:, :, h] = x @ W[l, h] + b[l, h]
+            return out
+        return hook
+
+    def normalized_input(i, resid_name):
+        def hook(act, point):
+            if i in sourced:
+                x = ops.center(seen[resid_name] + delta(i))
+                return x / ops.ln_scale(x, cfg.eps)
+        return hook
+
+    hooks = [("hook_embed", keep("hook_embed")), ("hook_pos_embed", write_embed)]
+    for l in range(cfg.n_layer):
+        b = f"blocks.{l}."
+        hooks += [(b + "hook_resid_pre", keep(b + "hook_resid_pre"))]
+        hooks += [(b + f"attn.hook_{x}", head_inputs(l, x, W, bias))
+                  for x, W, bias in (("q", model.W_Q, model.b_Q), ("k", model.W_K, model.b_K), ("v", model.W_V, model.b_V))]
+        hooks += [(b + "attn.hook_result", write_heads(l)), (b + "hook_resid_mid", keep(b + "hook_resid_mid")),
+                  (b + "ln2.hook_normalized", normalized_input(input_index[(f"mlp{l}", "mlp")], b + "hook_resid_mid")),
+                  (b + "hook_mlp_out", write_mlp(l))]
+    last = f"blocks.{cfg.n_layer - 1}.hook_resid_post"
+    hooks += [(last, keep(last)), ("ln_final.hook_normalized", normalized_input(len(inputs) - 1, last))]
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+def patch_edges(model, clean_tokens, corrupted_tokens, edges, metric, keep: str = "circuit") -> float:
+    """The metric of the clean run with edges patched from the corrupted run.
+
+    edges: a DataFrame with upstream, downstream, input columns (``edge_attribution``'s, or rows of
+    ``graph_edges``), or a list of such triples.
+    keep="circuit": every edge *not* in ``edges`` carries its corrupted value (ACDC's evaluation of a
+    circuit); keep="rest": only the given edges carry their corrupted values.
+    """
+    if keep not in ("circuit", "rest"):
+        raise ValueError(f"keep={keep!r}: expected 'circuit' or 'rest'")
+    clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_OUTPUT_HOOKS)
+    outputs = dict(zip([n for n, _ in _nodes(model.cfg)], _node_outputs(model, corrupted_cache)))
+    given = {tuple(e) for e in (edges[["upstream", "downstream", "input"]].itertuples(index=False)
+                                if isinstance(edges, pd.DataFrame) else edges)}
+    every = set(graph_edges(model.cfg).itertuples(index=False, name=None))
+    unknown = given - every
+    if unknown:
+        raise ValueError(f"not edges of this model's graph: {sorted(unknown)[:3]}")
+    corrupted_edges = every - given if keep == "circuit" else given
+    return float(metric(run_with_edge_values(model, clean, {e: outputs[e[0]] for e in corrupted_edges})))
+
+
+def circuit_faithfulness(model, clean_tokens, corrupted_tokens, edges, metric) -> float:
+    """(metric of the circuit - corrupted metric) / (clean metric - corrupted metric): 1 when the
+    circuit alone restores the clean behaviour, 0 when it does nothing."""
+    clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    clean_value, corrupted_value = float(metric(model(clean))), float(metric(model(corrupted)))
+    return (patch_edges(model, clean, corrupted, edges, metric) - corrupted_value) / (clean_value - corrupted_value)
+
+
+def greedy_circuit(scores: pd.DataFrame, n_edges: int) -> pd.DataFrame:
+    """The ``n_edges`` edges of largest |score|, less those whose downstream component no longer
+    reaches the logits (its output feeds no kept edge), pruned until none is left."""
+    kept = scores.reindex(scores["score"].abs().sort_values(ascending=False).index).head(n_edges)
+    while True:
+        useful = {"logits"}  # components whose output reaches the logits through kept edges
+        changed = True
+        while changed:
+            before = len(useful)
+            useful |= set(kept.loc[kept["downstream"].isin(useful), "upstream"])
+            changed = len(useful) != before
+        pruned = kept[kept["downstream"].isin(useful)]
+        if len(pruned) == len(kept):
+            return pruned.reset_index(drop=True)
+        kept = pruned

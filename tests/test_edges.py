@@ -1,0 +1,88 @@
+"""Edge attribution against exact edge patching: each EAP score is the derivative of the exact
+patched metric along the edge's interpolation (finite differences, float64)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import npgpt2
+from npgpt2 import metrics
+from npgpt2.analysis import edges as E
+
+V = 50257
+
+
+def test_gpt2_small_has_32491_edges():
+    df = E.graph_edges(npgpt2.GPT2Config())
+    assert len(df) == 32491 and not df.duplicated().any()
+    # a head reads earlier layers only; an MLP also its own layer's heads
+    reads = set(df.loc[(df["downstream"] == "L3H0") & (df["input"] == "q"), "upstream"])
+    assert reads == {"embed"} | {f"L{l}H{h}" for l in range(3) for h in range(12)} | {"mlp0", "mlp1", "mlp2"}
+    assert {"L3H1", "mlp2"} <= set(df.loc[df["downstream"] == "mlp3", "upstream"])
+    assert "L3H1" not in set(df.loc[df["downstream"] == "L3H0", "upstream"])
+
+
+@pytest.fixture(scope="module")
+def pair(model64):
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, V, (2, 6))
+    corrupted = clean.copy()
+    corrupted[:, 1] = rng.integers(0, V, 2)
+    return clean, corrupted, metrics.logit_diff(11, 12)
+
+
+def _outputs(model, tokens, hooks=()):
+    with model.hooks(hooks):
+        _, cache = model.run_with_cache(tokens, names_filter=E._OUTPUT_HOOKS)
+    return dict(zip([n for n, _ in E._nodes(model.cfg)], E._node_outputs(model, cache)))
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_scores_are_derivatives_of_the_exact_edge_patch(model64, pair, method):
+    clean, corrupted, metric = pair
+    df = E.edge_attribution(model64, clean, corrupted, metric, method=method, ig_steps=1)
+    assert len(df) == len(E.graph_edges(model64.cfg))
+    assert (np.abs(df["score"]).diff().dropna() <= 0).all()  # sorted by |score|
+    clean_out, corrupted_out = _outputs(model64, clean), _outputs(model64, corrupted)
+    # eap: the gradient on the corrupted run; eap-ig with one step: on the corrupted run whose token
+    # embeddings are the clean ones (alpha = 1)
+    hooks = [] if method == "eap" else [("hook_embed", lambda a, h: model64.W_E[clean])]
+    here = _outputs(model64, corrupted, hooks)
+    for row in df.sample(6, random_state=1).itertuples():
+        edge = (row.upstream, row.downstream, row.input)
+        change = clean_out[edge[0]] - corrupted_out[edge[0]]
+
+        def f(alpha):
+            with model64.hooks(hooks):
+                logits = E.run_with_edge_values(model64, corrupted, {edge: here[edge[0]] + alpha * change})
+            return metric(logits)
+
+        fd = (f(1e-6) - f(-1e-6)) / 2e-6
+        # relative to the largest score: a tiny score's difference is rounding in the metric
+        assert abs(row.score - fd) <= 1e-6 * max(abs(fd), np.abs(df["score"]).max()), edge
+
+
+def test_exact_patching_of_all_and_no_edges(model64, pair):
+    clean, corrupted, metric = pair
+    every = E.graph_edges(model64.cfg)
+    assert E.circuit_faithfulness(model64, clean, corrupted, every, metric) == pytest.approx(1, abs=1e-9)
+    assert E.circuit_faithfulness(model64, clean, corrupted, [], metric) == pytest.approx(0, abs=1e-9)
+    # corrupting every edge into the logits alone is the corrupted run's final stream: its metric
+    into_logits = every[every["downstream"] == "logits"]
+    assert E.patch_edges(model64, clean, corrupted, into_logits, metric, keep="rest") == pytest.approx(
+        metric(model64(corrupted)), abs=1e-9)
+    # an edge whose value is what its node wrote changes nothing
+    out = _outputs(model64, clean)
+    same = E.run_with_edge_values(model64, clean, {("embed", "L1H2", "k"): out["embed"]})
+    np.testing.assert_allclose(same, model64(clean), atol=1e-12)
+    with pytest.raises(ValueError, match="does not read"):
+        E.run_with_edge_values(model64, clean, {("L1H0", "L0H1", "q"): out["embed"]})
+
+
+def test_greedy_circuit_prunes_what_no_longer_reaches_the_logits():
+    scores = pd.DataFrame([("L1H0", "logits", "logits", 5.0), ("embed", "L1H0", "q", 4.0),
+                           ("L0H1", "mlp0", "mlp", 3.0), ("embed", "L0H1", "v", 2.0), ("embed", "logits", "logits", 0.1)],
+                          columns=["upstream", "downstream", "input", "score"])
+    kept = E.greedy_circuit(scores, 4)
+    # mlp0 feeds nothing kept, so L0H1 -> mlp0 goes, then embed -> L0H1
+    assert set(map(tuple, kept[["upstream", "downstream"]].to_numpy())) == {("L1H0", "logits"), ("embed", "L1H0")}
