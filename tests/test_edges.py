@@ -86,3 +86,36 @@ def test_greedy_circuit_prunes_what_no_longer_reaches_the_logits():
     kept = E.greedy_circuit(scores, 4)
     # mlp0 feeds nothing kept, so L0H1 -> mlp0 goes, then embed -> L0H1
     assert set(map(tuple, kept[["upstream", "downstream"]].to_numpy())) == {("L1H0", "logits"), ("embed", "L1H0")}
+
+
+def test_path_patching_into_the_logits_is_the_direct_effect(model64, pair):
+    from by_hand import layer_norm
+
+    clean, corrupted, metric = pair
+    _, c = model64.run_with_cache(clean, names_filter="blocks.1.hook_resid_post")
+    clean_out, corrupted_out = _outputs(model64, clean), _outputs(model64, corrupted)
+    w = model64.weights
+    for senders in (["L0H2"], ["L1H3", "mlp0", "embed"]):
+        resid = c["blocks.1.hook_resid_post"] + sum(corrupted_out[s] - clean_out[s] for s in senders)
+        by_hand = layer_norm(resid, w.ln_final_w, w.ln_final_b, model64.cfg.eps) @ model64.W_U
+        assert E.path_patch(model64, clean, corrupted, metric, senders, "logits") == pytest.approx(
+            metric(by_hand), abs=1e-10)
+
+
+def test_path_patching_into_one_value_input_changes_only_that_head(model64, pair):
+    clean, corrupted, metric = pair
+    seen = {}
+    record = [(f"blocks.1.attn.hook_{x}", lambda a, h, x=x: seen.__setitem__(x, a.copy())) for x in ("pattern", "z")]
+    with model64.hooks(record):
+        model64(clean)
+    plain = dict(seen)
+    with model64.hooks(record):
+        value = E.path_patch(model64, clean, corrupted, metric, "L0H1", ("L1H2", "v"))
+    # (the patched run sums each head's result: rounding differs from the plain matmul by ~1e-16)
+    np.testing.assert_allclose(seen["pattern"], plain["pattern"], atol=1e-12)  # no query or key moved
+    others = [h for h in range(4) if h != 2]
+    np.testing.assert_allclose(seen["z"][:, :, others], plain["z"][:, :, others], atol=1e-12)
+    assert np.abs(seen["z"][:, :, 2] - plain["z"][:, :, 2]).max() > 1e-6
+    assert value != pytest.approx(metric(model64(clean)), abs=1e-9)
+    sweep = E.path_patch_heads(model64, clean, corrupted, metric, ("L1H2", "v"), progress=False)
+    assert sweep[0, 1] == pytest.approx(value) and np.isnan(sweep[1]).all()
