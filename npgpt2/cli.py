@@ -172,6 +172,35 @@ def cmd_saliency(args):
         print(f"wrote {args.png}")
 
 
+# ----------------------------------------------------------------------------------- circuit
+def cmd_circuit(args):
+    from . import metrics
+    from .analysis.edges import circuit_faithfulness, edge_attribution, greedy_circuit
+
+    model = _load(args)
+    clean, corrupted = (model.validate_tokens(model.to_tokens(t, prepend_bos=args.prepend_bos))
+                        for t in (args.clean, args.corrupted))
+    if clean.shape != corrupted.shape:
+        raise CLIError(f"the clean prompt has {clean.shape[1]} tokens and the corrupted one {corrupted.shape[1]}: "
+                       "they must have the same number of tokens")
+    metric = metrics.logit_diff(model.to_single_token(args.answer), model.to_single_token(args.wrong))
+    scores = edge_attribution(model, clean, corrupted, metric, method=args.method, ig_steps=args.ig_steps)
+    kept = greedy_circuit(scores, args.top)
+    clean_value, corrupted_value = metric(model(clean)), metric(model(corrupted))
+    print(f"logit difference {args.answer!r} - {args.wrong!r}: clean {clean_value:.4f}, corrupted {corrupted_value:.4f}")
+    print(f"{args.method} scores for {len(scores):,} edges; the top {args.top}, pruned to {len(kept)} that reach the logits:")
+    print(f"{'upstream':<10} {'downstream':<10} {'input':<7} {'score':>10}")
+    for row in kept.itertuples():
+        print(f"{row.upstream:<10} {row.downstream:<10} {row.input:<7} {row.score:>10.4f}")
+    print(f"faithfulness of this circuit (1 = restores the clean logit difference): "
+          f"{circuit_faithfulness(model, clean, corrupted, kept, metric):.3f}")
+    if args.png:
+        from .plot import circuit
+
+        circuit(kept, path=args.png, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
+        print(f"wrote {args.png}")
+
+
 # -------------------------------------------------------------------------------------- info
 def cmd_info(args):
     model = _load(args)
@@ -390,6 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
             "NumPy skipped)", 'npgpt2 step "The cat sat" --model gpt2')
     p.add_argument("text", nargs="?", default="The cat sat")
     model_args(p, dtype=True)
+
+    p = add("circuit", cmd_circuit, "find the edges behind a logit difference with edge attribution "
+            "(EAP / EAP-IG), keep the top ones and check how much of the behaviour they carry",
+            'npgpt2 circuit "When Mary and John went to the store, John gave a drink to" '
+            '"When Alice and Bob went to the store, Carl gave a drink to" --answer " Mary" --wrong " John"')
+    p.add_argument("clean")
+    p.add_argument("corrupted", help="a prompt with the same number of tokens")
+    model_args(p, dtype=True)
+    p.add_argument("--answer", required=True, help="the token the clean prompt should predict, e.g. ' Mary'")
+    p.add_argument("--wrong", required=True, help="the token it should not, e.g. ' John'")
+    p.add_argument("--method", choices=["eap", "eap-ig"], default="eap-ig")
+    p.add_argument("--ig-steps", type=_positive_int, default=5)
+    p.add_argument("--top", type=_positive_int, default=30, help="edges to keep (default: 30)")
+    p.add_argument("--png", help="also draw the circuit to this file (PNG or SVG; needs matplotlib)")
+    p.add_argument("--prepend-bos", action="store_true")
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
             'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')

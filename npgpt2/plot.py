@@ -119,6 +119,51 @@ def saliency_plot(saliency: pd.DataFrame, path=None):
     return _finish(fig, path)
 
 
+def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: str = ""):
+    """Draw a circuit: layers as rows (embeddings at the bottom, logits at the top), heads and the MLP
+    of each layer as nodes, one line per edge with width by |score| and colour by the input it feeds
+    (q, k, v, mlp, logits). ``edges``: columns upstream, downstream, input and score (from
+    ``edge_attribution`` / ``greedy_circuit``). Writes PNG or SVG when ``path`` is given."""
+    import re
+
+    plt = _pyplot()
+    names = set(edges["upstream"]) | set(edges["downstream"])
+    layers = [int(m.group(1)) for n in names if (m := re.match(r"(?:L|mlp)(\d+)", n))]
+    n_layer = max(layers, default=0) + 1
+    heads = [int(m.group(1)) for n in names if (m := re.match(r"L\d+H(\d+)", n))]
+    n_head = n_head or max(heads, default=0) + 1
+
+    def where(name):
+        if name == "embed":
+            return n_head / 2, -1
+        if name == "logits":
+            return n_head / 2, n_layer
+        if name.startswith("mlp"):
+            return n_head + 0.5, int(name[3:]) + 0.5
+        layer, head = (int(x) for x in re.match(r"L(\d+)H(\d+)", name).groups())
+        return head, layer
+
+    colours = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "mlp": "tab:purple", "logits": "black"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * n_head + 2), max(4, 0.7 * n_layer + 2)))
+    biggest = max(float(edges["score"].abs().max()), 1e-12) if len(edges) else 1.0
+    for row in edges.itertuples():
+        (x0, y0), (x1, y1) = where(row.upstream), where(row.downstream)
+        ax.plot([x0, x1], [y0, y1], color=colours.get(row.input, "gray"), alpha=0.7,
+                linewidth=0.5 + 4 * abs(row.score) / biggest, linestyle="-" if row.score >= 0 else "--")
+    for name in names:
+        x, y = where(name)
+        ax.scatter([x], [y], s=120, color="white", edgecolor="black", zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    for kind, colour in colours.items():
+        ax.plot([], [], color=colour, label=kind)
+    ax.legend(title="input (dashed: negative)", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_yticks(range(-1, n_layer + 1), ["embed"] + [str(l) for l in range(n_layer)] + ["logits"])
+    ax.set_ylabel("layer")
+    ax.set_xticks([])
+    ax.set_title(title or f"{len(edges)} edges")
+    return _finish(fig, path)
+
+
 def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
     """Attention pattern heatmaps, one panel per head, with token labels on both axes.
 

@@ -119,3 +119,23 @@ def test_path_patching_into_one_value_input_changes_only_that_head(model64, pair
     assert value != pytest.approx(metric(model64(clean)), abs=1e-9)
     sweep = E.path_patch_heads(model64, clean, corrupted, metric, ("L1H2", "v"), progress=False)
     assert sweep[0, 1] == pytest.approx(value) and np.isnan(sweep[1]).all()
+
+
+def test_circuit_command_and_picture(tiny_dir, model, capsys, tmp_path):
+    from npgpt2 import cli
+
+    png = tmp_path / "circuit.png"
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupted = "When Alice and Bob went to the store, Carl gave a drink to"
+    assert cli.main(["circuit", clean, corrupted, "-m", tiny_dir, "--answer", " Mary", "--wrong", " John",
+                     "--method", "eap", "--top", "8", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    metric = metrics.logit_diff(" Mary", " John")
+    kept = E.greedy_circuit(E.edge_attribution(model, model.to_tokens(clean), model.to_tokens(corrupted), metric), 8)
+    printed = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+               set(kept["upstream"]) and len(line.split()) == 4]
+    assert [(u, d, i) for u, d, i, _ in printed] == list(map(tuple, kept[["upstream", "downstream", "input"]].to_numpy()))
+    faithfulness = E.circuit_faithfulness(model, model.to_tokens(clean), model.to_tokens(corrupted), kept, metric)
+    assert f"{faithfulness:.3f}" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["circuit", clean, "Short", "-m", tiny_dir, "--answer", " Mary", "--wrong", " John"]) == 2
