@@ -32,21 +32,30 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     """d metric / d logits [batch, pos, d_vocab] -> (grads: a ``GPT2Weights`` of d metric / d weight,
     d_input: d metric / d residual stream entering block ``start_at_layer`` [batch, pos, d_model]).
 
-    ``hook`` is the Run of the forward pass that made the logits (with what it saved).
+    ``hook`` is the Run of the forward pass that made the logits (with what it saved). Without
+    ``hook.param_grads`` only the activations' gradients are computed (a third of the work less), and
+    grads is None.
     """
     cfg, w = model.cfg, model.weights
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-    d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True)
+    d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
+                                                       weights=hook.param_grads)
     d_resid, d_ln_final_w, d_ln_final_b = _layer_norm_backward(hook, "ln_final.", d_final_ln_out, w.ln_final_w)
 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients
-    block_grads = [_zero_block(b) if l < start_at_layer else None for l, b in enumerate(w.blocks)]
+    block_grads = [_zero_block(b) if l < start_at_layer and hook.param_grads else None for l, b in enumerate(w.blocks)]
     for l in reversed(range(start_at_layer, cfg.n_layer)):
         d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid)  # [batch, pos, d_model]
 
     # the embeddings: resid = W_E[tokens] + W_pos[pos]; the sum copies the gradient to both
+    if start_at_layer == 0:
+        d_embed = hook.grad("hook_embed", d_resid)  # [batch, pos, d_model]
+        d_pos_embed = hook.grad("hook_pos_embed", d_resid)  # [batch, pos, d_model]
+    if not hook.param_grads:
+        return None, d_resid
+
     # GPT-2's unembedding is the embedding, transposed: then the embedding's gradient is the
     # lookup's plus the unembedding's (torch's wte.weight.grad), and d_W_U (computed transposed,
     # [d_vocab, d_model]) is where it starts
@@ -54,8 +63,6 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     d_W_E = d_W_U.T if tied else np.zeros_like(w.W_E)  # [d_vocab, d_model]
     d_W_pos = np.zeros_like(w.W_pos)
     if start_at_layer == 0:
-        d_embed = hook.grad("hook_embed", d_resid)  # [batch, pos, d_model]
-        d_pos_embed = hook.grad("hook_pos_embed", d_resid)  # [batch, pos, d_model]
         ops.embedding_backward(d_embed, tokens, cfg.d_vocab, out=d_W_E)  # adds each position's row
         d_W_pos[: d_pos_embed.shape[1]] = d_pos_embed.sum(axis=0)  # [n_ctx, d_model]
     grads = GPT2Weights(
@@ -95,11 +102,11 @@ def _block_backward(model, hook: Run, l: int, d_resid_post: np.ndarray):
 def _mlp_backward(hook: Run, name: str, w: BlockWeights, d_mlp_out, mlp_in):
     """mlp_out = gelu(mlp_in @ W_in + b_in) @ W_out + b_out, backwards."""
     pre, post = hook.saved[name + "mlp.hook_pre"], hook.saved[name + "mlp.hook_post"]  # [batch, pos, d_mlp]
-    d_post, d_W_out, d_b_out = ops.linear_backward(d_mlp_out, post, w.W_out)  # [batch, pos, d_mlp]
+    d_post, d_W_out, d_b_out = ops.linear_backward(d_mlp_out, post, w.W_out, weights=hook.param_grads)  # [batch, pos, d_mlp]
     d_post = hook.grad(name + "mlp.hook_post", d_post)  # [batch, pos, d_mlp]
     d_pre = ops.gelu_new_backward(d_post, pre, overwrite=hook.private(name + "mlp.hook_post"))  # [batch, pos, d_mlp]
     d_pre = hook.grad(name + "mlp.hook_pre", d_pre)  # [batch, pos, d_mlp]
-    d_mlp_in, d_W_in, d_b_in = ops.linear_backward(d_pre, mlp_in, w.W_in)  # [batch, pos, d_model]
+    d_mlp_in, d_W_in, d_b_in = ops.linear_backward(d_pre, mlp_in, w.W_in, weights=hook.param_grads)  # [batch, pos, d_model]
     return d_mlp_in, d_W_in, d_b_in, d_W_out, d_b_out
 
 
@@ -113,11 +120,16 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
     if a + "hook_result" in hook.saved:  # attn_out = sum over heads of result + b_O
         d_result = hook.grad(a + "hook_result", np.broadcast_to(d_attn_out[:, :, None], (batch, pos, n_head, d_model)))
         W_O = w.W_attn_out.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
-        d_z = np.einsum("bphm,hdm->bphd", d_result, W_O)  # [batch, pos, head, d_head]
-        d_W_attn_out = np.einsum("bphd,bphm->hdm", z, d_result).reshape(d_model, d_model)
-        d_b_O = d_attn_out.sum(axis=(0, 1))
+        d_result_heads = d_result.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_model)  # [head, rows, d_model]
+        z_heads_rows = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_head)  # [head, rows, d_head]
+        # result[h] = z[h] @ W_O[h], per head
+        d_z = (d_result_heads @ W_O.swapaxes(-1, -2)).reshape(n_head, batch, pos, d_head).transpose(1, 2, 0, 3)
+        d_W_attn_out = (z_heads_rows.swapaxes(-1, -2) @ d_result_heads).reshape(d_model, d_model) \
+            if hook.param_grads else None  # [head * d_head, d_model]
+        d_b_O = d_attn_out.sum(axis=(0, 1)) if hook.param_grads else None
     else:  # attn_out = concat(z) @ W_O + b_O
-        d_z_flat, d_W_attn_out, d_b_O = ops.linear_backward(d_attn_out, z.reshape(batch, pos, d_model), w.W_attn_out)
+        d_z_flat, d_W_attn_out, d_b_O = ops.linear_backward(d_attn_out, z.reshape(batch, pos, d_model), w.W_attn_out,
+                                                            weights=hook.param_grads)
         d_z = d_z_flat.reshape(batch, pos, n_head, d_head)  # [batch, pos, head, d_head]
     d_z = hook.grad(a + "hook_z", d_z)  # [batch, pos, head, d_head]
     d_z_heads = d_z.transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]
@@ -144,7 +156,7 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
     d_k = hook.grad(a + "hook_k", d_k_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
     d_v = hook.grad(a + "hook_v", d_v_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
     d_qkv = np.concatenate([g.reshape(batch, pos, d_model) for g in (d_q, d_k, d_v)], axis=-1)  # [batch, pos, 3 * d_model]
-    d_attn_in, d_W_qkv, d_b_qkv = ops.linear_backward(d_qkv, attn_in, w.W_qkv)  # [batch, pos, d_model]
+    d_attn_in, d_W_qkv, d_b_qkv = ops.linear_backward(d_qkv, attn_in, w.W_qkv, weights=hook.param_grads)  # [batch, pos, d_model]
     return d_attn_in, d_W_qkv, d_b_qkv, d_W_attn_out, d_b_O
 
 
@@ -179,6 +191,7 @@ class Differentiable:
         unembedding), as torch's ``wte.weight.grad`` does; ``grads.W_U`` is its transpose then.
         """
         run = self._new_run(save=self._saved_for_backward())
+        run.param_grads = True
         value, grads = self._backward_run(run, input, metric, "loss" if metric is None else None,
                                           "value_and_grad", attention_mask=attention_mask, **kwargs)
         return value, grads

@@ -175,7 +175,7 @@ class Run:
     """
 
     __slots__ = ("hooks", "points", "keep", "cache", "bwd_hooks", "keep_grad", "save", "saved", "changed",
-                 "given")
+                 "given", "param_grads")
 
     def __init__(self, hooks: dict[str, list[HookFn]], points: dict[str, HookPoint],
                  keep: frozenset[str] = frozenset(), bwd_hooks: dict[str, list[HookFn]] | None = None,
@@ -190,6 +190,7 @@ class Run:
         self.saved: dict[str, np.ndarray] = {}
         self.changed: dict[str, np.ndarray] = {}  # where a forward hook changed a saved point's value
         self.given: dict[str, np.ndarray] = {}  # and what the forward had computed there
+        self.param_grads = False  # does the backward compute the weights' gradients too?
 
     def __call__(self, name: str, act: np.ndarray) -> np.ndarray:
         fns = self.hooks.get(name)

@@ -27,16 +27,20 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     return out
 
 
-def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False):
+def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,
+                    weights: bool = True):
     """Gradients of x @ W + b.  d_out [..., n_out], x [..., n_in], W [n_in, n_out]
     -> (d_x [..., n_in], d_W [n_in, n_out], d_b [n_out])
 
     transpose_dW: compute d_W laid out as [n_out, n_in] (returned as its transposed view), for a W
     that is itself a transposed view, such as the tied unembedding W_E.T.
+    weights=False: only d_x (d_W and d_b are None), when only activations' gradients are wanted.
     """
     d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
     x_rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     d_x = (d_out_rows @ W.T).reshape(x.shape)  # each input feeds every output through W
+    if not weights:
+        return d_x, None, None
     # summed over every row (batch and position)
     d_W = (d_out_rows.T @ x_rows).T if transpose_dW else x_rows.T @ d_out_rows
     return d_x, d_W, d_out_rows.sum(axis=0)
@@ -80,18 +84,27 @@ def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: f
     return affine(x, w, b)
 
 
-def layer_norm_backward(d_out: np.ndarray, normalized: np.ndarray, scale: np.ndarray, w: np.ndarray | None):
+def layer_norm_backward(d_out: np.ndarray, normalized: np.ndarray, scale: np.ndarray, w: np.ndarray | None,
+                        weights: bool = True):
     """Gradients of ``layer_norm``, from what its forward computed: normalized = (x - mean) / scale
     [..., d] and scale [..., 1].  d_out [..., d] -> (d_x [..., d], d_w [d] or None, d_b [d])
+    (``weights=False``: d_x only, the others None)
 
-    The three steps of the forward, undone in reverse: the gain and bias, the division by the scale
-    (which depends on x too), the centring. The model's backward takes the same steps one by one,
-    so that hooks can see ``hook_normalized`` and ``hook_scale``'s gradients in between.
+    The three steps of the forward undone in reverse (the gain and bias: affine_backward; the
+    division by a scale that depends on x too: divide_backward and ln_scale_backward; the centring:
+    center_backward) come to one expression, d_x = (d_n - mean(d_n) - n mean(d_n n)) / scale with
+    d_n = d_out * w and n the normalized value (whose mean is 0). The model's backward takes the
+    steps one by one instead, so that hooks can see ``hook_normalized``'s and ``hook_scale``'s
+    gradients in between.
     """
-    d_normalized, d_w, d_b = affine_backward(d_out, normalized, w)
-    d_centred, d_scale = divide_backward(d_normalized, normalized, scale)
-    d_centred = d_centred + ln_scale_backward(d_scale, normalized)
-    return center_backward(d_centred), d_w, d_b
+    d_n = d_out if w is None else d_out * w  # [..., d]
+    d_x = d_n - d_n.mean(axis=-1, keepdims=True)
+    d_x -= normalized * (d_n * normalized).mean(axis=-1, keepdims=True)
+    d_x /= scale
+    if not weights:
+        return d_x, None, None
+    _, d_w, d_b = affine_backward(d_out, normalized, w)
+    return d_x, d_w, d_b
 
 
 def affine(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:

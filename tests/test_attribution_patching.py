@@ -80,3 +80,12 @@ def test_a_metric_without_a_gradient_is_refused(model64, runs):
     corrupted, clean_cache, _ = runs
     with pytest.raises(TypeError, match="differentiable metric"):
         patching.get_attr_patch_resid_pre(model64, corrupted, clean_cache, lambda logits: float(logits.sum()))
+
+
+def test_all_sweeps_from_one_pass_equal_each_sweep(model64, runs):
+    corrupted, clean_cache, metric = runs
+    every = patching.get_attr_patch_all(model64, corrupted, clean_cache, metric)
+    assert len(every) == 15
+    for name, values in every.items():
+        np.testing.assert_allclose(values, getattr(patching, f"get_attr_patch_{name}")(model64, corrupted, clean_cache,
+                                                                                        metric), atol=1e-12)

@@ -87,8 +87,11 @@ def _node_outputs(model, cache) -> np.ndarray:
     return np.stack(outs)
 
 
-def _input_gradients(model, cache) -> np.ndarray:
-    """d metric / d (each downstream input's own copy of the residual stream): [input, batch, pos, d_model].
+def _input_gradients(model, cache):
+    """d metric / d (each downstream input's own copy of the residual stream), in the order of
+    ``_inputs``: yields one array per layer, [3 * n_head + 1, batch, pos, d_model] (the heads' q,
+    k and v inputs, then the MLP's), then the logits' [1, batch, pos, d_model]. The layers' arrays
+    share one buffer: use each before taking the next.
 
     A head's query input q_h = ln1(x) @ W_Q[h] + b_Q[h]: its gradient is d q_h @ W_Q[h]^T taken back
     through the layer norm; likewise keys, values, and the MLP's input through ln2 and W_in. The
@@ -96,19 +99,28 @@ def _input_gradients(model, cache) -> np.ndarray:
     """
     w, n_head = model.weights, model.cfg.n_head
     views = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}  # [layer, head, d_model, d_head]
-    grads = []
+    shape = cache["blocks.0.ln1.hook_normalized"].shape  # [batch, pos, d_model]
+    layer_grads = np.empty((3 * n_head + 1,) + shape, cache["blocks.0.ln1.hook_normalized"].dtype)
     for l in range(model.cfg.n_layer):
         ln1 = (cache[f"blocks.{l}.ln1.hook_normalized"], cache[f"blocks.{l}.ln1.hook_scale"], w.blocks[l].ln1_w)
-        for x in "qkv":
+        for i, x in enumerate("qkv"):  # all heads at once: [head, rows, d_head] @ [head, d_head, d_model]
             d_x = cache[f"blocks.{l}.attn.hook_{x}_grad"]  # [batch, pos, head, d_head]
-            for h in range(n_head):
-                d_ln_out = d_x[:, :, h] @ views[x][l, h].T  # [batch, pos, d_model]
-                grads.append(ops.layer_norm_backward(d_ln_out, *ln1)[0])
+            rows = d_x.transpose(2, 0, 1, 3).reshape(n_head, -1, d_x.shape[-1])
+            d_ln_out = (rows @ views[x][l].swapaxes(-1, -2)).reshape((n_head,) + shape)  # [head, batch, pos, d_model]
+            layer_grads[i * n_head:(i + 1) * n_head] = ops.layer_norm_backward(d_ln_out, *ln1, weights=False)[0]
         d_mlp_in = cache[f"blocks.{l}.mlp.hook_pre_grad"] @ w.blocks[l].W_in.T  # [batch, pos, d_model]
         ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], w.blocks[l].ln2_w)
-        grads.append(ops.layer_norm_backward(d_mlp_in, *ln2)[0])
-    grads.append(cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"])
-    return np.stack(grads)
+        layer_grads[-1] = ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0]
+        yield layer_grads
+    yield cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"][None]
+
+
+def _scores(model, cache, change_rows: np.ndarray, out: np.ndarray) -> None:
+    """Add each input's gradient . each node's change into ``out`` [input, node]."""
+    i = 0
+    for grads in _input_gradients(model, cache):  # a layer's inputs at a time
+        out[i:i + len(grads)] += grads.reshape(len(grads), -1) @ change_rows.T
+        i += len(grads)
 
 
 _GRAD_HOOKS = lambda n: n.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre",  # noqa: E731
@@ -137,23 +149,25 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
     metric = metrics_module.check_metric(metric)
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
     _, clean_cache = model.run_with_cache(clean, names_filter=_OUTPUT_HOOKS)
-    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_OUTPUT_HOOKS)
-    change = _node_outputs(model, clean_cache) - _node_outputs(model, corrupted_cache)  # [node, batch, pos, d_model]
-
-    if method == "eap":
-        _, cache = model.run_with_cache(corrupted, names_filter=_GRAD_HOOKS, incl_bwd=True, metric=metric)
-        grads = _input_gradients(model, cache)
+    if method == "eap":  # the corrupted run's outputs and gradients from one forward + backward
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=lambda n: _GRAD_HOOKS(n) or _OUTPUT_HOOKS(n),
+                                                  incl_bwd=True, metric=metric)
     else:
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_OUTPUT_HOOKS)
+    change = _node_outputs(model, clean_cache) - _node_outputs(model, corrupted_cache)  # [node, batch, pos, d_model]
+    change_rows = change.reshape(len(change), -1)
+    scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
+    if method == "eap":
+        _scores(model, corrupted_cache, change_rows, scores)
+    else:  # the mean over the steps of gradient . change: each step's scores added, then divided
         clean_embed, corrupted_embed = clean_cache["hook_embed"], corrupted_cache["hook_embed"]
-        grads = 0
         for alpha in np.arange(1, ig_steps + 1) / ig_steps:
             between = corrupted_embed + alpha * (clean_embed - corrupted_embed)
             with model.hooks([("hook_embed", lambda act, hook, between=between: between)]):
                 _, cache = model.run_with_cache(corrupted, names_filter=_GRAD_HOOKS, incl_bwd=True, metric=metric)
-            grads = grads + _input_gradients(model, cache) / ig_steps
+            _scores(model, cache, change_rows, scores)
+        scores /= ig_steps
 
-    n_nodes = change.shape[0]
-    scores = grads.reshape(len(grads), -1) @ change.reshape(n_nodes, -1).T  # [input, node]
     mask = _edge_mask(model.cfg)
     nodes, inputs = _nodes(model.cfg), _inputs(model.cfg)
     d_index, u_index = np.nonzero(mask)

@@ -189,21 +189,33 @@ def generic_attribution_patch(model, corrupted_tokens, clean_cache, patching_met
     """
     if activation_name not in _HOOKS:
         raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
-    if not callable(getattr(patching_metric, "grad", None)):
+    names = [f"blocks.{layer}.{_HOOKS[activation_name]}" for layer in range(model.cfg.n_layer)]
+    corrupted = _corrupted_gradients(model, corrupted_tokens, clean_cache, patching_metric, names)
+    return _attribution(model, clean_cache, corrupted, activation_name, index_axis_names)
+
+
+def _corrupted_gradients(model, corrupted_tokens, clean_cache, metric, names):
+    """The corrupted run's activations at ``names`` and the metric's gradients there (one forward
+    and one backward pass)."""
+    if not callable(getattr(metric, "grad", None)):
         raise TypeError("attribution patching needs a differentiable metric, one with grad(logits): use "
                         "patching.logit_diff_metric, patching.normalized_metric or npgpt2.metrics")
     tokens = _check_runs(model, corrupted_tokens, clean_cache)
+    _, corrupted = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, metric=metric)
+    return corrupted
+
+
+def _attribution(model, clean_cache, corrupted, activation_name, index_axis_names) -> np.ndarray:
+    """sum over the patched slice of (clean - corrupted) * gradient, per index: [layer, <axes>]."""
     kind = _kind(activation_name)
     axes = list(index_axis_names)
     if axes[0] != "layer" or any((kind, a) not in _AXES for a in axes[1:]):
         raise ValueError(f"index_axis_names {tuple(axes)} do not fit activation {activation_name!r}")
-    names = [f"blocks.{layer}.{_HOOKS[activation_name]}" for layer in range(model.cfg.n_layer)]
-    _, corrupted = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, metric=patching_metric)
     kept = [_AXES[(kind, a)] for a in axes[1:]]  # the activation's axes that index the result
     per_layer = []
-    for name in names:
-        clean = clean_cache[name]
-        terms = (clean - corrupted[name]) * corrupted[name + "_grad"]  # [batch, ...]: each entry's first-order effect
+    for layer in range(model.cfg.n_layer):
+        name = f"blocks.{layer}.{_HOOKS[activation_name]}"
+        terms = (clean_cache[name] - corrupted[name]) * corrupted[name + "_grad"]  # each entry's first-order effect
         summed = terms.sum(axis=tuple(i for i in range(terms.ndim) if i not in kept))
         per_layer.append(np.transpose(summed, np.argsort(np.argsort(kept))))  # in index_axis_names' order
     return np.stack(per_layer)
@@ -240,6 +252,12 @@ get_attr_patch_attn_head_pattern_by_pos = _attributor("pattern", ("layer", "head
 get_attr_patch_attn_head_pattern_dest_src_pos = _attributor(
     "pattern", ("layer", "head_index", "dest_pos", "src_pos"), "Each single attention weight.")
 
+# sweep name -> the activation it patches
+_SWEEP_ACTIVATIONS = {"resid_pre": "resid_pre", "resid_mid": "resid_mid", "attn_out": "attn_out", "mlp_out": "mlp_out",
+                      **{f"attn_head_{x}_{how}": {"out": "z"}.get(x, x) for x in ("out", "q", "k", "v")
+                         for how in ("all_pos", "by_pos")},
+                      "attn_head_pattern_all_pos": "pattern", "attn_head_pattern_by_pos": "pattern",
+                      "attn_head_pattern_dest_src_pos": "pattern"}
 # sweep name -> (exact, attribution, index axes)
 _SWEEPS = {name: (globals()[f"get_act_patch_{name}"], globals()[f"get_attr_patch_{name}"], axes) for name, axes in {
     "resid_pre": ("layer", "pos"), "resid_mid": ("layer", "pos"), "attn_out": ("layer", "pos"),
@@ -250,6 +268,16 @@ _SWEEPS = {name: (globals()[f"get_act_patch_{name}"], globals()[f"get_attr_patch
     "attn_head_v_by_pos": ("layer", "pos", "head"), "attn_head_pattern_by_pos": ("layer", "head_index", "dest_pos"),
     "attn_head_pattern_dest_src_pos": ("layer", "head_index", "dest_pos", "src_pos"),
 }.items()}
+
+
+def get_attr_patch_all(model, corrupted_tokens, clean_cache, patching_metric) -> dict[str, np.ndarray]:
+    """Every attribution sweep from one corrupted forward + backward pass: {sweep name: array}, the
+    names as in ``get_attr_patch_{name}`` ("resid_pre", "attn_head_out_all_pos", ...)."""
+    activations = {_SWEEP_ACTIVATIONS[name] for name in _SWEEPS}
+    names = [f"blocks.{l}.{_HOOKS[a]}" for l in range(model.cfg.n_layer) for a in activations]
+    corrupted = _corrupted_gradients(model, corrupted_tokens, clean_cache, patching_metric, names)
+    return {name: _attribution(model, clean_cache, corrupted, _SWEEP_ACTIVATIONS[name], axes)
+            for name, (_, _, axes) in _SWEEPS.items()}
 
 
 def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> np.ndarray:
