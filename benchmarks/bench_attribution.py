@@ -46,7 +46,7 @@ def main(argv=None):
     print(f"every attribution sweep at once: {every * 1e3:.1f} ms = {every / forward:.2f} forward passes (target <= 4)")
     exact_total, attr_total = 0.0, 0.0
     for name in args.exact_sweeps.split(","):
-        exact_fn, attr_fn, _ = patching._SWEEPS[name]
+        exact_fn, attr_fn = getattr(patching, f"get_act_patch_{name}"), getattr(patching, f"get_attr_patch_{name}")
         t = time.perf_counter()
         exact_fn(model, corrupted, clean_cache, metric, progress=False)
         exact = time.perf_counter() - t

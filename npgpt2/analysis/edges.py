@@ -75,7 +75,9 @@ def _edge_mask(cfg) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Node outputs and input gradients, from a run's cache
 # ----------------------------------------------------------------------------------------------
-_OUTPUT_HOOKS = lambda n: n.endswith(("hook_embed", "hook_pos_embed", "attn.hook_result", "hook_mlp_out"))  # noqa: E731
+def _OUTPUT_HOOKS(name: str) -> bool:
+    """The hook points the nodes' outputs are read from."""
+    return name.endswith(("hook_embed", "hook_pos_embed", "attn.hook_result", "hook_mlp_out"))
 
 
 def _node_outputs(model, cache) -> np.ndarray:
@@ -123,8 +125,10 @@ def _scores(model, cache, change_rows: np.ndarray, out: np.ndarray) -> None:
         i += len(grads)
 
 
-_GRAD_HOOKS = lambda n: n.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre",  # noqa: E731
-                                    "hook_normalized", "hook_scale")) or n.endswith("hook_resid_post")
+def _GRAD_HOOKS(name: str) -> bool:
+    """The hook points whose activations and gradients give the inputs' gradients."""
+    return name.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre", "hook_normalized",
+                          "hook_scale", "hook_resid_post"))
 
 
 # ----------------------------------------------------------------------------------------------

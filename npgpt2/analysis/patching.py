@@ -132,24 +132,34 @@ def _patcher(activation_name, index_axis_names, doc):
     return fn
 
 
-get_act_patch_resid_pre = _patcher("resid_pre", ("layer", "pos"), "Residual stream entering each layer.")
-get_act_patch_resid_mid = _patcher("resid_mid", ("layer", "pos"), "Residual stream between attention and MLP.")
-get_act_patch_attn_out = _patcher("attn_out", ("layer", "pos"), "Output of each attention layer.")
-get_act_patch_mlp_out = _patcher("mlp_out", ("layer", "pos"), "Output of each MLP layer.")
-get_act_patch_attn_head_out_all_pos = _patcher("z", ("layer", "head"), "Each head's output (z), all positions.")
-get_act_patch_attn_head_q_all_pos = _patcher("q", ("layer", "head"), "Each head's queries, all positions.")
-get_act_patch_attn_head_k_all_pos = _patcher("k", ("layer", "head"), "Each head's keys, all positions.")
-get_act_patch_attn_head_v_all_pos = _patcher("v", ("layer", "head"), "Each head's values, all positions.")
-get_act_patch_attn_head_pattern_all_pos = _patcher("pattern", ("layer", "head_index"),
-                                                   "Each head's attention pattern, all positions.")
-get_act_patch_attn_head_out_by_pos = _patcher("z", ("layer", "pos", "head"), "Each head's output at each position.")
-get_act_patch_attn_head_q_by_pos = _patcher("q", ("layer", "pos", "head"), "Each head's query at each position.")
-get_act_patch_attn_head_k_by_pos = _patcher("k", ("layer", "pos", "head"), "Each head's key at each position.")
-get_act_patch_attn_head_v_by_pos = _patcher("v", ("layer", "pos", "head"), "Each head's value at each position.")
-get_act_patch_attn_head_pattern_by_pos = _patcher("pattern", ("layer", "head_index", "dest_pos"),
-                                                  "Each head's attention pattern row at each destination.")
-get_act_patch_attn_head_pattern_dest_src_pos = _patcher(
-    "pattern", ("layer", "head_index", "dest_pos", "src_pos"), "Each single attention weight.")
+# Every sweep: name, the activation it patches, the axes of its result, what it is. Each gives two
+# functions: get_act_patch_{name} (exact) and get_attr_patch_{name} (attribution, further below).
+SWEEPS = {
+    "resid_pre": ("resid_pre", ("layer", "pos"), "Residual stream entering each layer."),
+    "resid_mid": ("resid_mid", ("layer", "pos"), "Residual stream between attention and MLP."),
+    "attn_out": ("attn_out", ("layer", "pos"), "Output of each attention layer."),
+    "mlp_out": ("mlp_out", ("layer", "pos"), "Output of each MLP layer."),
+    "attn_head_out_all_pos": ("z", ("layer", "head"), "Each head's output (z), all positions."),
+    "attn_head_q_all_pos": ("q", ("layer", "head"), "Each head's queries, all positions."),
+    "attn_head_k_all_pos": ("k", ("layer", "head"), "Each head's keys, all positions."),
+    "attn_head_v_all_pos": ("v", ("layer", "head"), "Each head's values, all positions."),
+    "attn_head_pattern_all_pos": ("pattern", ("layer", "head_index"), "Each head's attention pattern, all positions."),
+    "attn_head_out_by_pos": ("z", ("layer", "pos", "head"), "Each head's output at each position."),
+    "attn_head_q_by_pos": ("q", ("layer", "pos", "head"), "Each head's query at each position."),
+    "attn_head_k_by_pos": ("k", ("layer", "pos", "head"), "Each head's key at each position."),
+    "attn_head_v_by_pos": ("v", ("layer", "pos", "head"), "Each head's value at each position."),
+    "attn_head_pattern_by_pos": ("pattern", ("layer", "head_index", "dest_pos"),
+                                 "Each head's attention pattern row at each destination."),
+    "attn_head_pattern_dest_src_pos": ("pattern", ("layer", "head_index", "dest_pos", "src_pos"),
+                                       "Each single attention weight."),
+}
+def _publish(name: str, fn) -> None:
+    fn.__name__ = fn.__qualname__ = name
+    globals()[name] = fn
+
+
+for _name, (_activation, _axes, _doc) in SWEEPS.items():
+    _publish(f"get_act_patch_{_name}", _patcher(_activation, _axes, _doc))
 
 
 def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
@@ -232,52 +242,19 @@ def _attributor(activation_name, index_axis_names, doc):
     return fn
 
 
-# one estimate for each exact sweep above: same name with attr for act, same arguments and shape
-get_attr_patch_resid_pre = _attributor("resid_pre", ("layer", "pos"), "Residual stream entering each layer.")
-get_attr_patch_resid_mid = _attributor("resid_mid", ("layer", "pos"), "Residual stream between attention and MLP.")
-get_attr_patch_attn_out = _attributor("attn_out", ("layer", "pos"), "Output of each attention layer.")
-get_attr_patch_mlp_out = _attributor("mlp_out", ("layer", "pos"), "Output of each MLP layer.")
-get_attr_patch_attn_head_out_all_pos = _attributor("z", ("layer", "head"), "Each head's output (z), all positions.")
-get_attr_patch_attn_head_q_all_pos = _attributor("q", ("layer", "head"), "Each head's queries, all positions.")
-get_attr_patch_attn_head_k_all_pos = _attributor("k", ("layer", "head"), "Each head's keys, all positions.")
-get_attr_patch_attn_head_v_all_pos = _attributor("v", ("layer", "head"), "Each head's values, all positions.")
-get_attr_patch_attn_head_pattern_all_pos = _attributor("pattern", ("layer", "head_index"),
-                                                       "Each head's attention pattern, all positions.")
-get_attr_patch_attn_head_out_by_pos = _attributor("z", ("layer", "pos", "head"), "Each head's output at each position.")
-get_attr_patch_attn_head_q_by_pos = _attributor("q", ("layer", "pos", "head"), "Each head's query at each position.")
-get_attr_patch_attn_head_k_by_pos = _attributor("k", ("layer", "pos", "head"), "Each head's key at each position.")
-get_attr_patch_attn_head_v_by_pos = _attributor("v", ("layer", "pos", "head"), "Each head's value at each position.")
-get_attr_patch_attn_head_pattern_by_pos = _attributor("pattern", ("layer", "head_index", "dest_pos"),
-                                                      "Each head's attention pattern row at each destination.")
-get_attr_patch_attn_head_pattern_dest_src_pos = _attributor(
-    "pattern", ("layer", "head_index", "dest_pos", "src_pos"), "Each single attention weight.")
-
-# sweep name -> the activation it patches
-_SWEEP_ACTIVATIONS = {"resid_pre": "resid_pre", "resid_mid": "resid_mid", "attn_out": "attn_out", "mlp_out": "mlp_out",
-                      **{f"attn_head_{x}_{how}": {"out": "z"}.get(x, x) for x in ("out", "q", "k", "v")
-                         for how in ("all_pos", "by_pos")},
-                      "attn_head_pattern_all_pos": "pattern", "attn_head_pattern_by_pos": "pattern",
-                      "attn_head_pattern_dest_src_pos": "pattern"}
-# sweep name -> (exact, attribution, index axes)
-_SWEEPS = {name: (globals()[f"get_act_patch_{name}"], globals()[f"get_attr_patch_{name}"], axes) for name, axes in {
-    "resid_pre": ("layer", "pos"), "resid_mid": ("layer", "pos"), "attn_out": ("layer", "pos"),
-    "mlp_out": ("layer", "pos"), "attn_head_out_all_pos": ("layer", "head"), "attn_head_q_all_pos": ("layer", "head"),
-    "attn_head_k_all_pos": ("layer", "head"), "attn_head_v_all_pos": ("layer", "head"),
-    "attn_head_pattern_all_pos": ("layer", "head_index"), "attn_head_out_by_pos": ("layer", "pos", "head"),
-    "attn_head_q_by_pos": ("layer", "pos", "head"), "attn_head_k_by_pos": ("layer", "pos", "head"),
-    "attn_head_v_by_pos": ("layer", "pos", "head"), "attn_head_pattern_by_pos": ("layer", "head_index", "dest_pos"),
-    "attn_head_pattern_dest_src_pos": ("layer", "head_index", "dest_pos", "src_pos"),
-}.items()}
+# one estimate for each exact sweep: same name with attr for act, same arguments and shape
+for _name, (_activation, _axes, _doc) in SWEEPS.items():
+    _publish(f"get_attr_patch_{_name}", _attributor(_activation, _axes, _doc))
 
 
 def get_attr_patch_all(model, corrupted_tokens, clean_cache, patching_metric) -> dict[str, np.ndarray]:
     """Every attribution sweep from one corrupted forward + backward pass: {sweep name: array}, the
     names as in ``get_attr_patch_{name}`` ("resid_pre", "attn_head_out_all_pos", ...)."""
-    activations = {_SWEEP_ACTIVATIONS[name] for name in _SWEEPS}
+    activations = {activation for activation, _, _ in SWEEPS.values()}
     names = [f"blocks.{l}.{_HOOKS[a]}" for l in range(model.cfg.n_layer) for a in activations]
     corrupted = _corrupted_gradients(model, corrupted_tokens, clean_cache, patching_metric, names)
-    return {name: _attribution(model, clean_cache, corrupted, _SWEEP_ACTIVATIONS[name], axes)
-            for name, (_, _, axes) in _SWEEPS.items()}
+    return {name: _attribution(model, clean_cache, corrupted, activation, axes)
+            for name, (activation, axes, _) in SWEEPS.items()}
 
 
 def get_attr_patch_block_every(model, corrupted_tokens, clean_cache, metric) -> np.ndarray:
@@ -303,11 +280,11 @@ def attribution_vs_exact(model, corrupted_tokens, clean_cache, metric, activatio
     activation: a sweep's name without its prefix, e.g. "resid_pre", "attn_head_out_all_pos".
     kwargs go to the exact sweep (max_batch, progress).
     """
-    if activation not in _SWEEPS:
-        raise ValueError(f"activation={activation!r}: expected one of {', '.join(_SWEEPS)}")
-    exact_sweep, attribution_sweep, axes = _SWEEPS[activation]
-    exact = exact_sweep(model, corrupted_tokens, clean_cache, metric, **kwargs)
-    attribution = attribution_sweep(model, corrupted_tokens, clean_cache, metric)
+    if activation not in SWEEPS:
+        raise ValueError(f"activation={activation!r}: expected one of {', '.join(SWEEPS)}")
+    axes = SWEEPS[activation][1]
+    exact = globals()[f"get_act_patch_{activation}"](model, corrupted_tokens, clean_cache, metric, **kwargs)
+    attribution = globals()[f"get_attr_patch_{activation}"](model, corrupted_tokens, clean_cache, metric)
     corrupted_value = float(metric(model(_check_runs(model, corrupted_tokens, clean_cache))))
     df = patching_frame(exact, axes, str_tokens, value_name="exact")
     df["exact_change"] = df["exact"] - corrupted_value
