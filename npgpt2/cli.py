@@ -297,7 +297,7 @@ def cmd_parity(args):
     for v in verdicts:
         print(v.line())
     failed = sum(not v.passed for v in verdicts)
-    print(f"{len(verdicts) - failed} passed, {failed} failed")
+    print(f"parity checks: {len(verdicts) - failed} of {len(verdicts)} within bounds" + (f", {failed} outside" if failed else ""))
     return 1 if failed else 0
 
 
