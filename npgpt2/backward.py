@@ -190,7 +190,7 @@ class Differentiable:
         ``grads.W_E`` holds the whole gradient of the tied embedding (the lookup plus the
         unembedding), as torch's ``wte.weight.grad`` does; ``grads.W_U`` is its transpose then.
         """
-        run = self._new_run(save=self._saved_for_backward())
+        run = self._new_run(save=self._saved_for_backward)
         run.param_grads = True
         value, grads = self._backward_run(run, input, metric, "loss" if metric is None else None,
                                           "value_and_grad", attention_mask=attention_mask, **kwargs)
@@ -202,7 +202,7 @@ class Differentiable:
         -> (metric value, grads)"""
         from . import metrics
 
-        if kwargs.get("past_kv") is not None or kwargs.get("stop_at_layer") is not None:
+        if kwargs.pop("past_kv", None) is not None or kwargs.pop("stop_at_layer", None) is not None:
             raise ValueError(f"{caller}: gradients need the whole forward pass to the logits; "
                              "past_kv and stop_at_layer cannot be used")
         if kwargs:

@@ -269,6 +269,12 @@ class HookedModel:
     def _init_hooks(self) -> None:
         self._hook_names = hook_names(self.cfg.n_layer)
         self._points = {n: HookPoint(n) for n in self._hook_names}
+        on_request = tuple(s.name.split("}.", 1)[-1] for s in HOOK_POINTS if s.on_request)
+        self._computed_anyway = frozenset(n for n in self._hook_names if not n.endswith(on_request))
+        # the hook points whose activations the backward pass reads
+        ends = ("hook_scale", "hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "mlp.hook_pre", "mlp.hook_post")
+        self._saved_for_backward = frozenset(n for n in self._hook_names if n.endswith(ends))
         # Model-wide hooks, per direction. Replaced, never mutated, under the lock: a call reads one
         # consistent dict.
         self._hooks: dict[str, list[HookFn]] = {}
@@ -374,7 +380,7 @@ class HookedModel:
                 self.add_hook(n, fn, dir="bwd")
             pairs, bwd_pairs = [], []
         if bwd_pairs or metric is not None:
-            run = self._new_run(pairs, bwd_extra=bwd_pairs, save=self._saved_for_backward())
+            run = self._new_run(pairs, bwd_extra=bwd_pairs, save=self._saved_for_backward)
             value, _ = self._backward_run(run, input, metric, return_type, "run_with_hooks", **kwargs)
             return value
         return self._forward(self._new_run(pairs), input, return_type=return_type, **kwargs)
@@ -394,23 +400,16 @@ class HookedModel:
 
         keep = frozenset(self.resolve_hook_names(names_filter))
         if names_filter is None:  # "everything the forward pass computes anyway"
-            on_request = tuple(s.name.split("}.", 1)[-1] for s in HOOK_POINTS if s.on_request)
-            keep = frozenset(n for n in keep if not n.endswith(on_request))
+            keep = self._computed_anyway
         if incl_bwd or metric is not None:
             run = self._new_run(keep=keep, keep_grad=keep if incl_bwd else frozenset(),
-                                save=self._saved_for_backward())
+                                save=self._saved_for_backward)
             out, _ = self._backward_run(run, input, metric, return_type, "run_with_cache(incl_bwd=True)",
                                         **kwargs)
         else:
             run = self._new_run(keep=keep)
             out = self._forward(run, input, return_type=return_type, **kwargs)
         return out, ActivationCache(run.cache, self)
-
-    def _saved_for_backward(self) -> frozenset[str]:
-        """The hook points whose activations the backward pass reads."""
-        ends = ("hook_scale", "hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-                "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "mlp.hook_pre", "mlp.hook_post")
-        return frozenset(n for n in self._hook_names if n.endswith(ends))
 
 
 def _merged(base: dict[str, list[HookFn]], *more: Iterable[tuple[str, HookFn]]) -> dict[str, list[HookFn]]:

@@ -249,8 +249,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
     def _loss_from_logits(logits, tokens, mask, per_token: bool):
         if tokens.shape[1] < 2:
             raise InputError("the loss needs at least 2 tokens (one to predict from, one to predict)")
-        logp = ops.log_softmax(logits[:, :-1])  # [batch, pos - 1, d_vocab]
-        nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [batch, pos - 1]
+        nll = ops.cross_entropy(logits[:, :-1], tokens[:, 1:])  # [batch, pos - 1]
         if mask is not None:
             nll = np.where(np.asarray(mask)[:, 1:] > 0, nll, np.nan)  # [batch, pos - 1], NaN at padding
         if per_token:

@@ -33,7 +33,7 @@ def pair(model64):
 
 def _outputs(model, tokens, hooks=()):
     with model.hooks(hooks):
-        _, cache = model.run_with_cache(tokens, names_filter=E._OUTPUT_HOOKS)
+        _, cache = model.run_with_cache(tokens, names_filter=E._is_output_hook)
     return dict(zip([n for n, _ in E._nodes(model.cfg)], E._node_outputs(model, cache)))
 
 

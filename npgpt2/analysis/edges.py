@@ -75,7 +75,7 @@ def _edge_mask(cfg) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Node outputs and input gradients, from a run's cache
 # ----------------------------------------------------------------------------------------------
-def _OUTPUT_HOOKS(name: str) -> bool:
+def _is_output_hook(name: str) -> bool:
     """The hook points the nodes' outputs are read from."""
     return name.endswith(("hook_embed", "hook_pos_embed", "attn.hook_result", "hook_mlp_out"))
 
@@ -125,7 +125,7 @@ def _scores(model, cache, change_rows: np.ndarray, out: np.ndarray) -> None:
         i += len(grads)
 
 
-def _GRAD_HOOKS(name: str) -> bool:
+def _is_gradient_hook(name: str) -> bool:
     """The hook points whose activations and gradients give the inputs' gradients."""
     return name.endswith(("attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre", "hook_normalized",
                           "hook_scale", "hook_resid_post"))
@@ -152,12 +152,12 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
         raise ValueError(f"ig_steps={ig_steps!r}: expected a positive integer")
     metric = metrics_module.check_metric(metric)
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
-    _, clean_cache = model.run_with_cache(clean, names_filter=_OUTPUT_HOOKS)
+    _, clean_cache = model.run_with_cache(clean, names_filter=_is_output_hook)
     if method == "eap":  # the corrupted run's outputs and gradients from one forward + backward
-        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=lambda n: _GRAD_HOOKS(n) or _OUTPUT_HOOKS(n),
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=lambda n: _is_gradient_hook(n) or _is_output_hook(n),
                                                   incl_bwd=True, metric=metric)
     else:
-        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_OUTPUT_HOOKS)
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_is_output_hook)
     change = _node_outputs(model, clean_cache) - _node_outputs(model, corrupted_cache)  # [node, batch, pos, d_model]
     change_rows = change.reshape(len(change), -1)
     scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
@@ -168,7 +168,7 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
         for alpha in np.arange(1, ig_steps + 1) / ig_steps:
             between = corrupted_embed + alpha * (clean_embed - corrupted_embed)
             with model.hooks([("hook_embed", lambda act, hook, between=between: between)]):
-                _, cache = model.run_with_cache(corrupted, names_filter=_GRAD_HOOKS, incl_bwd=True, metric=metric)
+                _, cache = model.run_with_cache(corrupted, names_filter=_is_gradient_hook, incl_bwd=True, metric=metric)
             _scores(model, cache, change_rows, scores)
         scores /= ig_steps
 
@@ -284,7 +284,7 @@ def patch_edges(model, clean_tokens, corrupted_tokens, edges, metric, keep: str 
     if keep not in ("circuit", "rest"):
         raise ValueError(f"keep={keep!r}: expected 'circuit' or 'rest'")
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
-    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_OUTPUT_HOOKS)
+    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_is_output_hook)
     outputs = dict(zip([n for n, _ in _nodes(model.cfg)], _node_outputs(model, corrupted_cache)))
     given = {tuple(e) for e in (edges[["upstream", "downstream", "input"]].itertuples(index=False)
                                 if isinstance(edges, pd.DataFrame) else edges)}

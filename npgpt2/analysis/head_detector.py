@@ -158,8 +158,7 @@ def induction_scores(model, seq_len: int = 50, n_repeats: int = 2, batch: int = 
     q = np.arange(offset + seq_len, n)  # queries in the repeats
     target = q - seq_len + 1  # the token after the same token, one period back
     scores = np.stack([cache["pattern", l][:, :, q, target].mean(axis=(0, 2)) for l in range(model.cfg.n_layer)])
-    logp = ops.log_softmax(logits[:, :-1].astype(np.float64))
-    nll = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0].mean(0)  # [n - 1]
+    nll = ops.cross_entropy(logits[:, :-1].astype(np.float64), tokens[:, 1:]).mean(0)  # [n - 1]
     pos = np.arange(1, n)  # the position of the predicted token
     loss = pd.DataFrame({"position": pos, "copy": (pos - offset) // seq_len, "loss": nll})
     return scores, loss
