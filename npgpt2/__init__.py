@@ -12,6 +12,7 @@ from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
 from . import metrics  # noqa: F401  (differentiable metrics for gradients)
 from .hub import AccessDeniedError, DownloadError, ModelNotFoundError, OfflineError
 from .debug import step_through
+from .threads import get_num_threads, set_num_threads
 from .loading import from_pretrained
 from .hooks import HookError, HookPoint
 from .inputs import InputError
@@ -36,5 +37,5 @@ __all__ = [
     "ALIASES", "AccessDeniedError", "ActivationCache", "DownloadError", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
     "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "SAE", "SAEError", "Tokenizer",
     "WeightsError",
-    "from_pretrained", "get_act_name", "step_through",
+    "from_pretrained", "get_act_name", "get_num_threads", "set_num_threads", "step_through",
 ]

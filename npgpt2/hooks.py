@@ -238,6 +238,11 @@ class Run:
         the derivative of the function that computed it is taken at)."""
         return self.given.get(name, self.saved[name])
 
+    def idle(self) -> bool:
+        """Does nobody look inside this call (no hook, no cache, nothing kept for a backward pass)?
+        Then the model may take its fast path (fast.py)."""
+        return not (self.hooks or self.keep or self.save)
+
     def wants(self, *names: str) -> bool:
         """Does anyone look at one of these names, or its gradient? (for activations computed only
         on request)"""

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from . import ops
+from . import fast, ops
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
@@ -54,6 +54,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
         self.name = name or "gpt2"
         self.attn_implementation = attn_implementation
+        self.fast_path = True  # run the blocks with fast.py when nobody looks inside
         self.source: str | None = None  # where the files came from (set by the loader)
         self.files = None  # their local paths (hub.CheckpointFiles, set by the loader)
         self.processing = {"fold_ln": False, "center_writing_weights": False,
@@ -131,14 +132,18 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         if past_kv is not None:
             past_kv.check(resid.shape[0], resid.shape[1], start, stop)
 
-        for l in range(start, stop):
-            resid = self._block(hook, l, resid, past_kv)  # [batch, pos, d_model]
+        quick = self.fast_path and hook.idle() and past_kv is None and self.attn_implementation == "blockwise"
+        if quick:  # nobody looks inside: fast.py computes the same numbers on every core
+            resid = fast.blocks(self, resid, start, stop)  # [batch, pos, d_model]
+        else:
+            for l in range(start, stop):
+                resid = self._block(hook, l, resid, past_kv)  # [batch, pos, d_model]
         if past_kv is not None:
             past_kv.advance(resid.shape[1])
         if stop_at_layer is not None:
             return resid
 
-        logits = self._unembed(hook, resid)  # [batch, pos, d_vocab]
+        logits = fast.unembed(self, resid) if quick else self._unembed(hook, resid)  # [batch, pos, d_vocab]
         if return_type == "logits":
             return logits
         if return_type is None:

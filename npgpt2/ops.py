@@ -120,12 +120,13 @@ def affine_backward(d_out: np.ndarray, x: np.ndarray, w: np.ndarray | None):
     return (d_out if w is None else d_out * w), d_w, d_out.sum(axis=rows)
 
 
-def gelu_new(x: np.ndarray) -> np.ndarray:
+def gelu_new(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """GPT-2's tanh approximation of GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    [...] -> [...]. Written with in-place steps so a [pos, d_mlp] activation costs one new array.
+    [...] -> [...]. Written with in-place steps so a [pos, d_mlp] activation costs one new array
+    (or none: ``out``, an array shaped like x, other than x, receives the result).
     """
-    inner = x * x
+    inner = np.multiply(x, x, out=out)
     inner *= 0.044715 * x
     inner += x
     inner *= _GELU_C

@@ -326,3 +326,16 @@ def realistic_statistics(model, tokens) -> dict:
         "min_logit_spread": float((logits.max(-1) - logits.min(-1)).min()),
         "max_abs_logit": float(np.abs(logits).max()),
     }
+
+
+def assert_close(actual, expected, rel: float, what: str = "arrays") -> None:
+    """Assert max |actual - expected| <= rel * max |expected|: agreement judged at the arrays' own
+    magnitude (float32 rounding grows with it), the way the parity checks judge logits."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shapes {actual.shape} and {expected.shape} differ")
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    err = float(np.abs(actual.astype(np.float64) - expected).max()) if expected.size else 0.0
+    if not err <= rel * scale:
+        raise AssertionError(f"{what}: max difference {err:.3g} exceeds {rel:g} x the largest magnitude "
+                             f"{scale:.3g} (= {rel * scale:.3g})")

@@ -1,0 +1,142 @@
+"""Threads: how many cores npgpt2 uses, for BLAS and for its own work.
+
+NumPy's elementwise functions (``np.tanh``, ``np.exp``, ``+=`` ...) run on one core, and its BLAS
+runs matrix products on several. The fast forward pass (fast.py) splits each layer into row tiles
+and heads, and gives them to a pool of Python threads (NumPy releases the GIL inside its loops), each
+calling a single-threaded BLAS: then both kinds of work use every core, and a tile's intermediates
+stay in the processor's cache.
+
+    npgpt2.set_num_threads(2)     # like torch.set_num_threads: npgpt2's pool and BLAS's
+    npgpt2.get_num_threads()
+
+The default is the number of threads BLAS uses when npgpt2 is imported (OpenBLAS and MKL read
+OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS; usually one per core). The tiles do not
+depend on the number of threads, so every setting gives the same numbers, bit for bit.
+
+BLAS's thread count is set through its own C function (``openblas_set_num_threads`` or
+``MKL_Set_Num_Threads``), found among the libraries this process has loaded. Where no known BLAS is
+found, npgpt2 cannot keep BLAS off the cores its threads use, and works on one Python thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# (setter, getter) symbol names, per BLAS build: numpy's own wheels carry a prefixed OpenBLAS
+_BLAS_SYMBOLS = (
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+)
+
+
+class _Blas:
+    """numpy's BLAS, as the C functions that set and read its thread count."""
+
+    def __init__(self):
+        self.name, self._set, self._get = None, None, None
+        np.ones((2, 2)) @ np.ones((2, 2))  # make sure BLAS is loaded
+        for path in _loaded_libraries():
+            if not any(word in os.path.basename(path).lower() for word in ("blas", "mkl")):
+                continue
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for set_name, get_name in _BLAS_SYMBOLS:
+                if hasattr(lib, set_name) and hasattr(lib, get_name):
+                    self.name = os.path.basename(path)
+                    self._set, self._get = getattr(lib, set_name), getattr(lib, get_name)
+                    self._get.restype = ctypes.c_int
+                    return
+
+    @property
+    def found(self) -> bool:
+        return self._set is not None
+
+    def get(self) -> int:
+        return int(self._get()) if self.found else 1
+
+    def set(self, n: int) -> None:
+        if self.found:
+            self._set(ctypes.c_int(n))
+
+
+def _loaded_libraries() -> list[str]:
+    """Paths of the shared libraries this process has loaded (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line and ".so" in line}
+    except OSError:  # not Linux
+        return []
+    return sorted(paths)
+
+
+_blas = _Blas()
+_num_threads = max(1, _blas.get()) if _blas.found else 1
+_pool: ThreadPoolExecutor | None = None
+_lock = threading.Lock()  # one tiled computation at a time owns the pool and BLAS's setting
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads: npgpt2's own pool, and BLAS's (outside npgpt2's tiled work too)."""
+    global _num_threads, _pool
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"set_num_threads({n!r}): expected a whole number of threads >= 1")
+    with _lock:
+        _num_threads = int(n)
+        _blas.set(_num_threads)
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+
+
+def get_num_threads() -> int:
+    """The number of threads npgpt2 uses (see ``set_num_threads``)."""
+    return _num_threads
+
+
+def blas_info() -> str:
+    """Which BLAS library sets the threads, e.g. 'libscipy_openblas64_-....so', or 'not found'."""
+    return _blas.name or "not found"
+
+
+@contextlib.contextmanager
+def worker_pool():
+    """For one tiled computation: yields ``run(fn, items)``, which calls ``fn(item)`` for every
+    item, spread over the pool's threads, with BLAS on one thread meanwhile (restored after).
+
+    Items are independent pieces of work (row tiles, heads); their results are written by ``fn``
+    into disjoint parts of preallocated arrays, so the order they run in changes nothing.
+    """
+    global _pool
+    with _lock:
+        n = _num_threads if _blas.found else 1
+        blas_before = _blas.get()
+        _blas.set(1)  # the tiles' products, each on the thread that runs the tile
+        if n > 1 and _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npgpt2")
+        try:
+            yield _runner(_pool if n > 1 else None)
+        finally:
+            _blas.set(blas_before)
+
+
+def _runner(pool):
+    def run(fn, items):
+        items = list(items)
+        if pool is None or len(items) == 1:
+            for item in items:
+                fn(item)
+            return
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()  # re-raises a worker's exception here
+    return run

@@ -1,0 +1,134 @@
+"""fast.py computes model.py's blocks: the same numbers, whatever the number of threads."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import npgpt2
+from npgpt2 import fast
+from npgpt2.testing import assert_close, synthetic_model
+
+V = 50257
+
+
+@pytest.fixture(scope="module")
+def models():
+    # n_ctx 160: several query blocks (64) per head; batch x pos rows: several tiles (64)
+    return {dtype: synthetic_model(n_layer=3, n_head=4, n_embd=64, n_ctx=160, seed=3, dtype=dtype)
+            for dtype in ("float32", "float64")}
+
+
+def _plain(model, *args, **kwargs):
+    model.fast_path = False
+    try:
+        return model(*args, **kwargs)
+    finally:
+        model.fast_path = True
+
+
+def _calls(model, monkeypatch):
+    calls = []
+    real = fast.blocks
+    monkeypatch.setattr(fast, "blocks", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(1, 160), (3, 70), (2, 1), (1, 65)])
+def test_fast_path_equals_the_textbook_blocks(models, shape, monkeypatch):
+    tokens = np.random.default_rng(shape[1]).integers(0, V, shape)
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        m = models[dtype]
+        calls = _calls(m, monkeypatch)
+        fast_logits = m(tokens)
+        assert calls == [1]  # it did take the fast path
+        plain = _plain(m, tokens)
+        assert calls == [1]  # and this did not
+        assert np.abs(plain).max() > 1  # logits that matter
+        assert_close(fast_logits, plain, rel=tol, what=f"{dtype} logits {shape}")
+
+
+def test_fast_path_with_layer_ranges_and_loss(models):
+    m = models["float64"]
+    tokens = np.random.default_rng(0).integers(0, V, (2, 90))
+    resid = m(tokens, stop_at_layer=2)
+    assert_close(resid, _plain(m, tokens, stop_at_layer=2), rel=1e-12)
+    assert_close(m(resid, start_at_layer=2), _plain(m, resid, start_at_layer=2), rel=1e-12)
+    assert m.loss(tokens) == pytest.approx(_plain(m, tokens, return_type="loss"), rel=1e-12)
+
+
+def test_fast_path_on_processed_weights(tmp_path):
+    # folded layer norms leave no gain or bias: the fast path must skip them as model.py does
+    m = synthetic_model(n_layer=2, n_head=4, n_embd=64, n_ctx=128, seed=1, dtype="float64")
+    m.process_weights(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    assert m.weights.blocks[0].ln1_w is None
+    tokens = np.random.default_rng(2).integers(0, V, (2, 100))
+    assert_close(m(tokens), _plain(m, tokens), rel=1e-12)
+
+
+def test_every_thread_count_gives_the_same_numbers_bit_for_bit(models):
+    tokens = np.random.default_rng(7).integers(0, V, (2, 150))
+    before = npgpt2.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            npgpt2.set_num_threads(n)
+            assert npgpt2.get_num_threads() == n
+            results.append({d: m(tokens) for d, m in models.items()})
+    finally:
+        npgpt2.set_num_threads(before)
+    for r in results[1:]:
+        for d in r:
+            np.testing.assert_array_equal(r[d], results[0][d])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_set_num_threads_refuses_what_is_not_a_thread_count(bad):
+    with pytest.raises(ValueError, match="expected a whole number of threads >= 1"):
+        npgpt2.set_num_threads(bad)
+
+
+def test_results_do_not_share_the_reused_buffers(models):
+    m = models["float32"]
+    a_tokens, b_tokens = (np.random.default_rng(s).integers(0, V, (1, 80)) for s in (1, 2))
+    a = m(a_tokens, stop_at_layer=3)
+    a_copy = a.copy()
+    m(b_tokens, stop_at_layer=3)  # the same shape: the same workspace, overwritten
+    np.testing.assert_array_equal(a, a_copy)
+
+
+def test_concurrent_fast_forwards_are_each_correct(models):
+    m = models["float32"]
+    inputs = [np.random.default_rng(s).integers(0, V, (1 + s % 2, 40 + 13 * s)) for s in range(6)]
+    expected = [m(t) for t in inputs]
+    failures = []
+
+    def worker(i):
+        for _ in range(5):
+            out = m(inputs[i])
+            if not np.array_equal(out, expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_anyone_looking_inside_takes_the_textbook_path(models, monkeypatch):
+    m = models["float32"]
+    tokens = np.random.default_rng(4).integers(0, V, (1, 30))
+    calls = _calls(m, monkeypatch)
+    m.run_with_cache(tokens, names_filter="blocks.1.hook_resid_mid")
+    m.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_post", lambda a, h: None)])
+    m.value_and_grad(tokens)
+    m.attn_implementation = "eager"
+    try:
+        m(tokens)
+    finally:
+        m.attn_implementation = "blockwise"
+    assert calls == []
+    m(tokens)
+    assert calls == [1]
