@@ -226,6 +226,12 @@ class HookPoint:
         self.name = name
         self.ctx: dict = {}
 
+    def __getattr__(self, name: str):
+        if name in ("add_hook", "add_perma_hook", "remove_hooks", "fwd_hooks", "bwd_hooks"):
+            raise AttributeError(f"hooks are added through the model in npgpt2: model.add_hook({self.name!r}, fn), "
+                                 f"model.run_with_hooks(..., fwd_hooks=[({self.name!r}, fn)]) or model.hooks(...)")
+        raise AttributeError(f"HookPoint has no attribute {name!r} (it has name, ctx, layer())")
+
     def layer(self) -> int | None:
         """The block index for ``blocks.{l}...`` names, else None."""
         m = re.match(r"blocks\.(\d+)\.", self.name)

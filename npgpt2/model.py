@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from . import ops
+from .accessors import ModuleAccessors
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
@@ -38,13 +39,14 @@ from .weights import GPT2Weights
 ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
 
 
-class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
+class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors):
     """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)``.
 
     ``cfg`` holds the shape, ``weights`` the arrays (GPT-2's own layout), ``tokenizer`` the BPE.
     Hooks and caching come from ``HookedModel`` (hooks.py), gradients from ``Differentiable``
     (backward.py), token handling from ``TokenInput`` (inputs.py), TransformerLens's weight names
-    (``W_Q``, ``W_O``, ``W_in`` ...) from ``WeightViews``.
+    (``W_Q``, ``W_O``, ``W_in`` ...) from ``WeightViews``, ``model.blocks[l].attn.W_Q``, ``model.OV``
+    and friends from ``ModuleAccessors`` (accessors.py).
     """
 
     def __init__(self, cfg: GPT2Config, weights: GPT2Weights, tokenizer: Tokenizer | None = None,
@@ -231,9 +233,8 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         normalized = self._layer_norm(hook, "ln_final.", resid, w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
         return ops.linear(normalized, w.W_U, w.b_U)  # [batch, pos, d_vocab]
 
-    def unembed(self, resid: np.ndarray) -> np.ndarray:
-        """Final layer norm, then the unembedding.  [batch, pos, d_model] -> [batch, pos, d_vocab]"""
-        return self._unembed(self._new_run(), resid)
+    # ``model.unembed(resid)`` (final layer norm, then the unembedding) is in accessors.py, where
+    # ``model.unembed`` also shows ``W_U`` and ``b_U`` as TransformerLens's module does.
 
     # ------------------------------------------------------------------------------------------
     # Loss
