@@ -98,8 +98,8 @@ class FactoredMatrix:
         if isinstance(other, FactoredMatrix):  # keep the narrow middle: A (B A') B'
             return (self @ other.A) @ other.B
         other = np.asarray(other)
-        if other.ndim == 1:  # a vector: the result is a vector
-            return self.A @ (self.B @ other)
+        if other.ndim == 1:  # a vector: the result is a vector (per leading item)
+            return (self.A @ (self.B @ other[:, None]))[..., 0]
         if other.shape[-2] != self.rdim:
             raise ValueError(f"cannot multiply a FactoredMatrix of shape {self.shape} by an array of "
                              f"shape {other.shape}: expected {self.rdim} rows")
@@ -110,7 +110,7 @@ class FactoredMatrix:
     def __rmatmul__(self, other):
         other = np.asarray(other)
         if other.ndim == 1:
-            return (other @ self.A) @ self.B
+            return ((other[None, :] @ self.A) @ self.B)[..., 0, :]
         if other.shape[-1] != self.ldim:
             raise ValueError(f"cannot multiply an array of shape {other.shape} by a FactoredMatrix of "
                              f"shape {self.shape}: expected {self.ldim} columns")

@@ -154,8 +154,10 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     'attn', 'attn_logits', 'key', 'query', 'value' are TransformerLens's aliases; 'scale' with no
     layer is 'ln_final.hook_scale'; full names pass through; a layer may be an int or digits.
 
-    Where TransformerLens's string would name no GPT-2 hook point, this raises a ``KeyError`` that
-    says what to write instead: ('scale', 3) without 'ln1'/'ln2' (TransformerLens makes
+    Extensions: 'scores' means 'attn_scores'; 'resid_pre5'-style names (TransformerLens reads only letters before the layer
+    and makes 'hook_resid_pre5'), and ('scale', None, 'ln_final') (TransformerLens doubles the
+    prefix). Otherwise, where TransformerLens's string would name no GPT-2 hook point, this raises
+    a ``KeyError`` that says what to write instead: ('scale', 3) without 'ln1'/'ln2' (TransformerLens makes
     'blocks.3.hook_scale'), a block activation without a layer, 'mid'/'rot_q'/... (other
     architectures). Negative layers need the model: ``cache["resid_post", -1]`` resolves them.
     """
@@ -171,14 +173,15 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
         raise KeyError(f"layer={layer!r}: expected a layer index >= 0 (negative layers are resolved by "
                        "the cache, which knows the number of layers: cache[name, -1])")
     short, layer, layer_type = _tl_act_name(name, layer, layer_type)
+    layer_type = layer_type or None  # TransformerLens's "b"/"block" mean "on the block itself"
     if short in _NOT_IN_GPT2:
         raise KeyError(f"GPT-2 has no {short!r} activation ({_NOT_IN_GPT2[short]})")
     if short not in short_names():
         raise KeyError(f"unknown activation name {name!r}; expected a full hook name or one of "
                        f"{', '.join(short_names())} (optionally with a layer: 'k6', 'resid_pre5')")
     if short in ("embed", "pos_embed"):
-        if layer is not None:
-            raise KeyError(f"{short!r} is not inside a block: it takes no layer (it is 'hook_{short}')")
+        if layer is not None or layer_type is not None:
+            raise KeyError(f"{short!r} is not inside a block: it takes no layer or layer_type (it is 'hook_{short}')")
         return "hook_" + short
     if short in ("scale", "normalized"):
         if layer is None:
