@@ -18,6 +18,7 @@ import numpy as np
 
 from .factored_matrix import FactoredMatrix
 from .inputs import InputError
+from .views import WeightViews  # noqa: F401  (model.py imports both from here)
 
 # What each kind of module shows: attribute -> how to get it from (model, layer).
 _ATTN = {name: (lambda m, l, name=name: getattr(m, name)[l])

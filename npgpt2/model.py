@@ -26,14 +26,13 @@ import math
 import numpy as np
 
 from . import ops
-from .accessors import ModuleAccessors
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
 from .inputs import InputError, TokenInput
 from .kv_cache import KeyValueCache
 from .tokenizer import Tokenizer
-from .views import WeightViews
+from .accessors import ModuleAccessors, WeightViews  # WeightViews: views.py
 from .weights import GPT2Weights
 
 ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
@@ -45,8 +44,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     ``cfg`` holds the shape, ``weights`` the arrays (GPT-2's own layout), ``tokenizer`` the BPE.
     Hooks and caching come from ``HookedModel`` (hooks.py), gradients from ``Differentiable``
     (backward.py), token handling from ``TokenInput`` (inputs.py), TransformerLens's weight names
-    (``W_Q``, ``W_O``, ``W_in`` ...) from ``WeightViews``, ``model.blocks[l].attn.W_Q``, ``model.OV``
-    and friends from ``ModuleAccessors`` (accessors.py).
+    (``W_Q``, ``W_O``, ...) from ``WeightViews``, ``model.blocks[l].attn.W_Q``, ``OV`` from ``ModuleAccessors``.
     """
 
     def __init__(self, cfg: GPT2Config, weights: GPT2Weights, tokenizer: Tokenizer | None = None,
