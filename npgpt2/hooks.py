@@ -456,26 +456,33 @@ class HookedModel:
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] = (),
-              reset_hooks_end: bool = True):
+              reset_hooks_end: bool = True, clear_contexts: bool = False):
         """Context manager: the hooks fire in calls made inside the block, in this thread, and are
         gone on leaving it, even when the block raises. With ``reset_hooks_end=False`` they are
         added to the model for good instead (``add_hook``), as TransformerLens does.
 
         Only the hooks given here go away on leaving: a hook added with ``add_hook`` inside the
         block stays on the model (TransformerLens 4's rule). ``model.add_hook`` is model-wide, so
-        it fires in every thread, not only this block's."""
+        it fires in every thread, not only this block's. ``clear_contexts=True`` empties every hook
+        point's ``ctx`` on leaving."""
         added = [("fwd", n, fn) for n, fn in self._expand(fwd_hooks)]
         added += [("bwd", n, fn) for n, fn in self._expand(bwd_hooks)]
         if not reset_hooks_end:
             for d, n, fn in added:
                 self.add_hook(n, fn, dir=d)
-            yield self
+            try:
+                yield self
+            finally:
+                if clear_contexts:
+                    self.clear_contexts()
             return
         token = _SCOPED.set(_SCOPED.get() + tuple((self, d, n, fn) for d, n, fn in added))
         try:
             yield self
         finally:
             _SCOPED.reset(token)
+            if clear_contexts:
+                self.clear_contexts()
 
     def run_with_hooks(self, input, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] = (),
                        return_type="logits", reset_hooks_end: bool = True, metric=None,

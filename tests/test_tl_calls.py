@@ -289,6 +289,11 @@ def test_hook_ctx_persists_and_is_cleared(model):
     assert point.ctx == {}
     model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", count)], clear_contexts=True)
     assert point.ctx == {}
+    with model.hooks([("blocks.0.hook_resid_pre", count)], clear_contexts=True):
+        model(tokens)
+        model(tokens)
+        assert point.ctx == {"calls": 2}
+    assert point.ctx == {}
 
 
 def test_permanent_hooks(model):
