@@ -87,8 +87,8 @@ class _Module:
     def __call__(self, *args, **kwargs):
         if self._call is None:
             raise TypeError(f"model.{self._path} is not callable: npgpt2 has no modules to call. Run the model "
-                            "(start_at_layer/stop_at_layer run part of it) or use its arrays; "
-                            "model.unembed(resid) applies the final layer norm and the unembedding")
+                            "(start_at_layer/stop_at_layer run part of it) or use its arrays; model.embed, "
+                            "model.pos_embed and model.unembed (final layer norm + unembedding) can be called")
         return self._call(*args, **kwargs)
 
     def __repr__(self):
@@ -148,13 +148,21 @@ class ModuleAccessors:
 
     @property
     def embed(self) -> _Module:
-        """``model.embed.W_E`` [d_vocab, d_model]"""
-        return _Module(self, None, "embed", _EMBED, hooks=("hook_embed",))
+        """``model.embed(tokens)``: W_E[tokens], [batch, pos] -> [batch, pos, d_model];
+        ``model.embed.W_E`` [d_vocab, d_model]."""
+        return _Module(self, None, "embed", _EMBED, hooks=("hook_embed",),
+                       call=lambda tokens: self.W_E[self.validate_tokens(tokens)])
 
     @property
     def pos_embed(self) -> _Module:
-        """``model.pos_embed.W_pos`` [n_ctx, d_model]"""
-        return _Module(self, None, "pos_embed", _POS_EMBED, hooks=("hook_pos_embed",))
+        """``model.pos_embed(tokens, past_kv_pos_offset=0)``: the position embeddings of the
+        tokens' positions, [batch, pos] -> [batch, pos, d_model]; ``model.pos_embed.W_pos`` [n_ctx, d_model]."""
+        def call(tokens, past_kv_pos_offset: int = 0):
+            tokens = self.validate_tokens(tokens, past_kv_pos_offset)
+            positions = self.W_pos[past_kv_pos_offset:past_kv_pos_offset + tokens.shape[1]]
+            return np.broadcast_to(positions, tokens.shape + positions.shape[-1:])
+
+        return _Module(self, None, "pos_embed", _POS_EMBED, hooks=("hook_pos_embed",), call=call)
 
     @property
     def unembed(self) -> _Module:

@@ -244,6 +244,11 @@ def test_module_style_accessors(model):
     _, cache = model.run_with_cache(np.array([[1, 2, 3]]))
     np.testing.assert_allclose(model.unembed(cache["resid_post", -1]), model(np.array([[1, 2, 3]])), atol=1e-5)
     assert model.unembed(resid).shape == (1, 3, TINY.d_vocab)
+    tokens = np.array([[1, 2, 3], [4, 5, 6]])
+    _, cache = model.run_with_cache(tokens)
+    np.testing.assert_array_equal(model.embed(tokens), cache["hook_embed"])
+    np.testing.assert_array_equal(model.pos_embed(tokens), cache["hook_pos_embed"])
+    np.testing.assert_array_equal(model.pos_embed(tokens, past_kv_pos_offset=5)[1], model.W_pos[5:8])
 
 
 @pytest.mark.parametrize("get, error, message", [
