@@ -97,10 +97,6 @@ class ActivationCache:
             raise ValueError(f"device {name!r}: npgpt2 runs on the CPU with NumPy; the only device is 'cpu'")
         return self
 
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        """The activations as a plain dict {name: array} (they are NumPy arrays already)."""
-        return dict(self.cache_dict)
-
     def __iter__(self):
         return iter(self.cache_dict)
 

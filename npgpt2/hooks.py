@@ -129,7 +129,8 @@ _NOT_IN_GPT2 = {"mid": "it belongs to solu MLPs", "pre_linear": "it belongs to g
 
 def _tl_act_name(name: str, layer, layer_type):
     """TransformerLens's ``utils.get_act_name`` string rules (its short forms, aliases and layer
-    types), with one extension: short names with underscores take a layer too ('resid_pre5')."""
+    types) -> (short name, layer, layer type); short names with underscores take a layer too
+    ('resid_pre5'), where TransformerLens's pattern stops at the underscore."""
     m = re.fullmatch(r"([a-z_]*[a-z])(\d+)([a-z]?.*)", name)
     if m is not None:
         if layer is not None or layer_type is not None:
@@ -154,12 +155,13 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     'attn', 'attn_logits', 'key', 'query', 'value' are TransformerLens's aliases; 'scale' with no
     layer is 'ln_final.hook_scale'; full names pass through; a layer may be an int or digits.
 
-    Extensions: 'scores' means 'attn_scores'; 'resid_pre5'-style names (TransformerLens reads only letters before the layer
-    and makes 'hook_resid_pre5'), and ('scale', None, 'ln_final') (TransformerLens doubles the
-    prefix). Otherwise, where TransformerLens's string would name no GPT-2 hook point, this raises
-    a ``KeyError`` that says what to write instead: ('scale', 3) without 'ln1'/'ln2' (TransformerLens makes
-    'blocks.3.hook_scale'), a block activation without a layer, 'mid'/'rot_q'/... (other
-    architectures). Negative layers need the model: ``cache["resid_post", -1]`` resolves them.
+    Extensions: 'scores' means 'attn_scores'; 'resid_pre5'-style names work (TransformerLens reads
+    only letters before the layer and makes 'hook_resid_pre5'); ('scale', None, 'ln_final') is
+    'ln_final.hook_scale' (TransformerLens doubles the prefix). Otherwise, where TransformerLens's
+    string would name no GPT-2 hook point, this raises a ``KeyError`` that says what to write
+    instead: ('scale', 3) without 'ln1'/'ln2' (TransformerLens makes 'blocks.3.hook_scale'), a
+    block activation without a layer, 'mid'/'rot_q'/... (other architectures). Negative layers
+    need the model: ``cache["resid_post", -1]`` resolves them.
     """
     if not isinstance(name, str):
         raise KeyError(f"activation name must be a str; got {type(name).__name__} {name!r}")
