@@ -22,7 +22,6 @@ BLOCK = re.compile(r"(?:<!--\s*skip-until:\s*(?P<feature>[\w.]+)\s*-->\s*\n)?```
 FEATURES = {
     "default_prepend_bos": lambda model: hasattr(model.cfg, "default_prepend_bos"),
     "set_weight": lambda model: hasattr(model, "set_weight"),
-    "batched_generate": lambda model: "padding_side" in model.to_tokens.__code__.co_varnames,
 }
 
 
