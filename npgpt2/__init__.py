@@ -12,6 +12,7 @@ from . import hub  # noqa: F401  (npgpt2.hub.resolve: name -> files)
 from . import metrics  # noqa: F401  (differentiable metrics for gradients)
 from .hub import AccessDeniedError, DownloadError, ModelNotFoundError, OfflineError
 from .debug import step_through
+from .factored_matrix import FactoredMatrix
 from .threads import get_num_threads, set_num_threads
 from .loading import from_pretrained
 from .hooks import HookError, HookPoint
@@ -20,6 +21,7 @@ from .kv_cache import KeyValueCache
 from .model import GPT2
 from .tokenizer import Tokenizer
 from .weights import WeightsError
+from . import utils  # noqa: F401  (TransformerLens's utils: get_act_name, test_prompt, ...)
 
 __version__ = "0.1.0"
 
@@ -34,8 +36,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 __all__ = [
-    "ALIASES", "AccessDeniedError", "ActivationCache", "DownloadError", "ConfigError", "GPT2", "GPT2Config", "HookError", "HookPoint",
+    "ALIASES", "AccessDeniedError", "ActivationCache", "DownloadError", "ConfigError", "FactoredMatrix", "GPT2", "GPT2Config", "HookError", "HookPoint",
     "InputError", "KeyValueCache", "ModelNotFoundError", "OfflineError", "SAE", "SAEError", "Tokenizer",
     "WeightsError",
-    "from_pretrained", "get_act_name", "get_num_threads", "set_num_threads", "step_through",
+    "from_pretrained", "get_act_name", "get_num_threads", "set_num_threads", "step_through", "utils",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 
 import numpy as np
 
@@ -17,27 +18,84 @@ class ActivationCache:
     form (``cache["pattern", 0]``, ``cache["resid_pre", 3]``, ``cache["normalized", 2, "ln2"]``).
     """
 
-    def __init__(self, cache_dict: dict[str, np.ndarray], model):
+    def __init__(self, cache_dict: dict[str, np.ndarray], model, has_batch_dim: bool = True):
         self.cache_dict = cache_dict
         self.model = model
+        self.has_batch_dim = has_batch_dim
 
     def _key(self, key) -> str:
         if isinstance(key, tuple):
-            key = get_act_name(*key)
+            key = self._tuple_name(key)
+        elif isinstance(key, str) and key not in self.cache_dict:
+            key = get_act_name(key)  # a short form such as 'resid_pre5' or 'scale'
         if key not in self.cache_dict:
-            close = difflib.get_close_matches(str(key), list(self.cache_dict), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"{key!r} is not in this cache ({len(self.cache_dict)} activations; "
-                           f"was it in names_filter?){hint}")
+            raise KeyError(self._missing(key))
         return key
+
+    def _tuple_name(self, key: tuple) -> str:
+        """(name, layer[, layer_type]) -> the full name; a negative layer counts from the end
+        (TransformerLens's rule), and a layer outside the model says so."""
+        if len(key) > 1 and key[1] is not None and isinstance(key[1], (int, np.integer)):
+            n = self.model.cfg.n_layer
+            if not -n <= key[1] < n:
+                raise KeyError(f"layer {key[1]} is out of range for a model of {n} layers "
+                               f"(expected 0..{n - 1}, or -{n}..-1 from the end): {key!r}")
+            if key[1] < 0:
+                key = (key[0], n + int(key[1]), *key[2:])
+        return get_act_name(*key)
+
+    def _missing(self, key: str) -> str:
+        """Why ``key`` is not here, as specifically as can be said."""
+        match = re.match(r"blocks\.(\d+)\.", key)
+        n = self.model.cfg.n_layer
+        if match and int(match.group(1)) >= n:
+            return f"{key!r}: layer {match.group(1)} is out of range for a model of {n} layers (0..{n - 1})"
+        if key.endswith("attn.hook_result"):
+            return (f"{key!r} is not in this cache: each head's result is computed only on request; call "
+                    "cache.compute_head_results() (or put it in names_filter)")
+        if key.endswith("_grad"):
+            return (f"{key!r} is not in this cache: gradients are kept by "
+                    "run_with_cache(..., incl_bwd=True, metric=...)")
+        known = getattr(self.model, "_points", None)
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names()"
+            return f"{key!r} is not a hook point of this model{hint}"
+        close = difflib.get_close_matches(str(key), list(self.cache_dict), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return (f"{key!r} is not in this cache ({len(self.cache_dict)} activations; "
+                f"was it in names_filter?){hint}")
 
     def __getitem__(self, key) -> np.ndarray:
         return self.cache_dict[self._key(key)]
 
     def __contains__(self, key) -> bool:
-        if isinstance(key, tuple):
-            key = get_act_name(*key)
-        return key in self.cache_dict
+        try:
+            return self._key(key) in self.cache_dict
+        except KeyError:
+            return False
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch axis of a batch-of-1 cache, in place (TransformerLens's method): every
+        activation [1, ...] becomes [...]. Returns the cache."""
+        if not self.has_batch_dim:
+            raise ValueError("the batch dimension has already been removed from this cache")
+        sizes = {v.shape[0] for v in self.cache_dict.values() if np.ndim(v)}
+        if sizes - {1}:
+            raise ValueError(f"cannot remove the batch dimension of a batch of {max(sizes)}: it is only "
+                             "removed when the batch has one item (index the arrays instead, e.g. cache[name][0])")
+        self.cache_dict = {k: v[0] for k, v in self.cache_dict.items()}
+        self.has_batch_dim = False
+        return self
+
+    def to(self, device) -> "ActivationCache":
+        """TransformerLens moves the cache between devices; npgpt2's arrays are NumPy arrays in host
+        memory, so "cpu" (or a torch.device("cpu")) is a no-op returning the cache; any other device
+        is an error."""
+        name = str(device)
+        if name.split(":")[0] != "cpu":
+            raise ValueError(f"device {name!r}: npgpt2 runs on the CPU with NumPy; the only device is 'cpu'")
+        return self
 
     def __iter__(self):
         return iter(self.cache_dict)

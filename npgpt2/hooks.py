@@ -14,11 +14,15 @@ and a hook may itself call the model (nested calls keep their own caches and hoo
 Three places a hook can live, from widest to narrowest:
 
 ``model.add_hook(name, fn)``
-    model-wide, every call in every thread, until ``model.reset_hooks()``;
+    model-wide, every call in every thread, until ``model.reset_hooks()``
+    (``add_perma_hook`` / ``is_permanent=True``: until ``reset_hooks(including_permanent=True)``);
 ``with model.hooks([(name, fn)]):``
     calls made inside the block, in this thread (a ``contextvars`` context);
 ``model.run_with_hooks(x, fwd_hooks=[(name, fn)])``, ``run_with_cache``, ``generate(fwd_hooks=...)``
     that one call (for a generation stream, the steps it computes).
+
+As in TransformerLens 4, ``run_with_hooks`` and ``hooks()`` remove only the hooks they added: hooks
+added with ``add_hook`` before (or inside) the call stay on the model, and keep firing afterwards.
 
 ``HOOK_POINTS`` is the one list of hook names: the model, the cache's short names, patching and the
 README's table are all made from it.
@@ -113,24 +117,91 @@ def block_hook(short: str) -> str:
     raise KeyError(f"no hook point inside a block has the short name {short!r}")
 
 
+# TransformerLens's other spellings (utils.get_act_name's aliases)
+_NAME_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "scores": "attn_scores", "key": "k",
+                 "query": "q", "value": "v", "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_ATTN_NAMES = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_MLP_NAMES = ("pre", "post", "mid", "pre_linear")
+_NOT_IN_GPT2 = {"mid": "it belongs to solu MLPs", "pre_linear": "it belongs to gated MLPs",
+                "rot_k": "GPT-2 has no rotary embeddings", "rot_q": "GPT-2 has no rotary embeddings"}
+
+
+def _tl_act_name(name: str, layer, layer_type):
+    """TransformerLens's ``utils.get_act_name`` string rules (its short forms, aliases and layer
+    types) -> (short name, layer, layer type); short names with underscores take a layer too
+    ('resid_pre5'), where TransformerLens's pattern stops at the underscore."""
+    m = re.fullmatch(r"([a-z_]*[a-z])(\d+)([a-z]?.*)", name)
+    if m is not None:
+        if layer is not None or layer_type is not None:
+            raise KeyError(f"{name!r} already gives a layer; pass either {name!r} alone or "
+                           f"({m.group(1)!r}, {m.group(2)}{', ' + repr(m.group(3)) if m.group(3) else ''})")
+        name, layer, layer_type = m.group(1), int(m.group(2)), m.group(3) or None
+    name = _NAME_ALIASES.get(name, name)
+    if name in _ATTN_NAMES:
+        layer_type = "attn"
+    elif name in _MLP_NAMES:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIASES:
+        layer_type = _LAYER_TYPE_ALIASES[layer_type]
+    return name, layer, layer_type
+
+
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """('pattern', 3) -> 'blocks.3.attn.hook_pattern'; full names pass through (TransformerLens's
-    ``utils.get_act_name``). ``layer_type`` picks the layer norm for 'scale'/'normalized':
-    'ln1', 'ln2' (with a layer) or 'ln_final'."""
-    if "." in name or name.startswith("hook_"):
-        return name
-    if name not in short_names():
+    """A TransformerLens short form -> the hook point's full name (``utils.get_act_name``).
+
+    ('pattern', 3), 'pattern3' -> 'blocks.3.attn.hook_pattern'; 'k6' -> 'blocks.6.attn.hook_k';
+    ('normalized', 2, 'ln2'), 'scale4ln1' -> 'blocks.4.ln1.hook_scale'; 'mlp_post', 'mlp_pre',
+    'attn', 'attn_logits', 'key', 'query', 'value' are TransformerLens's aliases; 'scale' with no
+    layer is 'ln_final.hook_scale'; full names pass through; a layer may be an int or digits.
+
+    Extensions: 'scores' means 'attn_scores'; 'resid_pre5'-style names work (TransformerLens reads
+    only letters before the layer and makes 'hook_resid_pre5'); ('scale', None, 'ln_final') is
+    'ln_final.hook_scale' (TransformerLens doubles the prefix). Otherwise, where TransformerLens's
+    string would name no GPT-2 hook point, this raises a ``KeyError`` that says what to write
+    instead: ('scale', 3) without 'ln1'/'ln2' (TransformerLens makes 'blocks.3.hook_scale'), a
+    block activation without a layer, 'mid'/'rot_q'/... (other architectures). Negative layers
+    need the model: ``cache["resid_post", -1]`` resolves them.
+    """
+    if not isinstance(name, str):
+        raise KeyError(f"activation name must be a str; got {type(name).__name__} {name!r}")
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name  # a full name
+    if "." in name:
+        raise KeyError(f"{name!r} is a full hook name; it takes no layer or layer_type")
+    if isinstance(layer, str) and layer.isdigit():
+        layer = int(layer)
+    if layer is not None and (not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) or layer < 0):
+        raise KeyError(f"layer={layer!r}: expected a layer index >= 0 (negative layers are resolved by "
+                       "the cache, which knows the number of layers: cache[name, -1])")
+    short, layer, layer_type = _tl_act_name(name, layer, layer_type)
+    layer_type = layer_type or None  # TransformerLens's "b"/"block" mean "on the block itself"
+    if short in _NOT_IN_GPT2:
+        raise KeyError(f"GPT-2 has no {short!r} activation ({_NOT_IN_GPT2[short]})")
+    if short not in short_names():
         raise KeyError(f"unknown activation name {name!r}; expected a full hook name or one of "
-                       f"{', '.join(short_names())}")
-    if name in ("embed", "pos_embed"):
-        return "hook_" + name
-    if name in ("scale", "normalized"):
+                       f"{', '.join(short_names())} (optionally with a layer: 'k6', 'resid_pre5')")
+    if short in ("embed", "pos_embed"):
+        if layer is not None or layer_type is not None:
+            raise KeyError(f"{short!r} is not inside a block: it takes no layer or layer_type (it is 'hook_{short}')")
+        return "hook_" + short
+    if short in ("scale", "normalized"):
         if layer is None:
-            return f"{layer_type or 'ln_final'}.hook_{name}"
-        return f"blocks.{layer}.{layer_type or 'ln1'}.hook_{name}"
+            if layer_type not in (None, "ln_final"):
+                raise KeyError(f"({short!r}, None, {layer_type!r}): {layer_type} is inside a block; give a layer")
+            return f"ln_final.hook_{short}"
+        if layer_type not in ("ln1", "ln2"):
+            raise KeyError(f"({short!r}, {layer}) is ambiguous: each block has two layer norms; say which, "
+                           f"e.g. ({short!r}, {layer}, 'ln1') or '{short}{layer}ln2'")
+        return f"blocks.{layer}.{layer_type}.hook_{short}"
     if layer is None:
-        raise KeyError(f"activation {name!r} needs a layer, e.g. ({name!r}, 0)")
-    return f"blocks.{layer}.{block_hook(name)}"
+        raise KeyError(f"activation {short!r} is in every block: give a layer, e.g. ({short!r}, 0) or '{short}0'")
+    full = f"blocks.{layer}.{block_hook(short)}"
+    expected_type = full.split(".")[2] if full.count(".") == 3 else ""
+    if (layer_type or "") != expected_type:
+        raise KeyError(f"({short!r}, {layer}, {layer_type!r}): {short!r} is "
+                       f"{'in ' + expected_type if expected_type else 'on the block itself'} ({full!r})")
+    return full
 
 
 def short_names() -> list[str]:
@@ -147,12 +218,24 @@ def markdown_table() -> str:
 
 
 class HookPoint:
-    """The second argument a hook function receives: which activation it is looking at."""
+    """The second argument a hook function receives: which activation it is looking at.
 
-    __slots__ = ("name",)
+    ``ctx`` is a dict that belongs to this hook point of this model and lasts across calls (as in
+    TransformerLens): a hook may keep things there between calls. ``model.reset_hooks()`` empties
+    every ``ctx`` (``clear_contexts=False`` keeps them); ``model.clear_contexts()`` does only that.
+    """
+
+    __slots__ = ("name", "ctx")
 
     def __init__(self, name: str):
         self.name = name
+        self.ctx: dict = {}
+
+    def __getattr__(self, name: str):
+        if name in ("add_hook", "add_perma_hook", "remove_hooks", "fwd_hooks", "bwd_hooks"):
+            raise AttributeError(f"hooks are added through the model in npgpt2: model.add_hook({self.name!r}, fn), "
+                                 f"model.run_with_hooks(..., fwd_hooks=[({self.name!r}, fn)]) or model.hooks(...)")
+        raise AttributeError(f"HookPoint has no attribute {name!r} (it has name, ctx, layer())")
 
     def layer(self) -> int | None:
         """The block index for ``blocks.{l}...`` names, else None."""
@@ -281,9 +364,10 @@ class HookedModel:
                 "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "mlp.hook_pre", "mlp.hook_post")
         self._saved_for_backward = frozenset(n for n in self._hook_names if n.endswith(ends))
         # Model-wide hooks, per direction. Replaced, never mutated, under the lock: a call reads one
-        # consistent dict.
+        # consistent dict. ``_registered`` remembers which were added as permanent.
         self._hooks: dict[str, list[HookFn]] = {}
         self._bwd_hooks: dict[str, list[HookFn]] = {}
+        self._registered: tuple[tuple[str, str, HookFn, bool], ...] = ()  # (dir, name, fn, permanent)
         self._hooks_lock = threading.Lock()
 
     def _new_run(self, extra: Iterable[tuple[str, HookFn]] = (), keep: frozenset[str] = frozenset(),
@@ -331,47 +415,92 @@ class HookedModel:
             pairs += [(n, fn) for n in self.resolve_hook_names(name)]
         return pairs
 
-    def add_hook(self, name, fn: HookFn, dir: str = "fwd") -> None:
+    def add_hook(self, name, fn: HookFn, dir: str = "fwd", is_permanent: bool = False) -> None:
         """Register ``fn(activation, hook)`` (``dir="fwd"``) or ``fn(gradient, hook)`` (``dir="bwd"``)
         at a name (or every name a predicate accepts), for every later call of the model, in every
-        thread. A backward hook fires in the calls that compute gradients."""
+        thread. A backward hook fires in the calls that compute gradients. A permanent hook
+        (``is_permanent=True``, or ``add_perma_hook``) survives ``reset_hooks()``."""
         if dir not in _DIRECTIONS:
             raise HookError(f"dir={dir!r}: expected 'fwd' or 'bwd'")
         pairs = self._expand([(name, fn)])
-        attribute = "_hooks" if dir == "fwd" else "_bwd_hooks"
         with self._hooks_lock:
-            setattr(self, attribute, _merged(getattr(self, attribute), pairs))
+            self._set_registered(self._registered + tuple((dir, n, f, bool(is_permanent)) for n, f in pairs))
 
-    def reset_hooks(self) -> None:
-        """Remove every hook added with ``add_hook``, forward and backward."""
+    def add_perma_hook(self, name, fn: HookFn, dir: str = "fwd") -> None:
+        """``add_hook(..., is_permanent=True)``: a hook that only ``reset_hooks(including_permanent=True)``
+        removes (TransformerLens's name)."""
+        self.add_hook(name, fn, dir=dir, is_permanent=True)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
+                    including_permanent: bool = False) -> None:
+        """Remove the hooks added with ``add_hook`` (forward and backward with ``direction="both"``),
+        except permanent ones unless ``including_permanent=True``; with ``clear_contexts`` (the
+        default, as in TransformerLens) also empty every hook point's ``ctx``."""
+        if direction not in ("fwd", "bwd", "both"):
+            raise HookError(f"direction={direction!r}: expected 'fwd', 'bwd' or 'both'")
         with self._hooks_lock:
-            self._hooks, self._bwd_hooks = {}, {}
+            self._set_registered(tuple(r for r in self._registered
+                                       if not (direction in (r[0], "both") and (including_permanent or not r[3]))))
+        if clear_contexts:
+            self.clear_contexts()
+
+    def clear_contexts(self) -> None:
+        """Empty every hook point's ``ctx`` dict."""
+        for point in self._points.values():
+            point.ctx.clear()
+
+    def _set_registered(self, registered: tuple) -> None:
+        """Replace the model-wide hooks (call with the lock held): new dicts, never edited in place."""
+        self._registered = registered
+        self._hooks = _merged({}, [(n, fn) for d, n, fn, _ in registered if d == "fwd"])
+        self._bwd_hooks = _merged({}, [(n, fn) for d, n, fn, _ in registered if d == "bwd"])
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """{name: HookPoint} for every hook point (TransformerLens's ``model.hook_dict``); each
+        HookPoint has its ``name`` and ``ctx``. Hooks are added through the model, not the point."""
+        return dict(self._points)
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] = (),
-              reset_hooks_end: bool = True):
+              reset_hooks_end: bool = True, clear_contexts: bool = False):
         """Context manager: the hooks fire in calls made inside the block, in this thread, and are
         gone on leaving it, even when the block raises. With ``reset_hooks_end=False`` they are
-        added to the model for good instead (``add_hook``), as TransformerLens does."""
+        added to the model for good instead (``add_hook``), as TransformerLens does.
+
+        Only the hooks given here go away on leaving: a hook added with ``add_hook`` inside the
+        block stays on the model (TransformerLens 4's rule). ``model.add_hook`` is model-wide, so
+        it fires in every thread, not only this block's. ``clear_contexts=True`` empties every hook
+        point's ``ctx`` on leaving."""
         added = [("fwd", n, fn) for n, fn in self._expand(fwd_hooks)]
         added += [("bwd", n, fn) for n, fn in self._expand(bwd_hooks)]
         if not reset_hooks_end:
             for d, n, fn in added:
                 self.add_hook(n, fn, dir=d)
-            yield self
+            try:
+                yield self
+            finally:
+                if clear_contexts:
+                    self.clear_contexts()
             return
         token = _SCOPED.set(_SCOPED.get() + tuple((self, d, n, fn) for d, n, fn in added))
         try:
             yield self
         finally:
             _SCOPED.reset(token)
+            if clear_contexts:
+                self.clear_contexts()
 
     def run_with_hooks(self, input, fwd_hooks: Iterable[tuple] = (), bwd_hooks: Iterable[tuple] = (),
-                       return_type="logits", reset_hooks_end: bool = True, metric=None, **kwargs):
+                       return_type="logits", reset_hooks_end: bool = True, metric=None,
+                       clear_contexts: bool = False, **kwargs):
         """``forward`` with ``fwd_hooks`` = [(name or predicate, fn), ...] active for this call.
 
         ``fn(activation, hook)`` returns None to only look, or an array of the same shape to replace
         the activation from there on. ``reset_hooks_end=False`` leaves them on the model.
+        Only these hooks are removed at the end: hooks added with ``add_hook`` (before, or by a hook
+        during the call) stay (TransformerLens 4's rule). ``clear_contexts=True`` empties every
+        hook point's ``ctx`` after the call.
 
         With ``bwd_hooks`` (or a ``metric``) the call also runs the backward pass of a scalar:
         ``metric(logits)`` (see ``npgpt2.metrics``), or the loss with ``return_type="loss"``; it
@@ -384,14 +513,18 @@ class HookedModel:
             for n, fn in bwd_pairs:
                 self.add_hook(n, fn, dir="bwd")
             pairs, bwd_pairs = [], []
-        if bwd_pairs or metric is not None:
-            run = self._new_run(pairs, bwd_extra=bwd_pairs, save=self._saved_for_backward)
-            value, _ = self._backward_run(run, input, metric, return_type, "run_with_hooks", **kwargs)
-            return value
-        return self._forward(self._new_run(pairs), input, return_type=return_type, **kwargs)
+        try:
+            if bwd_pairs or metric is not None:
+                run = self._new_run(pairs, bwd_extra=bwd_pairs, save=self._saved_for_backward)
+                value, _ = self._backward_run(run, input, metric, return_type, "run_with_hooks", **kwargs)
+                return value
+            return self._forward(self._new_run(pairs), input, return_type=return_type, **kwargs)
+        finally:
+            if clear_contexts:
+                self.clear_contexts()
 
     def run_with_cache(self, input, names_filter=None, return_type="logits", incl_bwd: bool = False,
-                       metric=None, **kwargs):
+                       metric=None, remove_batch_dim: bool = False, **kwargs):
         """``forward``, keeping activations: returns (output, ActivationCache).
 
         names_filter: None (every hook point but ``attn.hook_result``), a name, a list of names, or
@@ -400,6 +533,9 @@ class HookedModel:
         incl_bwd: also keep the gradient at each of those names, as ``"{name}_grad"`` (same shape).
             It needs a scalar: ``return_type="loss"`` or ``metric`` (``npgpt2.metrics``); the output
             is then that scalar.
+        remove_batch_dim: for a batch of one, drop the batch axis of every cached activation
+            (``ActivationCache.remove_batch_dim``); the output keeps its batch axis, as in
+            TransformerLens.
         """
         from .cache import ActivationCache
 
@@ -414,7 +550,8 @@ class HookedModel:
         else:
             run = self._new_run(keep=keep)
             out = self._forward(run, input, return_type=return_type, **kwargs)
-        return out, ActivationCache(run.cache, self)
+        cache = ActivationCache(run.cache, self)
+        return out, (cache.remove_batch_dim() if remove_batch_dim else cache)
 
 
 def _merged(base: dict[str, list[HookFn]], *more: Iterable[tuple[str, HookFn]]) -> dict[str, list[HookFn]]:

@@ -52,7 +52,14 @@ class TokenInput:
         return (tokens, mask) if return_mask else tokens
 
     def to_str_tokens(self, input, prepend_bos: bool = False):
-        """Text or token ids -> the string of each token (a list, or a list of lists for a batch)."""
+        """Text or token ids -> the string of each token (a list, or a list of lists for a batch).
+
+        A list of texts gives one list per text, each tokenized on its own (no padding), as in
+        TransformerLens; a single token id gives a one-item list."""
+        if isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
+            return [self.to_str_tokens(t, prepend_bos=prepend_bos) for t in input]
+        if np.ndim(input) == 0 and not isinstance(input, str):
+            input = np.asarray(input).reshape(1)
         if isinstance(input, str):
             input = self.to_tokens(input, prepend_bos=prepend_bos)
         tokens = self.validate_tokens(input)
@@ -60,8 +67,10 @@ class TokenInput:
         return rows[0] if len(rows) == 1 else rows
 
     def to_string(self, tokens):
-        """Token ids -> text: a str for [pos], a list of str for [batch, pos]."""
+        """Token ids -> text: a str for one id or [pos], a list of str for [batch, pos]."""
         arr = np.asarray(tokens)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
         checked = self.validate_tokens(arr)
         texts = [self.tokenizer.decode(row) for row in checked]
         return texts[0] if arr.ndim == 1 else texts

@@ -32,19 +32,19 @@ from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookEr
 from .inputs import InputError, TokenInput
 from .kv_cache import KeyValueCache
 from .tokenizer import Tokenizer
-from .views import WeightViews
+from .accessors import ModuleAccessors, WeightViews  # WeightViews: views.py
 from .weights import GPT2Weights
 
 ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
 
 
-class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
+class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors):
     """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)``.
 
     ``cfg`` holds the shape, ``weights`` the arrays (GPT-2's own layout), ``tokenizer`` the BPE.
     Hooks and caching come from ``HookedModel`` (hooks.py), gradients from ``Differentiable``
     (backward.py), token handling from ``TokenInput`` (inputs.py), TransformerLens's weight names
-    (``W_Q``, ``W_O``, ``W_in`` ...) from ``WeightViews``.
+    (``W_Q``, ``W_O``, ...) from ``WeightViews``, ``model.blocks[l].attn.W_Q``, ``OV`` from ``ModuleAccessors``.
     """
 
     def __init__(self, cfg: GPT2Config, weights: GPT2Weights, tokenizer: Tokenizer | None = None,
@@ -236,9 +236,8 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         normalized = self._layer_norm(hook, "ln_final.", resid, w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
         return ops.linear(normalized, w.W_U, w.b_U)  # [batch, pos, d_vocab]
 
-    def unembed(self, resid: np.ndarray) -> np.ndarray:
-        """Final layer norm, then the unembedding.  [batch, pos, d_model] -> [batch, pos, d_vocab]"""
-        return self._unembed(self._new_run(), resid)
+    # ``model.unembed(resid)`` (final layer norm, then the unembedding) is in accessors.py, where
+    # ``model.unembed`` also shows ``W_U`` and ``b_U`` as TransformerLens's module does.
 
     # ------------------------------------------------------------------------------------------
     # Loss

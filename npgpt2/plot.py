@@ -168,12 +168,22 @@ def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
     """Attention pattern heatmaps, one panel per head, with token labels on both axes.
 
     patterns: an ActivationCache holding the patterns, or {layer: [batch, head, q, k]} arrays.
-    heads: [(layer, head), ...]. Query positions run down, key positions across.
+    heads: [(layer, head), ...], or flat head indices layer * n_head + head (as TransformerLens's
+    demos index ``stack_head_results``), or a mix. Query positions run down, key positions across.
+    str_tokens: one prompt's tokens, or one list per batch row (then row ``batch`` is used).
     """
     plt = _pyplot()
-    heads = list(heads)
+    heads = list(np.atleast_1d(heads)) if isinstance(heads, (int, np.integer, np.ndarray)) else list(heads)
     if not heads:
-        raise ValueError("no heads to draw: pass heads=[(layer, head), ...]")
+        raise ValueError("no heads to draw: pass heads=[(layer, head), ...] or flat indices")
+    if str_tokens and isinstance(str_tokens[0], (list, tuple)):
+        str_tokens = str_tokens[batch]
+    if any(isinstance(h, (int, np.integer)) for h in heads):
+        if hasattr(patterns, "cache_dict"):
+            n_head = patterns.model.cfg.n_head
+        else:
+            n_head = np.shape(next(iter(patterns.values())))[1]
+        heads = [divmod(int(h), n_head) if isinstance(h, (int, np.integer)) else tuple(h) for h in heads]
     n = len(str_tokens)
     cols = min(len(heads), 3)
     rows = -(-len(heads) // cols)
@@ -196,15 +206,23 @@ def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
     return fig
 
 
-def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title: str | None = None) -> str:
+def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title: str | None = None,
+                   batch: int | None = None) -> str:
     """A self-contained HTML page showing every head of one layer (no external scripts, styles or
-    network: open it offline). pattern: [head, q, k] (one prompt). Each head is a grid whose cell
-    (query, key) is shaded by the attention weight; hovering shows the tokens and the weight, and
-    the head selector enlarges one head. Returns the HTML (and writes it to ``path`` if given)."""
+    network: open it offline). pattern: [head, q, k] (one prompt), or [batch, head, q, k] with
+    ``batch`` saying which prompt (str_tokens may then be one list per prompt). Each head is a grid
+    whose cell (query, key) is shaded by the attention weight; hovering shows the tokens and the
+    weight, and the head selector enlarges one head. Returns the HTML (and writes it to ``path``)."""
     import html as _html
     import json
 
     pattern = np.asarray(pattern, dtype=float)
+    if batch is not None:
+        if pattern.ndim != 4:
+            raise ValueError(f"batch={batch} needs a pattern [batch, head, q, k]; got shape {pattern.shape}")
+        pattern = pattern[batch]
+        if str_tokens and isinstance(str_tokens[0], (list, tuple)):
+            str_tokens = str_tokens[batch]
     if pattern.ndim != 3 or pattern.shape[1:] != (len(str_tokens), len(str_tokens)):
         raise ValueError(f"pattern must be [head, {len(str_tokens)}, {len(str_tokens)}] for "
                          f"{len(str_tokens)} tokens; got {pattern.shape}")
@@ -319,4 +337,154 @@ def sae_training_curves(log: pd.DataFrame, path=None):
     axes[2].set_title("dead latents (dotted: resampling)")
     for ax in axes:
         ax.set_xlabel("step")
+    return _finish(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# TransformerLens demos' helpers (there: plotly; here: matplotlib, offline): imshow, line, scatter.
+# Arrays in, axis labels as strings or token lists, ``batch`` picks one prompt when the input has a
+# batch axis in front. Each returns the Figure and writes ``path`` when given.
+# ----------------------------------------------------------------------------------------------
+def _labels_kw(labels, xaxis, yaxis, caxis=""):
+    """TransformerLens demos pass axis titles as xaxis/yaxis or labels={"x": .., "y": .., "color": ..}."""
+    labels = dict(labels or {})
+    return labels.get("x", xaxis), labels.get("y", yaxis), labels.get("color", caxis)
+
+
+def _pick_batch(values: np.ndarray, batch, wanted_ndim: int, what: str) -> np.ndarray:
+    if batch is not None:
+        if values.ndim != wanted_ndim + 1:
+            raise ValueError(f"{what}: batch={batch} needs a leading batch axis; got shape {values.shape}")
+        return values[batch]
+    return values
+
+
+def _ticks(ax, axis: str, labels, n: int):
+    if labels is None:
+        return
+    labels = [str(t) for t in labels]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} {axis} labels for {n} {'columns' if axis == 'x' else 'rows'}")
+    if axis == "x":
+        ax.set_xticks(range(n), labels, rotation=90 if max(map(len, labels), default=0) > 2 else 0, fontsize=7)
+    else:
+        ax.set_yticks(range(n), labels, fontsize=7)
+
+
+def imshow(tensor, x=None, y=None, xaxis: str = "", yaxis: str = "", title: str = "", labels=None,
+           color_continuous_midpoint=0.0, cmap=None, facet_col=None, facet_labels=None,
+           batch: int | None = None, path=None, zmin=None, zmax=None, **_plotly_only):
+    """A heatmap of a 2-D array [rows, cols] (TransformerLens demos' ``imshow``).
+
+    x / y: tick labels for the columns / rows (numbers or string tokens); xaxis / yaxis (or
+    ``labels={"x": ..., "y": ..., "color": ...}``) the axis titles. ``color_continuous_midpoint=0``
+    (the demos' default) centres a red-blue map on 0; None gives a sequential map.
+    facet_col: an axis of a 3-D array to draw as side-by-side panels, titled by ``facet_labels``.
+    batch: pick this row of a leading batch axis first. Arguments only plotly understands
+    (renderer, ...) are accepted and ignored.
+    """
+    plt = _pyplot()
+    values = np.asarray(tensor, dtype=float)
+    values = _pick_batch(values, batch, 2 if facet_col is None else 3, "imshow")
+    if facet_col is None:
+        if values.ndim != 2:
+            raise ValueError(f"imshow draws a 2-D array [rows, cols]; got shape {values.shape} "
+                             "(pass batch=i to pick a prompt, or facet_col to draw panels)")
+        panels, titles = [values], [title]
+    else:
+        if values.ndim != 3:
+            raise ValueError(f"facet_col needs a 3-D array; got shape {values.shape}")
+        panels = list(np.moveaxis(values, facet_col, 0))
+        titles = list(facet_labels) if facet_labels is not None else [f"{facet_col}={i}" for i in range(len(panels))]
+        if len(titles) != len(panels):
+            raise ValueError(f"{len(titles)} facet_labels for {len(panels)} panels")
+    rows, cols = panels[0].shape
+    xlabel, ylabel, clabel = _labels_kw(labels, xaxis, yaxis)
+    if color_continuous_midpoint is not None and zmin is None and zmax is None:
+        bound = max(float(np.nanmax(np.abs(values - color_continuous_midpoint))), 1e-12)
+        zmin, zmax = color_continuous_midpoint - bound, color_continuous_midpoint + bound
+    cmap = cmap or ("RdBu" if color_continuous_midpoint is not None else "viridis")
+    width = min(2.5 + 0.35 * cols, 14)
+    height = min(2 + 0.3 * rows, 14)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, panel, panel_title in zip(axes[0], panels, titles):
+        im = ax.imshow(panel, aspect="auto", cmap=cmap, vmin=zmin, vmax=zmax)
+        _ticks(ax, "x", x, cols)
+        _ticks(ax, "y", y, rows)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+    if facet_col is not None and title:
+        fig.suptitle(title)
+    fig.colorbar(im, ax=axes[0].tolist(), label=clabel)
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def line(tensor, x=None, xaxis: str = "", yaxis: str = "", title: str = "", labels=None, line_labels=None,
+         batch: int | None = None, path=None, **_plotly_only):
+    """A line plot (TransformerLens demos' ``line``): a 1-D array as one line, a 2-D array
+    [lines, points] as one line per row, named by ``line_labels`` in a legend. x: the points'
+    positions, or string labels (e.g. tokens, or component names from ``return_labels=True``).
+    batch: pick this row of a leading batch axis first."""
+    plt = _pyplot()
+    values = np.asarray(tensor, dtype=float)
+    if batch is not None:
+        values = values[batch]
+    if values.ndim == 1:
+        values = values[None]
+    if values.ndim != 2:
+        raise ValueError(f"line draws a 1-D array or a 2-D array [lines, points]; got shape {values.shape}")
+    n = values.shape[1]
+    xlabel, ylabel, _ = _labels_kw(labels, xaxis, yaxis)
+    text_x = x is not None and any(isinstance(v, str) for v in x)
+    positions = np.arange(n) if x is None or text_x else np.asarray(x, dtype=float)
+    if len(positions) != n:
+        raise ValueError(f"{len(positions)} x values for {n} points")
+    fig, ax = plt.subplots(figsize=(min(max(6, 0.25 * n), 16), 4))
+    names = list(line_labels) if line_labels is not None else [None] * len(values)
+    if len(names) != len(values):
+        raise ValueError(f"{len(names)} line_labels for {len(values)} lines")
+    for row, name in zip(values, names):
+        ax.plot(positions, row, marker="." if n <= 60 else None, label=name)
+    if text_x:
+        _ticks(ax, "x", x, n)
+    if line_labels is not None:
+        ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _finish(fig, path)
+
+
+def scatter(x, y, xaxis: str = "", yaxis: str = "", title: str = "", labels=None, hover=None, text=None,
+            color=None, caxis: str = "", batch: int | None = None, path=None, **_plotly_only):
+    """A scatter plot of y against x (TransformerLens demos' ``scatter``). ``text`` (or ``hover``,
+    plotly's hover names): a label per point, written beside it (e.g. head names "L9H6").
+    ``color``: a value per point, with a colour bar titled ``caxis``. batch: pick this row of a
+    leading batch axis of x, y (and of color, when it has that axis too) first. A diagonal y = x is not drawn; add it yourself."""
+    plt = _pyplot()
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if batch is not None:
+        if color is not None and np.ndim(color) == xs.ndim:
+            color = np.asarray(color)[batch]
+        xs, ys = xs[batch], ys[batch]
+    xs, ys = xs.ravel(), ys.ravel()
+    if xs.shape != ys.shape:
+        raise ValueError(f"x has {xs.size} points and y {ys.size}")
+    names = text if text is not None else hover
+    if names is not None and len(names) != xs.size:
+        raise ValueError(f"{len(names)} point labels for {xs.size} points")
+    xlabel, ylabel, clabel = _labels_kw(labels, xaxis, yaxis, caxis)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    points = ax.scatter(xs, ys, c=None if color is None else np.ravel(color), cmap="viridis", s=18)
+    if color is not None:
+        fig.colorbar(points, ax=ax, label=clabel)
+    if names is not None:
+        for xi, yi, name in zip(xs, ys, names):
+            ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     return _finish(fig, path)

@@ -138,8 +138,8 @@ def test_factored_matrix_against_dense(model64):
     assert ov.shape == (L, H, TINY.d_model, TINY.d_model)
     dense = ov.AB
     np.testing.assert_allclose(dense[1, 2], model64.W_V[1, 2] @ model64.W_O[1, 2])
-    U, S, Vh = ov[1, 2].svd()
-    np.testing.assert_allclose((U * S) @ Vh, dense[1, 2], atol=1e-12)
+    U, S, V = ov[1, 2].svd()  # TransformerLens's convention: V, not Vh
+    np.testing.assert_allclose((U * S) @ V.T, dense[1, 2], atol=1e-12)
     np.testing.assert_allclose(S, np.linalg.svd(dense[1, 2], compute_uv=False)[: TINY.d_head], atol=1e-12)
     np.testing.assert_allclose(ov.norm(), np.linalg.norm(dense, axis=(-2, -1)), rtol=1e-12)
     qk = qk_circuit(model64)
@@ -180,10 +180,10 @@ def test_singular_directions_as_tokens(model64):
     df = singular_directions(model64, 1, 2, "OV", k=2, top_tokens=5)
     assert list(df.columns) == ["layer", "head", "circuit", "rank", "singular_value", "reads", "writes"]
     assert df["singular_value"].is_monotonic_decreasing and len(df.loc[0, "writes"]) == 5
-    U, S, Vh = ov_circuit(model64)[1, 2].svd()
-    top_written = np.argsort(-(Vh[0] @ model64.W_U))[:5]
+    U, S, V = ov_circuit(model64)[1, 2].svd()
+    top_written = np.argsort(-(V[:, 0] @ model64.W_U))[:5]
     tops_signed = [model64.tokenizer.token_str(t) for t in top_written]
-    bottoms = [model64.tokenizer.token_str(t) for t in np.argsort(Vh[0] @ model64.W_U)[:5]]
+    bottoms = [model64.tokenizer.token_str(t) for t in np.argsort(V[:, 0] @ model64.W_U)[:5]]
     assert df.loc[0, "writes"] in (tops_signed, bottoms)
     qk = singular_directions(model64, 0, 0, "QK", k=1)
     assert {"query", "key"} <= set(qk.columns)

@@ -7,62 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-
-class FactoredMatrix:
-    """A @ B without forming it. A: [..., m, r], B: [..., r, n] (leading axes: layer, head, ...).
-
-    ``AB`` forms the product; ``svd()`` gives its singular value decomposition from r x r work;
-    ``norm()`` is its Frobenius norm; ``T`` the transpose; ``@`` composes with an array or another
-    factored matrix; indexing picks along the leading axes (``QK[3, 5]`` is layer 3, head 5).
-    """
-
-    def __init__(self, A: np.ndarray, B: np.ndarray):
-        A, B = np.asarray(A), np.asarray(B)
-        if A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"factors do not chain: A {A.shape} @ B {B.shape}")
-        self.A, self.B = A, B
-
-    @property
-    def shape(self) -> tuple:
-        return np.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2]) + (self.A.shape[-2], self.B.shape[-1])
-
-    @property
-    def AB(self) -> np.ndarray:
-        return self.A @ self.B
-
-    @property
-    def T(self) -> "FactoredMatrix":
-        return FactoredMatrix(self.B.swapaxes(-1, -2), self.A.swapaxes(-1, -2))
-
-    def __getitem__(self, idx) -> "FactoredMatrix":
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        return FactoredMatrix(self.A[idx], self.B[idx])
-
-    def __matmul__(self, other):
-        if isinstance(other, FactoredMatrix):  # keep the narrow middle: A (B A') B'
-            return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
-        return FactoredMatrix(self.A, self.B @ np.asarray(other))
-
-    def __rmatmul__(self, other):
-        return FactoredMatrix(np.asarray(other) @ self.A, self.B)
-
-    def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """U [..., m, k], S [..., k], Vh [..., k, n] of A @ B, with k = min(r, m, n)."""
-        Qa, Ra = np.linalg.qr(self.A)  # A = Qa Ra
-        Qb, Rb = np.linalg.qr(self.B.swapaxes(-1, -2))  # B = Rb^T Qb^T
-        u, s, vh = np.linalg.svd(Ra @ Rb.swapaxes(-1, -2))
-        return Qa @ u, s, vh @ Qb.swapaxes(-1, -2)
-
-    @property
-    def S(self) -> np.ndarray:
-        return self.svd()[1]
-
-    def norm(self) -> np.ndarray:
-        """Frobenius norm of A @ B, [...]."""
-        return np.sqrt((self.S ** 2).sum(-1))
-
-    def __repr__(self):
-        return f"FactoredMatrix(shape={self.shape}, inner={self.A.shape[-1]})"
+from ..factored_matrix import FactoredMatrix  # noqa: F401  (its old import path)
 
 
 def qk_circuit(model) -> FactoredMatrix:
@@ -93,12 +38,12 @@ def singular_directions(model, layer: int, head: int, circuit: str = "OV", k: in
     if circuit not in ("OV", "QK"):
         raise ValueError(f"circuit={circuit!r}: expected 'OV' or 'QK'")
     fm = (ov_circuit if circuit == "OV" else qk_circuit)(model)[layer, head]
-    U, S, Vh = fm.svd()
+    U, S, V = fm.svd()
     tok = model.tokenizer.token_str
     E = model.W_E
     rows = []
     for i in range(min(k, len(S))):
-        u, v = U[:, i], Vh[i]
+        u, v = U[:, i], V[:, i]
         left = E @ u
         right = (v @ model.W_U) if circuit == "OV" else (E @ v)
         # a singular pair is defined up to a joint sign: report the sign that makes the right side positive
