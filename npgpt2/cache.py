@@ -57,6 +57,12 @@ class ActivationCache:
     def __repr__(self):
         return f"ActivationCache({len(self)} activations: {', '.join(list(self)[:4])}{', ...' if len(self) > 4 else ''})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the hook points grouped by layer, with shapes and sizes (see display.py)."""
+        from .display import cache_html
+
+        return cache_html(self)
+
     # ------------------------------------------------------------------------------------------
     # The residual stream taken apart (TransformerLens's methods, names, labels and shapes).
     # Stacks have the component first: [component, batch, pos, d_model].

@@ -91,6 +91,12 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         return (f"GPT2({self.name!r}: n_layer={c.n_layer}, n_head={c.n_head}, d_model={c.d_model}, "
                 f"d_vocab={c.d_vocab}, n_ctx={c.n_ctx}, dtype={self.dtype})")
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: sizes, dtype, processing and where the files are (see display.py)."""
+        from .display import model_html
+
+        return model_html(self)
+
     # ------------------------------------------------------------------------------------------
     # The forward pass
     # ------------------------------------------------------------------------------------------

@@ -203,10 +203,9 @@ def test_attention_pictures(model, tmp_path):
     assert page.startswith("<!DOCTYPE html>") and page.count("<script") == 2
     assert not re.search(r"(src|href)\s*=|https?://|@import", page)  # nothing fetched from anywhere
     data = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
-    import html
     import json
 
-    payload = json.loads(html.unescape(data))
+    payload = json.loads(data)  # script content is raw text: no HTML entities to undo
     assert payload["tokens"] == tokens and np.array(payload["patterns"]).shape == (H, len(tokens), len(tokens))
     with pytest.raises(ValueError, match="pattern must be"):
         plot.attention_html(c["pattern", 1], tokens, 1)

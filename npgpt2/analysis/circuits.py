@@ -64,6 +64,11 @@ class FactoredMatrix:
     def __repr__(self):
         return f"FactoredMatrix(shape={self.shape}, inner={self.A.shape[-1]})"
 
+    def _repr_html_(self) -> str:
+        from ..display import factored_html
+
+        return factored_html(self)
+
 
 def qk_circuit(model) -> FactoredMatrix:
     """W_Q W_K^T per head: [layer, head, d_model (query side), d_model (key side)]."""
