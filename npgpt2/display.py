@@ -252,3 +252,41 @@ class AttentionView:
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_html())
         return str(path)
+
+
+# ------------------------------------------------------------------------------ notebooks or not
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where rich output is shown), False in a terminal or script."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def as_text(obj) -> str:
+    """What ``show`` prints outside a notebook: tables in full, numbers rounded."""
+    import pandas as pd
+
+    if hasattr(obj, "data") and type(obj).__name__ == "Styler":
+        obj = obj.data
+    if isinstance(obj, pd.DataFrame):
+        return obj.round(4).to_string()
+    if isinstance(obj, pd.Series):
+        return obj.round(4).to_string()
+    return str(obj)
+
+
+def show(*objs) -> None:
+    """Show each object: in a notebook with its rich display (tables, Stylers, the attention view,
+    the model's and cache's HTML), in a terminal as text. Lets one walkthrough be both a notebook
+    and a script. Strings are printed as they are."""
+    notebook = in_notebook()
+    for obj in objs:
+        if notebook and not isinstance(obj, str):
+            from IPython.display import display
+
+            display(obj)
+        else:
+            print(as_text(obj))

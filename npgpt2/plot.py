@@ -15,7 +15,10 @@ def _pyplot():
     try:
         import matplotlib
 
-        if matplotlib.get_backend().lower() not in ("agg",) and not _has_display():
+        backend = matplotlib.get_backend().lower()
+        # Jupyter's inline backend (module://...) draws into the notebook; otherwise, with no
+        # display, draw off screen
+        if backend != "agg" and not backend.startswith("module://") and not _has_display():
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
