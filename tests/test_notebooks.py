@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WALKTHROUGHS = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "*.py"))
                       if not os.path.basename(p).startswith("_") and "\n# %%" in open(p, encoding="utf-8").read())
 # Small settings so that each notebook runs in seconds on the synthetic model
-FAST = {"STEPS": 1500, "SAE_STEPS": 2500, "SEQ_LEN": 20, "TOP": 20, "IG_STEPS": 2, "IG_STEPS_SALIENCY": 16}
+FAST = {"STEPS": 300, "SAE_STEPS": 300, "SEQ_LEN": 20, "TOP": 20, "IG_STEPS": 2, "IG_STEPS_SALIENCY": 16}
 
 
 def execute(path, parameters, workdir):
