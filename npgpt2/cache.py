@@ -46,12 +46,15 @@ class ActivationCache:
         return len(self.cache_dict)
 
     def keys(self):
+        """The hook names held, in the order the forward pass reached them."""
         return self.cache_dict.keys()
 
     def values(self):
+        """The arrays held."""
         return self.cache_dict.values()
 
     def items(self):
+        """(hook name, array) pairs."""
         return self.cache_dict.items()
 
     def __repr__(self):

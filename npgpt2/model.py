@@ -80,10 +80,12 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
 
     @property
     def config(self) -> GPT2Config:
+        """The same as ``cfg`` (Hugging Face's name)."""
         return self.cfg
 
     @property
     def dtype(self) -> np.dtype:
+        """The weights' dtype: float32 or float64."""
         return self.weights.W_E.dtype
 
     def __repr__(self):

@@ -70,10 +70,12 @@ class SAE:
 
     @property
     def d_in(self) -> int:
+        """The width of the activation it reads."""
         return self.W_enc.shape[0]
 
     @property
     def d_sae(self) -> int:
+        """The number of latents."""
         return self.W_enc.shape[1]
 
     # ------------------------------------------------------------------------------- the maps

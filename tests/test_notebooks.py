@@ -1,7 +1,8 @@
 """Every walkthrough in examples/ runs top to bottom as a Jupyter notebook: jupytext turns the
 percent-format script into a notebook, the parameters cell gets a small synthetic model (as
 papermill would inject them), and nbclient executes it in an ipykernel kernel. Needs the
-``notebooks`` extra (jupytext, nbclient, ipykernel)."""
+``notebooks`` extra (jupytext, nbclient, ipykernel); run with ``python -m pytest -q -m notebooks``
+(CI does)."""
 
 import glob
 import os
@@ -10,6 +11,7 @@ import pytest
 
 from npgpt2.testing import walkthrough_parameters
 
+pytestmark = pytest.mark.notebooks
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")

@@ -24,14 +24,17 @@ class FactoredMatrix:
 
     @property
     def shape(self) -> tuple:
+        """The shape of A @ B: leading axes, then (m, n)."""
         return np.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2]) + (self.A.shape[-2], self.B.shape[-1])
 
     @property
     def AB(self) -> np.ndarray:
+        """A @ B, formed."""
         return self.A @ self.B
 
     @property
     def T(self) -> "FactoredMatrix":
+        """The transpose, still factored: B^T A^T."""
         return FactoredMatrix(self.B.swapaxes(-1, -2), self.A.swapaxes(-1, -2))
 
     def __getitem__(self, idx) -> "FactoredMatrix":
@@ -55,6 +58,7 @@ class FactoredMatrix:
 
     @property
     def S(self) -> np.ndarray:
+        """The singular values of A @ B, [..., k]."""
         return self.svd()[1]
 
     def norm(self) -> np.ndarray:
