@@ -133,7 +133,7 @@ def sae_html(sae) -> str:
 _VIEW_CSS = """
 .npgpt2-attn { font-family: sans-serif; font-size: 13px; color: #222; }
 .npgpt2-attn .tokens { margin: 0.3em 0 0.6em; line-height: 2; }
-.npgpt2-attn .tok { padding: 1px 3px; margin: 1px; border: 1px solid #ccc; border-radius: 3px;
+.npgpt2-attn .tok { display: inline-block; padding: 1px 3px; margin: 1px; border: 1px solid #ccc; border-radius: 3px;
   white-space: pre; cursor: pointer; font-family: ui-monospace, Menlo, monospace; }
 .npgpt2-attn .tok.query { border-color: #d62728; box-shadow: 0 0 0 1px #d62728; }
 .npgpt2-attn .heads { display: flex; flex-wrap: wrap; gap: 1.2em; }
