@@ -80,24 +80,16 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
 
     @property
     def config(self) -> GPT2Config:
-        """The same as ``cfg`` (Hugging Face's name)."""
         return self.cfg
 
     @property
     def dtype(self) -> np.dtype:
-        """The weights' dtype: float32 or float64."""
         return self.weights.W_E.dtype
 
     def __repr__(self):
         c = self.cfg
         return (f"GPT2({self.name!r}: n_layer={c.n_layer}, n_head={c.n_head}, d_model={c.d_model}, "
                 f"d_vocab={c.d_vocab}, n_ctx={c.n_ctx}, dtype={self.dtype})")
-
-    def _repr_html_(self) -> str:
-        """Jupyter's view: sizes, dtype, processing and where the files are (see display.py)."""
-        from .display import model_html
-
-        return model_html(self)
 
     # ------------------------------------------------------------------------------------------
     # The forward pass
@@ -315,3 +307,9 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         if np.may_share_memory(self.weights.W_U, self.weights.W_E):
             total -= self.weights.W_U.size
         return total
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: sizes, dtype, processing and where the files are (see display.py)."""
+        from .display import model_html
+
+        return model_html(self)
