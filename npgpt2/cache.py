@@ -104,16 +104,25 @@ class ActivationCache:
         return len(self.cache_dict)
 
     def keys(self):
+        """The hook names held, in the order the forward pass reached them."""
         return self.cache_dict.keys()
 
     def values(self):
+        """The arrays held."""
         return self.cache_dict.values()
 
     def items(self):
+        """(hook name, array) pairs."""
         return self.cache_dict.items()
 
     def __repr__(self):
         return f"ActivationCache({len(self)} activations: {', '.join(list(self)[:4])}{', ...' if len(self) > 4 else ''})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the hook points grouped by layer, with shapes and sizes (see display.py)."""
+        from .display import cache_html
+
+        return cache_html(self)
 
     # ------------------------------------------------------------------------------------------
     # The residual stream taken apart (TransformerLens's methods, names, labels and shapes).

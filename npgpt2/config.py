@@ -64,33 +64,41 @@ class GPT2Config:
     # TransformerLens's names -------------------------------------------------------------
     @property
     def d_model(self) -> int:
+        """TransformerLens's name for ``n_embd``: the residual stream's width."""
         return self.n_embd
 
     @property
     def n_heads(self) -> int:
+        """TransformerLens's name for ``n_head``."""
         return self.n_head
 
     @property
     def n_layers(self) -> int:
+        """TransformerLens's name for ``n_layer``."""
         return self.n_layer
 
     @property
     def d_head(self) -> int:
+        """Each head's width, ``n_embd // n_head``."""
         return self.n_embd // self.n_head
 
     @property
     def d_mlp(self) -> int:
+        """The MLP's width (``n_inner``, 4 x ``n_embd`` when unset)."""
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     @property
     def d_vocab(self) -> int:
+        """TransformerLens's name for ``vocab_size``."""
         return self.vocab_size
 
     @property
     def eps(self) -> float:
+        """The layer norms' epsilon (``layer_norm_epsilon``)."""
         return self.layer_norm_epsilon
 
     def to_dict(self) -> dict:
+        """The fields as a dict (what ``config.json`` holds)."""
         return asdict(self)
 
     @classmethod

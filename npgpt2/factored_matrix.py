@@ -92,6 +92,7 @@ class FactoredMatrix:
 
     @property
     def T(self) -> "FactoredMatrix":
+        """The transpose, still factored: B^T A^T."""
         return FactoredMatrix(self.B.swapaxes(-1, -2), self.A.swapaxes(-1, -2))
 
     def __matmul__(self, other):
@@ -199,6 +200,11 @@ class FactoredMatrix:
 
     def __repr__(self):
         return f"FactoredMatrix(shape={self.shape}, mdim={self.mdim})"
+
+    def _repr_html_(self) -> str:
+        from .display import factored_html
+
+        return factored_html(self)
 
 
 def _int_to_slice(idx: tuple, position: int) -> tuple:

@@ -57,4 +57,5 @@ class KeyValueCache:
             raise InputError(f"{self.length} cached + {pos} new positions exceed n_ctx={self.capacity}")
 
     def advance(self, pos: int) -> None:
+        """Count ``pos`` more positions as held (after every layer has appended them)."""
         self.length += pos

@@ -26,9 +26,11 @@ class Metric:
         return float(self.value(_checked(logits)))
 
     def value(self, logits: np.ndarray) -> float:
+        """The metric of ``logits`` [batch, pos, d_vocab]: a float."""
         raise NotImplementedError
 
     def grad(self, logits: np.ndarray) -> np.ndarray:
+        """d metric / d logits, shaped as ``logits``."""
         raise NotImplementedError
 
     def value_and_grad(self, logits: np.ndarray) -> tuple[float, np.ndarray]:

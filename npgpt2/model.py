@@ -311,3 +311,9 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         if np.may_share_memory(self.weights.W_U, self.weights.W_E):
             total -= self.weights.W_U.size
         return total
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: sizes, dtype, processing and where the files are (see display.py)."""
+        from .display import model_html
+
+        return model_html(self)

@@ -15,7 +15,10 @@ def _pyplot():
     try:
         import matplotlib
 
-        if matplotlib.get_backend().lower() not in ("agg",) and not _has_display():
+        backend = matplotlib.get_backend().lower()
+        # Jupyter's inline backend (module://...) draws into the notebook; otherwise, with no
+        # display, draw off screen
+        if backend != "agg" and not backend.startswith("module://") and not _has_display():
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -188,7 +191,10 @@ def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
     cols = min(len(heads), 3)
     rows = -(-len(heads) // cols)
     size = max(3.0, 0.35 * n + 1.5)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    # constrained layout makes room for each panel's tick labels and axis labels, so a panel's
+    # "query" label and its token labels never run into the panel to its left
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.5, size * rows), squeeze=False,
+                             layout="constrained")
     labels = [f"{i}:{t!r}" for i, t in enumerate(str_tokens)]
     for ax, (layer, head) in zip(axes.ravel(), heads):
         pattern = patterns["pattern", layer] if hasattr(patterns, "cache_dict") else patterns[layer]
@@ -202,8 +208,50 @@ def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=110)
     return fig
+
+
+def attention_view(patterns, str_tokens, heads=None, batch: int = 0, title: str = ""):
+    """An interactive view of attention patterns, like CircuitsVis's: the prompt's tokens in a row,
+    one panel per head side by side; hovering a token shows where it attends in every head. Shown
+    inline in Jupyter (no network needed), or ``.save("page.html")`` for a standalone page.
+
+    patterns: an ActivationCache holding the patterns (``hook_pattern``), {layer: [batch, head, q, k]},
+        or one prompt's [head, q, k] array.
+    heads: [(layer, head), ...], or a layer (all its heads); for a [head, q, k] array, head indices
+        (default: all). Returns an ``npgpt2.display.AttentionView``.
+    """
+    from .display import AttentionView
+
+    if isinstance(patterns, np.ndarray):
+        if patterns.ndim != 3:
+            raise ValueError(f"a pattern array must be [head, query_pos, key_pos]; got shape {list(patterns.shape)}")
+        index = list(range(patterns.shape[0])) if heads is None else [int(h) for h in heads]
+        return AttentionView(patterns[index], str_tokens, [f"H{h}" for h in index], title=title)
+    if heads is None:
+        raise ValueError("heads is needed with a cache: a layer, or [(layer, head), ...]")
+    if isinstance(heads, (int, np.integer)):
+        layer = int(heads)
+        first = patterns["pattern", layer] if hasattr(patterns, "cache_dict") else patterns[layer]
+        heads = [(layer, h) for h in range(first.shape[1])]
+    stack, labels = [], []
+    for layer, head in heads:
+        pattern = patterns["pattern", layer] if hasattr(patterns, "cache_dict") else patterns[layer]
+        stack.append(np.asarray(pattern)[batch, head])
+        labels.append(f"L{layer}H{head}")
+    return AttentionView(np.stack(stack), str_tokens, labels, title=title)
+
+
+def _script_json(obj) -> str:
+    """JSON to put inside a ``<script>`` element. Script content is raw text: the browser never
+    unescapes entities in it, so the JSON is not HTML-escaped (``&lt;`` would stay ``&lt;``). Only
+    what could end the element or change how it is parsed is escaped, in JSON's own syntax, which
+    ``JSON.parse`` reads back unchanged: ``</`` (as in ``</script>``) becomes ``<\\/`` and ``<!--``
+    becomes ``\\u003c!--``."""
+    import json
+
+    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "\\u003c!--")
 
 
 def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title: str | None = None,
@@ -214,7 +262,6 @@ def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title
     whose cell (query, key) is shaded by the attention weight; hovering shows the tokens and the
     weight, and the head selector enlarges one head. Returns the HTML (and writes it to ``path``)."""
     import html as _html
-    import json
 
     pattern = np.asarray(pattern, dtype=float)
     if batch is not None:
@@ -228,8 +275,8 @@ def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title
                          f"{len(str_tokens)} tokens; got {pattern.shape}")
     n_head = pattern.shape[0]
     title = title or f"Attention patterns, layer {layer}"
-    data = json.dumps({"tokens": list(map(str, str_tokens)), "layer": layer,
-                       "patterns": np.round(pattern, 4).tolist()})
+    data = _script_json({"tokens": list(map(str, str_tokens)), "layer": layer,
+                         "patterns": np.round(pattern, 4).tolist()})
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)}</title>
 <style>
@@ -247,7 +294,7 @@ table.grid td {{ width: 9px; height: 9px; padding: 0; border: 1px solid #f4f4f4;
 <p>{n_head} heads; rows are queries, columns are the keys they attend to. Click a head to enlarge it;
 hover over a cell to read it.</p>
 <div id="info"></div><div id="big" class="big"></div><div class="heads" id="heads"></div>
-<script id="data" type="application/json">{_html.escape(data, quote=False)}</script>
+<script id="data" type="application/json">{data}</script>
 <script>
 const D = JSON.parse(document.getElementById("data").textContent);
 const info = document.getElementById("info");

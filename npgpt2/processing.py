@@ -34,6 +34,7 @@ def _fold(w, b, W, bias):
 
 
 def apply_fold_ln(weights: GPT2Weights) -> GPT2Weights:
+    """``fold_ln``: every layer norm's gain and bias moved into the weights that read it."""
     if weights.ln_final_w is None:
         raise ValueError("the layer norms are already folded")
     blocks = []
@@ -48,6 +49,7 @@ def apply_fold_ln(weights: GPT2Weights) -> GPT2Weights:
 
 
 def apply_center_writing_weights(weights: GPT2Weights) -> GPT2Weights:
+    """``center_writing_weights``: the mean over d_model removed from everything that writes to the residual stream."""
     def centred(x):  # remove the mean over the last (d_model) axis
         return x - x.mean(axis=-1, keepdims=True)
 
@@ -60,12 +62,14 @@ def apply_center_writing_weights(weights: GPT2Weights) -> GPT2Weights:
 
 
 def apply_center_unembed(weights: GPT2Weights) -> GPT2Weights:
+    """``center_unembed``: W_U and b_U centred over the vocabulary."""
     W_U = weights.W_U - weights.W_U.mean(axis=-1, keepdims=True)
     b_U = None if weights.b_U is None else weights.b_U - weights.b_U.mean()
     return dataclasses.replace(weights, W_U=W_U, b_U=b_U)
 
 
 def apply_fold_value_biases(weights: GPT2Weights, cfg: GPT2Config) -> GPT2Weights:
+    """``fold_value_biases``: b_V moved into b_O."""
     D = cfg.d_model
     blocks = []
     for b in weights.blocks:

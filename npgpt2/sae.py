@@ -60,12 +60,22 @@ class SAE:
                 raise SAEError(f"SAE {name} has shape {list(getattr(self, name).shape)}; expected "
                                f"{list(shape)} for W_enc {list(self.W_enc.shape)}")
 
+    def __repr__(self):
+        return f"SAE({self.hook_name or 'no hook'}: d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.W_enc.dtype})"
+
+    def _repr_html_(self) -> str:
+        from .display import sae_html
+
+        return sae_html(self)
+
     @property
     def d_in(self) -> int:
+        """The width of the activation it reads."""
         return self.W_enc.shape[0]
 
     @property
     def d_sae(self) -> int:
+        """The number of latents."""
         return self.W_enc.shape[1]
 
     # ------------------------------------------------------------------------------- the maps

@@ -151,9 +151,14 @@ def synthetic_model(n_layer: int = 4, n_head: int = 4, n_embd: int = 64, n_ctx: 
 def pretrained_or_synthetic(name: str = "gpt2", dtype: str = "float32", **shape):
     """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder), else
     ``synthetic_model(**shape)``, with a note saying so. For examples that should run anywhere and
-    show real results where they can."""
+    show real results where they can. A model given as ``name`` is returned as it is (so a
+    walkthrough's ``MODEL`` parameter may be a loaded model)."""
     from .hub import OfflineError
     from .loading import from_pretrained
+    from .model import GPT2
+
+    if isinstance(name, GPT2):
+        return name
 
     try:
         return from_pretrained(name, local_files_only=True, dtype=dtype)
@@ -339,3 +344,47 @@ def assert_close(actual, expected, rel: float, what: str = "arrays") -> None:
     if not err <= rel * scale:
         raise AssertionError(f"{what}: max difference {err:.3g} exceeds {rel:g} x the largest magnitude "
                              f"{scale:.3g} (= {rel * scale:.3g})")
+
+
+# ------------------------------------------------------------------------------- walkthroughs
+PARAMETERS_CELL = '# %% tags=["parameters"]'
+
+
+def _parameters_cell(lines: list[str], path) -> tuple[int, int]:
+    """(first line after the marker, the line where the next cell starts) of the parameters cell."""
+    starts = [i for i, line in enumerate(lines) if line.strip() == PARAMETERS_CELL]
+    if len(starts) != 1:
+        raise ValueError(f"{path}: expected one parameters cell ({PARAMETERS_CELL!r}); found {len(starts)}")
+    end = next((i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("# %%")), len(lines))
+    return starts[0] + 1, end
+
+
+def walkthrough_parameters(path) -> dict[str, str]:
+    """The parameters a walkthrough in ``examples/`` takes: {name: its default, as written}."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start, end = _parameters_cell(lines, path)
+    tree = ast.parse("\n".join(lines[start:end]))
+    return {t.id: ast.get_source_segment("\n".join(lines[start:end]), node.value)
+            for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def run_walkthrough(path, **parameters) -> dict:
+    """Run a walkthrough (a jupytext percent-format file in ``examples/``) top to bottom in this
+    process, with ``parameters`` in place of its parameters cell's defaults (as papermill injects
+    them into a notebook), and return its variables. Values may be any objects (a loaded model as
+    ``MODEL``). Unknown parameter names raise ValueError."""
+    known = walkthrough_parameters(path)
+    unknown = set(parameters) - set(known)
+    if unknown:
+        raise ValueError(f"{path} has no parameter(s) {sorted(unknown)}; it takes {sorted(known)}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    _, end = _parameters_cell(lines, path)
+    injected = ["# %% injected parameters"] + [f"{k} = __parameters__[{k!r}]" for k in parameters]
+    source = "\n".join(lines[:end] + injected + lines[end:]) + "\n"
+    namespace = {"__name__": "__main__", "__file__": str(path), "__parameters__": parameters}
+    exec(compile(source, str(path), "exec"), namespace)  # noqa: S102 (the project's own examples)
+    return namespace

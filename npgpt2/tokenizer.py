@@ -91,18 +91,22 @@ class Tokenizer:
 
     @property
     def n_vocab(self) -> int:
+        """The vocabulary's size (50,257 for GPT-2)."""
         return self.encoding.n_vocab
 
     @property
     def eot_token(self) -> int:
+        """The id of ``<|endoftext|>`` (50256)."""
         return self.encoding.eot_token
 
     def encode(self, text: str) -> list[int]:
+        """Text -> token ids (``<|endoftext|>`` written in the text is that token)."""
         if not isinstance(text, str):
             raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
         return self.encoding.encode(text, allowed_special="all")
 
     def decode(self, ids) -> str:
+        """Token ids (any shape) -> text."""
         return self.encoding.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
     def token_str(self, token_id: int) -> str:

@@ -247,10 +247,11 @@ def test_prompt_token_probs_labels_positions_not_layers(model64):
 
 
 def test_example_runs_on_a_synthetic_model(model, tmp_path):
-    import runpy
+    from npgpt2.testing import run_walkthrough
 
-    example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "token_tables.py"))
-    results = example["main"](model, str(tmp_path))
+    example = run_walkthrough(os.path.join(os.path.dirname(__file__), "..", "examples", "token_tables.py"),
+                              MODEL=model, OUT_DIR=str(tmp_path))
+    results = example["results"]
     assert set(results) == set(example["PROMPTS"])
     for prompt, r in results.items():
         n = len(model.to_tokens(prompt)[0])

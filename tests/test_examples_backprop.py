@@ -2,16 +2,15 @@
 integrated gradients are complete."""
 
 import os
-import runpy
 
 import npgpt2
+from npgpt2.testing import run_walkthrough
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
 def test_backprop_walkthrough(tiny_dir):
-    ex = runpy.run_path(os.path.join(EXAMPLES, "backprop.py"))
-    r = ex["main"](npgpt2.from_pretrained(tiny_dir, dtype="float64"))
+    r = run_walkthrough(os.path.join(EXAMPLES, "backprop.py"), MODEL=npgpt2.from_pretrained(tiny_dir, dtype="float64"))["results"]
     assert set(r["errors"]) == {"resid_post", "mlp_out", "post", "pre", "resid_mid", "z", "pattern", "scores", "q"}
     assert max(r["errors"].values()) <= 1e-12
     assert r["integrated_gradients"].attrs["completeness_error"] <= 0.01

@@ -1,23 +1,24 @@
 """The IOI circuit walkthrough runs on a small random model, and its numbers are what its parts say."""
 
 import os
-import runpy
 
 import numpy as np
 
 import npgpt2
 from npgpt2 import metrics
 from npgpt2.analysis.edges import circuit_faithfulness
+from npgpt2.testing import run_walkthrough
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
 def test_ioi_circuit_walkthrough(tiny_dir, tmp_path):
-    ex = runpy.run_path(os.path.join(EXAMPLES, "ioi_circuit.py"))
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    ex = run_walkthrough(os.path.join(EXAMPLES, "ioi_circuit.py"), MODEL=model, TOP=20, OUT_DIR=str(tmp_path),
+                         IG_STEPS=2)
     clean, corrupted, answers, wrongs = ex["prompts"]()
     assert " Mary" not in corrupted[0] and corrupted[0].count(" Carl") == 1
-    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
-    r = ex["main"](model, top=20, out_dir=str(tmp_path), ig_steps=2)
+    r = ex["results"]
     assert len(r["scores"]) == 110 and 0 < len(r["circuit"]) <= 20  # 2 layers x 4 heads: 110 edges
     assert set(r["correlations"]) == {"resid_pre", "attn_head_out_all_pos"}
     assert all(-1 <= c <= 1 for c in r["correlations"].values())

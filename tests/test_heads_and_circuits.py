@@ -2,7 +2,6 @@
 
 import os
 import re
-import runpy
 
 import numpy as np
 import pandas as pd
@@ -14,6 +13,7 @@ from npgpt2.analysis import (FactoredMatrix, ablate, ablation_hook, composition_
 from npgpt2.head_detector import (detect_head, get_duplicate_token_head_detection_pattern,
                                   get_induction_head_detection_pattern, get_previous_token_head_detection_pattern,
                                   induction_scores, repeated_tokens)
+from npgpt2.testing import run_walkthrough
 from conftest import TINY
 
 L, H = TINY.n_layer, TINY.n_head
@@ -203,10 +203,9 @@ def test_attention_pictures(model, tmp_path):
     assert page.startswith("<!DOCTYPE html>") and page.count("<script") == 2
     assert not re.search(r"(src|href)\s*=|https?://|@import", page)  # nothing fetched from anywhere
     data = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
-    import html
     import json
 
-    payload = json.loads(html.unescape(data))
+    payload = json.loads(data)  # script content is raw text: no HTML entities to undo
     assert payload["tokens"] == tokens and np.array(payload["patterns"]).shape == (H, len(tokens), len(tokens))
     with pytest.raises(ValueError, match="pattern must be"):
         plot.attention_html(c["pattern", 1], tokens, 1)
@@ -214,8 +213,7 @@ def test_attention_pictures(model, tmp_path):
 
 # --------------------------------------------------------------------------------- walkthroughs
 def test_ioi_walkthrough_on_a_synthetic_model(model, tmp_path):
-    ioi = runpy.run_path(os.path.join(EXAMPLES, "ioi.py"))
-    r = ioi["main"](model, str(tmp_path))
+    r = run_walkthrough(os.path.join(EXAMPLES, "ioi.py"), MODEL=model, OUT_DIR=str(tmp_path))["results"]
     assert r["logit_diff"].shape == (8, 4)
     assert list(r["lens"]["layer"]) == ["0_pre", "0_mid", "1_pre", "1_mid", "final_post"]
     # the lens read after the last layer is the model's own logit difference
@@ -234,8 +232,7 @@ def test_ioi_walkthrough_on_a_synthetic_model(model, tmp_path):
 
 
 def test_induction_walkthrough_on_a_synthetic_model(model, tmp_path):
-    ind = runpy.run_path(os.path.join(EXAMPLES, "induction.py"))
-    r = ind["main"](model, seq_len=20, out_dir=str(tmp_path))
+    r = run_walkthrough(os.path.join(EXAMPLES, "induction.py"), MODEL=model, SEQ_LEN=20, OUT_DIR=str(tmp_path))["results"]
     assert r["scores"].shape == (L, H) and len(r["heads"]) == L * H
     assert isinstance(r["loss"], pd.DataFrame)
     assert (tmp_path / "induction_heads.png").exists() and (tmp_path / "induction_scores.png").exists()

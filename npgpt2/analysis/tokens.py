@@ -22,7 +22,27 @@ def _entropy(logp: np.ndarray) -> np.ndarray:
     return -(p * np.where(p > 0, logp, 0.0)).sum(-1)
 
 
-def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False) -> pd.DataFrame:
+def prob_css(p) -> str:
+    """The CSS that colours a table cell by a probability: white at 0 to blue at 1 (the attention
+    view's scale); empty for a missing value."""
+    if p is None or pd.isna(p):
+        return ""
+    c = round(255 * (1 - min(max(float(p), 0.0), 1.0)))
+    return f"background-color: rgb({c}, {c}, 255); color: {'white' if p > 0.6 else 'black'}"
+
+
+def style_probs(df: pd.DataFrame, columns=None, digits: int = 3):
+    """``df`` as a pandas Styler (Jupyter shows it as a coloured table): the probability
+    ``columns`` (default: all) coloured by ``prob_css``, numbers shown with ``digits`` decimals.
+    Needs jinja2 (pandas' optional dependency for Stylers)."""
+    columns = list(df.columns) if columns is None else [c for c in columns if c in df.columns]
+    # tokens such as <|endoftext|> are text, not markup: escape them in the cells and the labels
+    return (df.style.map(prob_css, subset=columns)
+            .format(precision=digits, na_rep="", escape="html")
+            .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
+
+
+def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False, style: bool = False):
     """One row per position j of the prompt: the token there, the token that actually comes next,
     the model's probability / log-probability / rank for it, the entropy of the prediction, and
     its top-k predicted tokens with their probabilities.
@@ -30,6 +50,7 @@ def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False) -> pd
     The last position has no next token in the prompt: its ``next_*`` columns are empty.
     Columns: position, token_id, token, next_token_id, next_token, next_prob, next_logprob,
     next_rank (0 = the model's top choice), entropy (nats), top1 .. top{k}, top1_prob ...
+    ``style=True`` returns a pandas Styler of the same table, the probabilities coloured.
     """
     tokens = _prompt_tokens(model, prompt, prepend_bos)
     logp = ops.log_softmax(model(tokens[None])[0].astype(np.float64))  # [pos, d_vocab]
@@ -51,11 +72,13 @@ def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False) -> pd
             row[f"top{r + 1}"] = model.tokenizer.token_str(top[j, r])
             row[f"top{r + 1}_prob"] = float(np.exp(logp[j, top[j, r]]))
         rows.append(row)
-    df = pd.DataFrame(rows)
-    return df.astype({"next_token_id": "Int64", "next_rank": "Int64"})
+    df = pd.DataFrame(rows).astype({"next_token_id": "Int64", "next_rank": "Int64"})
+    if style:
+        return style_probs(df, ["next_prob"] + [f"top{r + 1}_prob" for r in range(k)])
+    return df
 
 
-def prompt_token_probs(model, prompt, prepend_bos: bool = False) -> pd.DataFrame:
+def prompt_token_probs(model, prompt, prepend_bos: bool = False, style: bool = False):
     """P(next token = token_i | the prompt up to position j), for every prompt token i (rows) and
     every position j (columns).
 
@@ -65,11 +88,13 @@ def prompt_token_probs(model, prompt, prepend_bos: bool = False) -> pd.DataFrame
     probability given to the token that really came next; the other entries say how much
     probability the model puts, at position j, on tokens that happen to occur elsewhere in the
     prompt (earlier ones: copying; later ones: anticipation). It says nothing about how the
-    prediction is built up across layers: see ``logit_lens`` for that.
+    prediction is built up across layers: see ``logit_lens`` for that. ``style=True`` returns a
+    pandas Styler of the table, each cell coloured by its probability.
     """
     tokens = _prompt_tokens(model, prompt, prepend_bos)
     probs = np.exp(ops.log_softmax(model(tokens[None])[0].astype(np.float64)))  # [pos, d_vocab]
     strs = [model.tokenizer.token_str(t) for t in tokens]
     index = pd.MultiIndex.from_arrays([np.arange(len(tokens)), strs], names=["i", "token_i"])
     columns = pd.MultiIndex.from_arrays([np.arange(len(tokens)), strs], names=["position", "token"])
-    return pd.DataFrame(probs[:, tokens].T, index=index, columns=columns)
+    df = pd.DataFrame(probs[:, tokens].T, index=index, columns=columns)
+    return style_probs(df) if style else df

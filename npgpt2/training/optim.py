@@ -21,6 +21,7 @@ class Adam:
         self.t = 0
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        """One Adam update of every array in ``params`` (in place) from ``grads`` of the same names."""
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
         for name, g in grads.items():
@@ -33,6 +34,7 @@ class Adam:
             params[name] -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
 
     def reset(self, name: str, index) -> None:
+        """Zero the moment estimates of ``params[name][index]`` (for resampled SAE latents)."""
         for state in (self.m, self.v):
             if name in state:
                 state[name][index] = 0

@@ -28,10 +28,12 @@ class ToyModel:
 
     @property
     def n_features(self) -> int:
+        """The number of input features."""
         return self.W.shape[2]
 
     @property
     def n_hidden(self) -> int:
+        """The hidden layer's width."""
         return self.W.shape[1]
 
     def hidden(self, x: np.ndarray) -> np.ndarray:

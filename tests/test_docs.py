@@ -1,0 +1,123 @@
+"""The documentation site: every public function documented, the hook-point table generated from
+the model's registry, the porting guide's place in the navigation, and (``pytest -m docs``, needs
+the docs extra) ``mkdocs build --strict`` with the built hook table equal to ``model.hook_names()``."""
+
+import glob
+import html
+import importlib
+import importlib.util
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+
+
+def _docs_hooks():
+    spec = importlib.util.spec_from_file_location("npgpt2_docs_hooks", os.path.join(DOCS, "hooks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _api_objects():
+    """Every public class and function the API reference pages document (``::: module`` blocks),
+    and every public method of those classes."""
+    targets = []
+    for page in glob.glob(os.path.join(DOCS, "api", "*.md")):
+        targets += re.findall(r"^::: ([\w.]+)", open(page, encoding="utf-8").read(), re.M)
+    for target in targets:
+        try:
+            obj = importlib.import_module(target)
+        except ImportError:
+            module, attr = target.rsplit(".", 1)
+            obj = getattr(importlib.import_module(module), attr)
+        if inspect.ismodule(obj):
+            items = [(f"{target}.{n}", v) for n, v in vars(obj).items() if not n.startswith("_")
+                     and (inspect.isfunction(v) or inspect.isclass(v)) and v.__module__ == obj.__name__]
+        else:
+            items = [(target, obj)]
+        for name, value in items:
+            yield name, value
+            if inspect.isclass(value):
+                for member, m in vars(value).items():
+                    if not member.startswith("_") and inspect.isfunction(m):  # methods (properties are attributes)
+                        yield f"{name}.{member}", getattr(value, member)
+
+
+def test_every_public_function_in_the_api_reference_is_documented():
+    found = list(_api_objects())
+    assert len(found) > 150  # the reference covers the library, not a corner of it
+    missing = [name for name, obj in found if not (inspect.getdoc(obj) or "").strip()]
+    assert not missing, f"no docstring: {missing}"
+
+
+def test_the_hook_point_page_is_generated_from_the_registry():
+    from npgpt2.hooks import HOOK_POINTS
+
+    page = open(os.path.join(DOCS, "hook-points.md"), encoding="utf-8").read()
+    hooks = _docs_hooks()
+    assert hooks.PLACEHOLDER in page and "blocks.{l}.attn.hook_pattern" not in page  # never written by hand
+    table = hooks.hook_point_table()
+    assert [re.match(r"\| `([^`]+)`", row).group(1) for row in table.splitlines()[2:]] == [s.name for s in HOOK_POINTS]
+
+
+def test_the_porting_guide_is_in_the_navigation_only_when_its_file_is_there(tmp_path):
+    hooks = _docs_hooks()
+    nav = [{"Home": "index.md"}, {"Hook points": "hook-points.md"}, {"Parity": "parity.md"}]
+    assert hooks.nav_with_porting_guide(nav, str(tmp_path)) == nav
+    (tmp_path / "from-transformerlens.md").write_text("# Porting\n")
+    assert hooks.nav_with_porting_guide(nav, str(tmp_path)) == [
+        {"Home": "index.md"}, {"Hook points": "hook-points.md"},
+        {"Porting from TransformerLens": "from-transformerlens.md"}, {"Parity": "parity.md"}]
+    listed = nav + [{"Porting": "from-transformerlens.md"}]  # already placed by hand: left alone
+    assert hooks.nav_with_porting_guide(listed, str(tmp_path)) == listed
+
+
+# ------------------------------------------------------------------------- the strict build
+def _build(root, site):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", os.path.join(root, "mkdocs.yml"),
+                          "-d", str(site)], capture_output=True, text=True, cwd=root, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def _table_names(page_html):
+    """The first column of the built page's hook table, as the reader sees it."""
+    table = re.search(r"<table>.*?</table>", page_html, re.S).group(0)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    return [html.unescape(re.sub(r"<[^>]+>", "", re.search(r"<td>(.*?)</td>", r, re.S).group(1))) for r in rows]
+
+
+@pytest.mark.docs
+def test_docs_build_strictly_and_the_hook_table_is_the_models(tmp_path, model):
+    _build(ROOT, tmp_path / "site")
+    names = _table_names(open(tmp_path / "site" / "hook-points" / "index.html", encoding="utf-8").read())
+    n_layer = model.cfg.n_layer
+    per_block = [n for n in names if "{l}" in n]
+    expanded = ([n for n in names if n.startswith("hook_")] + [n.format(l=l) for l in range(n_layer) for n in per_block]
+                + [n for n in names if n.startswith("ln_final.")])
+    assert len(expanded) == len(names) - len(per_block) + n_layer * len(per_block)  # every row placed
+    assert expanded == model.hook_names()
+    api = open(tmp_path / "site" / "api" / "model" / "index.html", encoding="utf-8").read()
+    assert "run_with_cache" in api and "accumulated_resid" in api  # the reference comes from the docstrings
+
+
+@pytest.mark.docs
+def test_docs_build_strictly_with_the_porting_guide_present(tmp_path):
+    shutil.copy(os.path.join(ROOT, "mkdocs.yml"), tmp_path / "mkdocs.yml")
+    shutil.copytree(DOCS, tmp_path / "docs")
+    os.symlink(os.path.join(ROOT, "npgpt2"), tmp_path / "npgpt2")
+    (tmp_path / "docs" / "from-transformerlens.md").write_text("# Porting from TransformerLens\n\nA guide.\n")
+    _build(str(tmp_path), tmp_path / "site")
+    index = open(tmp_path / "site" / "index.html", encoding="utf-8").read()
+    assert "Porting from TransformerLens" in index and "from-transformerlens/" in index
