@@ -182,17 +182,10 @@ def test_old_import_paths_still_work():
             assert callable(getattr(module, name)), f"{path}.{name}"
 
 
-def test_readme_hook_table_is_the_registry():
-    from npgpt2.hooks import markdown_table
-
-    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md"), encoding="utf-8").read()
-    assert markdown_table() in readme
-
-
-def test_the_readme_debugger_walk_is_what_pdb_does(model):
-    # Replay the README's pdb session; every stop it shows must be where pdb really stops.
-    readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md"), encoding="utf-8").read()
-    walk = readme.split('>>> npgpt2.step_through(model, "The cat sat")\n', 1)[1].split("```", 1)[0]
+def test_the_documented_debugger_walk_is_what_pdb_does(model):
+    # Replay the pdb session of docs/forward-pass.md; every stop it shows must be where pdb really stops.
+    page = open(os.path.join(os.path.dirname(PACKAGE), "docs", "forward-pass.md"), encoding="utf-8").read()
+    walk = page.split('>>> npgpt2.step_through(model, "The cat sat")\n', 1)[1].split("```", 1)[0]
     commands = [line[len("(Pdb) "):].split("#")[0].strip() for line in walk.splitlines()
                 if line.startswith("(Pdb) ")]
     stops = [line[2:] for line in walk.splitlines() if line.startswith("> ")]
