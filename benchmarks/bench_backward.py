@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 import npgpt2
-from common import describe_machine, gpt2_small_folder, median_time
+from common import interleaved, describe_machine, gpt2_small_folder, median_time
 
 _RSS_CHILD = """
 import sys, numpy as np
@@ -74,15 +74,7 @@ def main(argv=None):
         fns["torch forward + backward"] = torch_step
     except ImportError:
         print("transformers/torch not installed: npgpt2 timings only (pip install -e '.[reference]')")
-    # Interleaved, so that each sees the same state of the machine (on a virtual machine the cost
-    # of touching fresh memory drifts from minute to minute); the median of each is kept.
-    samples = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            samples[name].append(median_time(fn, 1, warmup=False))
-    times = {name: float(np.median(s)) for name, s in samples.items()}
+    times = interleaved(fns, args.repeats)  # taking turns: each sees the same machine
 
     print(f"\n{args.tokens} tokens, gpt2-small shape, median of {args.repeats}:")
     for name, t in times.items():

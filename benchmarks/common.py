@@ -56,3 +56,68 @@ def describe_machine() -> str:
     except ImportError:
         pass
     return line
+
+
+def matmul_floor(cfg, n_tokens: int, repeats: int, dtype=np.float32, query_block: int = 64) -> float:
+    """Median time of the matrix products a forward pass of ``n_tokens`` (batch 1) must do, run
+    back to back on preallocated arrays: every linear layer (q/k/v, attention output, MLP in and
+    out) of every block, the unembedding, and the causal half of q k^T and pattern v (a block of
+    ``query_block`` queries against the keys it may see, every head at once). No elementwise work,
+    no fresh memory: what BLAS alone costs on this machine, the floor a forward pass is judged by.
+    """
+    rng = np.random.default_rng(0)
+    d, h, dh, m, v = cfg.d_model, cfg.n_head, cfg.d_model // cfg.n_head, cfg.d_mlp, cfg.d_vocab
+    x = rng.standard_normal((n_tokens, d)).astype(dtype)
+    hidden = rng.standard_normal((n_tokens, m)).astype(dtype)
+    weights = [rng.standard_normal(s).astype(dtype) * 0.02 for s in ((d, 3 * d), (d, d), (d, m), (m, d))]
+    inputs = [x, x, x, hidden]
+    outs = [np.empty((n_tokens, w.shape[1]), dtype) for w in weights]
+    W_U = (rng.standard_normal((v, d)).astype(dtype) * 0.02).T  # tied: a transposed view, as GPT-2's
+    logits = np.empty((n_tokens, v), dtype)
+    q = rng.standard_normal((h, n_tokens, dh)).astype(dtype)
+    k_t = rng.standard_normal((h, dh, n_tokens)).astype(dtype)
+    vv = rng.standard_normal((h, n_tokens, dh)).astype(dtype)
+    scores = np.empty((h, query_block * n_tokens), dtype)
+    z = np.empty((h, n_tokens, dh), dtype)
+
+    def products():
+        for _ in range(cfg.n_layer):
+            for a, w, o in zip(inputs, weights, outs):
+                np.matmul(a, w, out=o)
+            for start in range(0, n_tokens, query_block):
+                stop = min(start + query_block, n_tokens)
+                s = scores[:, : (stop - start) * stop].reshape(h, stop - start, stop)
+                np.matmul(q[:, start:stop], k_t[:, :, :stop], out=s)
+                np.matmul(s, vv[:, :stop], out=z[:, start:stop])
+        np.matmul(x, W_U, out=logits)
+
+    return median_time(products, repeats)
+
+
+def weight_read_floor(model, repeats: int) -> float:
+    """Median time to read every weight matrix once: a one-row product with each (q/k/v, attention
+    output, MLP in and out of every block, and the unembedding) into preallocated outputs, what one
+    new token of generation must at least do. Bound by memory bandwidth."""
+    w = model.weights
+    mats = [m for b in w.blocks for m in (b.W_qkv, b.W_attn_out, b.W_in, b.W_out)] + [w.W_U]
+    rows = [np.ones((1, m.shape[0]), m.dtype) for m in mats]
+    outs = [np.empty((1, m.shape[1]), m.dtype) for m in mats]
+
+    def read():
+        for x, m, o in zip(rows, mats, outs):
+            np.matmul(x, m, out=o)
+
+    return median_time(read, repeats)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median time of each ``fns[name]()``, the functions taking turns (one warm-up each first), so
+    that each sees the same state of the machine: on a virtual machine the cost of memory drifts
+    from minute to minute, and a neighbour's load comes and goes."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(median_time(fn, 1, warmup=False))
+    return {name: float(np.median(s)) for name, s in samples.items()}

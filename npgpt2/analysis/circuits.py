@@ -9,12 +9,6 @@ import pandas as pd
 
 from ..factored_matrix import FactoredMatrix  # noqa: F401  (its old import path)
 
-    def _repr_html_(self) -> str:
-        from ..display import factored_html
-
-        return factored_html(self)
-
-
 def qk_circuit(model) -> FactoredMatrix:
     """W_Q W_K^T per head: [layer, head, d_model (query side), d_model (key side)]."""
     return FactoredMatrix(model.W_Q, model.W_K.swapaxes(-1, -2))
