@@ -326,6 +326,10 @@ class Run:
         Then the model may take its fast path (fast.py)."""
         return not (self.hooks or self.keep or self.save)
 
+    def hooked(self, *names: str) -> bool:
+        """Does a forward hook function run at one of these names (and so may change its value)?"""
+        return any(name in self.hooks for name in names)
+
     def wants(self, *names: str) -> bool:
         """Does anyone look at one of these names, or its gradient? (for activations computed only
         on request)"""

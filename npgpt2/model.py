@@ -202,7 +202,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         if past_kv is not None:  # the earlier positions' keys and values come first
             k_heads, v_heads = past_kv.extend(l, k_heads, v_heads)  # [batch, head, key_pos, d_head]
 
-        if self.attn_implementation == "eager" or hook.wants(name + "hook_attn_scores", name + "hook_pattern"):
+        if self.attn_implementation == "eager" or hook.hooked(name + "hook_attn_scores", name + "hook_pattern"):
             mask = ops.causal_mask(pos, k_heads.shape[2], q_heads.dtype)  # [query_pos, key_pos]: 0, or -inf for a later key
             scores = q_heads @ k_heads.swapaxes(-1, -2)  # [batch, head, query_pos, key_pos]: query . key
             scores /= math.sqrt(d_head)  # (in place: these are the largest arrays of the forward)
@@ -210,6 +210,10 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             scores = hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
             pattern = hook(name + "hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
             z_heads = pattern @ v_heads  # [batch, head, query_pos, d_head]
+        elif hook.wants(name + "hook_attn_scores", name + "hook_pattern"):  # kept, not changed: a block at a time
+            scores, pattern, z_heads = ops.causal_attention_kept(q_heads / math.sqrt(d_head), k_heads, v_heads)
+            hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
+            hook(name + "hook_pattern", pattern)  # [batch, head, query_pos, key_pos]
         else:  # the same numbers, a block of queries at a time (see ops.causal_attention)
             z_heads = ops.causal_attention(q_heads / math.sqrt(d_head), k_heads, v_heads)  # [batch, head, query_pos, d_head]
         z = hook(name + "hook_z", z_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]

@@ -261,6 +261,36 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
     return z
 
 
+def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64):
+    """``causal_attention`` that also hands back the whole scores and pattern, for a cache that keeps
+    them: -> (scores, pattern, z), scores and pattern [batch, head, query_pos, key_pos] as the eager
+    computation makes them (scores -inf and pattern 0 where a key lies in a query's future), z as
+    ``causal_attention``'s. A block of queries at a time, against only the keys it may see: half
+    the products and exponentials of the eager path, and no temporary as large as the scores.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    offset = n_k - n_q
+    dtype = np.result_type(q, k)
+    scores = np.empty(q.shape[:2] + (n_q, n_k), dtype)  # [batch, head, query_pos, key_pos]
+    pattern = np.empty_like(scores)
+    z = np.empty(q.shape, dtype=np.result_type(q, v))  # [batch, head, query_pos, d_head]
+    k_t = np.ascontiguousarray(k.swapaxes(-1, -2))  # [batch, head, d_head, key_pos]
+    for start in range(0, n_q, block):
+        stop = min(start + block, n_q)
+        visible = offset + stop
+        seen = scores[:, :, start:stop, :visible]  # [batch, head, block, visible]
+        np.matmul(q[:, :, start:stop], k_t[..., :visible], out=seen)
+        seen += causal_mask(stop - start, visible, dtype)
+        scores[:, :, start:stop, visible:] = -np.inf
+        p = pattern[:, :, start:stop, :visible]
+        np.subtract(seen, seen.max(axis=-1, keepdims=True), out=p)  # softmax, as ``softmax``
+        np.exp(p, out=p)
+        p /= p.sum(axis=-1, keepdims=True)
+        pattern[:, :, start:stop, visible:] = 0
+        z[:, :, start:stop] = p @ v[:, :, :visible]
+    return scores, pattern, z
+
+
 def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                               z: np.ndarray, block: int = 64):
     """Gradients of ``causal_attention``, recomputing each block's pattern instead of storing it.
