@@ -8,7 +8,7 @@ import pandas as pd
 from .. import ops
 
 
-def _prompt_tokens(model, prompt, prepend_bos: bool) -> np.ndarray:
+def _prompt_tokens(model, prompt, prepend_bos: bool | None) -> np.ndarray:
     """A text or token ids -> one row of ids [pos]."""
     tokens, _ = model.tokens_and_mask(prompt, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
@@ -22,7 +22,7 @@ def _entropy(logp: np.ndarray) -> np.ndarray:
     return -(p * np.where(p > 0, logp, 0.0)).sum(-1)
 
 
-def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False) -> pd.DataFrame:
+def next_token_table(model, prompt, k: int = 5, prepend_bos: bool | None = None) -> pd.DataFrame:
     """One row per position j of the prompt: the token there, the token that actually comes next,
     the model's probability / log-probability / rank for it, the entropy of the prediction, and
     its top-k predicted tokens with their probabilities.
@@ -55,7 +55,7 @@ def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False) -> pd
     return df.astype({"next_token_id": "Int64", "next_rank": "Int64"})
 
 
-def prompt_token_probs(model, prompt, prepend_bos: bool = False) -> pd.DataFrame:
+def prompt_token_probs(model, prompt, prepend_bos: bool | None = None) -> pd.DataFrame:
     """P(next token = token_i | the prompt up to position j), for every prompt token i (rows) and
     every position j (columns).
 
