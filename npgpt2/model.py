@@ -57,7 +57,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
         self.source: str | None = None  # where the files came from (set by the loader)
         self.files = None  # their local paths (hub.CheckpointFiles, set by the loader)
         self.processing = {"fold_ln": False, "center_writing_weights": False,
-                           "center_unembed": False, "fold_value_biases": False}
+                           "center_unembed": False, "fold_value_biases": False, "refactor_factored_attn_matrices": False}
         self._init_hooks()
 
     @classmethod
@@ -288,13 +288,15 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews):
     # Weights
     # ------------------------------------------------------------------------------------------
     def process_weights(self, fold_ln: bool = False, center_writing_weights: bool = False,
-                        center_unembed: bool = False, fold_value_biases: bool = False) -> "GPT2":
+                        center_unembed: bool = False, fold_value_biases: bool = False,
+                        refactor_factored_attn_matrices: bool = False) -> "GPT2":
         """Rewrite the weights, keeping the log-probabilities (see ``npgpt2.processing``).
         Returns the model. ``self.processing`` records what has been applied."""
         from .processing import process_weights
 
         asked = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
         again = [k for k, v in asked.items() if v and self.processing.get(k)]
         if again:
             raise ValueError(f"already applied to this model: {', '.join(again)}")
