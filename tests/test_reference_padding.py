@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 import npgpt2  # noqa: E402
 from npgpt2 import metrics  # noqa: E402
 from npgpt2.testing import random_state_dict, write_checkpoint  # noqa: E402
+from test_reference_backward import _ours  # noqa: E402  (transformers' parameter name -> our gradient)
 
 pytestmark = pytest.mark.reference
 TOL = {"float32": 1e-4, "float64": 1e-10}
@@ -37,18 +38,6 @@ def _rel(a, b):
 def _hf_positions(mask):
     positions = mask.long().cumsum(-1) - 1
     return positions.masked_fill(mask == 0, 1)
-
-
-def _ours(grads, key):
-    """transformers' parameter name -> npgpt2's gradient of it."""
-    top = {"wte.weight": "W_E", "wpe.weight": "W_pos", "ln_f.weight": "ln_final_w", "ln_f.bias": "ln_final_b",
-           "lm_head.weight": "W_E"}
-    if key in top:
-        return getattr(grads, top[key])
-    from npgpt2.weights import _BLOCK_KEYS
-
-    _, l, rest = key.split(".", 2)
-    return getattr(grads.blocks[int(l)], _BLOCK_KEYS[rest][0])
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
