@@ -51,6 +51,15 @@ class WeightView(np.ndarray):
     def __array_finalize__(self, obj):
         self._weight_name = getattr(obj, "_weight_name", None)
 
+    def __getitem__(self, index):
+        out = super().__getitem__(index)
+        if isinstance(out, WeightView) and out.flags.writeable:  # a copy (fancy indexing): the caller's own
+            return out.view(np.ndarray)
+        return out  # a view stays guarded (a scalar is a scalar)
+
+    def copy(self, order="C"):
+        return np.array(self, order=order)
+
     def __setitem__(self, index, value):
         if not self.flags.writeable:
             raise WeightEditError(_how_to_edit(self._weight_name))

@@ -45,7 +45,9 @@ def test_in_place_arithmetic_on_a_view_fails_with_the_same_message(fresh):
         view[0, 0] *= 0
     copy = view.copy()  # a copy is the user's own
     copy[0, 0] = 0
-    assert (copy[0, 0] == 0).all() and type(copy + 1) is np.ndarray
+    assert (copy[0, 0] == 0).all() and type(copy) is np.ndarray and type(copy + 1) is np.ndarray
+    picked = fresh.W_U[:, [5, 7]]  # fancy indexing copies: a plain array of the caller's own
+    assert type(picked) is np.ndarray and picked.flags.writeable
 
 
 def test_zeroing_a_heads_W_O_equals_zeroing_its_z(fresh, model64):
