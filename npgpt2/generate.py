@@ -91,17 +91,17 @@ def generate_stream(model: GPT2, input, max_new_tokens: int = 20, temperature: f
     padding_side: None or "left": prompts are always padded on the left for generation.
     fwd_hooks: [(name, fn)] fired at every step of this generation, and only there (see
         ``GPT2.run_with_hooks``).
-    use_past_kv_cache: False recomputes the whole prefix at every step (slow; the same tokens; True
-        by default).
-        ``use_kv_cache`` is the older name.
+    use_past_kv_cache: False recomputes the whole prefix at every step (slow; the same tokens).
+        ``use_kv_cache`` is its older name.
     verbose: a progress bar (tqdm) over the steps.
 
     Stops with a ``ContextLimitWarning`` when the sequence reaches n_ctx.
     """
     tokens, mask = _prompt(model, input, prepend_bos, padding_side, attention_mask)
-    yield from _steps(model, tokens, mask, _single(input), max_new_tokens, temperature, top_k, top_p, seed,
-                      stop_at_eos, eos_token_id, do_sample, fwd_hooks,
-                      _kv_choice(use_past_kv_cache, use_kv_cache), verbose)
+    yield from _steps(model, tokens, mask, _single(input), max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                      do_sample=do_sample, fwd_hooks=fwd_hooks, use_past_kv_cache=use_past_kv_cache,
+                      verbose=verbose, use_kv_cache=use_kv_cache)
 
 
 def _prompt(model: GPT2, input, prepend_bos, padding_side, attention_mask):
@@ -155,10 +155,12 @@ def _temperature(temperature, do_sample) -> float:
     return 0.0 if temperature is None else temperature
 
 
-def _steps(model: GPT2, tokens, mask, single, max_new_tokens, temperature, top_k, top_p, seed,
-           stop_at_eos, eos_token_id, do_sample, fwd_hooks, use_kv_cache, verbose) -> Iterator:
+def _steps(model: GPT2, tokens, mask, single, max_new_tokens=20, *, temperature=None, top_k=None, top_p=None,
+           seed=None, stop_at_eos=True, eos_token_id=None, do_sample=None, fwd_hooks=(), use_past_kv_cache=None,
+           verbose=False, use_kv_cache=None) -> Iterator:
     """The generation loop of ``generate_stream``, from prompts already tokenized (left-padded ids
     [batch, pos] and their mask, or None)."""
+    use_kv_cache = _kv_choice(use_past_kv_cache, use_kv_cache)
     temperature = _temperature(temperature, do_sample)
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     batch, n_prompt = tokens.shape
@@ -215,8 +217,7 @@ RETURN_TYPES = ("input", "str", "tokens")
 
 def generate(model: GPT2, input, max_new_tokens: int = 20, return_type: str = "input",
              prepend_bos: bool | None = None, padding_side: str | None = None, attention_mask=None,
-             stop_at_eos: bool = True, eos_token_id=None, use_past_kv_cache: bool | None = None,
-             use_kv_cache: bool | None = None, **kwargs):
+             stop_at_eos: bool = True, eos_token_id=None, **kwargs):
     """Continue a prompt, or a batch of them. Greedy by default (see ``generate_stream`` for the
     sampling options, ``do_sample``, ``stop_at_eos``, ``eos_token_id``, ``fwd_hooks``, ``verbose``).
 
@@ -233,15 +234,8 @@ def generate(model: GPT2, input, max_new_tokens: int = 20, return_type: str = "i
         return_type = "str" if is_text(input) else "tokens"
     prompt, mask = _prompt(model, input, prepend_bos, padding_side, attention_mask)
     single = _single(input)
-    new = [np.atleast_1d(t) for t in _steps(model, prompt, mask, single, max_new_tokens,
-                                            kwargs.pop("temperature", None), kwargs.pop("top_k", None),
-                                            kwargs.pop("top_p", None), kwargs.pop("seed", None), stop_at_eos,
-                                            eos_token_id, kwargs.pop("do_sample", None),
-                                            kwargs.pop("fwd_hooks", ()),
-                                            _kv_choice(use_past_kv_cache, use_kv_cache),
-                                            kwargs.pop("verbose", False))]
-    if kwargs:
-        raise TypeError(f"generate got unexpected arguments {', '.join(kwargs)}")
+    new = [np.atleast_1d(t) for t in _steps(model, prompt, mask, single, max_new_tokens, stop_at_eos=stop_at_eos,
+                                            eos_token_id=eos_token_id, **kwargs)]
     out = np.concatenate([prompt, np.stack(new, axis=1)], axis=1) if new else prompt
     if return_type == "tokens":
         return out[0] if single else out
