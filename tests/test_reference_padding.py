@@ -85,3 +85,29 @@ def test_batched_greedy_generation_equals_transformers(folder):
                           do_sample=False, pad_token_id=50256, eos_token_id=None).numpy()
     ours = model.generate(TEXTS, max_new_tokens=12, stop_at_eos=False, return_type="tokens")
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_generation_equals_transformer_lens_prompt_by_prompt(folder):
+    """TransformerLens 4's generate, greedy, prepend_bos=False (npgpt2's default), prompt by prompt:
+    the same tokens and the same text; and npgpt2's batch of the three gives each of them.
+
+    TransformerLens is not asked for the batch itself, nor for its key/value-cached loop: on the
+    installed versions (transformer_lens 4.3, transformers 5.24) its cached loop passes
+    ``past_key_values``, which transformers no longer reads, and its batched loop treats some of
+    the left padding as real tokens; neither gives a prompt what it gives alone."""
+    tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    tok = transformers.GPT2TokenizerFast.from_pretrained(folder)
+    bridge = tl_bridge.TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=tok, dtype=torch.float32)
+    model = npgpt2.from_pretrained(folder)
+    options = dict(max_new_tokens=8, stop_at_eos=False)
+    ours = model.generate(TEXTS, return_type="tokens", **options)
+    for i, text in enumerate(TEXTS):
+        with torch.no_grad():
+            tl_ids = bridge.generate(text, do_sample=False, prepend_bos=False, return_type="tokens", verbose=False,
+                                     use_past_kv_cache=False, **options).numpy()[0]
+            tl_text = bridge.generate(text, do_sample=False, prepend_bos=False, verbose=False,
+                                      use_past_kv_cache=False, **options)
+        np.testing.assert_array_equal(model.generate(text, return_type="tokens", **options), tl_ids)
+        assert model.generate(text, **options) == tl_text
+        np.testing.assert_array_equal(ours[i, -len(tl_ids):], tl_ids)
