@@ -25,18 +25,22 @@ import numpy as np
 
 from . import ops
 from .hooks import Run
+from .inputs import check_mask, padding_mask, position_ids
 from .weights import BlockWeights, GPT2Weights
 
 
-def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, start_at_layer: int = 0):
+def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, start_at_layer: int = 0,
+             attention_mask: np.ndarray | None = None):
     """d metric / d logits [batch, pos, d_vocab] -> (grads: a ``GPT2Weights`` of d metric / d weight,
     d_input: d metric / d residual stream entering block ``start_at_layer`` [batch, pos, d_model]).
 
     ``hook`` is the Run of the forward pass that made the logits (with what it saved). Without
     ``hook.param_grads`` only the activations' gradients are computed (a third of the work less), and
-    grads is None.
+    grads is None. ``attention_mask``: the forward's [batch, pos] (its padding keys got no attention
+    and its positions counted from each row's first real token; the same here).
     """
     cfg, w = model.cfg, model.weights
+    padding = padding_mask(attention_mask, d_logits.dtype)  # [batch, 1, 1, key_pos] or None
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
@@ -47,7 +51,7 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients
     block_grads = [_zero_block(b) if l < start_at_layer and hook.param_grads else None for l, b in enumerate(w.blocks)]
     for l in reversed(range(start_at_layer, cfg.n_layer)):
-        d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid)  # [batch, pos, d_model]
+        d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid, padding)  # [batch, pos, d_model]
 
     # the embeddings: resid = W_E[tokens] + W_pos[pos]; the sum copies the gradient to both
     if start_at_layer == 0:
@@ -64,7 +68,8 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     d_W_pos = np.zeros_like(w.W_pos)
     if start_at_layer == 0:
         ops.embedding_backward(d_embed, tokens, cfg.d_vocab, out=d_W_E)  # adds each position's row
-        d_W_pos[: d_pos_embed.shape[1]] = d_pos_embed.sum(axis=0)  # [n_ctx, d_model]
+        positions = position_ids(attention_mask, d_pos_embed.shape[:2])  # [batch, pos], as the forward's
+        np.add.at(d_W_pos, positions, d_pos_embed)  # [n_ctx, d_model]: each position's row
     grads = GPT2Weights(
         W_E=d_W_E, W_pos=d_W_pos, blocks=block_grads, ln_final_w=d_ln_final_w,
         ln_final_b=None if w.ln_final_b is None else d_ln_final_b,
@@ -72,7 +77,7 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     return grads, d_resid
 
 
-def _block_backward(model, hook: Run, l: int, d_resid_post: np.ndarray):
+def _block_backward(model, hook: Run, l: int, d_resid_post: np.ndarray, padding=None):
     """One block, backwards.  d_resid_post [batch, pos, d_model] -> (d_resid_pre, BlockWeights of grads)"""
     w = model.weights.blocks[l]
     name = f"blocks.{l}."
@@ -88,7 +93,7 @@ def _block_backward(model, hook: Run, l: int, d_resid_post: np.ndarray):
     # resid_mid = resid_pre + attn_out
     d_attn_out = hook.grad(name + "hook_attn_out", d_resid_mid)  # [batch, pos, d_model]
     attn_in = ops.affine(hook.saved[name + "ln1.hook_normalized"], w.ln1_w, w.ln1_b)  # [batch, pos, d_model]
-    d_attn_in, d_W_qkv, d_b_qkv, d_W_attn_out, d_b_O = _attention_backward(model, hook, name, w, d_attn_out, attn_in)
+    d_attn_in, d_W_qkv, d_b_qkv, d_W_attn_out, d_b_O = _attention_backward(model, hook, name, w, d_attn_out, attn_in, padding)
     d_ln1, d_ln1_w, d_ln1_b = _layer_norm_backward(hook, name + "ln1.", d_attn_in, w.ln1_w)
     d_resid_pre = hook.grad(name + "hook_resid_pre", d_resid_mid + d_ln1)  # [batch, pos, d_model]
 
@@ -110,7 +115,7 @@ def _mlp_backward(hook: Run, name: str, w: BlockWeights, d_mlp_out, mlp_in):
     return d_mlp_in, d_W_in, d_b_in, d_W_out, d_b_out
 
 
-def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out, attn_in):
+def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out, attn_in, padding=None):
     """Causal multi-head self-attention, backwards (model.GPT2._attention read from its last line up)."""
     a = name + "attn."
     z = hook.saved[a + "hook_z"]  # [batch, pos, head, d_head]
@@ -149,7 +154,7 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
     else:  # the blockwise forward kept no pattern: recompute it a block at a time
         z_heads = hook.computed(a + "hook_z").transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]
         d_q_heads, d_k_heads, d_v_heads = ops.causal_attention_backward(
-            d_z_heads, q_heads / math.sqrt(d_head), k_heads, v_heads, z_heads)
+            d_z_heads, q_heads / math.sqrt(d_head), k_heads, v_heads, z_heads, padding=padding)
         d_q_heads = d_q_heads / math.sqrt(d_head)  # the forward divided q by sqrt(d_head)
 
     d_q = hook.grad(a + "hook_q", d_q_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
@@ -197,7 +202,7 @@ class Differentiable:
         return value, grads
 
     def _backward_run(self, run, input, metric, return_type, caller: str, attention_mask=None,
-                      start_at_layer=None, tokens=None, **kwargs):
+                      start_at_layer=None, tokens=None, prepend_bos=None, padding_side=None, **kwargs):
         """The forward pass with ``run`` saving what the backward needs, the metric, the backward.
         -> (metric value, grads)"""
         from . import metrics
@@ -208,12 +213,12 @@ class Differentiable:
         if kwargs:
             raise TypeError(f"{caller} got unexpected arguments {', '.join(kwargs)}")
         if start_at_layer is None:
-            tokens, mask = self._prepare(input, attention_mask)
+            tokens, mask = self._prepare(input, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
             input = tokens
         elif tokens is not None:
             tokens, mask = self._prepare(tokens, attention_mask)
         else:
-            mask = None
+            mask = check_mask(attention_mask, np.shape(input)[:2])
         if metric is None:
             if return_type != "loss":
                 raise ValueError(f"{caller} needs a scalar to differentiate: pass return_type='loss' or "
@@ -235,5 +240,5 @@ class Differentiable:
             raise ValueError(f"{type(metric).__name__}.grad returned shape {d_logits.shape}; expected "
                              f"{logits.shape}, the logits' shape")
         start = self._check_layer(start_at_layer, "start_at_layer", 0)
-        grads, _ = backward(self, run, d_logits, tokens, start)
+        grads, _ = backward(self, run, d_logits, tokens, start, mask)
         return value, grads

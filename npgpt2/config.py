@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
 
 # name a person types -> Hugging Face hub repository
 ALIASES = {
@@ -35,7 +37,7 @@ class ConfigError(ValueError):
     """config.json describes a model this implementation cannot run faithfully."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
@@ -45,6 +47,23 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     n_inner: int | None = None  # MLP width; None means 4 * n_embd
     activation_function: str = "gelu_new"
+    # Put <|endoftext|> in front of text when a call does not say (``prepend_bos=None``). False, as
+    # GPT-2 and Hugging Face do; True gives TransformerLens's tokens and positions. Not part of the
+    # shape: settable on a model's config (``model.cfg.default_prepend_bos = True``), ignored by ==.
+    default_prepend_bos: bool = field(default=False, compare=False)
+
+    def __setattr__(self, name, value):
+        if name == "default_prepend_bos":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"default_prepend_bos={value!r}: expected True or False")
+            value = bool(value)
+        elif name in self.__dict__:  # the shape is fixed once made
+            raise AttributeError(f"GPT2Config.{name} cannot be changed (the weights have this shape); "
+                                 "only default_prepend_bos can")
+        object.__setattr__(self, name, value)
+
+    def __hash__(self):
+        return hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):

@@ -20,25 +20,90 @@ def is_text(input) -> bool:
                                       and all(isinstance(t, str) for t in input))
 
 
+PADDING_SIDES = ("right", "left")
+
+
+def check_padding_side(padding_side) -> str:
+    """None -> "right" (the default); "right" or "left" as given; anything else an error."""
+    if padding_side is None:
+        return "right"
+    if padding_side not in PADDING_SIDES:
+        raise InputError(f"padding_side={padding_side!r}: expected 'right' or 'left'")
+    return padding_side
+
+
+def check_mask(attention_mask, shape) -> np.ndarray | None:
+    """An attention mask (1 = real token, 0 = padding) -> int64 [batch, pos] of the given shape,
+    or None."""
+    if attention_mask is None:
+        return None
+    mask = np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != tuple(shape):
+        raise InputError(f"attention_mask has shape {mask.shape}; expected {tuple(shape)}, the shape of the tokens")
+    if mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
+        raise InputError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    return mask.astype(np.int64, copy=False)
+
+
+def only_right_padding(mask: np.ndarray) -> bool:
+    """Is every row real tokens first, then padding (1 ... 1 0 ... 0)? Then causality alone keeps
+    the padding out of every real token's view, and the positions are 0, 1, 2 ... as without it."""
+    return bool((np.diff(mask, axis=1) <= 0).all())
+
+
+def position_ids(keys_mask: np.ndarray | None, shape: tuple[int, int], offset: int = 0) -> np.ndarray:
+    """The position of each new token, [batch, pos], counted from its row's first real token.
+
+    keys_mask: [batch, offset + pos], 1 = real token, 0 = padding, over the cached positions and
+    the new ones (None: no padding). As transformers' ``position_ids = cumsum(mask) - 1``: with left
+    padding a prompt's first real token is at position 0, exactly as when it runs alone; padding
+    gets position 0. Without padding, or with right padding only: offset, offset + 1, ...
+    """
+    batch, pos = shape
+    if keys_mask is None or only_right_padding(keys_mask):
+        return np.broadcast_to(np.arange(offset, offset + pos), (batch, pos))
+    return np.maximum(np.cumsum(keys_mask, axis=1) - 1, 0)[:, -pos:]
+
+
+def padding_mask(keys_mask: np.ndarray | None, dtype) -> np.ndarray | None:
+    """Additive mask that hides padding keys: [batch, 1, 1, key_pos], 0 for a real key, -inf for
+    padding; added to the attention scores with the causal mask. None when no real token could see
+    padding anyway (no padding, or right padding only), which keeps the plain causal path.
+
+    A query that sees only padding (a padding position itself) gets a pattern row of zeros (see
+    ``ops.softmax``): it reads nothing, and nothing real reads it."""
+    if keys_mask is None or only_right_padding(keys_mask):
+        return None
+    return np.where(keys_mask > 0, 0, -np.inf).astype(dtype)[:, None, None, :]
+
+
 class TokenInput:
     """Tokens in and out. Expects ``self.cfg``, ``self.tokenizer``, ``self.dtype`` and ``self.W_U``."""
 
-    def to_tokens(self, input, prepend_bos: bool = False, return_mask: bool = False):
+    def to_tokens(self, input, prepend_bos: bool | None = None, return_mask: bool = False,
+                  padding_side: str | None = None):
         """Text (or a list of texts) -> token ids, int64 [batch, pos].
 
-        Texts of unequal length are right-padded with <|endoftext|>; with ``return_mask=True`` the
-        attention mask [batch, pos] (1 = real token, 0 = padding) is returned too.
+        Texts of unequal length are padded with <|endoftext|>: on the right (``padding_side="right"``,
+        the default) or on the left (``"left"``, what batched generation needs: every prompt ends
+        at the last position). With ``return_mask=True`` the attention mask [batch, pos] (1 = real
+        token, 0 = padding) is returned too; pass it on as ``attention_mask`` with the ids (the
+        model takes it from here itself when it is given the texts).
 
         prepend_bos=False is what GPT-2 and Hugging Face do. Set it to True to put <|endoftext|>
         first: then the first real token has something to attend to other than itself, which many
         interpretability results (and TransformerLens's default) assume, and its prediction is made.
+        None (the default) takes ``model.cfg.default_prepend_bos`` (False unless set).
         """
         texts = [input] if isinstance(input, str) else input
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise InputError(f"to_tokens takes a str or a list of str, got {type(input).__name__}")
         if not texts:
             raise InputError("to_tokens got an empty list of texts")
-        bos = [self.tokenizer.eot_token] if prepend_bos else []
+        side = check_padding_side(padding_side)
+        bos = [self.tokenizer.eot_token] if self.resolve_prepend_bos(prepend_bos) else []
         ids = [bos + self.tokenizer.encode(t) for t in texts]
         for t, seq in zip(texts, ids):
             if not seq:
@@ -47,11 +112,20 @@ class TokenInput:
         tokens = np.full((len(ids), pos), self.tokenizer.eot_token, dtype=np.int64)
         mask = np.zeros((len(ids), pos), dtype=np.int64)
         for i, seq in enumerate(ids):
-            tokens[i, : len(seq)] = seq
-            mask[i, : len(seq)] = 1
+            where = slice(0, len(seq)) if side == "right" else slice(pos - len(seq), pos)
+            tokens[i, where] = seq
+            mask[i, where] = 1
         return (tokens, mask) if return_mask else tokens
 
-    def to_str_tokens(self, input, prepend_bos: bool = False):
+    def resolve_prepend_bos(self, prepend_bos) -> bool:
+        """``prepend_bos`` as given, or the model's default (``cfg.default_prepend_bos``) for None."""
+        if prepend_bos is None:
+            return self.cfg.default_prepend_bos
+        if not isinstance(prepend_bos, (bool, np.bool_)):
+            raise InputError(f"prepend_bos={prepend_bos!r}: expected True, False or None (the model's default)")
+        return bool(prepend_bos)
+
+    def to_str_tokens(self, input, prepend_bos: bool | None = None):
         """Text or token ids -> the string of each token (a list, or a list of lists for a batch).
 
         A list of texts gives one list per text, each tokenized on its own (no padding), as in
@@ -75,26 +149,22 @@ class TokenInput:
         texts = [self.tokenizer.decode(row) for row in checked]
         return texts[0] if arr.ndim == 1 else texts
 
-    def tokens_and_mask(self, input, prepend_bos: bool = False, offset: int = 0):
+    def tokens_and_mask(self, input, prepend_bos: bool | None = None, offset: int = 0,
+                        padding_side: str | None = None):
         """Text, a list of texts, or token ids -> (validated int64 tokens [batch, pos], the padding
-        mask for texts or None for ids)."""
+        mask for texts or None for ids). ``prepend_bos`` and ``padding_side`` apply to text only."""
         if is_text(input):
-            tokens, mask = self.to_tokens(input, prepend_bos=prepend_bos, return_mask=True)
+            tokens, mask = self.to_tokens(input, prepend_bos=prepend_bos, return_mask=True,
+                                          padding_side=padding_side)
             return self.validate_tokens(tokens, offset), mask
         return self.validate_tokens(input, offset), None
 
-    def _prepare(self, input, attention_mask, offset: int = 0):
+    def _prepare(self, input, attention_mask, offset: int = 0, prepend_bos: bool | None = None,
+                 padding_side: str | None = None):
         """Any accepted input -> (checked int64 tokens [batch, pos], attention mask or None)."""
-        tokens, mask = self.tokens_and_mask(input, offset=offset)
+        tokens, mask = self.tokens_and_mask(input, prepend_bos, offset, padding_side)
         attention_mask = mask if attention_mask is None else attention_mask
-        if attention_mask is not None:
-            attention_mask = np.asarray(attention_mask)
-            if attention_mask.ndim == 1:
-                attention_mask = attention_mask[None]
-            if attention_mask.shape != tokens.shape:
-                raise InputError(f"attention_mask has shape {attention_mask.shape}; expected "
-                                 f"{tokens.shape}, the shape of the tokens")
-        return tokens, attention_mask
+        return tokens, check_mask(attention_mask, tokens.shape)
 
     def validate_tokens(self, tokens, offset: int = 0) -> np.ndarray:
         """Token ids -> int64 [batch, pos], or an ``InputError`` saying what is wrong with them.

@@ -19,6 +19,10 @@ class KeyValueCache:
     filled part. A forward pass with ``past_kv`` must run every layer (it refuses
     ``start_at_layer``/``stop_at_layer`` that skip one), so all layers always hold ``length``
     positions.
+
+    It also keeps the attention mask of those positions once one of them is padding (a batch of
+    left-padded prompts): later steps must go on hiding the padding keys, and count positions from
+    each row's first real token.
     """
 
     def __init__(self, cfg: GPT2Config, batch: int, dtype):
@@ -26,6 +30,7 @@ class KeyValueCache:
         self.keys = [np.empty(shape, dtype) for _ in range(cfg.n_layer)]
         self.values = [np.empty(shape, dtype) for _ in range(cfg.n_layer)]
         self.length = 0
+        self.mask = None  # [batch, n_ctx] 1 = real token, 0 = padding; None while there is no padding
         self.capacity = cfg.n_ctx
         self.batch = batch
         self.n_layer = cfg.n_layer
@@ -42,6 +47,20 @@ class KeyValueCache:
         self.keys[l][:, :, self.length : end] = k_heads
         self.values[l][:, :, self.length : end] = v_heads
         return self.keys[l][:, :, :end], self.values[l][:, :, :end]
+
+    def keys_mask(self, mask: np.ndarray | None, shape: tuple[int, int], start: int, stop: int) -> np.ndarray | None:
+        """For a call of ``shape`` (batch, pos) running layers [start, stop): refuse it if this cache
+        cannot serve it (``check``); record its attention mask ([batch, pos]; None = all real) after
+        the stored one, and return the mask of every key, [batch, length + pos], or None while no
+        key is padding."""
+        self.check(*shape, start, stop)
+        if mask is not None and not mask.all() and self.mask is None:
+            self.mask = np.ones((self.batch, self.capacity), dtype=np.int64)
+        if self.mask is None:
+            return None
+        end = self.length + shape[1]
+        self.mask[:, self.length : end] = 1 if mask is None else mask
+        return self.mask[:, :end]
 
     def check(self, batch: int, pos: int, start: int, stop: int) -> None:
         """Refuse a call this cache cannot serve correctly (before anything is written)."""

@@ -71,7 +71,8 @@ def _rows(ids: np.ndarray, batch: int, name: str) -> np.ndarray:
 class Loss(Metric):
     """Mean next-token cross-entropy in nats: logits at position p predict tokens[:, p + 1].
 
-    mask [batch, pos] (1 = real token, 0 = padding) drops the targets that are padding; weights
+    mask [batch, pos] (1 = real token, 0 = padding) drops the predictions whose target, or the
+    position predicting it, is padding (left padding's last pad predicts the first real token); weights
     [batch, pos - 1] weigh each prediction (then the value is sum(w * nll) / sum(w)).
     """
 
@@ -85,7 +86,7 @@ class Loss(Metric):
             mask = np.atleast_2d(np.asarray(mask))
             if mask.shape != self.tokens.shape:
                 raise ValueError(f"mask has shape {mask.shape}; expected {self.tokens.shape}, the tokens' shape")
-            w = w * (mask[:, 1:] > 0)
+            w = w * ((mask[:, 1:] > 0) & (mask[:, :-1] > 0))
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float64)
             if weights.shape != (batch, pos - 1):

@@ -29,7 +29,7 @@ from . import fast, ops
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
-from .inputs import InputError, TokenInput
+from .inputs import InputError, TokenInput, check_mask, padding_mask, position_ids
 from .kv_cache import KeyValueCache
 from .tokenizer import Tokenizer
 from .accessors import ModuleAccessors, WeightViews  # WeightViews: views.py
@@ -58,7 +58,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         self.source: str | None = None  # where the files came from (set by the loader)
         self.files = None  # their local paths (hub.CheckpointFiles, set by the loader)
         self.processing = {"fold_ln": False, "center_writing_weights": False,
-                           "center_unembed": False, "fold_value_biases": False}
+                           "center_unembed": False, "fold_value_biases": False, "refactor_factored_attn_matrices": False}
         self._init_hooks()
 
     @classmethod
@@ -97,47 +97,57 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     # ------------------------------------------------------------------------------------------
     def forward(self, input, return_type: str | None = "logits", *, attention_mask=None,
                 past_kv: KeyValueCache | None = None, start_at_layer: int | None = None,
-                stop_at_layer: int | None = None, tokens=None):
+                stop_at_layer: int | None = None, tokens=None, prepend_bos: bool | None = None,
+                padding_side: str | None = None):
         """Run GPT-2.
 
-        input: text, a list of texts (right-padded, see ``to_tokens``), or token ids [batch, pos]
+        input: text, a list of texts (padded, see ``to_tokens``), or token ids [batch, pos]
             (or [pos]). With ``start_at_layer=l`` it is instead the residual stream entering block l,
             [batch, pos, d_model], and ``tokens`` supplies the ids for the loss.
         return_type: "logits" -> [batch, pos, d_vocab]; "loss" -> scalar; "both" -> (logits, loss);
             None -> nothing (run for the hooks' sake).
-        attention_mask: [batch, pos] 1 for real tokens, 0 for right padding; the loss skips padding.
-            Taken from the tokenizer when ``input`` is a list of texts.
+        attention_mask: [batch, pos] 1 for real tokens, 0 for padding. Taken from the tokenizer when
+            ``input`` is a list of texts. Padding keys get no attention, positions count from each
+            row's first real token, and the loss skips padding: a left-padded prompt's real
+            positions give what the prompt gives alone.
+        prepend_bos, padding_side: for text input, as in ``to_tokens`` (None: the model's default,
+            ``cfg.default_prepend_bos``; right padding).
         past_kv: a ``KeyValueCache`` holding earlier positions; the new positions are appended to it.
             Every layer must run (no start/stop_at_layer).
         start_at_layer / stop_at_layer: run blocks [start, stop) only. With ``stop_at_layer`` the
             residual stream leaving the last block run is returned, [batch, pos, d_model].
         """
         hook = self._new_run()  # the hooks this call fires (see hooks.py)
-        return self._forward(hook, input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens)
+        return self._forward(hook, input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
 
     __call__ = forward
 
     def _forward(self, hook: Run, input, return_type="logits", attention_mask=None, past_kv=None,
-                 start_at_layer=None, stop_at_layer=None, tokens=None):
+                 start_at_layer=None, stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None):
         """``forward``, with the hooks and cache of this call in ``hook`` (see hooks.Run)."""
         start = self._check_layer(start_at_layer, "start_at_layer", 0)
         stop = self._check_layer(stop_at_layer, "stop_at_layer", self.cfg.n_layer)
         offset = past_kv.length if past_kv is not None else 0  # positions already in the cache
         if start_at_layer is None:
-            tokens, mask = self._prepare(input, attention_mask, offset)  # [batch, pos] int64
-            resid = self._embed(hook, tokens, offset)  # [batch, pos, d_model]
+            tokens, mask = self._prepare(input, attention_mask, offset, prepend_bos, padding_side)  # [batch, pos] int64
+            shape = tokens.shape  # (batch, pos)
         else:  # the input is the residual stream entering block `start`
             resid = self._check_residual(input, start)  # [batch, pos, d_model]
-            tokens, mask = (None, None) if tokens is None else self._prepare(tokens, attention_mask, offset)  # [batch, pos]
-        if past_kv is not None:
-            past_kv.check(resid.shape[0], resid.shape[1], start, stop)
+            shape = resid.shape[:2]  # (batch, pos)
+            tokens, mask = (None, check_mask(attention_mask, shape)) if tokens is None else self._prepare(tokens, attention_mask, offset)
+        keys_mask = past_kv.keys_mask(mask, shape, start, stop) if past_kv is not None else mask  # [batch, key_pos]: 1 = real token, 0 = padding; or None
+        padding = padding_mask(keys_mask, self.dtype)  # [batch, 1, 1, key_pos]: -inf at padding keys; None if none is seen
+        if start_at_layer is None:
+            positions = position_ids(keys_mask, shape, offset)  # [batch, pos]: counted from each row's first real token
+            resid = self._embed(hook, tokens, positions)  # [batch, pos, d_model]
 
-        quick = self.fast_path and hook.idle() and past_kv is None and self.attn_implementation == "blockwise"
+        quick = (self.fast_path and hook.idle() and past_kv is None and padding is None
+                 and self.attn_implementation == "blockwise")
         if quick:  # nobody looks inside: fast.py computes the same numbers on every core
             resid = fast.blocks(self, resid, start, stop)  # [batch, pos, d_model]
         else:
             for l in range(start, stop):
-                resid = self._block(hook, l, resid, past_kv)  # [batch, pos, d_model]
+                resid = self._block(hook, l, resid, past_kv, padding)  # [batch, pos, d_model]
         if past_kv is not None:
             past_kv.advance(resid.shape[1])
         if stop_at_layer is not None:
@@ -157,21 +167,19 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             return logits, loss
         raise ValueError(f"return_type={return_type!r}: expected 'logits', 'loss', 'both' or None")
 
-    def _embed(self, hook: Run, tokens: np.ndarray, offset: int) -> np.ndarray:
-        """Token embedding plus position embedding.  tokens [batch, pos] -> [batch, pos, d_model]"""
-        batch, pos = tokens.shape
+    def _embed(self, hook: Run, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Token embedding plus position embedding.  tokens, positions [batch, pos] -> [batch, pos, d_model]"""
         embed = hook("hook_embed", self.weights.W_E[tokens])  # [batch, pos, d_model]
-        positions = self.weights.W_pos[offset : offset + pos]  # [pos, d_model]
-        pos_embed = hook("hook_pos_embed", np.repeat(positions[None], batch, axis=0))  # [batch, pos, d_model]
+        pos_embed = hook("hook_pos_embed", self.weights.W_pos[positions])  # [batch, pos, d_model]
         return embed + pos_embed  # [batch, pos, d_model]
 
-    def _block(self, hook: Run, l: int, resid: np.ndarray, past_kv) -> np.ndarray:
+    def _block(self, hook: Run, l: int, resid: np.ndarray, past_kv, padding=None) -> np.ndarray:
         """One transformer block.  [batch, pos, d_model] -> [batch, pos, d_model]"""
         w = self.weights.blocks[l]  # this block's weights
         name = f"blocks.{l}."
         resid_pre = hook(name + "hook_resid_pre", resid)  # [batch, pos, d_model]
         attn_in = self._layer_norm(hook, name + "ln1.", resid_pre, w.ln1_w, w.ln1_b)  # [batch, pos, d_model]
-        attn_out = hook(name + "hook_attn_out", self._attention(hook, l, attn_in, past_kv))  # [batch, pos, d_model]
+        attn_out = hook(name + "hook_attn_out", self._attention(hook, l, attn_in, past_kv, padding))  # [batch, pos, d_model]
         resid_mid = hook(name + "hook_resid_mid", resid_pre + attn_out)  # [batch, pos, d_model]
         mlp_in = self._layer_norm(hook, name + "ln2.", resid_mid, w.ln2_w, w.ln2_b)  # [batch, pos, d_model]
         mlp_out = hook(name + "hook_mlp_out", self._mlp(hook, l, mlp_in))  # [batch, pos, d_model]
@@ -184,8 +192,10 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         normalized = hook(name + "hook_normalized", centred / scale)  # [batch, pos, d_model]
         return ops.affine(normalized, gain, bias)  # [batch, pos, d_model]
 
-    def _attention(self, hook: Run, l: int, x: np.ndarray, past_kv) -> np.ndarray:
-        """Causal multi-head self-attention.  [batch, pos, d_model] -> [batch, pos, d_model]"""
+    def _attention(self, hook: Run, l: int, x: np.ndarray, past_kv, padding=None) -> np.ndarray:
+        """Causal multi-head self-attention.  [batch, pos, d_model] -> [batch, pos, d_model]
+
+        padding: None, or [batch, 1, 1, key_pos] with -inf at the keys that are padding."""
         w = self.weights.blocks[l]
         batch, pos, d_model = x.shape
         n_head, d_head = self.cfg.n_head, d_model // self.cfg.n_head
@@ -207,15 +217,18 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             scores = q_heads @ k_heads.swapaxes(-1, -2)  # [batch, head, query_pos, key_pos]: query . key
             scores /= math.sqrt(d_head)  # (in place: these are the largest arrays of the forward)
             scores += mask
+            if padding is not None:  # padding keys get no attention
+                scores += padding
             scores = hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
             pattern = hook(name + "hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
             z_heads = pattern @ v_heads  # [batch, head, query_pos, d_head]
         elif hook.wants(name + "hook_attn_scores", name + "hook_pattern"):  # kept, not changed: a block at a time
-            scores, pattern, z_heads = ops.causal_attention_kept(q_heads / math.sqrt(d_head), k_heads, v_heads)
+            scores, pattern, z_heads = ops.causal_attention_kept(q_heads / math.sqrt(d_head), k_heads, v_heads,
+                                                                 padding=padding)
             hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
             hook(name + "hook_pattern", pattern)  # [batch, head, query_pos, key_pos]
         else:  # the same numbers, a block of queries at a time (see ops.causal_attention)
-            z_heads = ops.causal_attention(q_heads / math.sqrt(d_head), k_heads, v_heads)  # [batch, head, query_pos, d_head]
+            z_heads = ops.causal_attention(q_heads / math.sqrt(d_head), k_heads, v_heads, padding=padding)  # [batch, head, query_pos, d_head]
         z = hook(name + "hook_z", z_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
 
         if hook.wants(name + "hook_result"):
@@ -246,11 +259,12 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     # ------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------
-    def loss(self, input, per_token: bool = False, attention_mask=None):
+    def loss(self, input, per_token: bool = False, attention_mask=None, prepend_bos: bool | None = None,
+             padding_side: str | None = None):
         """Mean next-token cross-entropy (nats). ``per_token=True`` -> [batch, pos - 1], with NaN
-        where the target is padding (so ``np.nanmean`` gives the mean)."""
-        tokens, mask = self._prepare(input, attention_mask)  # [batch, pos]
-        logits = self.forward(tokens)  # [batch, pos, d_vocab]
+        where the target or the position predicting it is padding (so ``np.nanmean`` gives the mean)."""
+        tokens, mask = self._prepare(input, attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)  # [batch, pos]
+        logits = self.forward(tokens, attention_mask=mask)  # [batch, pos, d_vocab]
         return self._loss_from_logits(logits, tokens, mask, per_token)
 
     @staticmethod
@@ -259,7 +273,8 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             raise InputError("the loss needs at least 2 tokens (one to predict from, one to predict)")
         nll = ops.cross_entropy(logits[:, :-1], tokens[:, 1:])  # [batch, pos - 1]
         if mask is not None:
-            nll = np.where(np.asarray(mask)[:, 1:] > 0, nll, np.nan)  # [batch, pos - 1], NaN at padding
+            mask = np.asarray(mask)
+            nll = np.where((mask[:, 1:] > 0) & (mask[:, :-1] > 0), nll, np.nan)  # [batch, pos - 1], NaN at padding
         if per_token:
             return nll
         return float(np.nanmean(nll))
@@ -283,13 +298,15 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     # Weights
     # ------------------------------------------------------------------------------------------
     def process_weights(self, fold_ln: bool = False, center_writing_weights: bool = False,
-                        center_unembed: bool = False, fold_value_biases: bool = False) -> "GPT2":
+                        center_unembed: bool = False, fold_value_biases: bool = False,
+                        refactor_factored_attn_matrices: bool = False) -> "GPT2":
         """Rewrite the weights, keeping the log-probabilities (see ``npgpt2.processing``).
         Returns the model. ``self.processing`` records what has been applied."""
         from .processing import process_weights
 
         asked = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
         again = [k for k, v in asked.items() if v and self.processing.get(k)]
         if again:
             raise ValueError(f"already applied to this model: {', '.join(again)}")

@@ -169,12 +169,17 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x) / sum(exp(x)) along ``axis``, shifted by the max for stability.  [...] -> [...]
 
-    Entries of -inf get probability 0 (as long as each row has one finite entry).
+    Entries of -inf get probability 0; a row that is -inf throughout (an attention query that sees
+    only padding) becomes zeros, as TransformerLens makes it, rather than NaN.
     """
-    out = x - x.max(axis=axis, keepdims=True)  # the largest entry becomes 0: exp cannot overflow
+    top = x.max(axis=axis, keepdims=True)  # [..., 1]
+    if not np.isfinite(top).all():  # rows of -inf only: shift by 0 instead (their exps are all 0)
+        top = np.where(np.isfinite(top), top, 0)
+    out = x - top  # the largest entry becomes 0: exp cannot overflow
     out = out if out.dtype.kind == "f" else out.astype(np.float64)  # (integer input)
     np.exp(out, out=out)
-    out /= out.sum(axis=axis, keepdims=True)
+    total = out.sum(axis=axis, keepdims=True)  # [..., 1]
+    out /= np.where(total > 0, total, 1) if not total.all() else total
     return out
 
 
@@ -234,7 +239,8 @@ def causal_mask(n_query: int, n_key: int, dtype) -> np.ndarray:
     return mask
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64) -> np.ndarray:
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64,
+                     padding: np.ndarray | None = None) -> np.ndarray:
     """softmax(q k^T + causal_mask) v, a block of queries at a time, never forming the whole
     [query_pos, key_pos] score matrix.
 
@@ -244,7 +250,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
     Each block of queries is multiplied only with the keys it may see, and its scores, pattern and
     output are finished before the next block: the numbers of the eager computation (model.py), for
     about half the arithmetic and a block-sized working set. The model uses it when no one asks for
-    the scores or the pattern.
+    the scores or the pattern. ``padding``: [batch, 1, 1, key_pos], -inf at padding keys (see
+    ``inputs.padding_mask``), added to the scores too.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     offset = n_k - n_q
@@ -257,16 +264,20 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
         visible = offset + stop  # keys 0 .. visible-1 are in the past of this block's last query
         scores = q[:, :, start:stop] @ k_t[..., :visible]  # [batch, head, block, visible]
         scores += causal_mask(stop - start, visible, scores.dtype)
+        if padding is not None:
+            scores += padding[..., :visible]
         z[:, :, start:stop] = softmax(scores) @ v[:, :, :visible]
     return z
 
 
-def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64):
+def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64,
+                          padding: np.ndarray | None = None):
     """``causal_attention`` that also hands back the whole scores and pattern, for a cache that keeps
     them: -> (scores, pattern, z), scores and pattern [batch, head, query_pos, key_pos] as the eager
     computation makes them (scores -inf and pattern 0 where a key lies in a query's future), z as
-    ``causal_attention``'s. A block of queries at a time, against only the keys it may see: half
-    the products and exponentials of the eager path, and no temporary as large as the scores.
+    ``causal_attention``'s (``padding`` too). A block of queries at a time, against only the keys
+    it may see: half the products and exponentials of the eager path, and no temporary as large as
+    the scores.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     offset = n_k - n_q
@@ -281,21 +292,21 @@ def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: in
         seen = scores[:, :, start:stop, :visible]  # [batch, head, block, visible]
         np.matmul(q[:, :, start:stop], k_t[..., :visible], out=seen)
         seen += causal_mask(stop - start, visible, dtype)
+        if padding is not None:
+            seen += padding[..., :visible]
         scores[:, :, start:stop, visible:] = -np.inf
         p = pattern[:, :, start:stop, :visible]
-        np.subtract(seen, seen.max(axis=-1, keepdims=True), out=p)  # softmax, as ``softmax``
-        np.exp(p, out=p)
-        p /= p.sum(axis=-1, keepdims=True)
+        p[...] = softmax(seen)
         pattern[:, :, start:stop, visible:] = 0
         z[:, :, start:stop] = p @ v[:, :, :visible]
     return scores, pattern, z
 
 
 def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                              z: np.ndarray, block: int = 64):
+                              z: np.ndarray, block: int = 64, padding: np.ndarray | None = None):
     """Gradients of ``causal_attention``, recomputing each block's pattern instead of storing it.
     d_z, z [batch, head, query_pos, d_head] (z: the forward's output); q (already divided by
-    sqrt(d_head)), k, v as in the forward.  -> (d_q, d_k, d_v), shaped as q, k, v
+    sqrt(d_head)), k, v, padding as in the forward.  -> (d_q, d_k, d_v), shaped as q, k, v
 
     Per block of queries: pattern = softmax(q k^T + mask) again; then z = pattern v gives
     d_pattern = d_z v^T and d_v += pattern^T d_z; the softmax gives d_scores (its row sum
@@ -314,6 +325,8 @@ def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: 
         q_blk, k_vis, v_vis = q[:, :, start:stop], k[:, :, :visible], v[:, :, :visible]
         scores = q_blk @ k_vis.swapaxes(-1, -2)  # [batch, head, block, visible]
         scores += causal_mask(stop - start, visible, scores.dtype)
+        if padding is not None:
+            scores += padding[..., :visible]
         pattern = softmax(scores)  # [batch, head, block, visible]
         d_z_blk = d_z[:, :, start:stop]  # [batch, head, block, d_head]
         d_v[:, :, :visible] += pattern.swapaxes(-1, -2) @ d_z_blk

@@ -10,6 +10,13 @@ log-probabilities while its parts are easier to read.
   position's logits by a constant: softmax does not see it.
 * ``fold_value_biases``: b_V moves into b_O (b_O += sum_h b_V[h] @ W_O[h]), exact because each
   attention pattern row sums to 1.
+* ``refactor_factored_attn_matrices``: only the products W_QK = W_Q W_K^T and W_OV = W_V W_O fix
+  what a head does, so each pair is refactored into an even, orthogonal one (TransformerLens's, from
+  "A Mathematical Framework for Transformer Circuits"): with the biases appended as a (d_model+1)th
+  input row, W_QK's SVD U S V^T gives W_Q = U sqrt(S), W_K = V sqrt(S); W_OV's gives W_V = U S and
+  W_O = V^T (a rotation: z has the norm of the head's output), b_V folded into b_O first. The
+  signs of singular vectors are arbitrary: a column of W_Q and of W_K (or of W_V and a row of W_O)
+  may flip together against TransformerLens's, leaving every product unchanged.
 
 Each function returns new arrays (the loaded ones are read-only memory maps) and leaves the
 forward pass's layout as it is.
@@ -79,11 +86,46 @@ def apply_fold_value_biases(weights: GPT2Weights, cfg: GPT2Config) -> GPT2Weight
     return dataclasses.replace(weights, blocks=blocks)
 
 
+def _svd_of_product(A: np.ndarray, B: np.ndarray):
+    """The thin SVD of A @ B without forming it, as TransformerLens's FactoredMatrix does: A [..., m,
+    r], B [..., r, n] -> (U [..., m, r], S [..., r], V [..., n, r]) with A @ B = U diag(S) V^T."""
+    Ua, Sa, Vha = np.linalg.svd(A, full_matrices=False)
+    Ub, Sb, Vhb = np.linalg.svd(B, full_matrices=False)
+    middle = Sa[..., :, None] * (Vha @ Ub) * Sb[..., None, :]  # [..., r, r]
+    Um, Sm, Vhm = np.linalg.svd(middle)
+    return Ua @ Um, Sm, (Vhm @ Vhb).swapaxes(-1, -2)
+
+
+def apply_refactor_factored_attn_matrices(weights: GPT2Weights, cfg: GPT2Config) -> GPT2Weights:
+    D, H, Dh = cfg.d_model, cfg.n_head, cfg.d_head
+    blocks = []
+    for b in weights.blocks:
+        W = b.W_qkv.astype(np.float64).reshape(D, 3, H, Dh).transpose(1, 2, 0, 3)  # [q|k|v, head, d_model, d_head]
+        bias = b.b_qkv.astype(np.float64).reshape(3, H, Dh)  # [q|k|v, head, d_head]
+        # QK: the biases as an extra input row, so that (x W_Q + b_Q)(y W_K + b_K)^T is kept
+        W_Q_eff = np.concatenate([W[0], bias[0][:, None, :]], axis=1)  # [head, d_model + 1, d_head]
+        W_K_eff = np.concatenate([W[1], bias[1][:, None, :]], axis=1)  # [head, d_model + 1, d_head]
+        U, S, V = _svd_of_product(W_Q_eff, W_K_eff.swapaxes(-1, -2))
+        W_Q_eff, W_K_eff = U * np.sqrt(S)[:, None, :], V * np.sqrt(S)[:, None, :]
+        # OV: b_V into b_O, then W_V W_O = U S V^T
+        W_O = b.W_attn_out.astype(np.float64).reshape(H, Dh, D)  # [head, d_head, d_model]
+        b_O = b.b_O + np.einsum("hd,hdm->m", bias[2], W_O)  # [d_model]
+        U, S, V = _svd_of_product(W[2], W_O)
+        W_V, W_O = U * S[:, None, :], V.swapaxes(-1, -2)  # [head, d_model, d_head], [head, d_head, d_model]
+        W_qkv = np.stack([W_Q_eff[:, :-1], W_K_eff[:, :-1], W_V])  # [q|k|v, head, d_model, d_head]
+        b_qkv = np.stack([W_Q_eff[:, -1], W_K_eff[:, -1], np.zeros((H, Dh))])  # [q|k|v, head, d_head]
+        dtype = b.W_qkv.dtype
+        blocks.append(dataclasses.replace(
+            b, W_qkv=W_qkv.transpose(2, 0, 1, 3).reshape(D, 3 * D).astype(dtype), b_qkv=b_qkv.reshape(3 * D).astype(dtype),
+            W_attn_out=W_O.reshape(D, D).astype(dtype), b_O=b_O.astype(dtype)))
+    return dataclasses.replace(weights, blocks=blocks)
+
+
 def process_weights(weights: GPT2Weights, cfg: GPT2Config, fold_ln: bool = False,
                     center_writing_weights: bool = False, center_unembed: bool = False,
-                    fold_value_biases: bool = False) -> GPT2Weights:
+                    fold_value_biases: bool = False, refactor_factored_attn_matrices: bool = False) -> GPT2Weights:
     """Apply the chosen steps in TransformerLens's order (fold, centre writers, centre unembed,
-    fold value biases)."""
+    fold value biases, refactor the attention matrices)."""
     if fold_ln:
         weights = apply_fold_ln(weights)
     if center_writing_weights:
@@ -92,4 +134,6 @@ def process_weights(weights: GPT2Weights, cfg: GPT2Config, fold_ln: bool = False
         weights = apply_center_unembed(weights)
     if fold_value_biases:
         weights = apply_fold_value_biases(weights, cfg)
+    if refactor_factored_attn_matrices:
+        weights = apply_refactor_factored_attn_matrices(weights, cfg)
     return weights

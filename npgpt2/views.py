@@ -2,15 +2,20 @@
 layer l's query matrix [d_model, d_head].
 
 The forward pass keeps GPT-2's own layout (one ``W_qkv`` per block, see weights.py), which is the
-fast one. These views are built from it on first access and kept (read-only: editing ``W_Q`` would
-not change the model; edit ``model.weights`` and the views are rebuilt).
+fast one. These views are built from it on first access and kept until the weights change. They are
+read-only: a write such as ``model.W_Q[0, 0] = 0`` would not reach the forward pass's layout, so it
+fails with a ``WeightEditError`` that says how to edit instead: ``model.set_weight("W_Q", 0, value,
+head=0)``, which writes the stored weights (a copy of the block it touches) and rebuilds the views.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+
 import numpy as np
 
-# name -> (docstring shape, builder(cfg, weights) -> array)
+# name -> docstring shape (per-layer names, stacked over layers)
 _VIEWS = {
     "W_Q": "[n_layer, n_head, d_model, d_head]", "W_K": "[n_layer, n_head, d_model, d_head]",
     "W_V": "[n_layer, n_head, d_model, d_head]", "b_Q": "[n_layer, n_head, d_head]",
@@ -19,6 +24,62 @@ _VIEWS = {
     "W_in": "[n_layer, d_model, d_mlp]", "b_in": "[n_layer, d_mlp]",
     "W_out": "[n_layer, d_mlp, d_model]", "b_out": "[n_layer, d_model]",
 }
+# names of the whole model (no layer)
+_GLOBAL = {"W_E": "[d_vocab, d_model]", "W_pos": "[n_ctx, d_model]", "W_U": "[d_model, d_vocab]",
+           "b_U": "[d_vocab] (zeros for GPT-2, which has no unembedding bias)"}
+_PER_HEAD = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O")
+
+
+class WeightEditError(ValueError):
+    """A write into a read-only weight view, or a ``set_weight`` call that does not fit."""
+
+
+def _how_to_edit(name: str | None) -> str:
+    shown = name or "W_Q"
+    return (f"model.{shown} is a read-only view of the weights (writing into it would not change the model); "
+            f"edit with model.set_weight({shown!r}, layer, value[, head=h]), e.g. "
+            f"model.set_weight({shown!r}, 0, 0.0, head=3)" if shown in _VIEWS else
+            f"model.{shown} is a read-only view of the weights; edit with model.set_weight({shown!r}, None, value)")
+
+
+class WeightView(np.ndarray):
+    """A read-only ``np.ndarray`` of weights whose writes fail with a message saying how to edit.
+    Everything computed from it (sums, products, copies) is a plain ``np.ndarray``."""
+
+    _weight_name: str | None = None
+
+    def __array_finalize__(self, obj):
+        self._weight_name = getattr(obj, "_weight_name", None)
+
+    def __getitem__(self, index):
+        out = super().__getitem__(index)
+        if isinstance(out, WeightView) and out.flags.writeable:  # a copy (fancy indexing): the caller's own
+            return out.view(np.ndarray)
+        return out  # a view stays guarded (a scalar is a scalar)
+
+    def copy(self, order="C"):
+        return np.array(self, order=order)
+
+    def __setitem__(self, index, value):
+        if not self.flags.writeable:
+            raise WeightEditError(_how_to_edit(self._weight_name))
+        super().__setitem__(index, value)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        if out is not None:
+            for o in out:
+                if isinstance(o, WeightView) and not o.flags.writeable:  # model.W_Q[0] *= 0
+                    raise WeightEditError(_how_to_edit(o._weight_name))
+            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, WeightView) else o for o in out)
+        inputs = tuple(x.view(np.ndarray) if isinstance(x, WeightView) else x for x in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+
+def _read_only(array: np.ndarray, name: str) -> WeightView:
+    view = array.view(WeightView)
+    view._weight_name = name
+    view.flags.writeable = False
+    return view
 
 
 def _build(name: str, cfg, weights) -> np.ndarray:
@@ -33,7 +94,29 @@ def _build(name: str, cfg, weights) -> np.ndarray:
         return np.stack([b.b_qkv[part * D:(part + 1) * D].reshape(H, Dh) for b in blocks])
     if name == "W_O":  # rows of W_attn_out are (head, d_head)
         return np.stack([b.W_attn_out.reshape(H, Dh, D) for b in blocks])
+    if name == "b_U" and weights.b_U is None:
+        return np.zeros(cfg.d_vocab, weights.W_E.dtype)
+    if name in _GLOBAL:
+        return getattr(weights, name)  # a view, no copy
     return np.stack([getattr(b, name) for b in blocks])  # b_O, W_in, b_in, W_out, b_out
+
+
+def _store(name: str, layer_value: np.ndarray, block, cfg):
+    """One layer's new value of a per-layer name -> the block with it written into GPT-2's layout
+    (new arrays for what changes; the rest is shared)."""
+    D = cfg.d_model
+    if name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V"):
+        part = "QKV".index(name[-1])
+        if name.startswith("W"):
+            W_qkv = np.array(block.W_qkv)
+            W_qkv[:, part * D:(part + 1) * D] = layer_value.transpose(1, 0, 2).reshape(D, D)
+            return dataclasses.replace(block, W_qkv=W_qkv)
+        b_qkv = np.array(block.b_qkv)
+        b_qkv[part * D:(part + 1) * D] = layer_value.reshape(D)
+        return dataclasses.replace(block, b_qkv=b_qkv)
+    if name == "W_O":
+        return dataclasses.replace(block, W_attn_out=layer_value.reshape(D, D).copy())
+    return dataclasses.replace(block, **{name: layer_value.copy()})
 
 
 def _view(name: str) -> property:
@@ -43,12 +126,13 @@ def _view(name: str) -> property:
             owner, views = self.weights, {}
             self.__dict__["_views"] = (owner, views)
         if name not in views:
-            array = _build(name, self.cfg, owner)
-            array.flags.writeable = False
-            views[name] = array
+            views[name] = _read_only(_build(name, self.cfg, owner), name)
         return views[name]
 
-    return property(get, doc=_VIEWS[name])
+    def set(self, value) -> None:
+        raise WeightEditError(_how_to_edit(name))
+
+    return property(get, set, doc=_VIEWS.get(name) or _GLOBAL[name])
 
 
 class WeightViews:
@@ -58,25 +142,74 @@ class WeightViews:
     b_Q, b_K, b_V = _view("b_Q"), _view("b_K"), _view("b_V")
     W_O, b_O = _view("W_O"), _view("b_O")
     W_in, b_in, W_out, b_out = _view("W_in"), _view("b_in"), _view("W_out"), _view("b_out")
+    W_E, W_pos, W_U, b_U = _view("W_E"), _view("W_pos"), _view("W_U"), _view("b_U")
 
-    @property
-    def W_E(self) -> np.ndarray:
-        """[d_vocab, d_model]"""
-        return self.weights.W_E
+    def set_weight(self, name: str, layer: int | None, value, head: int | None = None) -> None:
+        """Write weights under TransformerLens's names; the forward pass uses them from the next call.
 
-    @property
-    def W_pos(self) -> np.ndarray:
-        """[n_ctx, d_model]"""
-        return self.weights.W_pos
+        name: W_Q, W_K, W_V, b_Q, b_K, b_V, W_O (per layer and head), b_O, W_in, b_in, W_out,
+            b_out (per layer), or W_E, W_pos, W_U, b_U (the whole model: ``layer=None``).
+        layer: the layer to write (negative counts from the end), or None for every layer at once
+            (``value`` then has the stacked shape of ``model.<name>``).
+        head: for the per-head names, one head of that layer (or None: all heads).
+        value: an array of exactly the shape of ``model.<name>[layer, head]``, or a number (written
+            everywhere there); real and finite; cast to the model's dtype.
 
-    @property
-    def W_U(self) -> np.ndarray:
-        """[d_model, d_vocab]"""
-        return self.weights.W_U
+        ``model.set_weight("W_O", 0, 0.0, head=3)`` removes head 0.3's output. GPT-2's unembedding is
+        its embedding: writing one of W_E / W_U gives the other an array of its own (unchanged), as
+        TransformerLens keeps them. The views (``model.W_Q`` ...) are rebuilt.
+        """
+        if name not in _VIEWS and name not in _GLOBAL:
+            names = [*_VIEWS, *_GLOBAL]
+            same = [n for n in names if n.lower() == str(name).lower()]  # W_q -> W_Q
+            close = same or difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise WeightEditError(f"set_weight: unknown weight {name!r}; expected one of "
+                                  f"{', '.join([*_VIEWS, *_GLOBAL])}{hint}")
+        index: tuple = ()
+        if name in _GLOBAL:
+            if layer is not None:
+                raise WeightEditError(f"set_weight({name!r}, layer={layer!r}): {name} belongs to no layer; pass None")
+        elif layer is not None:
+            index = (_check_index(layer, self.cfg.n_layer, "layer", name),)
+        if head is not None:
+            if name not in _PER_HEAD:
+                raise WeightEditError(f"set_weight({name!r}, head={head!r}): {name} has no heads "
+                                      f"(heads: {', '.join(_PER_HEAD)})")
+            index = (index or (slice(None),)) + (_check_index(head, self.cfg.n_head, "head", name),)
+        current = getattr(self, name)
+        target_shape = current[index].shape
+        value = _checked_value(name, value, target_shape, self.dtype)
+        stacked = np.array(current)  # a writable copy of the whole stack; blocks not touched stay shared
+        stacked[index] = value
+        w = self.weights
+        if name in _GLOBAL:
+            new = {name: stacked}
+            if name in ("W_E", "W_U") and np.shares_memory(w.W_E, w.W_U):  # tied: untie, keeping the other
+                other = "W_U" if name == "W_E" else "W_E"
+                new[other] = np.array(getattr(w, other))
+            self.weights = dataclasses.replace(w, **new)
+            return
+        layers = range(self.cfg.n_layer) if not index or isinstance(index[0], slice) else [index[0]]
+        blocks = list(w.blocks)
+        for l in layers:
+            blocks[l] = _store(name, stacked[l], blocks[l], self.cfg)
+        self.weights = dataclasses.replace(w, blocks=blocks)
 
-    @property
-    def b_U(self) -> np.ndarray:
-        """[d_vocab] (zeros for GPT-2, which has no unembedding bias)"""
-        if self.weights.b_U is not None:
-            return self.weights.b_U
-        return np.zeros(self.cfg.d_vocab, self.dtype)
+
+def _check_index(i, n: int, what: str, name: str) -> int:
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+        raise WeightEditError(f"set_weight({name!r}): {what}={i!r} is out of range for {n} {what}s")
+    return int(i) % n
+
+
+def _checked_value(name: str, value, shape: tuple, dtype) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise WeightEditError(f"set_weight({name!r}): value has dtype {arr.dtype}; expected real numbers")
+    if arr.ndim and arr.shape != shape:
+        raise WeightEditError(f"set_weight({name!r}): value has shape {arr.shape}; expected {shape} "
+                              "(or a single number)")
+    if not np.isfinite(arr).all():
+        raise WeightEditError(f"set_weight({name!r}): value holds NaN or inf")
+    return arr.astype(dtype)

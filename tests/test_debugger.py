@@ -148,8 +148,10 @@ def test_cached_activations_and_weight_views_are_plain_arrays(model, tokens):
         assert type(act) is np.ndarray, (name, type(act))
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "W_in", "b_out", "W_E", "W_pos", "W_U"):
         view = getattr(model, name)
-        assert type(view) is np.ndarray, name
+        assert isinstance(view, np.ndarray), name  # a read-only ndarray whose writes say how to edit
         assert not view.flags.writeable, name
+        for computed in (view + 0, view * 2, view.sum(0), np.array(view), view[..., :1] @ np.ones((1, 2), view.dtype)):
+            assert type(computed) is np.ndarray, name  # what is computed from it is plain
     assert model.W_Q is model.W_Q  # built once
     # and right: head 1 of layer 0's query matrix is columns d_head..2*d_head of W_qkv
     np.testing.assert_array_equal(model.W_Q[0, 1], model.weights.blocks[0].W_qkv[:, 16:32])

@@ -67,22 +67,25 @@ def compute_head_attention_similarity_score(attention_pattern: np.ndarray, detec
 
 
 def detect_head(model, seq, detection_pattern, heads=None, cache=None, *, exclude_bos: bool = False,
-                exclude_current_token: bool = False, error_measure: str = "mul") -> np.ndarray:
+                exclude_current_token: bool = False, error_measure: str = "mul",
+                prepend_bos: bool | None = None) -> np.ndarray:
     """Score every head (or the given ``heads``) against a detection pattern: [n_layer, n_head],
     -1 for heads not scored.
 
     seq: a text, a list of texts (scores averaged), or token ids [pos] / [1, pos].
     detection_pattern: one of ``HEAD_NAMES`` or a lower-triangular [pos, pos] array.
     heads: [(layer, head), ...] or {layer: [heads]}.
-    Texts are tokenized without a BOS (``model.to_tokens`` default); pass ids to choose.
+    Texts get a BOS as ``prepend_bos`` says (None: ``model.cfg.default_prepend_bos``, False unless
+    set); pass ids to choose exactly.
     """
     if is_text(seq) and not isinstance(seq, str):
         return np.mean([detect_head(model, s, detection_pattern, heads, None, exclude_bos=exclude_bos,
-                                    exclude_current_token=exclude_current_token, error_measure=error_measure)
+                                    exclude_current_token=exclude_current_token, error_measure=error_measure,
+                                    prepend_bos=prepend_bos)
                         for s in seq], axis=0)
     if error_measure not in ("mul", "abs"):
         raise ValueError(f"error_measure={error_measure!r}: expected 'mul' or 'abs'")
-    tokens, _ = model.tokens_and_mask(seq)
+    tokens, _ = model.tokens_and_mask(seq, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
         raise InputError(f"detect_head takes one sequence (or a list of texts); got a batch of {tokens.shape[0]}")
     n = tokens.shape[1]

@@ -8,7 +8,7 @@ import pandas as pd
 from .. import ops
 
 
-def logit_lens(model, input, cache=None, incl_mid: bool = False, prepend_bos: bool = False,
+def logit_lens(model, input, cache=None, incl_mid: bool = False, prepend_bos: bool | None = None,
                return_logits: bool = False):
     """For each layer and position: the probability and rank of the token that actually comes next,
     and the top predicted token, from the residual stream at that layer put through the final layer

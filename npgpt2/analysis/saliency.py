@@ -30,7 +30,7 @@ _BASELINES = ("zero", "eot")
 
 
 def token_saliency(model, prompt, metric=None, method: str = "grad_x_input", steps: int = 32,
-                   baseline: str = "zero", include_position: bool = False, prepend_bos: bool = False,
+                   baseline: str = "zero", include_position: bool = False, prepend_bos: bool | None = None,
                    batch_size: int = 16) -> pd.DataFrame:
     """One row per prompt token: position, token, score, share (|score| / sum of |score|).
 

@@ -8,7 +8,7 @@ import pandas as pd
 from .. import ops
 
 
-def _prompt_tokens(model, prompt, prepend_bos: bool) -> np.ndarray:
+def _prompt_tokens(model, prompt, prepend_bos: bool | None) -> np.ndarray:
     """A text or token ids -> one row of ids [pos]."""
     tokens, _ = model.tokens_and_mask(prompt, prepend_bos=prepend_bos)
     if tokens.shape[0] != 1:
@@ -42,7 +42,7 @@ def style_probs(df: pd.DataFrame, columns=None, digits: int = 3):
             .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
 
 
-def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False, style: bool = False):
+def next_token_table(model, prompt, k: int = 5, prepend_bos: bool | None = None, style: bool = False):
     """One row per position j of the prompt: the token there, the token that actually comes next,
     the model's probability / log-probability / rank for it, the entropy of the prediction, and
     its top-k predicted tokens with their probabilities.
@@ -78,7 +78,7 @@ def next_token_table(model, prompt, k: int = 5, prepend_bos: bool = False, style
     return df
 
 
-def prompt_token_probs(model, prompt, prepend_bos: bool = False, style: bool = False):
+def prompt_token_probs(model, prompt, prepend_bos: bool | None = None, style: bool = False):
     """P(next token = token_i | the prompt up to position j), for every prompt token i (rows) and
     every position j (columns).
 
