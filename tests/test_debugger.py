@@ -65,7 +65,7 @@ def test_few_lines_from_the_forward_to_the_first_attention_score(trace):
     # npgpt2's own lines, hook dispatch and input handling excluded
     assert "scores" in trace["found"], "the eager path never bound `scores`"
     assert trace["found"]["scores"][0] == "model.py"
-    assert len(trace["counted"]) <= 60, trace["counted"]
+    assert len(trace["counted"]) <= 62, trace["counted"]  # (padding and the fast-path choice: 2 lines more than before)
     assert all(line.split(":")[0] in ("model.py", "ops.py", "config.py") for line in trace["counted"]), trace["counted"]
 
 
