@@ -97,6 +97,10 @@ def _svd_of_product(A: np.ndarray, B: np.ndarray):
 
 
 def apply_refactor_factored_attn_matrices(weights: GPT2Weights, cfg: GPT2Config) -> GPT2Weights:
+    """TransformerLens's ``refactor_factored_attn_matrices``: each head's W_Q, W_K (with their
+    biases) and W_V, W_O rewritten as balanced factors of the same W_QK = U S V^T (W_Q = U sqrt(S),
+    W_K = V sqrt(S)) and W_OV (W_V = U S, W_O = V^T, orthonormal rows), b_V folded into b_O. What
+    each head computes is unchanged. The SVDs run in float64."""
     D, H, Dh = cfg.d_model, cfg.n_head, cfg.d_head
     blocks = []
     for b in weights.blocks:

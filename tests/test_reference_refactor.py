@@ -21,16 +21,9 @@ transformers = pytest.importorskip("transformers")
 tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
 
 import npgpt2  # noqa: E402
-from npgpt2.testing import random_state_dict, write_checkpoint  # noqa: E402
+from test_reference_transformer_lens import CFG, TOL, folder  # noqa: E402,F401  (the same weights: a fixture)
 
 pytestmark = pytest.mark.reference
-TOL = 1e-4
-CFG = npgpt2.GPT2Config(n_layer=3, n_head=4, n_embd=64, n_ctx=64)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("tl-refactor"), CFG, random_state_dict(CFG, seed=21))
 
 
 @pytest.mark.parametrize("processed", [False, True], ids=["refactor only", "fold_ln+center+fold_value_biases"])
