@@ -342,7 +342,8 @@ def cmd_harvest(args):
     h = harvest(args.corpus, args.model, args.hook, args.sae, features=features, ctx=args.ctx, tokens=args.tokens,
                 top_k=args.top_k, per_band=args.per_band, threshold=args.threshold, include_bos=args.include_bos,
                 batch_size=args.batch_size, shard_contexts=args.shard_contexts, out=args.out, resume=args.resume,
-                overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler, revision=args.revision,
+                overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
+                scheduler_timeout=args.scheduler_timeout, revision=args.revision,
                 dtype=args.dtype, text_field=args.text_field, split=args.split, progress=not args.quiet)
     m = h.manifest
     fired = int((h.features["fire_count"] > 0).sum())
@@ -523,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--workers", type=_positive_int, help="run on a local Dask cluster of this many processes")
     p.add_argument("--scheduler", help="run on an existing Dask cluster, e.g. tcp://host:8786")
+    p.add_argument("--scheduler-timeout", type=float, default=10.0,
+                   help="seconds to wait for --scheduler to answer (default: 10)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl rows and datasets (default: text)")
     p.add_argument("--split", default="train", help="the dataset split, for hf: corpora (default: train)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -197,6 +197,7 @@ class Harvest:
         if manifest.get("format") != FORMAT:
             raise HarvestError(f"{path} has format {manifest.get('format')!r}; expected {FORMAT!r}")
         tables = {name: pd.read_parquet(os.path.join(folder, f"{name}.parquet")) for name in TABLES}
+        tables["contexts"]["tokens"] = tables["contexts"]["tokens"].map(lambda t: [int(x) for x in t])
         return cls(manifest, **tables, folder=folder)
 
 
@@ -273,7 +274,7 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
             tokens: int | None = None, top_k: int = 20, per_band: int = 5, threshold: float = 0.0,
             include_bos: bool = False, batch_size: int = 8, shard_contexts: int = 64, out: str | None = None,
             resume: bool = False, overwrite: bool = False, workers: int | None = None,
-            scheduler: str | None = None, client=None, revision: str | None = None, dtype: str = "float32",
+            scheduler: str | None = None, client=None, scheduler_timeout: float = 10.0, revision: str | None = None, dtype: str = "float32",
             text_field: str = "text", split: str = "train", progress: bool = True, on_shard=None,
             checkpoint_seconds: float = 30.0) -> Harvest:
     """Harvest per-feature statistics of a hook point (or an SAE's latents) over a corpus.
@@ -288,7 +289,8 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
     include_bos: count position 0 (the <|endoftext|> every context starts with; off by default).
     out: a folder for Parquet tables + manifest.json, and the checkpoint that ``resume`` reads.
     workers: start a local Dask cluster of that many worker processes; scheduler: use an existing
-        one ("tcp://host:8786"); client: an existing ``distributed.Client``.
+        one ("tcp://host:8786"), waiting ``scheduler_timeout`` s for it; client: an existing
+        ``distributed.Client``.
     on_shard(shard_index, stats_so_far): called after each shard (in-process) or wave (Dask) is counted.
     -> ``Harvest``
     """
@@ -308,12 +310,16 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
         if state is None and done_digests is None:  # already finished
             return Harvest.load(out)
 
-    from contextlib import nullcontext
-    runner = nullcontext(None)
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    client_ = None
     if client is not None or workers is not None or scheduler is not None:
         from .cluster import connect
 
-        runner = connect(workers=workers, scheduler=scheduler, client=client)  # reachable, or an error now
+        # reachable, or an error now, before anything is written
+        client_ = stack.enter_context(connect(workers=workers, scheduler=scheduler, client=client,
+                                              timeout=scheduler_timeout))
 
     if out is not None:
         os.makedirs(os.path.join(out, "checkpoint"), exist_ok=True)
@@ -351,7 +357,7 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
         if on_shard is not None:
             on_shard(shard_index, state)
 
-    with runner as client_:
+    with stack:
         if client_ is None:
             for shard in todo():
                 counted(harvest_shard(harvester, shard, spec), len(shard.tokens), shard.index)

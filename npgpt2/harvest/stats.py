@@ -41,7 +41,8 @@ class StatsError(ValueError):
 
 
 def histogram_bins() -> pd.DataFrame:
-    """The fixed bins: bin, lo, hi (lo <= x < hi; the zero bin is |x| < 2**-10)."""
+    """The fixed bins: bin, lo, hi. Bins are by |x|: lo <= x < hi for x > 0, lo < x <= hi for x < 0
+    (mirrored), the zero bin is |x| < 2**-10."""
     edges = 2.0 ** (HIST_LO + np.arange(N_SIDE + 1) / PER_OCTAVE)  # [N_SIDE + 1]
     lo = np.concatenate([-edges[1:][::-1], [-edges[0]], edges[:-1]])
     hi = np.concatenate([-edges[:-1][::-1], [edges[0]], edges[1:]])
@@ -56,11 +57,20 @@ def band_range(band: int) -> tuple[float, float]:
     return lo, hi
 
 
+_EDGES = 2.0 ** (HIST_LO + np.arange(-1, N_SIDE + 2) / PER_OCTAVE)  # |x| edges, one spare each end
+
+
 def _quarter_octaves(a: np.ndarray) -> np.ndarray:
-    """floor(4 log2 |a|) - 4 HIST_LO as int64 (negative for |a| < 2**HIST_LO)."""
+    """floor(4 log2 |a|) - 4 HIST_LO as int64 (negative for |a| < 2**HIST_LO), exact at the edges:
+    j such that 2**(HIST_LO + j/4) <= |a| < 2**(HIST_LO + (j+1)/4)."""
+    a = np.abs(a)
     with np.errstate(divide="ignore"):
-        e = np.floor(np.log2(np.abs(a)) * PER_OCTAVE)
-    return np.where(np.isfinite(e), e, -1).astype(np.int64) - HIST_LO * PER_OCTAVE
+        e = np.floor(np.log2(a) * PER_OCTAVE) - HIST_LO * PER_OCTAVE
+    q = np.clip(np.where(np.isfinite(e), e, -1), -1, N_SIDE).astype(np.int64)
+    # log2 is rounded: move q by one where |a| sits on the other side of an edge
+    q = np.where(a < _EDGES[q + 1], q - 1, q)
+    q = np.where((q < N_SIDE) & (a >= _EDGES[np.minimum(q + 2, N_SIDE + 2)]), q + 1, q)
+    return np.maximum(q, -1)
 
 
 def bin_index(x: np.ndarray) -> np.ndarray:
