@@ -106,14 +106,6 @@ def test_hugging_face_dataset_is_streamed(monkeypatch, model):
     assert calls == [("someone/pile-sample", "en", "validation", True, {"revision": "abc"})]
 
 
-def test_hugging_face_dataset_from_local_json_files(tmp_path, model):
-    pytest.importorskip("datasets", reason="the datasets extra is not installed")
-    path = tmp_path / "rows.jsonl"
-    path.write_text("\n".join(json.dumps({"text": d}) for d in TEXTS[:5]) + "\n")
-    corpus = open_corpus("hf:json", data_files=str(path))
-    assert [c.tolist() for c in iter_contexts(corpus, model.tokenizer, 16)] == expected_contexts(TEXTS[:5], model.tokenizer, 16)
-
-
 # ---------------------------------------------------------------------------------- statistics
 def brute_force(acts, first_context, first_position, k, m, threshold=0.0):
     """Every (value, context, position) of acts [n_ctx, n_pos, F] kept, then sorted in Python."""

@@ -195,7 +195,7 @@ def _histogram_svg(hist: pd.DataFrame, threshold: float) -> str:
               f'<text x="{W - pad}" y="{H - 8}" font-size="11" text-anchor="end">{firing["hi"].iloc[-1]:.3g}</text>'
               f'<text x="{W / 2}" y="{H - 8}" font-size="11" text-anchor="middle">activation (log scale, '
               f'quarter-octave bins)</text><text x="{pad}" y="14" font-size="11">{int(top)} tokens</text>')
-    return (f'<svg id="histogram" width="{W}" height="{H}" xmlns="http://www.w3.org/2000/svg">'
+    return (f'<svg id="histogram" width="{W}" height="{H}">'
             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="#999"/>{"".join(bars)}{labels}</svg>')
 
 

@@ -1,0 +1,82 @@
+"""Harvests on a local Dask cluster (worker processes) give the same Parquet tables as in this
+process: with one worker, two workers, and after a worker is killed mid-run.
+
+One two-worker cluster serves the module (the kill comes last); ``workers=1`` starts its own."""
+
+import logging
+import os
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import npgpt2
+from npgpt2.harvest import harvest
+from npgpt2.harvest.run import TABLES
+
+distributed = pytest.importorskip("distributed", reason="the Dask tests need distributed (pip install -e '.[test]')")
+pytest.importorskip("pyarrow", reason="the harvest writes Parquet (pip install -e '.[test]')")
+
+from test_harvest import HOOK, KW, TEXTS  # noqa: E402
+
+ARGS = dict(shard_contexts=4, **KW)  # 77 contexts -> 20 shards -> waves of 4 on two workers
+
+
+@pytest.fixture(scope="module")
+def client2():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                       silence_logs=logging.ERROR, env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    client = distributed.Client(cluster)
+    # the workers import this copy of npgpt2, not another install
+    assert set(client.run(lambda: __import__("npgpt2").__file__).values()) == {npgpt2.__file__}
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("in-process") / "h")
+    harvest(TEXTS, str(tiny_dir), HOOK, out=out, **ARGS)
+    return out
+
+
+def assert_same_parquet(a, b):
+    for name in TABLES:
+        x, y = (pd.read_parquet(os.path.join(d, f"{name}.parquet")) for d in (a, b))
+        assert len(x) > 0, name
+        pd.testing.assert_frame_equal(x, y, check_exact=True, obj=name)
+
+
+def test_one_worker_and_an_existing_two_worker_cluster_match_in_process(in_process, tiny_dir, client2, tmp_path):
+    one = harvest(TEXTS, str(tiny_dir), HOOK, out=str(tmp_path / "one"), workers=1, **ARGS)
+    assert one.manifest["runner"] == "dask (1 workers)"
+    assert_same_parquet(str(tmp_path / "one"), in_process)
+    two = harvest(TEXTS, str(tiny_dir), HOOK, out=str(tmp_path / "two"), scheduler=client2.scheduler.address, **ARGS)
+    assert two.manifest["runner"] == "dask (2 workers)"
+    assert_same_parquet(str(tmp_path / "two"), in_process)
+    # each worker loaded the model once, and its BLAS was limited to cores // workers threads
+    loaded = client2.run(lambda: len(__import__("npgpt2.harvest.cluster", fromlist=["_HARVESTERS"])._HARVESTERS))
+    assert set(loaded.values()) == {1}
+    threads = client2.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS"))
+    assert set(threads.values()) == {str(max(1, (os.cpu_count() or 1) // 2))}
+
+
+def test_a_worker_killed_mid_run_changes_nothing(in_process, tiny_dir, client2, tmp_path):
+    before = client2.run(os.getpid)
+    address, victim = sorted(before.items())[0]
+    killed, held = [], []
+
+    def kill_once(shard, stats):  # after the first wave is in, with the next waves on the workers
+        if not killed:
+            held.extend(list(client2.processing([address])[address]) + list(client2.has_what([address])[address]))
+            os.kill(victim, signal.SIGKILL)
+            killed.append(shard)
+
+    out = str(tmp_path / "killed")
+    harvest(TEXTS, str(tiny_dir), HOOK, out=out, client=client2, on_shard=kill_once, **ARGS)
+    assert killed and killed[0] < 19  # the kill came before the last shard was counted
+    assert any("harvest_task" in str(k) or "merge_task" in str(k) for k in held)  # work was lost with it
+    assert victim not in client2.run(os.getpid).values()  # that process is gone (its nanny started another)
+    assert_same_parquet(out, in_process)
