@@ -134,15 +134,24 @@ def brute_force(acts, first_context, first_position, k, m, threshold=0.0):
 
 
 def splitmix_hash(feature, context, position):
-    """The reservoir's hash written out with Python integers (mod 2**64)."""
-    M = (1 << 64) - 1
+    """The reservoir's hash written out with Python integers."""
+    M64, M32 = (1 << 64) - 1, (1 << 32) - 1
 
-    def mix(z):
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+    def splitmix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
         return z ^ (z >> 31)
 
-    return mix(((context << 20) ^ position) ^ mix((feature + 0x9E3779B97F4A7C15) & M))
+    def fmix32(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & M32
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & M32
+        return h ^ (h >> 16)
+
+    row = splitmix((context << 20) ^ position) >> 32
+    col = splitmix((feature + 0x9E3779B97F4A7C15) & M64) >> 32
+    return fmix32(row ^ col)
 
 
 def stats_of(acts, first_context=0, k=4, m=2, shard=0):
@@ -181,6 +190,20 @@ def test_statistics_equal_brute_force_with_ties():
     np.testing.assert_allclose(t["mean"], flat.mean(0), atol=1e-6)
     np.testing.assert_array_equal(t["max"], flat.max(0))
     assert t["density"].iloc[4] == 0 and np.isnan(t["mean_firing"].iloc[4])
+
+
+def test_reservoir_cut_off_on_a_large_batch_is_exact():
+    # one batch with far more firing tokens than slots: the reservoir pre-selects by a cut-off
+    rng = np.random.default_rng(6)
+    acts = rng.lognormal(-1, 0.5, (30, 40, 2)).astype(np.float32)
+    s = FeatureStats.empty(2, 3, 2)
+    s.add(acts, 0, 1)
+    top, examples, _ = brute_force(acts, 0, 1, 3, 2)
+    ex = s.examples_table()
+    assert len(ex) == sum(len(v) for v in examples.values())
+    for (f, band), want in examples.items():
+        got = ex[(ex["feature"] == f) & (ex["band"] == band)].sort_values("rank")
+        assert list(zip(got["value"], got["context"], got["position"])) == want
 
 
 def test_merging_is_exact_for_any_split_and_order():

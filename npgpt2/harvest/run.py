@@ -131,13 +131,17 @@ class Harvester:
         return act.astype(np.float32, copy=False)
 
 
-def harvest_shard(harvester: Harvester, shard: Shard, spec: HarvestSpec) -> FeatureStats:
-    """One shard's statistics, ``spec.batch_size`` contexts at a time."""
-    stats = FeatureStats.empty(harvester.n_features, spec.top_k, spec.per_band, spec.threshold)
+def harvest_shard(harvester: Harvester, shard: Shard, spec: HarvestSpec, into: FeatureStats | None = None) -> FeatureStats:
+    """One shard's statistics, ``spec.batch_size`` contexts at a time; counted ``into`` running
+    statistics when given (the same numbers as merging them afterwards, without the copy)."""
+    if into is not None and shard.index in into.shards:
+        raise ValueError(f"shard {shard.index} is already counted")
+    stats = into if into is not None else FeatureStats.empty(harvester.n_features, spec.top_k, spec.per_band,
+                                                             spec.threshold)
     for b in range(0, len(shard.tokens), spec.batch_size):
         acts = harvester(shard.tokens[b : b + spec.batch_size])  # [batch, pos, F]
         stats.add(acts, shard.start + b, harvester.first_position)
-    stats.shards = (shard.index,)
+    stats.shards = tuple(sorted(stats.shards + (shard.index,)))
     return stats
 
 
@@ -292,6 +296,8 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
         one ("tcp://host:8786"), waiting ``scheduler_timeout`` s for it; client: an existing
         ``distributed.Client``.
     on_shard(shard_index, stats_so_far): called after each shard (in-process) or wave (Dask) is counted.
+    checkpoint_seconds: with ``out``, the statistics so far are saved when this long has passed since
+        the last save, after a shard (or wave); ``resume`` starts from the last save.
     -> ``Harvest``
     """
     t0 = time.time()
@@ -349,7 +355,8 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
 
     def counted(new: FeatureStats, n_contexts: int, shard_index: int, final: bool = False):
         nonlocal state
-        state = state.merge(new)
+        if new is not state:
+            state = state.merge(new)
         bar.update(n_contexts * spec.ctx)
         if out is not None and (final or time.time() - last_save[0] >= checkpoint_seconds):
             _save_checkpoint(out, spec, state, digests)
@@ -360,7 +367,7 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
     with stack:
         if client_ is None:
             for shard in todo():
-                counted(harvest_shard(harvester, shard, spec), len(shard.tokens), shard.index)
+                counted(harvest_shard(harvester, shard, spec, into=state), len(shard.tokens), shard.index)
             mode = "in-process"
         else:
             from .cluster import harvest_on_cluster

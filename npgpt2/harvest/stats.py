@@ -21,6 +21,7 @@ Arrays: ``top_*`` [k, F]; ``res_*`` [F, n_bands, m]; ``hist`` [F, n_bins].
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ N_BINS = 2 * N_SIDE + 1
 N_BANDS = HIST_HI - HIST_LO  # octave bands of the reservoir
 EMPTY_CTX = np.iinfo(np.int64).max  # an empty top-k / reservoir slot
 EMPTY_POS = np.iinfo(np.int32).max
-EMPTY_HASH = np.iinfo(np.uint64).max
+EMPTY_HASH = np.iinfo(np.uint32).max
 
 
 class StatsError(ValueError):
@@ -57,49 +58,66 @@ def band_range(band: int) -> tuple[float, float]:
     return lo, hi
 
 
-_EDGES = 2.0 ** (HIST_LO + np.arange(-1, N_SIDE + 2) / PER_OCTAVE)  # |x| edges, one spare each end
+# mantissa bits of float32 m (1 + m / 2**23) at or above 2**(1/4), 2**(1/2), 2**(3/4)
+_QUARTERS = [np.int32(math.ceil((2.0 ** (k / PER_OCTAVE) - 1) * 2**23)) for k in range(1, PER_OCTAVE)]
 
 
 def _quarter_octaves(a: np.ndarray) -> np.ndarray:
-    """floor(4 log2 |a|) - 4 HIST_LO as int64 (negative for |a| < 2**HIST_LO), exact at the edges:
-    j such that 2**(HIST_LO + j/4) <= |a| < 2**(HIST_LO + (j+1)/4)."""
-    a = np.abs(a)
-    with np.errstate(divide="ignore"):
-        e = np.floor(np.log2(a) * PER_OCTAVE) - HIST_LO * PER_OCTAVE
-    q = np.clip(np.where(np.isfinite(e), e, -1), -1, N_SIDE).astype(np.int64)
-    # log2 is rounded: move q by one where |a| sits on the other side of an edge
-    q = np.where(a < _EDGES[q + 1], q - 1, q)
-    q = np.where((q < N_SIDE) & (a >= _EDGES[np.minimum(q + 2, N_SIDE + 2)]), q + 1, q)
-    return np.maximum(q, -1)
+    """j such that 2**(HIST_LO + j/4) <= |a| < 2**(HIST_LO + (j+1)/4), clipped to [-1, N_SIDE];
+    read exactly off float32's exponent and mantissa bits.  [...] -> [...] int32"""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.int32) & np.int32(0x7FFFFFFF)
+    mantissa = bits & np.int32(0x7FFFFF)
+    q = ((bits >> 23) - np.int32(127 + HIST_LO)) * np.int32(PER_OCTAVE)
+    for t in _QUARTERS:
+        q += mantissa >= t
+    return np.clip(q, -1, N_SIDE, out=q)
 
 
-def bin_index(x: np.ndarray) -> np.ndarray:
-    """Histogram bin of each value.  [...] -> [...] int64 in [0, N_BINS)"""
-    q = np.minimum(_quarter_octaves(x), N_SIDE - 1)
-    return np.where(q < 0, N_SIDE, np.where(x > 0, N_SIDE + 1 + q, N_SIDE - 1 - q))
+def bin_index(x: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
+    """Histogram bin of each value (``q``: its ``_quarter_octaves``, if known).  [...] -> [...] in [0, N_BINS)"""
+    b = np.minimum(_quarter_octaves(x) if q is None else q, N_SIDE - 1)
+    b += 1  # 0 for the zero bin, j + 1 for quarter octave j
+    np.negative(b, out=b, where=x <= 0)
+    b += N_SIDE
+    return b
 
 
-def band_index(x: np.ndarray) -> np.ndarray:
-    """Octave band of each (firing) value.  [...] -> [...] int64 in [0, N_BANDS)"""
-    return np.clip(_quarter_octaves(x) // PER_OCTAVE, 0, N_BANDS - 1)
+def band_index(x: np.ndarray, q: np.ndarray | None = None) -> np.ndarray:
+    """Octave band of each (firing) value.  [...] -> [...] in [0, N_BANDS)"""
+    q = _quarter_octaves(x) if q is None else q
+    return np.clip(q >> 2 if PER_OCTAVE == 4 else q // PER_OCTAVE, 0, N_BANDS - 1)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
+def _splitmix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on uint64 (wrapping arithmetic)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 
-def example_hash(feature, context, position) -> np.ndarray:
-    """The reservoir's fixed pseudo-random key of (feature, context, position).  -> uint64"""
-    f = _mix(np.asarray(feature, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser (wrapping arithmetic), in place."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def _row_hash(context, position) -> np.ndarray:
     key = (np.asarray(context, dtype=np.uint64) << np.uint64(20)) ^ np.asarray(position, dtype=np.uint64)
-    return _mix(key ^ f)
+    return (_splitmix64(key) >> np.uint64(32)).astype(np.uint32)
 
 
-def _to_fixed(x: np.ndarray) -> np.ndarray:
-    return np.rint(x.astype(np.float64) * SCALE).astype(np.int64)
+def _feature_hash(feature) -> np.ndarray:
+    return (_splitmix64(np.asarray(feature, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)).astype(np.uint32)
+
+
+def example_hash(feature, context, position) -> np.ndarray:
+    """The reservoir's fixed pseudo-random key of (feature column, context, position):
+    fmix32(hi32(splitmix64(context << 20 ^ position)) ^ hi32(splitmix64(feature + golden))).  -> uint32"""
+    return _fmix32(_row_hash(context, position) ^ _feature_hash(feature))
 
 
 @dataclass
@@ -120,7 +138,7 @@ class FeatureStats:
     top_value: np.ndarray  # [k, F] float32, -inf when empty
     top_context: np.ndarray  # [k, F] int64
     top_position: np.ndarray  # [k, F] int32
-    res_hash: np.ndarray  # [F, N_BANDS, m] uint64
+    res_hash: np.ndarray  # [F, N_BANDS, m] uint32
     res_value: np.ndarray  # [F, N_BANDS, m] float32
     res_context: np.ndarray  # [F, N_BANDS, m] int64
     res_position: np.ndarray  # [F, N_BANDS, m] int32
@@ -139,7 +157,7 @@ class FeatureStats:
                    np.zeros(F, np.int64), np.full(F, -np.inf, np.float32), np.full(F, np.inf, np.float32),
                    np.zeros((F, N_BINS), np.int64), np.full((k, F), -np.inf, np.float32),
                    np.full((k, F), EMPTY_CTX, np.int64), np.full((k, F), EMPTY_POS, np.int32),
-                   np.full((F, N_BANDS, m), EMPTY_HASH, np.uint64), np.zeros((F, N_BANDS, m), np.float32),
+                   np.full((F, N_BANDS, m), EMPTY_HASH, np.uint32), np.zeros((F, N_BANDS, m), np.float32),
                    np.full((F, N_BANDS, m), EMPTY_CTX, np.int64), np.full((F, N_BANDS, m), EMPTY_POS, np.int32))
 
     @property
@@ -158,22 +176,47 @@ class FeatureStats:
         x = np.ascontiguousarray(acts, dtype=np.float32).reshape(n_ctx * n_pos, F)  # [N, F]
         rows = np.arange(len(x))
         ctx_of = first_context + rows // n_pos  # [N]
-        pos_of = first_position + rows % n_pos  # [N]
-        firing = x > self.threshold  # [N, F]
+        pos_of = (first_position + rows % n_pos).astype(np.int32)  # [N]
+        firing = x > np.float32(self.threshold)  # [N, F]
+        q = _quarter_octaves(x)  # [N, F] int32
 
         self.n_tokens += len(x)
-        self.fire_count += firing.sum(0)
-        self.sum += _to_fixed(x).sum(0)
-        self.sum_firing += _to_fixed(np.where(firing, x, 0)).sum(0)
+        self.fire_count += np.count_nonzero(firing, axis=0)
+        fixed = np.rint(x * np.float32(SCALE)).astype(np.int64)  # exact: a power-of-two scale
+        self.sum += fixed.sum(0)
+        self.sum_firing += np.where(firing, fixed, 0).sum(0)
         np.maximum(self.max, x.max(0), out=self.max)
         np.minimum(self.min, x.min(0), out=self.min)
-        flat = bin_index(x) + np.arange(F) * N_BINS  # [N, F]
+        flat = bin_index(x, q) + np.arange(F, dtype=np.int32) * N_BINS  # [N, F]
         self.hist += np.bincount(flat.ravel(), minlength=F * N_BINS).reshape(F, N_BINS)
 
-        self._add_top(np.where(firing, x, -np.inf), ctx_of, pos_of)
-        r, f = np.nonzero(firing)
+        # top k: only firing tokens at or above a feature's current k-th value can enter
+        candidate = firing & (x >= self.top_value[-1])  # [N, F]
+        if np.count_nonzero(candidate) > 2 * self.top_k * F:  # e.g. the first batch: select densely
+            self._add_top(np.where(firing, x, -np.inf), ctx_of, pos_of)
+        else:
+            r, c = np.nonzero(candidate)
+            self._add_top_sparse(c, x[r, c], ctx_of[r], pos_of[r])
+
+        # reservoir: only tokens whose hash is at most their band's current m-th smallest can enter
+        band = band_index(x, q)  # [N, F]
+        band += np.arange(F, dtype=band.dtype) * N_BANDS  # -> group = feature * N_BANDS + band
+        h = _fmix32(_row_hash(ctx_of, pos_of)[:, None] ^ _feature_hash(np.arange(F))[None, :])  # [N, F]
+        keep = firing & (h <= self.res_hash[:, :, -1].ravel()[band])
+        r, c = np.nonzero(keep)
+        group, hk = band[r, c], h[r, c]
+        n_group = np.bincount(group, minlength=F * N_BANDS)
+        m = self.per_band
+        if len(r) > 8 * m * np.count_nonzero(n_group):  # e.g. the first batch: most tokens could enter
+            # a cut-off per group near 4 m / n of the hash range; a group where fewer than m passed it
+            # keeps all its tokens. Those cut lose to m kept ones with smaller hashes: exact.
+            cutoff = np.minimum(4.0 * m / np.maximum(n_group, 1) * 2.0**32, 2.0**32 - 1).astype(np.uint32)
+            passed = hk <= cutoff[group]
+            short = np.bincount(group[passed], minlength=F * N_BANDS) < np.minimum(n_group, m)
+            sel = passed | short[group]
+            r, c, group, hk = r[sel], c[sel], group[sel], hk[sel]
         if len(r):
-            self._add_examples(f, x[r, f], ctx_of[r], pos_of[r])
+            self._add_examples(group, hk, x[r, c], ctx_of[r], pos_of[r])
 
     def _add_top(self, v: np.ndarray, ctx_of, pos_of) -> None:
         """The batch's k best rows per feature (exact at ties: lowest row first), merged in."""
@@ -187,43 +230,60 @@ class FeatureStats:
             pick[:, c] = np.argsort(-v[:, c], kind="stable")[:k]
         self._merge_top(v[pick, cols], ctx_of[pick], pos_of[pick].astype(np.int32))
 
-    def _merge_top(self, value, context, position) -> None:
-        value = np.concatenate([self.top_value, value])
-        context = np.concatenate([self.top_context, context])
-        position = np.concatenate([self.top_position, position])
-        order = np.lexsort((position, context, -value), axis=0)[: self.top_k]  # [k, F]
-        cols = np.arange(value.shape[1])
-        value, context, position = value[order, cols], context[order, cols], position[order, cols]
-        empty = ~np.isfinite(value)
-        self.top_value = value
-        self.top_context = np.where(empty, EMPTY_CTX, context)
-        self.top_position = np.where(empty, EMPTY_POS, position).astype(np.int32)
-
-    def _add_examples(self, feature, value, context, position) -> None:
-        """Firing entries (1-D arrays) -> the reservoir keeps, per (feature, band), the m of smallest
-        (hash, context, position)."""
-        m = self.per_band
-        band = band_index(value)
-        h = example_hash(feature, context, position)
-        group = feature * N_BANDS + band
-        res_hash = self.res_hash.reshape(-1, m)
-        keep = h <= res_hash[group, -1]  # can enter the group's bottom m (empty slots hold the max)
-        if not keep.any():
+    def _add_top_sparse(self, col, value, context, position) -> None:
+        """Candidate entries (1-D arrays) -> each feature's k best of them, merged in."""
+        if not len(col):
             return
-        group, h, value, context, position = group[keep], h[keep], value[keep], context[keep], position[keep]
-        touched = np.unique(group)
+        k = self.top_k
+        order = np.lexsort((position, context, -value, col))
+        col, value, context, position = col[order], value[order], context[order], position[order]
+        rank = _rank_in_runs(col)
+        sel = rank < k
+        cols = np.flatnonzero(np.bincount(col, minlength=self.n_features))
+        slot = np.searchsorted(cols, col[sel])
+        v = np.full((k, len(cols)), -np.inf, np.float32)
+        c = np.full((k, len(cols)), EMPTY_CTX, np.int64)
+        p = np.full((k, len(cols)), EMPTY_POS, np.int32)
+        v[rank[sel], slot], c[rank[sel], slot], p[rank[sel], slot] = value[sel], context[sel], position[sel]
+        self._merge_top(v, c, p, cols)
+
+    def _merge_top(self, value, context, position, cols=None) -> None:
+        """Merge candidates [k', F] (or [k', len(cols)] for those columns) into the top k."""
+        sl = slice(None) if cols is None else cols
+        value = np.concatenate([self.top_value[:, sl], value])
+        context = np.concatenate([self.top_context[:, sl], context])
+        position = np.concatenate([self.top_position[:, sl], position])
+        order = np.lexsort((position, context, -value), axis=0)[: self.top_k]  # [k, F']
+        ar = np.arange(value.shape[1])
+        value, context, position = value[order, ar], context[order, ar], position[order, ar]
+        empty = ~np.isfinite(value)
+        if cols is None:
+            self.top_value = value
+            self.top_context = np.where(empty, EMPTY_CTX, context)
+            self.top_position = np.where(empty, EMPTY_POS, position).astype(np.int32)
+        else:
+            self.top_value[:, cols] = value
+            self.top_context[:, cols] = np.where(empty, EMPTY_CTX, context)
+            self.top_position[:, cols] = np.where(empty, EMPTY_POS, position)
+
+    def _add_examples(self, group, h, value, context, position) -> None:
+        """Entries (1-D arrays; group = feature * N_BANDS + band) -> the reservoir keeps, per
+        group, the m of smallest (hash, context, position)."""
+        m = self.per_band
+        touched = np.flatnonzero(np.bincount(group, minlength=self.n_features * N_BANDS))
         arrays = [a.reshape(-1, m) for a in (self.res_hash, self.res_value, self.res_context, self.res_position)]
         old = [a[touched].ravel() for a in arrays]
-        old_group = np.repeat(touched, m)
-        g = np.concatenate([old_group, group])
+        g = np.concatenate([np.repeat(touched, m), group])
         hh = np.concatenate([old[0], h])
         vv = np.concatenate([old[1], value.astype(np.float32)])
         cc = np.concatenate([old[2], context])
         pp = np.concatenate([old[3], position.astype(np.int32)])
-        order = np.lexsort((pp, cc, hh, g))
+        key = (g.astype(np.uint64) << np.uint64(32)) | hh.astype(np.uint64)  # (group, hash) in one number
+        order = np.argsort(key)
+        if np.any(key[order][1:] == key[order][:-1]):  # a hash shared within a group: by (context, position)
+            order = np.lexsort((pp, cc, hh, g))
         g, hh, vv, cc, pp = g[order], hh[order], vv[order], cc[order], pp[order]
-        first = np.searchsorted(g, g, side="left")
-        rank = np.arange(len(g)) - first  # place within its group
+        rank = _rank_in_runs(g)  # place within its group
         sel = rank < m
         slot = np.searchsorted(touched, g[sel]) * m + rank[sel]
         for a, new, fill in zip(arrays, (hh, vv, cc, pp), (EMPTY_HASH, 0, EMPTY_CTX, EMPTY_POS)):
@@ -312,6 +372,13 @@ class FeatureStats:
             arrays = {n: z[n] for n in cls.ARRAYS}
         return cls(meta["top_k"], meta["per_band"], meta["threshold"], meta["n_tokens"], tuple(meta["shards"]),
                    **arrays)
+
+
+def _rank_in_runs(sorted_ids: np.ndarray) -> np.ndarray:
+    """[3, 3, 5, 5, 5, 8] -> [0, 1, 0, 1, 2, 0]: each entry's place among equal neighbours."""
+    n = len(sorted_ids)
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
 
 
 def merge_all(parts: list[FeatureStats]) -> FeatureStats:
