@@ -247,7 +247,10 @@ def prepare(model, hook, sae, features, ctx, top_k, per_band, threshold, include
     if isinstance(model, str):
         processing = {k: bool(v) for k, v in (sae_obj.cfg.get("model_processing", {}) if sae_obj else {}).items()}
         model = _load_model(model, revision, dtype, tuple(sorted(processing.items())))
+    # what a worker loads: the local folder, or the hub name at the commit this model came from
     source = model.source if model.source and os.path.isdir(model.source) else model.name
+    if revision is None and model.source and "@" in model.source and not os.path.isdir(model.source):
+        revision = model.source.rsplit("@", 1)[1]
     if hook is None:
         if sae_obj is None:
             raise HarvestError("no hook point: pass hook= (e.g. blocks.8.mlp.hook_post) or an SAE")
@@ -267,7 +270,7 @@ def prepare(model, hook, sae, features, ctx, top_k, per_band, threshold, include
                            "(so that every split of the corpus runs the same batches)")
     harvester = Harvester(model, hook, sae_obj, features, include_bos)
     FeatureStats.empty(1, top_k, per_band, threshold)  # checks them
-    spec = HarvestSpec(source, getattr(model, "_harvest_revision", None) or revision, str(model.dtype),
+    spec = HarvestSpec(source, revision, str(model.dtype),
                        tuple(sorted(model.processing.items())), hook, sae_key,
                        None if features is None else tuple(int(f) for f in features), int(ctx), int(batch_size),
                        int(shard_contexts), int(top_k), int(per_band), float(threshold), bool(include_bos))
@@ -395,7 +398,7 @@ def _finish(state, harvester, spec, corpus, model, sae_obj, digests, mode, secon
     manifest = {
         "format": FORMAT, "complete": True,
         "model": spec.model, "model_name": model.name, "revision": spec.revision,
-        "model_commit": getattr(getattr(model, "files", None), "source", None),
+        "model_source": getattr(getattr(model, "files", None), "source", None),
         "dtype": spec.dtype, "processing": dict(spec.processing), "n_ctx": model.cfg.n_ctx,
         "hook": spec.hook, "feature_kind": "latent" if sae_obj is not None else "neuron",
         "sae": None if sae_obj is None else {"release": spec.sae[0] if spec.sae else sae_obj.cfg.get("release"),
