@@ -1,6 +1,7 @@
 """Dashboards of a harvest, opened in headless Chromium from disk: the index sorts and filters as
 asked, each feature page has its rows, and a screenshot shows something."""
 
+import html
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from npgpt2.harvest import harvest
 from npgpt2.harvest.dashboard import build_dashboard, direct_logit_effect, parse_features
 from npgpt2.harvest.run import HarvestError
+from npgpt2.sae import SAE, latent_logit_effect
 
 pytest.importorskip("pyarrow", reason="the harvest writes Parquet (pip install -e '.[test]')")
 from test_harvest import HOOK, KW, TEXTS  # noqa: E402
@@ -50,6 +52,25 @@ def test_pages_quote_the_harvest_and_recompute_its_values(site, model):
     # the neuron's logit effect is W_out[neuron] x ln_final gain @ W_U
     direction = model.weights.blocks[1].W_out[1] * model.weights.ln_final_w
     np.testing.assert_allclose(direct_logit_effect(model, HOOK, 1), direction.astype(np.float64) @ model.W_U.astype(np.float64), atol=1e-6)
+
+
+def test_sae_latent_pages_use_latent_logit_effect(model, tmp_path):
+    rng = np.random.default_rng(7)
+    d, n = model.cfg.d_model, 8
+    hook = "blocks.1.hook_resid_pre"
+    sae = SAE(rng.normal(0, 0.3, (d, n)).astype(np.float32), rng.normal(-0.3, 0.1, n).astype(np.float32),
+              rng.normal(0, 0.3, (n, d)).astype(np.float32), np.zeros(d, np.float32), hook_name=hook)
+    sae.save(str(tmp_path / "sae" / hook))
+    h = harvest(TEXTS[:20], model, sae=f"{tmp_path / 'sae'}:{hook}", out=str(tmp_path / "h"), **KW)
+    latent = int(h.features.sort_values("max")["feature"].iloc[-1])
+    pages = build_dashboard(str(tmp_path / "h"), str(tmp_path / "site"), features=[latent], model=model, progress=False)
+    assert (pages["max_recomputed_error"] <= 1e-5).all()
+    text = (tmp_path / "site" / f"feature-{latent}.html").read_text()
+    assert f"latent {latent}" in text
+    want = latent_logit_effect(model, sae, latent, 10)
+    shown = re.findall(r'<tr class="logit-(\w+)"><td class="l">(.*?)</td>', text)
+    assert [d for d, _ in shown] == list(want["direction"])
+    assert [html.unescape(t) for _, t in shown] == [repr(t) for t in want["token"]]
 
 
 def test_index_sorts_and_filters_in_chromium(site, tmp_path):

@@ -46,31 +46,42 @@ def parse_features(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def direct_logit_effect(model, hook: str, feature: int, sae=None) -> np.ndarray | None:
-    """A feature's direct effect on the logits [d_vocab], or None where it writes nowhere directly.
-
-    SAE latent: W_dec[latent] (x ln_final gain) @ W_U, as ``latent_logit_effect``; MLP neuron
-    (``mlp.hook_post`` / ``hook_pre``): W_out[neuron] (x gain) @ W_U; a residual-stream coordinate
-    (``hook_resid_*``, ``hook_*_out``): the unit vector's; ``attn.hook_z`` (head, d_head): W_O[head][d] @ W_U.
-    """
-    gain = model.weights.ln_final_w
-    if sae is not None:
-        direction = sae.W_dec[feature]
+def direct_logit_effect(model, hook: str, feature: int) -> np.ndarray | None:
+    """A neuron's (or coordinate's) direct effect on the logits [d_vocab], or None where it writes
+    nowhere directly. MLP neuron (``mlp.hook_post`` / ``hook_pre``): W_out[neuron] (x the final layer
+    norm's gain) @ W_U; a residual-stream coordinate (``hook_resid_*``, ``hook_*_out``): the unit
+    vector's; ``attn.hook_z`` (head, d_head): W_O[head][d] @ W_U. (For SAE latents see
+    ``npgpt2.sae.latent_logit_effect``.) The final layer norm's scale is ignored, as there."""
+    parts = hook.split(".")
+    layer = int(parts[1]) if parts[0] == "blocks" else None
+    if hook.endswith(("mlp.hook_post", "mlp.hook_pre")):
+        direction = model.weights.blocks[layer].W_out[feature]
+    elif hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")):
+        direction = np.zeros(model.cfg.d_model, dtype=model.dtype)
+        direction[feature] = 1
+    elif hook.endswith("attn.hook_z"):
+        direction = model.weights.blocks[layer].W_attn_out[feature]  # rows are (head, d_head)
     else:
-        parts = hook.split(".")
-        layer = int(parts[1]) if parts[0] == "blocks" else None
-        if hook.endswith(("mlp.hook_post", "mlp.hook_pre")):
-            direction = model.weights.blocks[layer].W_out[feature]
-        elif hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")):
-            direction = np.zeros(model.cfg.d_model, dtype=model.dtype)
-            direction[feature] = 1
-        elif hook.endswith("attn.hook_z"):
-            direction = model.weights.blocks[layer].W_attn_out[feature]  # rows are (head, d_head)
-        else:
-            return None
-    if gain is not None:
-        direction = direction * gain
+        return None
+    if model.weights.ln_final_w is not None:
+        direction = direction * model.weights.ln_final_w
     return np.asarray(direction @ model.W_U, dtype=np.float64)
+
+
+def logit_effect_table(model, hook: str, feature: int, sae=None, k: int = 10) -> pd.DataFrame | None:
+    """direction ("promoted" / "suppressed"), rank, token, logit_effect: ``latent_logit_effect`` for
+    an SAE latent, ``direct_logit_effect``'s top and bottom k for a neuron (None where it has none)."""
+    if sae is not None:
+        from ..sae import latent_logit_effect
+
+        return latent_logit_effect(model, sae, feature, k)
+    effect = direct_logit_effect(model, hook, feature)
+    if effect is None:
+        return None
+    order = np.argsort(-effect)
+    rows = [{"direction": d, "rank": r, "token": model.tokenizer.token_str(int(t)), "logit_effect": float(effect[t])}
+            for d, ids in (("promoted", order[:k]), ("suppressed", order[::-1][:k])) for r, t in enumerate(ids)]
+    return pd.DataFrame(rows)
 
 
 def build_dashboard(source, out: str, features=None, model=None, sae=None, context_before: int = 12,
@@ -113,9 +124,9 @@ def build_dashboard(source, out: str, features=None, model=None, sae=None, conte
         top = by_feature["top"].get(fid, h.top.iloc[:0])
         examples = by_feature["examples"].get(fid, h.examples.iloc[:0])
         hist = by_feature["histogram"].get(fid, h.histogram.iloc[:0])
-        effect = direct_logit_effect(model, man["hook"], fid, sae)
+        effect = logit_effect_table(model, man["hook"], fid, sae, n_logits)
         page, err = _feature_page(h, model, fid, stats.loc[fid], top, examples, hist, effect, values.get(fid, {}),
-                                  context_before, context_after, n_logits)
+                                  context_before, context_after)
         with open(os.path.join(out, f"feature-{fid}.html"), "w", encoding="utf-8") as f:
             f.write(page)
         rows.append({"feature": fid, "page": f"feature-{fid}.html", "n_top": len(top), "n_examples": len(examples),
@@ -212,7 +223,7 @@ def _band_quantiles(hist: pd.DataFrame, threshold: float) -> dict:
     return {b: (per_band[b] / total, cum[b], cum[b + 1]) for b in range(N_BANDS)}
 
 
-def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, after, n_logits):
+def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, after):
     man = h.manifest
     vmax = float(st["max"])
     worst = 0.0
@@ -238,11 +249,10 @@ def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, 
                      ("max", f"{st['max']:.4g}"), ("min", f"{st['min']:.4g}")]) + "</table>",
              "<h2>Histogram of firing activations</h2>", _histogram_svg(hist, man["threshold"])]
     if effect is not None:
-        order = np.argsort(-effect)
         cells = []
-        for title, ids in (("promoted", order[:n_logits]), ("suppressed", order[::-1][:n_logits])):
-            body = "".join(f'<tr class="logit-{title}"><td class="l">{html.escape(repr(model.tokenizer.token_str(int(t))))}</td>'
-                           f"<td>{effect[t]:+.3f}</td></tr>" for t in ids)
+        for title, rows in effect.groupby("direction", sort=False):
+            body = "".join(f'<tr class="logit-{title}"><td class="l">{html.escape(repr(r.token))}</td>'
+                           f"<td>{r.logit_effect:+.3f}</td></tr>" for r in rows.sort_values("rank").itertuples())
             cells.append(f'<div><b>{title}</b><table>{body}</table></div>')
         parts += ["<h2>Direct logit effect</h2>", f'<div class="grid">{"".join(cells)}</div>']
     parts.append(f"<h2>Top {len(top)} activations</h2>")

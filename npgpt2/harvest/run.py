@@ -317,7 +317,10 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
     if out is not None:
         state, done_digests = _open_output(out, spec, resume, overwrite)
         if state is None and done_digests is None:  # already finished
-            return Harvest.load(out)
+            done = Harvest.load(out)
+            if done.manifest["spec"] != spec.to_json():
+                raise HarvestError(f"{out!r} holds a finished harvest made with other settings; choose another folder")
+            return done
 
     from contextlib import ExitStack
 
