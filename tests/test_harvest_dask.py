@@ -63,6 +63,27 @@ def test_one_worker_and_an_existing_two_worker_cluster_match_in_process(in_proce
     assert set(threads.values()) == {str(max(1, (os.cpu_count() or 1) // 2))}
 
 
+def test_three_shards_in_another_order_on_the_cluster(in_process, tiny_dir, client2):
+    from npgpt2.harvest import iter_shards, open_corpus
+    from npgpt2.harvest.cluster import harvest_on_cluster
+    from npgpt2.harvest.run import prepare
+    from npgpt2.harvest.stats import FeatureStats
+
+    model, _, harvester, spec = prepare(str(tiny_dir), HOOK, None, None, KW["ctx"], KW["top_k"], KW["per_band"],
+                                        0.0, False, KW["batch_size"], 28)
+    shards = list(iter_shards(open_corpus(TEXTS), model.tokenizer, KW["ctx"], 28))
+    assert len(shards) == 3
+    state = [FeatureStats.empty(harvester.n_features, KW["top_k"], KW["per_band"])]
+    harvest_on_cluster(client2, spec, None, [shards[2], shards[0], shards[1]],
+                       lambda stats, n, last: state.append(state.pop().merge(stats)))
+    merged = state[0]
+    assert merged.shards == (0, 1, 2)
+    for name, table in (("features", merged.features_table()), ("top", merged.top_table()),
+                        ("examples", merged.examples_table()), ("histogram", merged.histogram_table())):
+        pd.testing.assert_frame_equal(table, pd.read_parquet(os.path.join(in_process, f"{name}.parquet")),
+                                      check_exact=True, obj=name)
+
+
 def test_a_worker_killed_mid_run_changes_nothing(in_process, tiny_dir, client2, tmp_path):
     before = client2.run(os.getpid)
     address, victim = sorted(before.items())[0]
