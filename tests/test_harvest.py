@@ -384,3 +384,22 @@ def test_harvest_and_dashboard_commands(tiny_dir, tmp_path, capsys):
     one_line_error(capsys, ["dashboard", str(out), "--out", str(tmp_path / "s2"), "--features", "300"],
                    "feature 300 is not in the harvest")
     one_line_error(capsys, ["dashboard", str(tmp_path), "--out", str(tmp_path / "s3")], "no manifest.json")
+
+
+def test_one_batch_of_activations_at_a_time(model, monkeypatch):
+    """Streaming: the model only ever sees batch_size contexts, and the forward pass stops at the hook."""
+    from npgpt2.harvest import run
+
+    seen, reached = [], set()
+    original = run.Harvester.__call__
+
+    def recording(self, tokens):
+        seen.append(tokens.shape)
+        return original(self, tokens)
+
+    monkeypatch.setattr(run.Harvester, "__call__", recording)
+    hooks = [(name, lambda act, hook: reached.add(hook.name)) for name in ("blocks.1.hook_mlp_out", "ln_final.hook_scale")]
+    with model.hooks(hooks):
+        h = harvest(TEXTS, model, HOOK, shard_contexts=8, **KW)
+    assert max(s[0] for s in seen) == KW["batch_size"] and sum(s[0] for s in seen) == h.manifest["n_contexts"]
+    assert reached == set()  # nothing after blocks.1.mlp.hook_post was computed
