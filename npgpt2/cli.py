@@ -9,8 +9,6 @@
     npgpt2 info
     npgpt2 download gpt2-medium
     npgpt2 parity --model gpt2
-    npgpt2 harvest corpus/ -m gpt2 --hook blocks.8.mlp.hook_post --tokens 2000000 --out harvest/
-    npgpt2 dashboard harvest/ --out site/
 
 Every command that takes --model accepts an alias, a hub repository id, or a local folder.
 """
