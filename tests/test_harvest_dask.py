@@ -6,6 +6,8 @@ One two-worker cluster serves the module (the kill comes last); ``workers=1`` st
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -51,9 +53,20 @@ def assert_same_parquet(a, b):
         pd.testing.assert_frame_equal(x, y, check_exact=True, obj=name)
 
 
-def test_one_worker_and_an_existing_two_worker_cluster_match_in_process(in_process, tiny_dir, client2, tmp_path):
-    one = harvest(TEXTS, str(tiny_dir), HOOK, out=str(tmp_path / "one"), workers=1, **ARGS)
-    assert one.manifest["runner"] == "dask (1 workers)"
+def test_one_worker_and_an_existing_two_worker_cluster_match_in_process(in_process, tiny_dir, client2, tmp_path, hf_home):
+    # one worker: `npgpt2 harvest --workers 1`, as a user runs it, on the same texts as files
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TEXTS):
+        (corpus / f"{i:03d}.txt").write_text(text)
+    argv = [sys.executable, "-m", "npgpt2", "harvest", str(corpus), "-m", str(tiny_dir), "--hook", HOOK,
+            "--ctx", str(KW["ctx"]), "--top-k", str(KW["top_k"]), "--per-band", str(KW["per_band"]),
+            "--batch-size", str(KW["batch_size"]), "--shard-contexts", "4", "--out", str(tmp_path / "one"),
+            "--workers", "1", "-q"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": hf_home, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "dask (1 workers)" in proc.stdout
     assert_same_parquet(str(tmp_path / "one"), in_process)
     two = harvest(TEXTS, str(tiny_dir), HOOK, out=str(tmp_path / "two"), scheduler=client2.scheduler.address, **ARGS)
     assert two.manifest["runner"] == "dask (2 workers)"
