@@ -206,6 +206,34 @@ def test_reservoir_cut_off_on_a_large_batch_is_exact():
         assert list(zip(got["value"], got["context"], got["position"])) == want
 
 
+def test_mostly_zero_activations_counted_sparsely_equal_dense_and_brute_force(monkeypatch):
+    import npgpt2.harvest.stats as stats_module
+
+    rng = np.random.default_rng(8)
+    acts = np.where(rng.random((12, 9, 7)) < 0.04, rng.exponential(2, (12, 9, 7)), 0).astype(np.float32)
+    acts[:, :, 6] = 0  # a dead latent
+    counted = {}
+    for mode, below in (("sparse", 1.0), ("dense", 0.0)):
+        monkeypatch.setattr(stats_module, "SPARSE_BELOW", below)
+        s = FeatureStats.empty(7, 3, 2)
+        for c in range(0, 12, 4):
+            s.add(acts[c : c + 4], c, 1)
+        counted[mode] = s
+    for name in FeatureStats.ARRAYS:
+        np.testing.assert_array_equal(getattr(counted["sparse"], name), getattr(counted["dense"], name), err_msg=name)
+    top, examples, hist = brute_force(acts, 0, 1, 3, 2)
+    s = counted["sparse"]
+    for f in range(7):
+        got = s.top_table().query("feature == @f")
+        assert list(zip(got["value"], got["context"], got["position"])) == top[f]
+    assert len(s.examples_table()) == sum(len(v) for v in examples.values())
+    np.testing.assert_array_equal(s.hist, hist)
+    flat = acts.reshape(-1, 7).astype(np.float64)
+    np.testing.assert_array_equal(s.max, flat.max(0))
+    np.testing.assert_array_equal(s.min, flat.min(0))
+    np.testing.assert_allclose(s.features_table()["mean"], flat.mean(0), atol=1e-6)
+
+
 def test_merging_is_exact_for_any_split_and_order():
     rng = np.random.default_rng(4)
     acts = np.where(rng.random((12, 9, 6)) < 0.4, rng.lognormal(0, 2, (12, 9, 6)), -rng.random((12, 9, 6)))

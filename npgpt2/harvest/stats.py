@@ -35,6 +35,7 @@ N_BANDS = HIST_HI - HIST_LO  # octave bands of the reservoir
 EMPTY_CTX = np.iinfo(np.int64).max  # an empty top-k / reservoir slot
 EMPTY_POS = np.iinfo(np.int32).max
 EMPTY_HASH = np.iinfo(np.uint32).max
+SPARSE_BELOW = 0.1  # a batch with fewer non-zero activations than this fraction is counted sparsely
 
 
 class StatsError(ValueError):
@@ -169,6 +170,7 @@ class FeatureStats:
         """Count activations of consecutive contexts, in place.
 
         acts: [n_contexts, n_pos, F] for contexts first_context.. at positions first_position..
+        Mostly-zero activations (SAE latents) are counted from their non-zero entries only.
         """
         n_ctx, n_pos, F = acts.shape
         if F != self.n_features:
@@ -177,10 +179,15 @@ class FeatureStats:
         rows = np.arange(len(x))
         ctx_of = first_context + rows // n_pos  # [N]
         pos_of = (first_position + rows % n_pos).astype(np.int32)  # [N]
+        self.n_tokens += len(x)
+        nonzero = x != 0
+        if np.count_nonzero(nonzero) < SPARSE_BELOW * x.size:
+            r, c = np.nonzero(nonzero)
+            self._add_sparse(len(x), r, c, x[r, c], ctx_of, pos_of)
+            return
         firing = x > np.float32(self.threshold)  # [N, F]
         q = _quarter_octaves(x)  # [N, F] int32
 
-        self.n_tokens += len(x)
         self.fire_count += np.count_nonzero(firing, axis=0)
         fixed = np.rint(x * np.float32(SCALE)).astype(np.int64)  # exact: a power-of-two scale
         self.sum += fixed.sum(0)
@@ -204,19 +211,51 @@ class FeatureStats:
         h = _fmix32(_row_hash(ctx_of, pos_of)[:, None] ^ _feature_hash(np.arange(F))[None, :])  # [N, F]
         keep = firing & (h <= self.res_hash[:, :, -1].ravel()[band])
         r, c = np.nonzero(keep)
-        group, hk = band[r, c], h[r, c]
-        n_group = np.bincount(group, minlength=F * N_BANDS)
+        self._offer_examples(band[r, c], h[r, c], x[r, c], ctx_of[r], pos_of[r])
+
+    def _add_sparse(self, N: int, r, c, v, ctx_of, pos_of) -> None:
+        """``add`` from the non-zero entries (row r, feature c, value v) of N rows; the rest are 0."""
+        F = self.n_features
+        nnz = np.bincount(c, minlength=F)  # [F] non-zero entries per feature
+        zeros = N - nnz  # [F]
+        firing = v > np.float32(self.threshold)  # zeros never fire: threshold >= 0
+        self.fire_count += np.bincount(c[firing], minlength=F)
+        fixed = np.rint(v * np.float32(SCALE)).astype(np.int64)
+        np.add.at(self.sum, c, fixed)
+        np.add.at(self.sum_firing, c[firing], fixed[firing])
+        np.maximum.at(self.max, c, v)
+        np.minimum.at(self.min, c, v)
+        has_zero = zeros > 0
+        self.max[has_zero] = np.maximum(self.max[has_zero], np.float32(0))
+        self.min[has_zero] = np.minimum(self.min[has_zero], np.float32(0))
+        q = _quarter_octaves(v)
+        self.hist += np.bincount(c * N_BINS + bin_index(v, q), minlength=F * N_BINS).reshape(F, N_BINS)
+        self.hist[:, N_SIDE] += zeros  # the zero bin
+
+        r, c, v, q = r[firing], c[firing], v[firing], q[firing]
+        ctx, pos = ctx_of[r], pos_of[r]
+        top = v >= self.top_value[-1][c]
+        self._add_top_sparse(c[top], v[top], ctx[top], pos[top])
+        group = band_index(v, q) + c * N_BANDS
+        h = example_hash(c, ctx, pos)
+        keep = h <= self.res_hash[:, :, -1].ravel()[group]
+        self._offer_examples(group[keep], h[keep], v[keep], ctx[keep], pos[keep])
+
+    def _offer_examples(self, group, h, value, context, position) -> None:
+        """Entries that may enter the reservoir (1-D; group = feature * N_BANDS + band) -> merged in."""
+        if not len(group):
+            return
+        n_group = np.bincount(group, minlength=self.n_features * N_BANDS)
         m = self.per_band
-        if len(r) > 8 * m * np.count_nonzero(n_group):  # e.g. the first batch: most tokens could enter
+        if len(group) > 8 * m * np.count_nonzero(n_group):  # e.g. the first batch: most tokens could enter
             # a cut-off per group near 4 m / n of the hash range; a group where fewer than m passed it
             # keeps all its tokens. Those cut lose to m kept ones with smaller hashes: exact.
             cutoff = np.minimum(4.0 * m / np.maximum(n_group, 1) * 2.0**32, 2.0**32 - 1).astype(np.uint32)
-            passed = hk <= cutoff[group]
-            short = np.bincount(group[passed], minlength=F * N_BANDS) < np.minimum(n_group, m)
+            passed = h <= cutoff[group]
+            short = np.bincount(group[passed], minlength=len(n_group)) < np.minimum(n_group, m)
             sel = passed | short[group]
-            r, c, group, hk = r[sel], c[sel], group[sel], hk[sel]
-        if len(r):
-            self._add_examples(group, hk, x[r, c], ctx_of[r], pos_of[r])
+            group, h, value, context, position = group[sel], h[sel], value[sel], context[sel], position[sel]
+        self._add_examples(group, h, value, context, position)
 
     def _add_top(self, v: np.ndarray, ctx_of, pos_of) -> None:
         """The batch's k best rows per feature (exact at ties: lowest row first), merged in."""
