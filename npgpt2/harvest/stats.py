@@ -11,7 +11,8 @@ For each of F features (neurons of a hook point, or SAE latents), over every tok
 * the top ``k`` (value, context, position), ordered by value descending, then context, then position
   (ties broken by where they are, never by arrival order);
 * a reservoir of ``m`` examples per octave band of firing values [2**b, 2**(b+1)): of the tokens in
-  the band, those with the smallest hash of (feature, context, position). A bottom-m sample by a
+  the band, those with the smallest 32-bit hash of (feature column, context, position), ties broken
+  by context and position. A bottom-m sample by a
   fixed hash is a uniform sample that any split reproduces, and the bottom-m of a union of bands is
   the union's own sample, so the dashboard's coarser quantile bands sample exactly too.
 
