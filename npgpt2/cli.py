@@ -326,6 +326,44 @@ def cmd_lens(args):
         print(f"heatmap written to {args.png}")
 
 
+# ----------------------------------------------------------------------------------- harvest
+def cmd_harvest(args):
+    from .harvest import harvest
+
+    if args.workers is not None and args.scheduler is not None:
+        raise CLIError("--workers starts a local Dask cluster and --scheduler uses an existing one: give one")
+    features = None
+    if args.features:
+        from .harvest.dashboard import parse_features
+
+        features = parse_features(args.features)
+    h = harvest(args.corpus, args.model, args.hook, args.sae, features=features, ctx=args.ctx, tokens=args.tokens,
+                top_k=args.top_k, per_band=args.per_band, threshold=args.threshold, include_bos=args.include_bos,
+                batch_size=args.batch_size, shard_contexts=args.shard_contexts, out=args.out, resume=args.resume,
+                overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler,
+                scheduler_timeout=args.scheduler_timeout, revision=args.revision,
+                dtype=args.dtype, text_field=args.text_field, split=args.split, progress=not args.quiet)
+    m = h.manifest
+    fired = int((h.features["fire_count"] > 0).sum())
+    print(f"harvested {m['n_features']} {m['feature_kind']}s of {m['hook']} over {m['tokens_seen']:,} tokens "
+          f"({m['n_contexts']} contexts of {m['ctx']}, {m['runner']}, {m['seconds']:.1f} s); {fired} fired")
+    print(f"written to {args.out}: {', '.join(t + '.parquet' for t in ('features', 'top', 'examples', 'histogram', 'contexts'))}"
+          ", manifest.json")
+    print(f"next: npgpt2 dashboard {args.out} --out SITE/")
+
+
+# --------------------------------------------------------------------------------- dashboard
+def cmd_dashboard(args):
+    from .harvest.dashboard import build_dashboard
+
+    if os.path.isdir(args.out) and os.path.exists(os.path.join(args.out, "index.html")) and not args.overwrite:
+        raise CLIError(f"--out {args.out!r} already holds a dashboard; pass --overwrite to replace it")
+    pages = build_dashboard(args.harvest, args.out, features=args.features, context_before=args.before,
+                            context_after=args.after, progress=not args.quiet)
+    print(f"{len(pages)} feature pages and index.html written to {args.out}; open "
+          f"{os.path.join(os.path.abspath(args.out), 'index.html')} in a browser (works offline)")
+
+
 # ------------------------------------------------------------------------------------ parser
 def _positive_int(text):
     try:
@@ -459,6 +497,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", help="prompt to compare on (default: three example sentences)")
     model_args(p, dtype=True)
     p.add_argument("--prepend-bos", action="store_true")
+    p = add("harvest", cmd_harvest, "run a corpus through the model and keep, for every neuron of a hook point "
+            "(or SAE latent), its top contexts, histogram, density and a sample per activation band",
+            "npgpt2 harvest corpus/ -m gpt2 --hook blocks.8.mlp.hook_post --ctx 128 --tokens 2000000 --out harvest/")
+    p.add_argument("corpus", help="a text file, a folder of .txt/.jsonl files, a uint16 token file "
+                                  "(.bin/.u16/.npy), or hf:DATASET[:CONFIG] (needs the datasets extra)")
+    model_args(p, dtype=True)
+    p.add_argument("--hook", help="the hook point read, e.g. blocks.8.mlp.hook_post (default: the SAE's)")
+    p.add_argument("--sae", help="RELEASE:SAE_ID, e.g. gpt2-small-res-jb:blocks.8.hook_resid_pre: harvest its latents")
+    p.add_argument("--features", help="only these feature ids, e.g. 0-99,4031 (default: all)")
+    p.add_argument("--ctx", type=_positive_int, default=128, help="tokens per context, <|endoftext|> first (default: 128)")
+    p.add_argument("--tokens", type=_positive_int, help="read about this many tokens (default: the whole corpus)")
+    p.add_argument("--top-k", type=_positive_int, default=20, help="top activations kept per feature (default: 20)")
+    p.add_argument("--per-band", type=_positive_int, default=5,
+                   help="examples kept per feature and octave band of activation (default: 5)")
+    p.add_argument("--threshold", type=float, default=0.0, help="a feature fires above this (default: 0)")
+    p.add_argument("--include-bos", action="store_true", help="also count position 0, the <|endoftext|> "
+                                                               "every context starts with")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="contexts per forward pass (default: 8)")
+    p.add_argument("--shard-contexts", type=_positive_int, default=64,
+                   help="contexts per shard, a multiple of --batch-size (default: 64)")
+    p.add_argument("--out", "-o", required=True, help="output folder (Parquet tables + manifest.json)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument("--workers", type=_positive_int, help="run on a local Dask cluster of this many processes")
+    p.add_argument("--scheduler", help="run on an existing Dask cluster, e.g. tcp://host:8786")
+    p.add_argument("--scheduler-timeout", type=float, default=10.0,
+                   help="seconds to wait for --scheduler to answer (default: 10)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl rows and datasets (default: text)")
+    p.add_argument("--split", default="train", help="the dataset split, for hf: corpora (default: train)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = add("dashboard", cmd_dashboard, "static HTML pages of a harvest: an index of features and a page per "
+            "feature (top contexts, bands, histogram, logit effect); opens offline",
+            "npgpt2 dashboard harvest/ --out site/ --features 0-99,4031")
+    p.add_argument("harvest", help="a folder written by npgpt2 harvest")
+    p.add_argument("--out", "-o", required=True, help="folder for index.html and feature-N.html")
+    p.add_argument("--features", help="pages for these ids, e.g. 0-99,4031 (default: the first 200 that fired)")
+    p.add_argument("--before", type=int, default=12, help="tokens shown before the activating one (default: 12)")
+    p.add_argument("--after", type=int, default=4, help="tokens shown after it (default: 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dashboard already in --out")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
 
 
