@@ -132,3 +132,29 @@ def test_anyone_looking_inside_takes_the_textbook_path(models, monkeypatch):
     assert calls == []
     m(tokens)
     assert calls == [1]
+
+
+def test_kept_attention_equals_the_eager_textbook_path(models):
+    # run_with_cache keeps scores and pattern without a hook changing them: filled a block of
+    # queries at a time (ops.causal_attention_kept), the eager path's numbers
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        m = models[dtype]
+        tokens = np.random.default_rng(8).integers(0, V, (2, 150))
+        mask = np.ones_like(tokens)
+        mask[1, :37] = 0  # left padding in the second row
+        names = ["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern", "blocks.2.attn.hook_z"]
+        kept_logits, kept = m.run_with_cache(tokens, attention_mask=mask, names_filter=names)
+        m.attn_implementation = "eager"
+        try:
+            eager_logits, eager = m.run_with_cache(tokens, attention_mask=mask, names_filter=names)
+        finally:
+            m.attn_implementation = "blockwise"
+        scores, eager_scores = kept["blocks.1.attn.hook_attn_scores"], eager["blocks.1.attn.hook_attn_scores"]
+        np.testing.assert_array_equal(np.isneginf(scores), np.isneginf(eager_scores))  # masked: the same keys
+        finite = np.isfinite(eager_scores)
+        assert_close(scores[finite], eager_scores[finite], rel=tol, what=f"{dtype} scores")
+        pattern, eager_pattern = kept["blocks.1.attn.hook_pattern"], eager["blocks.1.attn.hook_pattern"]
+        assert_close(pattern, eager_pattern, rel=tol, what=f"{dtype} pattern")
+        np.testing.assert_array_equal(pattern == 0, eager_pattern == 0)
+        assert_close(kept["blocks.2.attn.hook_z"], eager["blocks.2.attn.hook_z"], rel=tol, what=f"{dtype} z")
+        assert_close(kept_logits, eager_logits, rel=tol, what=f"{dtype} logits")
