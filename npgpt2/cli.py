@@ -338,8 +338,6 @@ def cmd_finetune(args):
     if args.resume:
         model, config, resume = load_checkpoint(args.out)
         config.steps = args.steps if args.steps is not None else config.steps
-        print(f"resuming {model.name} from {resume} at step {_checkpoint_step(resume)} of {config.steps} "
-              "(the checkpoint's settings; --steps may extend the run)", file=sys.stderr)
     else:
         model = _load(args)
         resume = None
@@ -375,13 +373,6 @@ def cmd_finetune(args):
     val = f"; held-out loss {result.evals[-1]['val_loss']:.4f}" if result.evals else ""
     print(f"trained {result.step} steps on {len(data):,} tokens: loss {losses[0]:.4f} -> {losses[-1]:.4f}{val}; "
           f"model saved in {args.out} (npgpt2 generate \"...\" -m {args.out})")
-
-
-def _checkpoint_step(folder):
-    import json
-
-    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-        return json.load(f)["step"]
 
 
 # -------------------------------------------------------------------------------------- eval

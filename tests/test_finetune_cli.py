@@ -71,6 +71,12 @@ def test_finetune_then_eval_then_generate(tiny_dir, notes, tmp_path, capsys):
     code, stdout, _ = in_process(capsys, "generate", "The quick", "-m", out, "-n", "5")
     assert code == 0 and stdout == trained.generate("The quick", max_new_tokens=5) + "\n"
 
+    other = tmp_path / "other.txt"
+    other.write_text("Some other text entirely. " * 40)
+    code, _, err = in_process(capsys, "finetune", str(other), "--out", out, "--resume", "--steps", "8")
+    assert code == 2
+    one_line(err, "the data differs from the data of the checkpoint")
+
 
 def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(tiny_dir, notes, tmp_path, hf_home, capsys):
     """float64: the run stopped by Ctrl-C and resumed ends with the same parameters and optimizer

@@ -20,7 +20,8 @@ from .adamw import AdamW, accumulate_grad, clip_grad_norm, default_decay, named_
 from .data import DataError, TokenDataset
 from .evaluate import Perplexity, perplexity
 from .init import init_state_dict, new_model
+from .loop import FinetuneConfig, NonFiniteLossError, RunOptions, finetune
 from .schedule import constant, warmup_cosine
 
-__all__ = ["AdamW", "DataError", "Perplexity", "TokenDataset", "accumulate_grad", "clip_grad_norm",
-           "constant", "default_decay", "init_state_dict", "named_parameters", "new_model", "perplexity", "warmup_cosine"]
+__all__ = ["AdamW", "DataError", "FinetuneConfig", "NonFiniteLossError", "Perplexity", "RunOptions", "TokenDataset", "accumulate_grad", "clip_grad_norm",
+           "constant", "default_decay", "finetune", "init_state_dict", "named_parameters", "new_model", "perplexity", "warmup_cosine"]

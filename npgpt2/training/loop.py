@@ -142,6 +142,8 @@ def finetune(model, data: TokenDataset, config: FinetuneConfig, options: RunOpti
         opt.load(os.path.join(resume, "optimizer.safetensors"))
         opt._refresh_model()
         result.step, result.history, result.evals = state["step"], state["history"], state["evals"]
+        options.log(f"resuming {model.name} from {resume} at step {result.step} of {config.steps} "
+                    "(the checkpoint's settings; --steps may extend the run)")
 
     from tqdm.auto import tqdm
 
