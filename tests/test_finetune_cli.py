@@ -177,3 +177,22 @@ def test_a_nan_gradient_leaves_the_weights_untouched(tiny_dir):
         finetune(model, data, config, RunOptions(progress=False, should_stop=remember_weights))
     assert len(calls) == 2
     assert np.array_equal(model.weights.W_E, seen["W_E"])  # as it was after step 1
+
+
+def test_grad_accum_steps_on_the_mean_of_its_micro_batches(tiny_dir):
+    from npgpt2.training.loop import FinetuneConfig, RunOptions, finetune
+
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    data = training.TokenDataset.from_texts([TEXT], model.tokenizer)
+    config = FinetuneConfig(steps=1, batch_size=1, seq_len=16, grad_accum=3, val_fraction=0, lr=1e-3, seed=4)
+    micro = [data.batch(j, 1, 16, seed=4) for j in range(3)]  # step 1 takes micro-batches 0, 1, 2
+    expected_loss = np.mean([model.loss(b) for b in micro])
+    reference = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    opt = training.AdamW(reference, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    _, grads = reference.value_and_grad(np.concatenate(micro))  # one batch of the three
+    training.clip_grad_norm(grads, 1.0)
+    opt.step(grads)
+    result = finetune(model, data, config, RunOptions(progress=False))
+    assert result.history[0]["loss"] == pytest.approx(expected_loss, rel=1e-13)
+    for (name, a), (_, b) in zip(training.named_parameters(model.weights), training.named_parameters(reference.weights)):
+        assert np.max(np.abs(a - b)) <= 1e-9 * np.max(np.abs(b)), name  # 1e-9: see test_training's accumulation

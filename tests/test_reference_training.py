@@ -9,7 +9,6 @@ step 10 agree within 1e-9 relative to the tensor's largest magnitude; float32: t
 of ``npgpt2 eval`` against transformers' loop of its perplexity guide.
 """
 
-import os
 import re
 
 import numpy as np

@@ -85,14 +85,12 @@ def accumulate_grad(model, micro_batches: Iterable, metric=None):
     Memory holds one micro-batch's activations and one set of gradients.
     """
     total_loss, total_grads, n_total = 0.0, None, 0
-    parts = []
     for tokens in micro_batches:
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
         n = tokens.shape[0] * (tokens.shape[1] - 1)
         loss, grads = model.value_and_grad(tokens, metric=metric)
-        parts.append(n)
         if total_grads is None:
             total_grads = grads
             for _, g in named_parameters(total_grads):

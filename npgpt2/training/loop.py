@@ -199,7 +199,7 @@ def finetune(model, data: TokenDataset, config: FinetuneConfig, options: RunOpti
 
 def _evaluate(model, val, config, options, result, write) -> None:
     tokens = val.tokens[: options.eval_tokens]
-    ppl = perplexity(model, tokens, window=min(config.seq_len, len(tokens)) if len(tokens) >= 2 else 2)
+    ppl = perplexity(model, tokens, window=min(config.seq_len, len(tokens)))  # split_data: >= 2 tokens
     result.evals.append({"step": result.step, "val_loss": ppl.loss, "val_perplexity": ppl.perplexity})
     train_loss = result.history[-1]["loss"] if result.history else float("nan")
     write(f"step {result.step}: train loss {train_loss:.4f}, val loss {ppl.loss:.4f}, "
