@@ -142,6 +142,7 @@ def finetune(model, data: TokenDataset, config: FinetuneConfig, options: RunOpti
         opt.load(os.path.join(resume, "optimizer.safetensors"))
         opt._refresh_model()
         result.step, result.history, result.evals = state["step"], state["history"], state["evals"]
+        result.checkpoint = resume
         options.log(f"resuming {model.name} from {resume} at step {result.step} of {config.steps} "
                     "(the checkpoint's settings; --steps may extend the run)")
 
@@ -168,7 +169,7 @@ def finetune(model, data: TokenDataset, config: FinetuneConfig, options: RunOpti
                     loss, grads = accumulate_grad(model, micro)
                 norm = clip_grad_norm(grads, config.grad_clip if config.grad_clip > 0 else math.inf)
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                last = f"; the last checkpoint is in {_checkpoint_dir(options.out)}" if result.checkpoint else ""
+                last = f"; the last checkpoint is in {result.checkpoint}" if result.checkpoint else ""
                 raise NonFiniteLossError(
                     f"step {k + 1}: the loss is {loss} and the gradient norm {norm}: stopped before updating "
                     f"the weights{last}; try a lower --lr (now {opt.lr_at(k):.3g}) or --grad-clip")
