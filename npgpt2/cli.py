@@ -9,6 +9,8 @@
     npgpt2 info
     npgpt2 download gpt2-medium
     npgpt2 parity --model gpt2
+    npgpt2 finetune notes.txt -m gpt2 --steps 200 --out my-gpt2
+    npgpt2 eval notes.txt -m my-gpt2 --stride 512
 
 Every command that takes --model accepts an alias, a hub repository id, or a local folder.
 """
@@ -364,6 +366,65 @@ def cmd_dashboard(args):
           f"{os.path.join(os.path.abspath(args.out), 'index.html')} in a browser (works offline)")
 
 
+# ---------------------------------------------------------------------------------- finetune
+def cmd_finetune(args):
+    import signal
+
+    from .training import TokenDataset
+    from .training.loop import FinetuneConfig, RunOptions, finetune, load_checkpoint
+
+    if args.resume:
+        model, config, resume = load_checkpoint(args.out)
+        config.steps = args.steps if args.steps is not None else config.steps
+    else:
+        model = _load(args)
+        resume = None
+        config = FinetuneConfig(
+            steps=args.steps if args.steps is not None else 200, batch_size=args.batch,
+            seq_len=args.seq_len if args.seq_len is not None else min(256, model.cfg.n_ctx),
+            grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+            schedule=args.schedule, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=1e-8,
+            grad_clip=args.grad_clip, seed=args.seed, val_fraction=args.val_fraction)
+        config.check(model.cfg.n_ctx)  # before the data is read
+    data = TokenDataset.from_paths(args.data, model.tokenizer)
+
+    stop = {"asked": False}
+
+    def on_interrupt(signum, frame):  # the first Ctrl-C finishes the step, saves and stops
+        stop["asked"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one stops at once
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        options = RunOptions(out=args.out, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+                             checkpoint_every=args.checkpoint_every, progress=args.progress,
+                             should_stop=lambda: stop["asked"],
+                             log=lambda line: print(line, file=sys.stderr))
+        result = finetune(model, data, config, options, resume=resume)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.interrupted:
+        print(f"npgpt2 finetune: interrupted after step {result.step} of {config.steps}: checkpoint saved in "
+              f"{result.checkpoint}; continue with --resume --out {args.out}", file=sys.stderr)
+        return 130
+    losses = [h["loss"] for h in result.history]
+    val = f"; held-out loss {result.evals[-1]['val_loss']:.4f}" if result.evals else ""
+    print(f"trained {result.step} steps on {len(data):,} tokens: loss {losses[0]:.4f} -> {losses[-1]:.4f}{val}; "
+          f"model saved in {args.out} (npgpt2 generate \"...\" -m {args.out})")
+
+
+# -------------------------------------------------------------------------------------- eval
+def cmd_eval(args):
+    from .training import TokenDataset, perplexity
+
+    model = _load(args)
+    data = TokenDataset.from_paths(args.data, model.tokenizer)
+    result = perplexity(model, data, window=args.window, stride=args.stride)
+    print(f"{model.name} on {data.source}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f} "
+          f"({result.n_tokens:,} tokens scored in {result.n_windows} windows of {result.window}, "
+          f"stride {result.stride})")
+
+
 # ------------------------------------------------------------------------------------ parser
 def _positive_int(text):
     try:
@@ -538,6 +599,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=4, help="tokens shown after it (default: 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a dashboard already in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+    p = add("finetune", cmd_finetune,
+            "train the model further on text files, a folder of them, or a .bin token file: AdamW, "
+            "warm-up + cosine learning rate, clipping, held-out evaluation, resumable checkpoints",
+            "npgpt2 finetune notes.txt -m gpt2 --steps 200 --batch 4 --seq-len 256 --lr 3e-4 --out my-gpt2")
+    p.add_argument("data", nargs="+", help="text files (one document each), a folder of .txt/.md, or a "
+                                           "uint16 .bin token file")
+    model_args(p, dtype=True)
+    p.add_argument("--out", "-o", required=True, help="folder for the trained model (and OUT/checkpoint)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (default: 200)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="sequences per micro-batch (default: 4)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default: 256, at most n_ctx)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1,
+                   help="micro-batches accumulated into each step (default: 1)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends (default: 0)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="on 2-D weight matrices (default: 0.1)")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"))
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit; 0: none (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="which random windows make the batches (default: 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the last part of the tokens held out for evaluation; 0: none (default: 0.1)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--eval-tokens", type=_positive_int, default=32768,
+                   help="held-out tokens per evaluation, at most (default: 32768)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save OUT/checkpoint every N steps (default: at the end, and on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, exactly")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+
+    p = add("eval", cmd_eval, "loss and perplexity on a text, in windows of n_ctx tokens moved by --stride "
+            "(the method of transformers' perplexity guide)", "npgpt2 eval notes.txt -m my-gpt2 --stride 512")
+    p.add_argument("data", nargs="+", help="text files, a folder of .txt/.md, or a uint16 .bin token file")
+    model_args(p, dtype=True)
+    p.add_argument("--window", type=_positive_int, help="tokens per window (default: the model's n_ctx)")
+    p.add_argument("--stride", type=_positive_int, help="tokens between window starts (default: the window)")
     return parser
 
 

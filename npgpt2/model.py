@@ -325,6 +325,13 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             total = total + self.weights.blocks[layer].b_O
         return total
 
+    def save_pretrained(self, folder) -> str:
+        """Write config.json, model.safetensors (float32, the hub's layout), vocab.json and merges.txt
+        into ``folder``, atomically; transformers' ``from_pretrained(folder)`` loads it. See save.py."""
+        from .save import save_pretrained
+
+        return save_pretrained(self, folder)
+
     def n_params(self) -> int:
         """Number of parameters (a tied unembedding counted once)."""
         total = sum(a.size for _, a in self.weights.arrays())

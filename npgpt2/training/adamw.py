@@ -1,0 +1,288 @@
+"""AdamW for a ``GPT2``, with torch.optim.AdamW's semantics; global-norm gradient clipping; gradient
+accumulation over micro-batches.
+
+One step, for each parameter p with gradient g (torch.optim.AdamW, ``t`` counting from 1):
+
+    p *= 1 - lr * weight_decay                      (decoupled weight decay; only decayed parameters)
+    m += (1 - beta1) * (g - m)                      (m = beta1 m + (1 - beta1) g)
+    v  = beta2 v + (1 - beta2) g^2
+    p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+``eps`` is added after the bias correction of sqrt(v), as torch does (not inside the square root).
+
+The parameters: ``AdamW(model)`` copies every weight of ``model.weights`` (read-only memory maps
+after loading) into writable arrays of the model's dtype that it owns, and installs them as
+``model.weights``. ``step`` updates them in place and then installs a fresh ``GPT2Weights`` over
+the same arrays, so that the forward pass uses the new values at once and the TransformerLens
+views (``model.W_Q`` ...) are rebuilt on their next access. The tied unembedding stays tied:
+``W_U`` is ``W_E.T``, one parameter, updated once with the whole gradient (``grads.W_E``).
+
+Parameter names are those of ``GPT2Weights.arrays()``: ``W_E``, ``W_pos``, ``blocks.{l}.W_qkv``,
+``blocks.{l}.ln1_w`` ..., ``ln_final_w``, ``ln_final_b``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..weights import BlockWeights, GPT2Weights
+
+# elements per chunk of the update: the dozen passes of one chunk stay in the CPU's cache, so the
+# arrays are read from memory about once (see benchmarks/bench_train.py)
+_CHUNK = 1 << 17
+
+
+def is_tied(weights: GPT2Weights) -> bool:
+    """Is the unembedding the embedding, transposed (GPT-2's tie)? Then they are one parameter."""
+    return weights.W_U is not None and np.may_share_memory(weights.W_U, weights.W_E)
+
+
+def named_parameters(weights) -> list[tuple[str, np.ndarray]]:
+    """The trainable arrays of a ``GPT2Weights`` (or of its gradients), each once: the tied ``W_U``
+    (a view of ``W_E``) is left out. A dict {name: array} passes through as its items."""
+    if isinstance(weights, dict):
+        return list(weights.items())
+    tied = is_tied(weights)
+    return [(name, a) for name, a in weights.arrays() if not (tied and name == "W_U")]
+
+
+def default_decay(name: str, array: np.ndarray) -> bool:
+    """Weight decay on 2-D weight matrices (W_E, W_pos, W_qkv, W_attn_out, W_in, W_out), not on
+    biases and layer-norm gains: the convention of nanoGPT and of GPT-2 fine-tuning."""
+    return array.ndim >= 2
+
+
+def clip_grad_norm(grads, max_norm: float, eps: float = 1e-6) -> float:
+    """Scale the gradients in place so that their global norm is at most ``max_norm``; return the
+    global norm before clipping (torch.nn.utils.clip_grad_norm_).
+
+    The global norm is the 2-norm of all gradients as one vector (a tied gradient counted once).
+    As in torch, every gradient is multiplied by min(1, max_norm / (norm + 1e-6)); a NaN or infinite
+    norm is returned (the caller decides), and then the gradients become NaN, as torch's do.
+    grads: a ``GPT2Weights`` of gradients (from ``value_and_grad``), a dict, or a list of arrays.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm={max_norm}: expected a positive number")
+    arrays = [a for a in grads] if isinstance(grads, (list, tuple)) else [a for _, a in named_parameters(grads)]
+    norms = np.array([np.linalg.norm(a.reshape(-1)) for a in arrays])  # one norm per tensor, as torch
+    total = float(np.linalg.norm(norms))
+    coef = max_norm / (total + eps)
+    if not coef >= 1.0:  # also when the norm is NaN: the gradients become NaN, as in torch
+        for a in arrays:
+            a *= a.dtype.type(coef)
+    return total
+
+
+def accumulate_grad(model, micro_batches: Iterable, metric=None):
+    """(loss, grads) of the micro-batches together, one ``value_and_grad`` at a time: the mean loss
+    over all predicted tokens and its gradient, the same as one ``value_and_grad`` of the batches
+    stacked (each micro-batch is weighted by its number of predicted tokens, batch * (pos - 1)).
+    Memory holds one micro-batch's activations and one set of gradients.
+    """
+    total_loss, total_grads, n_total = 0.0, None, 0
+    for tokens in micro_batches:
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        n = tokens.shape[0] * (tokens.shape[1] - 1)
+        loss, grads = model.value_and_grad(tokens, metric=metric)
+        if total_grads is None:
+            total_grads = grads
+            for _, g in named_parameters(total_grads):
+                g *= g.dtype.type(n)
+        else:
+            acc = dict(named_parameters(total_grads))
+            for name, g in named_parameters(grads):
+                acc[name] += g * g.dtype.type(n)
+        total_loss += loss * n
+        n_total += n
+    if total_grads is None:
+        raise ValueError("accumulate_grad: no micro-batches were given")
+    for _, g in named_parameters(total_grads):
+        g /= g.dtype.type(n_total)
+    return total_loss / n_total, total_grads
+
+
+class AdamW:
+    """torch.optim.AdamW for a ``GPT2`` (see the module's docstring).
+
+    lr: a float, or a schedule: a function of the number of steps already taken (0 for the first
+        step) -> learning rate, e.g. ``training.warmup_cosine(3e-4, 100, 2000)``.
+    betas, eps, weight_decay: as torch's (torch's default weight_decay is 0.01).
+    decay: which parameters get weight decay: None (2-D matrices, ``default_decay``), a function
+        (name, array) -> bool, or a collection of parameter names.
+    """
+
+    def __init__(self, model, lr: float | Callable[[int], float] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decay=None):
+        if not callable(lr) and not lr >= 0:
+            raise ValueError(f"lr={lr}: expected a non-negative learning rate or a schedule")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas={betas}: expected two numbers in [0, 1)")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"eps={eps}, weight_decay={weight_decay}: expected non-negative numbers")
+        if any(model.processing.values()):
+            done = ", ".join(k for k, v in model.processing.items() if v)
+            raise ValueError(f"the model's weights were processed ({done}): train the unprocessed model "
+                             "(load it without fold_ln/center_*/fold_value_biases)")
+        self.model = model
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.t = 0  # steps taken
+        self.params = self._install(model)  # {name: writable array}, owned here, used by the model
+        if decay is None:
+            decay = default_decay
+        if callable(decay):
+            self.decayed = {name for name, p in self.params.items() if decay(name, p)}
+        else:
+            self.decayed = set(decay)
+            unknown = self.decayed - set(self.params)
+            if unknown:
+                raise ValueError(f"decay names unknown parameters {sorted(unknown)[:3]}; parameters are "
+                                 f"named as GPT2Weights.arrays(), e.g. {list(self.params)[:3]}")
+        self.m = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.v = {name: np.zeros_like(p) for name, p in self.params.items()}
+
+    # ------------------------------------------------------------------------------- parameters
+    @staticmethod
+    def _install(model) -> dict[str, np.ndarray]:
+        """Writable copies of the model's weights, installed as ``model.weights``."""
+        w = model.weights
+        tied = is_tied(w)
+        dtype = model.dtype
+        copy = {name: np.array(a, dtype=dtype, order="C", copy=True) for name, a in named_parameters(w)}
+        blocks = [BlockWeights(**{f.name: copy.get(f"blocks.{l}.{f.name}") for f in dataclasses.fields(BlockWeights)})
+                  for l in range(len(w.blocks))]
+        model.weights = GPT2Weights(
+            W_E=copy["W_E"], W_pos=copy["W_pos"], blocks=blocks, ln_final_w=copy.get("ln_final_w"),
+            ln_final_b=copy.get("ln_final_b"), W_U=copy["W_E"].T if tied else copy["W_U"], b_U=copy.get("b_U"))
+        return copy
+
+    def _refresh_model(self) -> None:
+        """Give the model a new ``GPT2Weights`` over the (updated) arrays: the views are rebuilt."""
+        if self.model.weights.W_E is not self.params["W_E"]:
+            raise ValueError("model.weights was replaced after this optimizer was made: make the optimizer "
+                             "after loading or processing the weights")
+        self.model.weights = dataclasses.replace(self.model.weights)
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate of the step taken after ``t`` steps."""
+        return float(self.lr(t)) if callable(self.lr) else float(self.lr)
+
+    # ------------------------------------------------------------------------------------- step
+    def step(self, grads) -> float:
+        """One AdamW update from ``grads`` (a ``GPT2Weights`` of gradients, as ``value_and_grad``
+        returns, or a dict {name: array}). Returns the learning rate used."""
+        grads = dict(named_parameters(grads))
+        missing = [n for n in self.params if n not in grads]
+        if missing:
+            raise ValueError(f"no gradient for {', '.join(missing[:3])}: expected one per parameter "
+                             f"({len(self.params)})")
+        lr = self.lr_at(self.t)
+        self.t += 1
+        beta1, beta2 = self.betas
+        step_size = lr / (1 - beta1 ** self.t)
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.t)
+        for name, p in self.params.items():
+            g = grads[name]
+            if g.shape != p.shape:
+                raise ValueError(f"gradient {name} has shape {list(g.shape)}; expected {list(p.shape)}")
+            decay = 1 - lr * self.weight_decay if name in self.decayed else 1.0
+            _update(p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1),
+                    self.m[name].reshape(-1), self.v[name].reshape(-1),
+                    decay, beta1, beta2, step_size, bias_correction2_sqrt, self.eps)
+        self._refresh_model()
+        return lr
+
+    # -------------------------------------------------------------------------------- the state
+    def state_dict(self) -> dict:
+        """{"step", "betas", "eps", "weight_decay", "lr" (None for a schedule), "decay": [names],
+        "m": {name: array}, "v": {name: array}}; the arrays are the optimizer's own (not copies)."""
+        return {"step": self.t, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay,
+                "lr": None if callable(self.lr) else self.lr, "decay": sorted(self.decayed),
+                "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the step count, moments and hyperparameters of ``state_dict()`` (a learning-rate
+        schedule stays as it is)."""
+        for key in ("m", "v"):
+            names = set(state[key])
+            if names != set(self.params):
+                diff = sorted(names ^ set(self.params))[:3]
+                raise ValueError(f"optimizer state's {key} does not match the parameters (differ: {diff})")
+            for name, p in self.params.items():
+                if tuple(state[key][name].shape) != p.shape:
+                    raise ValueError(f"optimizer state {key}[{name}] has shape {list(state[key][name].shape)}; "
+                                     f"expected {list(p.shape)}")
+        self.t = int(state["step"])
+        self.betas, self.eps = tuple(state["betas"]), float(state["eps"])
+        self.weight_decay = float(state["weight_decay"])
+        if state.get("lr") is not None and not callable(self.lr):
+            self.lr = float(state["lr"])
+        self.decayed = set(state["decay"])
+        self.m = {n: np.array(a, dtype=self.params[n].dtype, order="C", copy=True) for n, a in state["m"].items()}
+        self.v = {n: np.array(a, dtype=self.params[n].dtype, order="C", copy=True) for n, a in state["v"].items()}
+
+    def save(self, path: str) -> None:
+        """Write the state to one safetensors file (tensors ``m.NAME``, ``v.NAME``; the numbers in
+        its metadata). Never a pickle."""
+        from safetensors.numpy import save_file
+
+        state = self.state_dict()
+        tensors = {f"{k}.{n}": np.ascontiguousarray(a) for k in ("m", "v") for n, a in state[k].items()}
+        meta = {k: v for k, v in state.items() if k not in ("m", "v")}
+        save_file(tensors, path, metadata={"npgpt2.adamw": json.dumps(meta)})
+
+    def load(self, path: str) -> None:
+        """Read a state written by ``save``."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            meta = (f.metadata() or {}).get("npgpt2.adamw")
+            if meta is None:
+                raise ValueError(f"{path} holds no AdamW state (no 'npgpt2.adamw' metadata)")
+            state = json.loads(meta)
+            state["m"], state["v"] = {}, {}
+            for key in f.keys():
+                kind, name = key.split(".", 1)
+                state[kind][name] = f.get_tensor(key)
+        self.load_state_dict(state)
+
+
+def _update(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps) -> None:
+    """torch's single-tensor AdamW on flat arrays, in place, one cache-sized chunk at a time.
+
+    The last line, p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), is computed as
+    p -= m / (sqrt(v) * (1 / (bias_correction2_sqrt * step_size)) + eps / step_size): the same
+    number up to rounding, with one pass over the chunk fewer.
+    """
+    tmp = np.empty(min(_CHUNK, p.size), p.dtype)
+    f = p.dtype.type
+    c1, c2, b2, dec = f(1 - beta1), f(1 - beta2), f(beta2), f(decay)
+    if step_size != 0:
+        scale, shift = f(1 / (bias_correction2_sqrt * step_size)), f(eps / step_size)
+    for start in range(0, p.size, _CHUNK):
+        s = slice(start, start + _CHUNK)
+        pc, gc, mc, vc = p[s], g[s], m[s], v[s]
+        t = tmp[: pc.size]
+        if decay != 1.0:
+            pc *= dec  # param.mul_(1 - lr * weight_decay)
+        np.subtract(gc, mc, out=t)  # exp_avg.lerp_(grad, 1 - beta1)
+        t *= c1
+        mc += t
+        np.multiply(gc, gc, out=t)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        t *= c2
+        vc *= b2
+        vc += t
+        if step_size == 0:  # lr 0 (the first step of a warm-up): the moments move, the parameters not
+            continue
+        np.sqrt(vc, out=t)  # (sqrt(v) / bias_correction2_sqrt + eps) / step_size
+        t *= scale
+        t += shift
+        np.divide(mc, t, out=t)  # param.addcdiv_(exp_avg, denom, value=-step_size)
+        pc -= t
