@@ -78,7 +78,18 @@ def test_finetune_then_eval_then_generate(tiny_dir, notes, tmp_path, capsys):
     one_line(err, "the data differs from the data of the checkpoint")
 
 
-def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(tiny_dir, notes, tmp_path, hf_home, capsys):
+@pytest.fixture
+def one_thread():
+    """This process on one thread, as the subprocesses (OPENBLAS_NUM_THREADS=1): BLAS may round a
+    float64 product differently on another number of threads, and bit-for-bit comparisons of runs
+    hold on one machine set-up."""
+    before = npgpt2.get_num_threads()
+    npgpt2.set_num_threads(1)
+    yield
+    npgpt2.set_num_threads(before)
+
+
+def test_ctrl_c_saves_and_resume_equals_the_uninterrupted_run(tiny_dir, notes, tmp_path, hf_home, capsys, one_thread):
     """float64: the run stopped by Ctrl-C and resumed ends with the same parameters and optimizer
     state as the run never stopped, bit for bit."""
     args = [notes, "-m", tiny_dir, "--dtype", "float64", "--steps", "10", *ARGS]

@@ -65,6 +65,27 @@ def test_adamw_without_decay_equals_plain_adam(tiny_dir):
         assert np.max(np.abs(p - params[name])) <= 1e-13 * np.max(np.abs(p)), name
 
 
+def test_adamw_gives_the_same_bits_on_any_number_of_threads(tiny_dir):
+    # the update is spread over npgpt2's threads in chunks; each chunk's arithmetic is the same
+    model = fresh(tiny_dir)
+    grads = [model.value_and_grad(tokens)[1] for tokens in random_batches(2)]  # the same gradients for all
+    results = []
+    before = npgpt2.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            npgpt2.set_num_threads(n)
+            model = fresh(tiny_dir)
+            opt = training.AdamW(model, lr=3e-3, weight_decay=0.1)
+            for g in grads:
+                opt.step(g)
+            results.append(params_of(model))
+    finally:
+        npgpt2.set_num_threads(before)
+    for other in results[1:]:
+        for name, p in other.items():
+            np.testing.assert_array_equal(p, results[0][name], err_msg=name)
+
+
 def test_weight_decay_is_decoupled_and_only_on_matrices_by_default(tiny_dir):
     model = fresh(tiny_dir)
     before = params_of(model)

@@ -26,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from typing import Callable, Iterable
 
 import numpy as np
 
+from ..threads import worker_pool
 from ..weights import BlockWeights, GPT2Weights
 
 # elements per chunk of the update: the dozen passes of one chunk stay in the CPU's cache, so the
@@ -188,14 +190,17 @@ class AdamW:
         beta1, beta2 = self.betas
         step_size = lr / (1 - beta1 ** self.t)
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.t)
+        chunks = []  # (p, g, m, v, decay, start): independent pieces of the update, flat
         for name, p in self.params.items():
             g = grads[name]
             if g.shape != p.shape:
                 raise ValueError(f"gradient {name} has shape {list(g.shape)}; expected {list(p.shape)}")
             decay = 1 - lr * self.weight_decay if name in self.decayed else 1.0
-            _update(p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1),
-                    self.m[name].reshape(-1), self.v[name].reshape(-1),
-                    decay, beta1, beta2, step_size, bias_correction2_sqrt, self.eps)
+            flat = (p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1),
+                    self.m[name].reshape(-1), self.v[name].reshape(-1))
+            chunks += [flat + (decay, start) for start in range(0, p.size, _CHUNK)]
+        with worker_pool() as run:  # elementwise: the chunks spread over npgpt2's threads
+            run(lambda c: _update(*c, beta1, beta2, step_size, bias_correction2_sqrt, self.eps), chunks)
         self._refresh_model()
         return lr
 
@@ -254,35 +259,41 @@ class AdamW:
         self.load_state_dict(state)
 
 
-def _update(p, g, m, v, decay, beta1, beta2, step_size, bias_correction2_sqrt, eps) -> None:
-    """torch's single-tensor AdamW on flat arrays, in place, one cache-sized chunk at a time.
+def _update(p, g, m, v, decay, start, beta1, beta2, step_size, bias_correction2_sqrt, eps) -> None:
+    """torch's single-tensor AdamW on the chunk [start, start + _CHUNK) of flat arrays, in place.
 
     The last line, p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), is computed as
     p -= m / (sqrt(v) * (1 / (bias_correction2_sqrt * step_size)) + eps / step_size): the same
     number up to rounding, with one pass over the chunk fewer.
     """
-    tmp = np.empty(min(_CHUNK, p.size), p.dtype)
+    s = slice(start, start + _CHUNK)
+    pc, gc, mc, vc = p[s], g[s], m[s], v[s]
+    t = _scratch(pc.size, p.dtype)
     f = p.dtype.type
-    c1, c2, b2, dec = f(1 - beta1), f(1 - beta2), f(beta2), f(decay)
-    if step_size != 0:
-        scale, shift = f(1 / (bias_correction2_sqrt * step_size)), f(eps / step_size)
-    for start in range(0, p.size, _CHUNK):
-        s = slice(start, start + _CHUNK)
-        pc, gc, mc, vc = p[s], g[s], m[s], v[s]
-        t = tmp[: pc.size]
-        if decay != 1.0:
-            pc *= dec  # param.mul_(1 - lr * weight_decay)
-        np.subtract(gc, mc, out=t)  # exp_avg.lerp_(grad, 1 - beta1)
-        t *= c1
-        mc += t
-        np.multiply(gc, gc, out=t)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        t *= c2
-        vc *= b2
-        vc += t
-        if step_size == 0:  # lr 0 (the first step of a warm-up): the moments move, the parameters not
-            continue
-        np.sqrt(vc, out=t)  # (sqrt(v) / bias_correction2_sqrt + eps) / step_size
-        t *= scale
-        t += shift
-        np.divide(mc, t, out=t)  # param.addcdiv_(exp_avg, denom, value=-step_size)
-        pc -= t
+    if decay != 1.0:
+        pc *= f(decay)  # param.mul_(1 - lr * weight_decay)
+    np.subtract(gc, mc, out=t)  # exp_avg.lerp_(grad, 1 - beta1)
+    t *= f(1 - beta1)
+    mc += t
+    np.multiply(gc, gc, out=t)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    t *= f(1 - beta2)
+    vc *= f(beta2)
+    vc += t
+    if step_size == 0:  # lr 0 (the first step of a warm-up): the moments move, the parameters not
+        return
+    np.sqrt(vc, out=t)  # (sqrt(v) / bias_correction2_sqrt + eps) / step_size
+    t *= f(1 / (bias_correction2_sqrt * step_size))
+    t += f(eps / step_size)
+    np.divide(mc, t, out=t)  # param.addcdiv_(exp_avg, denom, value=-step_size)
+    pc -= t
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, dtype) -> np.ndarray:
+    """A work array of n elements for this thread, reused from one chunk to the next."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        buf = _local.buf = np.empty(max(n, _CHUNK), dtype)
+    return buf[:n]
