@@ -1,7 +1,7 @@
 """How npgpt2's objects show themselves in Jupyter: ``_repr_html_`` tables, and the attention view.
 
 Jupyter calls an object's ``_repr_html_()`` when it is the last expression of a cell; the model,
-``ActivationCache``, ``FactoredMatrix`` and ``SAE`` return the HTML made here. Their plain
+``ActivationCache``, ``FactoredMatrix``, ``SAE`` and ``Harvest`` return the HTML made here. Their plain
 ``repr`` stays one line. Everything is self-contained: no scripts, styles or fonts from a network,
 so a notebook saved with its outputs shows the same offline.
 
@@ -127,6 +127,39 @@ def sae_html(sae) -> str:
             ("parameters", f"{sum(a.size for a in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)):,}")]
     rows += [(k, str(v)) for k, v in sae.cfg.items() if k not in ("d_in", "d_sae", "hook_name")]
     return table_html(rows, caption="SAE")
+
+
+# ----------------------------------------------------------------------------------- harvests
+def harvest_summary(h) -> str:
+    """A harvest in one line: hook (and SAE), features, tokens seen, where it is stored."""
+    m = h.manifest
+    what = f"{m['n_features']:,} {m['feature_kind']}s of {m['hook']}"
+    return (f"Harvest({what}; {m['tokens_seen']:,} tokens; "
+            f"{'in ' + str(h.folder) if h.folder else 'not saved'})")
+
+
+def harvest_html(h, n_top: int = 5) -> str:
+    """A ``Harvest``: its model, hook point (and SAE), corpus, tokens seen and features, where it is
+    stored; then the ``n_top`` features with the largest activations (max, density, mean when firing)."""
+    m = h.manifest
+    sae = m.get("sae")
+    sae_text = "none (the hook's neurons)" if not sae else \
+        f"{sae.get('release') or '(given)'}:{sae.get('sae_id') or sae['hook']} (d_sae {sae['d_sae']:,})"
+    fired = int((h.features["fire_count"] > 0).sum())
+    rows = [("model", m["model_name"] if m["model_name"] == m["model"] else f"{m['model_name']} ({m['model']})"),
+            ("hook", m["hook"]), ("SAE", sae_text),
+            ("features", f"{m['n_features']:,} {m['feature_kind']}s, {fired:,} fired (activation > {m['threshold']:g})"),
+            ("tokens seen", f"{m['tokens_seen']:,} in {m['n_contexts']:,} contexts of {m['ctx']} tokens"),
+            ("corpus", f"{m['corpus']['description']} (fingerprint {m['corpus']['fingerprint'][:12]})"),
+            ("run", f"{m['runner']}, {m['seconds']:g} s"),
+            ("stored in", str(h.folder) if h.folder else "not saved (harvest(..., out=FOLDER) writes it)")]
+    strongest = h.features.sort_values(["max", "feature"], ascending=[False, True]).head(n_top)
+    top_rows = [(int(r.feature), f"{r.max:.4g}", f"{r.density:.4g}",
+                 "-" if r.mean_firing != r.mean_firing else f"{r.mean_firing:.4g}", f"{int(r.fire_count):,}")
+                for r in strongest.itertuples()]
+    return (table_html(rows, caption=f"Harvest of {m['hook']}")
+            + table_html(top_rows, header=(m["feature_kind"], "max", "density", "mean when firing", "fire count"),
+                         caption=f"the {len(top_rows)} {m['feature_kind']}s with the largest activations"))
 
 
 # --------------------------------------------------------------------------- the attention view

@@ -9,6 +9,7 @@ import pytest
 
 from npgpt2 import SAE, plot
 from npgpt2.analysis import next_token_table, ov_circuit, prompt_token_probs
+from npgpt2.display import _CELL, harvest_html
 
 from browser import render, texts
 
@@ -159,6 +160,63 @@ def test_factored_matrix_and_sae_html(model):
     assert repr(sae) == f"SAE(blocks.1.hook_resid_pre: d_in={d}, d_sae={4 * d}, dtype=float64)"
     page = sae._repr_html_()
     assert "blocks.1.hook_resid_pre" in page and "4x" in page and "l1_coefficient" in page
+
+
+def _harvest(folder=None, sae=None):
+    import pandas as pd
+
+    from npgpt2.harvest import Harvest
+
+    features = pd.DataFrame({"feature": [0, 1, 2, 3, 4, 5, 6], "n_tokens": 12345,
+                             "fire_count": [10, 0, 4000, 7, 12345, 3, 99],
+                             "max": [2.5, -0.25, 7.0, 7.0, 1.0, 3.125, 0.5],
+                             "density": [10 / 12345, 0.0, 4000 / 12345, 7 / 12345, 1.0, 3 / 12345, 99 / 12345],
+                             "mean_firing": [1.5, np.nan, 2.0, 6.5, 0.5, 3.0, 0.25], "mean": 0.0, "min": -1.0})
+    manifest = {"model": "/models/<tiny>", "model_name": "tiny & small", "hook": "blocks.1.mlp.hook_post",
+                "sae": sae, "n_features": 7, "feature_kind": "latent" if sae else "neuron", "threshold": 0.0,
+                "tokens_seen": 12345, "n_contexts": 196, "ctx": 64, "runner": "in-process", "seconds": 1.5,
+                "corpus": {"description": "texts <3 & more", "fingerprint": "0123456789abcdef"}}
+    empty = pd.DataFrame()
+    return Harvest(manifest, features, empty, empty, empty, empty, folder=folder)
+
+
+def test_harvest_html_says_what_was_read_and_its_strongest_features():
+    h = _harvest(folder="/data/h<1>&2")
+    assert repr(h) == "Harvest(7 neurons of blocks.1.mlp.hook_post; 12,345 tokens; in /data/h<1>&2)"
+    page = h._repr_html_()
+    for expected in ("tiny &amp; small (/models/&lt;tiny&gt;)", "blocks.1.mlp.hook_post", "none (the hook",
+                     "7 neurons, 6 fired", "12,345 in 196 contexts of 64 tokens", "texts &lt;3 &amp; more",
+                     "0123456789ab)", "/data/h&lt;1&gt;&amp;2"):
+        assert expected in page, expected
+    assert "<tiny>" not in page and "h<1>" not in page
+    # the second table: the five largest maxima, ties (7.0) in feature order; a feature that never
+    # fired (the last of all seven) has no mean when firing
+    top = page.split("the 5 neurons with the largest activations")[1]
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", top)[1:]]
+    assert [r[0] for r in rows] == ["2", "3", "5", "0", "4"]
+    assert rows[0] == ["2", "7", "0.324", "2", "4,000"] and rows[2] == ["5", "3.125", "0.000243", "3", "3"]
+    everything = harvest_html(h, n_top=7).split("the 7 neurons with the largest activations")[1]
+    last = re.findall(r"<td[^>]*>(.*?)</td>", re.findall(r"<tr>(.*?)</tr>", everything)[-1])
+    assert last == ["1", "-0.25", "0", "-", "0"]
+    assert _harvest()._repr_html_().count("not saved") == 1 and repr(_harvest()).endswith("; not saved)")
+
+
+def test_harvest_html_of_an_sae_and_of_a_real_harvest(model):
+    pytest.importorskip("pyarrow")
+    h = _harvest(sae={"release": "res-jb", "sae_id": "blocks.1.hook_resid_pre", "hook": "blocks.1.hook_resid_pre",
+                      "d_sae": 24576})
+    page = h._repr_html_()
+    assert "res-jb:blocks.1.hook_resid_pre (d_sae 24,576)" in page and "7 latents, 6 fired" in page
+    assert "the 5 latents with the largest activations" in page
+    from npgpt2.harvest import harvest
+
+    real = harvest(["The cat sat on the mat. " * 20], model, "blocks.0.mlp.hook_post", ctx=32, top_k=3, per_band=1,
+                   progress=False)
+    page = real._repr_html_()
+    assert f"{real.manifest['tokens_seen']:,} in {real.manifest['n_contexts']} contexts of 32 tokens" in page
+    assert f"{model.cfg.d_mlp} neurons" in page and len(repr(real)) < 200 and "\n" not in repr(real)
+    best = real.features.sort_values("max", ascending=False).iloc[0]
+    assert f"<td style=\"{_CELL}\">{int(best['feature'])}</td><td style=\"{_CELL}\">{best['max']:.4g}</td>" in page
 
 
 # ------------------------------------------------------------------- coloured token tables

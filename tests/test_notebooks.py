@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WALKTHROUGHS = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "*.py"))
                       if not os.path.basename(p).startswith("_") and "\n# %%" in open(p, encoding="utf-8").read())
 # Small settings so that each notebook runs in seconds on the synthetic model
-FAST = {"STEPS": 300, "SAE_STEPS": 300, "SEQ_LEN": 20, "TOP": 20, "IG_STEPS": 2, "IG_STEPS_SALIENCY": 16}
+FAST = {"STEPS": 300, "SAE_STEPS": 300, "SEQ_LEN": 20, "TOP": 20, "IG_STEPS": 2, "IG_STEPS_SALIENCY": 16,
+        "TOKENS": 3000, "PAGES": 4}
 
 
 def execute(path, parameters, workdir):
@@ -56,7 +57,7 @@ def kernel_env(monkeypatch):
 def test_there_are_walkthroughs():
     names = {os.path.basename(p) for p in WALKTHROUGHS}
     assert {"token_tables.py", "forward_pass.py", "ioi.py", "induction.py", "superposition.py", "sae.py",
-            "backprop.py", "ioi_circuit.py"} <= names
+            "backprop.py", "ioi_circuit.py", "dashboards.py"} <= names
 
 
 @pytest.mark.parametrize("path", WALKTHROUGHS, ids=os.path.basename)
@@ -74,5 +75,7 @@ def test_walkthrough_runs_as_a_notebook(path, tiny_dir, tmp_path, kernel_env):
         assert any(f"GPT2 {tiny_dir}" in h for h in outputs(nb, "text/html")), name
     if name == "ioi.py":
         assert any("npgpt2-attn" in h for h in outputs(nb, "text/html"))  # the attention view, inline
+    if name == "dashboards.py":  # the harvest shows itself as its table, with the hook it read
+        assert any("Harvest of blocks.1.mlp.hook_post" in h for h in outputs(nb, "text/html"))
     if name in ("token_tables.py", "ioi.py", "induction.py", "superposition.py"):
         assert outputs(nb, "image/png"), f"{name} drew no figure inline"

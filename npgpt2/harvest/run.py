@@ -161,6 +161,16 @@ class Harvest:
     folder: str | None = None
     _tokens: dict = field(default_factory=dict, repr=False)
 
+    def __repr__(self):
+        from ..display import harvest_summary
+
+        return harvest_summary(self)
+
+    def _repr_html_(self) -> str:
+        from ..display import harvest_html
+
+        return harvest_html(self)
+
     def context_tokens(self, context: int) -> np.ndarray:
         """[ctx] token ids of one quoted context."""
         if not self._tokens:
