@@ -7,12 +7,12 @@ compare the two (float32 within 1e-5, float64 within 1e-12).
 
 What changes, and why it is faster:
 
-* Rows in tiles. The residual stream's rows (batch x position) are cut into tiles of ``TILE``
-  rows. One tile goes through the end of one block and the start of the next in one go: attention
-  output projection, residual add, layer norm, MLP (whose [tile, d_mlp] hidden layer stays in the
-  processor's cache), residual add, the next block's layer norm and q/k/v projection. Then
-  attention runs one (batch row, head) at a time, a block of queries against the keys they may see
-  (as ``ops.causal_attention``).
+* Rows in tiles. The residual stream's rows (batch x position) are cut into an even number of
+  tiles of at most ``TILE`` rows (``_tiles``). One tile goes through the end of one block and the
+  start of the next in one go: attention output projection, residual add, layer norm, MLP (whose
+  [tile, d_mlp] hidden layer stays in the processor's last-level cache), residual add, the next block's layer
+  norm and q/k/v projection. Then attention runs one (batch row, head) at a time, a block of
+  queries against the keys they may see (as ``ops.causal_attention``).
 * Threads. Tiles and heads are independent, so a pool of threads takes them (threads.py), each
   with a single-threaded BLAS: elementwise work (layer norm, GELU, softmax), which NumPy runs on one
   core, now runs on all of them, as the matrix products do.
@@ -36,8 +36,8 @@ import numpy as np
 from . import ops
 from .threads import worker_pool
 
-TILE = 64  # rows of the residual stream per tile
-QUERY_BLOCK = 64  # queries per attention block (as ops.causal_attention)
+TILE = 256  # the most rows of the residual stream in a tile
+QUERY_BLOCK = 128  # queries per attention block
 VOCAB_BLOCK = 2048  # columns of the unembedding per task
 
 
@@ -88,7 +88,7 @@ def blocks(model, resid: np.ndarray, start: int, stop: int) -> np.ndarray:
     ws = _acquire(key)
     try:
         np.copyto(ws.resid, resid.reshape(-1, d_model))
-        tiles = range(0, batch * pos, TILE)
+        tiles = _tiles(batch * pos)
         with worker_pool() as run:
             run(lambda r: _rows(model, ws, r, None, start), tiles)  # block `start` begins
             for l in range(start, stop):
@@ -114,8 +114,7 @@ def unembed(model, resid: np.ndarray) -> np.ndarray:
     logits = np.empty((x.shape[0], w.W_U.shape[1]), x.dtype)  # [rows, d_vocab]
     eps = model.cfg.layer_norm_epsilon
 
-    def norm(r0):
-        rows = slice(r0, r0 + TILE)
+    def norm(rows):
         _layer_norm_into(x[rows], w.ln_final_w, w.ln_final_b, eps, normalized[rows])
 
     def product(c0):
@@ -123,15 +122,22 @@ def unembed(model, resid: np.ndarray) -> np.ndarray:
         _linear_into(normalized, w.W_U[:, cols], None if w.b_U is None else w.b_U[cols], logits[:, cols])
 
     with worker_pool() as run:
-        run(norm, range(0, x.shape[0], TILE))
+        run(norm, _tiles(x.shape[0]))
         run(product, range(0, logits.shape[1], VOCAB_BLOCK))
     return logits.reshape(*lead, -1)
 
 
-def _rows(model, ws: _Workspace, r0: int, ending: int | None, beginning: int | None) -> None:
+def _tiles(n_rows: int) -> list[slice]:
+    """The row tiles: an even number (work for two or more threads), of at most ``TILE`` rows each.
+    They depend on the number of rows only, never on the number of threads."""
+    n_tiles = 2 * max(1, math.ceil(n_rows / (2 * TILE)))
+    size = math.ceil(n_rows / n_tiles)
+    return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def _rows(model, ws: _Workspace, rows: slice, ending: int | None, beginning: int | None) -> None:
     """One tile of rows: the rest of block ``ending`` after attention, then the start of block
     ``beginning`` up to its q, k, v (either may be None)."""
-    rows = slice(r0, r0 + TILE)
     resid, branch = ws.resid[rows], ws.branch[rows]  # [tile, d_model]
     eps = model.cfg.layer_norm_epsilon
     if ending is not None:

@@ -14,7 +14,7 @@ V = 50257
 
 @pytest.fixture(scope="module")
 def models():
-    # n_ctx 160: several query blocks (64) per head; batch x pos rows: several tiles (64)
+    # n_ctx 160: two query blocks (128) per head; batch x pos rows up to 600: up to four tiles (256)
     return {dtype: synthetic_model(n_layer=3, n_head=4, n_embd=64, n_ctx=160, seed=3, dtype=dtype)
             for dtype in ("float32", "float64")}
 
@@ -34,7 +34,7 @@ def _calls(model, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("shape", [(1, 160), (3, 70), (2, 1), (1, 65)])
+@pytest.mark.parametrize("shape", [(1, 160), (3, 70), (2, 1), (1, 65), (4, 150)])
 def test_fast_path_equals_the_textbook_blocks(models, shape, monkeypatch):
     tokens = np.random.default_rng(shape[1]).integers(0, V, shape)
     for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
