@@ -34,7 +34,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import ops
-from .threads import worker_pool
+from .threads import get_num_threads, worker_pool
 
 TILE = 256  # the most rows of the residual stream in a tile
 QUERY_BLOCK = 128  # queries per attention block
@@ -89,10 +89,11 @@ def blocks(model, resid: np.ndarray, start: int, stop: int) -> np.ndarray:
     try:
         np.copyto(ws.resid, resid.reshape(-1, d_model))
         tiles = _tiles(batch * pos)
+        head_groups = _head_groups(batch * cfg.n_head)
         with worker_pool() as run:
             run(lambda r: _rows(model, ws, r, None, start), tiles)  # block `start` begins
             for l in range(start, stop):
-                run(lambda task: _attention(model, ws, l, pos, task), range(batch * cfg.n_head))
+                run(lambda heads: [_attention(model, ws, l, pos, task) for task in heads], head_groups)
                 following = l + 1 if l + 1 < stop else None
                 run(lambda r: _rows(model, ws, r, l, following), tiles)  # block l ends, l + 1 begins
         return ws.resid.reshape(batch, pos, d_model).copy()
@@ -133,6 +134,14 @@ def _tiles(n_rows: int) -> list[slice]:
     n_tiles = 2 * max(1, math.ceil(n_rows / (2 * TILE)))
     size = math.ceil(n_rows / n_tiles)
     return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def _head_groups(n_tasks: int) -> list[range]:
+    """(batch row, head) tasks in contiguous groups, two per thread: fewer hand-overs to the pool
+    when each head's work is small. (Which thread runs a head changes none of its arithmetic.)"""
+    n_groups = min(n_tasks, 2 * get_num_threads())
+    bounds = np.linspace(0, n_tasks, n_groups + 1).round().astype(int)
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _rows(model, ws: _Workspace, rows: slice, ending: int | None, beginning: int | None) -> None:
