@@ -222,3 +222,15 @@ class TokenInput:
         if ids.dtype.kind not in "iu" or ids.size == 0 or ids.min() < 0 or ids.max() >= self.cfg.d_vocab:
             raise InputError(f"expected token ids in [0, {self.cfg.d_vocab}); got {tokens!r}")
         return np.moveaxis(self.W_U[:, ids], 0, -1)
+
+
+def read_text_file(path, error: type[Exception] = InputError, what: str = "") -> str:
+    """A UTF-8 text file's contents; ``error`` (naming the file, and ``what`` it is) when it
+    cannot be read or is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise error(f"{what}{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"cannot read {what}{path}: {e.strerror}") from None

@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..inputs import read_text_file
+
 TOKEN_FILE_SUFFIXES = (".bin", ".u16", ".tokens", ".npy")
 _EXPECTED = ("a text file, a folder of .txt/.jsonl files, a uint16 token file (.bin/.u16/.tokens/.npy), "
              "hf:DATASET, or an iterable of texts")
@@ -200,11 +202,7 @@ def fingerprint(ctx: int, shard_digests: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------- readers
 def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return read_text_file(path, CorpusError)
 
 
 def _jsonl_texts(path: str, text_field: str) -> Iterator[str]:

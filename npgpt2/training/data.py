@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..inputs import read_text_file
 from ..tokenizer import ENDOFTEXT_ID
 
 # llm.c's token files start with a 256 x int32 header: magic, version, token count, ...
@@ -169,13 +170,7 @@ class TokenDataset:
 
 
 def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"cannot read text file {path}: {e.strerror}") from None
+    return read_text_file(path, DataError, "text file ")
 
 
 def _id_dtype(tokenizer) -> np.dtype:
