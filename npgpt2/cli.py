@@ -201,6 +201,11 @@ def cmd_circuit(args):
 
         circuit(kept, path=args.png, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
         print(f"wrote {args.png}")
+    if args.html:
+        from .plot import circuit_html
+
+        circuit_html(kept, path=args.html, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
+        print(f"wrote {args.html} (opens offline)")
 
 
 # -------------------------------------------------------------------------------------- info
@@ -532,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ig-steps", type=_positive_int, default=5)
     p.add_argument("--top", type=_positive_int, default=30, help="edges to keep (default: 30)")
     p.add_argument("--png", help="also draw the circuit to this file (PNG or SVG; needs matplotlib)")
+    p.add_argument("--html", help="also write a self-contained HTML page: the picture and the edges' table")
     p.add_argument("--prepend-bos", action="store_true")
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",

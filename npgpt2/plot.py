@@ -167,6 +167,36 @@ def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: st
     return _finish(fig, path)
 
 
+def circuit_html(edges: pd.DataFrame, path=None, n_head: int | None = None, title: str = "") -> str:
+    """A self-contained HTML page of a circuit (no scripts, styles or fonts from the network: open it
+    offline): the picture ``circuit`` draws, inline as SVG, and the table of its edges (upstream,
+    downstream, input, score), largest |score| first. Returns the HTML (and writes it to ``path``)."""
+    import html as _html
+    import io
+
+    from .display import table_html
+
+    plt = _pyplot()
+    fig = circuit(edges, n_head=n_head, title=title)
+    svg = io.StringIO()
+    fig.savefig(svg, format="svg")
+    plt.close(fig)
+    svg_text = svg.getvalue()
+    svg_text = svg_text[svg_text.index("<svg"):]  # the element alone, without the XML prologue
+    order = edges.reindex(edges["score"].abs().sort_values(ascending=False).index)
+    rows = [(r.upstream, r.downstream, r.input, f"{r.score:+.4g}") for r in order.itertuples()]
+    heading = _html.escape(title or f"Circuit: {len(edges)} edges")
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{heading}</title></head>\n"
+            f'<body style="font-family: sans-serif">\n<h1 style="font-size: 18px">{heading}</h1>\n'
+            f'<div class="circuit">{svg_text}</div>\n'
+            f'<div class="edges">{table_html(rows, header=["upstream", "downstream", "input", "score"])}</div>\n'
+            "</body></html>\n")
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    return page
+
+
 def attention_patterns(patterns, str_tokens, heads, path=None, batch: int = 0):
     """Attention pattern heatmaps, one panel per head, with token labels on both axes.
 

@@ -138,4 +138,21 @@ def test_circuit_command_and_picture(tiny_dir, model, capsys, tmp_path):
     faithfulness = E.circuit_faithfulness(model, model.to_tokens(clean), model.to_tokens(corrupted), kept, metric)
     assert f"{faithfulness:.3f}" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+    # the same circuit as an offline HTML page: the picture inline, every kept edge in its table
+    page = tmp_path / "circuit.html"
+    assert cli.main(["circuit", clean, corrupted, "-m", tiny_dir, "--answer", " Mary", "--wrong", " John",
+                     "--method", "eap", "--top", "8", "--html", str(page)]) == 0
+    capsys.readouterr()
+    from browser import texts
+
+    dom = page.read_text(encoding="utf-8")
+    assert dom.count("<svg") == 1 and "<script" not in dom and "<link" not in dom and "src=" not in dom
+    cells = texts(dom, "td")
+    table = [cells[i:i + 4] for i in range(0, len(cells), 4)]
+    assert [tuple(r[:3]) for r in table] == list(map(tuple, kept[["upstream", "downstream", "input"]].to_numpy()))
+    assert [float(r[3]) for r in table] == pytest.approx(kept["score"].to_numpy(), rel=1e-3)
+    picture = dom[dom.index("<svg"):dom.index("</svg>")]
+    for name in set(kept["upstream"]) | set(kept["downstream"]):
+        assert f"<!-- {name} -->" in picture  # each node labelled in the picture (matplotlib's text)
     assert cli.main(["circuit", clean, "Short", "-m", tiny_dir, "--answer", " Mary", "--wrong", " John"]) == 2
