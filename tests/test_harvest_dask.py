@@ -102,18 +102,24 @@ def test_three_shards_in_another_order_on_the_cluster(in_process, tiny_dir, clie
 
 def test_a_worker_killed_mid_run_changes_nothing(in_process, tiny_dir, client2, tmp_path):
     before = client2.run(os.getpid)
-    address, victim = sorted(before.items())[0]
-    killed, held = [], []
+    killed, held, victims = [], [], []
 
-    def kill_once(shard, stats):  # after the first wave is in, with the next waves on the workers
-        if not killed:
-            held.extend(list(client2.processing([address])[address]) + list(client2.has_what([address])[address]))
-            os.kill(victim, signal.SIGKILL)
-            killed.append(shard)
+    def kill_once(shard, stats):  # as a shard comes in, the first worker then holding harvest work dies
+        if killed:
+            return
+        processing, has_what = client2.processing(), client2.has_what()
+        for address, pid in sorted(before.items()):
+            work = list(processing.get(address, ())) + list(has_what.get(address, ()))
+            if any("harvest_task" in str(k) or "merge_task" in str(k) for k in work):
+                held.extend(work)
+                victims.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(shard)
+                return
 
     out = str(tmp_path / "killed")
     harvest(TEXTS, str(tiny_dir), HOOK, out=out, client=client2, on_shard=kill_once, **ARGS)
     assert killed and killed[0] < 19  # the kill came before the last shard was counted
     assert any("harvest_task" in str(k) or "merge_task" in str(k) for k in held)  # work was lost with it
-    assert victim not in client2.run(os.getpid).values()  # that process is gone (its nanny started another)
+    assert victims[0] not in client2.run(os.getpid).values()  # that process is gone (its nanny started another)
     assert_same_parquet(out, in_process)
