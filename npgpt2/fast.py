@@ -116,11 +116,11 @@ def unembed(model, resid: np.ndarray) -> np.ndarray:
     eps = model.cfg.layer_norm_epsilon
 
     def norm(rows):
-        _layer_norm_into(x[rows], w.ln_final_w, w.ln_final_b, eps, normalized[rows])
+        ops.layer_norm(x[rows], w.ln_final_w, w.ln_final_b, eps, out=normalized[rows])
 
     def product(c0):
         cols = slice(c0, c0 + VOCAB_BLOCK)
-        _linear_into(normalized, w.W_U[:, cols], None if w.b_U is None else w.b_U[cols], logits[:, cols])
+        ops.linear(normalized, w.W_U[:, cols], None if w.b_U is None else w.b_U[cols], out=logits[:, cols])
 
     with worker_pool() as run:
         run(norm, _tiles(x.shape[0]))
@@ -151,17 +151,17 @@ def _rows(model, ws: _Workspace, rows: slice, ending: int | None, beginning: int
     eps = model.cfg.layer_norm_epsilon
     if ending is not None:
         w = model.weights.blocks[ending]
-        _linear_into(ws.z[rows], w.W_attn_out, w.b_O, branch)  # attention output
+        ops.linear(ws.z[rows], w.W_attn_out, w.b_O, out=branch)  # attention output
         resid += branch  # resid_mid
-        _layer_norm_into(resid, w.ln2_w, w.ln2_b, eps, branch)  # MLP input
-        pre = _linear_into(branch, w.W_in, w.b_in, ws.pre[rows])  # [tile, d_mlp]
+        ops.layer_norm(resid, w.ln2_w, w.ln2_b, eps, out=branch)  # MLP input
+        pre = ops.linear(branch, w.W_in, w.b_in, out=ws.pre[rows])  # [tile, d_mlp]
         post = ops.gelu_new(pre, out=ws.post[rows])  # [tile, d_mlp]
-        _linear_into(post, w.W_out, w.b_out, branch)  # MLP output
+        ops.linear(post, w.W_out, w.b_out, out=branch)  # MLP output
         resid += branch  # resid_post
     if beginning is not None:
         w = model.weights.blocks[beginning]
-        _layer_norm_into(resid, w.ln1_w, w.ln1_b, eps, branch)  # attention input
-        _linear_into(branch, w.W_qkv, w.b_qkv, ws.qkv[rows])  # [tile, 3 * d_model]
+        ops.layer_norm(resid, w.ln1_w, w.ln1_b, eps, out=branch)  # attention input
+        ops.linear(branch, w.W_qkv, w.b_qkv, out=ws.qkv[rows])  # [tile, 3 * d_model]
 
 
 def _attention(model, ws: _Workspace, l: int, pos: int, task: int) -> None:
@@ -180,31 +180,5 @@ def _attention(model, ws: _Workspace, l: int, pos: int, task: int) -> None:
         scores = ws.scores[task, : (stop - start) * stop].reshape(stop - start, stop)  # [block, stop]
         np.matmul(q[start:stop] / math.sqrt(d_head), k_t[:, :stop], out=scores)
         scores += ops.causal_mask(stop - start, stop, scores.dtype)
-        _softmax_in_place(scores)  # the pattern
+        ops.softmax(scores, out=scores)  # the pattern, in place
         np.matmul(scores, v[:stop], out=z[start:stop])
-
-
-def _linear_into(x, W, b, out):
-    """out = x @ W + b, written into ``out``."""
-    np.matmul(x, W, out=out)
-    if b is not None:
-        out += b
-    return out
-
-
-def _layer_norm_into(x, w, b, eps, out):
-    """out = ops.layer_norm(x, w, b, eps), written into ``out`` (x is left alone)."""
-    np.subtract(x, x.mean(axis=-1, keepdims=True), out=out)  # centred
-    variance = np.einsum("ij,ij->i", out, out)[:, None] / out.shape[-1]  # [tile, 1]
-    out /= np.sqrt(variance + eps)
-    if w is not None:
-        out *= w
-    if b is not None:
-        out += b
-    return out
-
-
-def _softmax_in_place(x):
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)

@@ -16,12 +16,16 @@ import numpy as np
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """x @ W + b.  [..., n_in] @ [n_in, n_out] + [n_out] -> [..., n_out]
 
     The leading dimensions are flattened first so BLAS sees one large matmul, not one per batch row.
+    ``out``: an array of the result's shape to write into (no new memory).
     """
-    out = (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[-1])
+    if out is None:
+        out = (x.reshape(-1, x.shape[-1]) @ W).reshape(*x.shape[:-1], W.shape[-1])
+    else:
+        np.matmul(x, W, out=out)
     if b is not None:
         out += b
     return out
@@ -74,14 +78,20 @@ def divide_backward(d_normalized: np.ndarray, normalized: np.ndarray, scale: np.
     return d_centred, d_scale
 
 
-def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float,
+               out: np.ndarray | None = None) -> np.ndarray:
     """(x - mean) / sqrt(var + eps) * w + b over the last axis.  [..., d] -> [..., d]
 
     ``w``/``b`` may be None (a layer norm whose gain and bias were folded into the next matmul).
+    ``out``: an array shaped like x, other than x, to write into.
     """
-    x = center(x)
-    x = x / ln_scale(x, eps)
-    return affine(x, w, b)
+    out = np.subtract(x, x.mean(axis=-1, keepdims=True), out=out)  # centred (as ``center``)
+    out /= ln_scale(out, eps)
+    if w is not None:  # (as ``affine``, in place)
+        out *= w
+    if b is not None:
+        out += b
+    return out
 
 
 def layer_norm_backward(d_out: np.ndarray, normalized: np.ndarray, scale: np.ndarray, w: np.ndarray | None,
@@ -166,16 +176,17 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
     return a
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
     """exp(x) / sum(exp(x)) along ``axis``, shifted by the max for stability.  [...] -> [...]
 
     Entries of -inf get probability 0; a row that is -inf throughout (an attention query that sees
-    only padding) becomes zeros, as TransformerLens makes it, rather than NaN.
+    only padding) becomes zeros, as TransformerLens makes it, rather than NaN. ``out``: an array
+    shaped like x to write into (x itself is allowed: softmax in place).
     """
     top = x.max(axis=axis, keepdims=True)  # [..., 1]
     if not np.isfinite(top).all():  # rows of -inf only: shift by 0 instead (their exps are all 0)
         top = np.where(np.isfinite(top), top, 0)
-    out = x - top  # the largest entry becomes 0: exp cannot overflow
+    out = np.subtract(x, top, out=out)  # the largest entry becomes 0: exp cannot overflow
     out = out if out.dtype.kind == "f" else out.astype(np.float64)  # (integer input)
     np.exp(out, out=out)
     total = out.sum(axis=axis, keepdims=True)  # [..., 1]
@@ -295,8 +306,7 @@ def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: in
         if padding is not None:
             seen += padding[..., :visible]
         scores[:, :, start:stop, visible:] = -np.inf
-        p = pattern[:, :, start:stop, :visible]
-        p[...] = softmax(seen)
+        p = softmax(seen, out=pattern[:, :, start:stop, :visible])
         pattern[:, :, start:stop, visible:] = 0
         z[:, :, start:stop] = p @ v[:, :, :visible]
     return scores, pattern, z

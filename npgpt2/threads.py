@@ -104,11 +104,6 @@ def get_num_threads() -> int:
     return _num_threads
 
 
-def blas_info() -> str:
-    """Which BLAS library sets the threads, e.g. 'libscipy_openblas64_-....so', or 'not found'."""
-    return _blas.name or "not found"
-
-
 @contextlib.contextmanager
 def worker_pool():
     """For one tiled computation: yields ``run(fn, items)``, which calls ``fn(item)`` for every
