@@ -42,7 +42,7 @@ class _Blas:
     """numpy's BLAS, as the C functions that set and read its thread count."""
 
     def __init__(self):
-        self.name, self._set, self._get = None, None, None
+        self._set, self._get = None, None
         np.ones((2, 2)) @ np.ones((2, 2))  # make sure BLAS is loaded
         for path in _loaded_libraries():
             if not any(word in os.path.basename(path).lower() for word in ("blas", "mkl")):
@@ -53,7 +53,6 @@ class _Blas:
                 continue
             for set_name, get_name in _BLAS_SYMBOLS:
                 if hasattr(lib, set_name) and hasattr(lib, get_name):
-                    self.name = os.path.basename(path)
                     self._set, self._get = getattr(lib, set_name), getattr(lib, get_name)
                     self._get.restype = ctypes.c_int
                     return
