@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from . import ops
+from . import fast, ops
 from .hooks import Run
 from .inputs import check_mask, padding_mask, position_ids
 from .weights import BlockWeights, GPT2Weights
@@ -44,14 +44,20 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-    d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
-                                                       weights=hook.param_grads)
+    linear_backward = fast.linear_backward if hook.tape is not None else ops.linear_backward  # (fast.py's: on the pool)
+    d_final_ln_out, d_W_U, d_b_U = linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
+                                                   weights=hook.param_grads)
     d_resid, d_ln_final_w, d_ln_final_b = _layer_norm_backward(hook, "ln_final.", d_final_ln_out, w.ln_final_w)
 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients
     block_grads = [_zero_block(b) if l < start_at_layer and hook.param_grads else None for l, b in enumerate(w.blocks)]
-    for l in reversed(range(start_at_layer, cfg.n_layer)):
-        d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid, padding)  # [batch, pos, d_model]
+    if hook.tape is not None:  # fast.py ran the blocks: the same steps, arranged for speed
+        tape, hook.tape = hook.tape, None  # (read once, then reused by later calls)
+        d_resid, grads = fast.blocks_backward(model, tape, d_resid, start_at_layer, cfg.n_layer, hook.param_grads)
+        block_grads[start_at_layer:] = [grads[l] for l in range(start_at_layer, cfg.n_layer)] if grads else []
+    else:
+        for l in reversed(range(start_at_layer, cfg.n_layer)):
+            d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid, padding)  # [batch, pos, d_model]
 
     # the embeddings: resid = W_E[tokens] + W_pos[pos]; the sum copies the gradient to both
     if start_at_layer == 0:

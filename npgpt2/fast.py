@@ -23,6 +23,13 @@ What changes, and why it is faster:
 
 The tiles are the same whatever the number of threads, so every thread count gives the same
 numbers, bit for bit.
+
+Gradients too. A call that asks for them with nobody looking inside (``value_and_grad`` with no
+hook) runs ``blocks`` with a tape (``_Tape``): what backward.py would read from the hook points
+(layer norms' normalized values and scales, q|k|v, z, the MLP's pre and post) and each head's
+attention pattern, a causal half in blocks of queries, kept layer by layer. ``blocks_backward``
+then reads the blocks from the last to the first as backward.py's ``_block_backward`` does, on the
+pool; the tests compare the two as they compare the forwards.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from functools import lru_cache
 
 import numpy as np
 
@@ -53,6 +61,43 @@ class _Workspace:
         self.pre = np.empty((rows, d_mlp), dtype)  # MLP hidden layer before GELU
         self.post = np.empty((rows, d_mlp), dtype)  # and after
         self.scores = np.empty((batch * n_head, QUERY_BLOCK * pos), dtype)  # one block's scores per head
+        self.d_scores = None  # and their gradients, made by the first backward pass
+        # where a block's intermediates go when nothing is kept for a backward pass: shared by all
+        # layers, and the layer norms' outputs go into ``branch``
+        self.attn_in = self.mlp_in = self.branch
+        self.norm1 = self.scale1 = self.norm2 = self.scale2 = self.pattern = None
+
+    def layer(self, l: int) -> "_Workspace":
+        return self  # (a _Tape's layer(l) has the same fields, one set per layer)
+
+
+class _Tape:
+    """What the backward pass reads of one forward pass, kept by ``blocks`` layer by layer:
+    ``layers[l]`` has the fields of ``_Workspace`` (qkv, z, pre, post, the layer norms' outputs
+    attn_in and mlp_in) and the layer norms' normalized values and scales (norm1, scale1, norm2,
+    scale2), all [rows, ...]. Reused from call to call like the workspaces: a training loop
+    touches its memory once."""
+
+    def __init__(self, batch: int, pos: int, n_layer: int, n_head: int, d_model: int, d_mlp: int, dtype):
+        self.key = (batch, pos, n_layer, n_head, d_model, d_mlp, dtype)
+        self.layers = [_TapeLayer(batch, pos, n_head, d_model, d_mlp, dtype) for _ in range(n_layer)]
+
+    def layer(self, l: int) -> "_TapeLayer":
+        return self.layers[l]
+
+
+class _TapeLayer:
+    def __init__(self, batch: int, pos: int, n_head: int, d_model: int, d_mlp: int, dtype):
+        rows = batch * pos
+        # each (batch row, head)'s attention pattern, its blocks of queries one after the other,
+        # each block against the keys it sees (``_query_blocks``): a causal half, not [pos, pos]
+        self.pattern = np.empty((batch * n_head, _query_blocks(pos)[-1][2]), dtype)
+        self.norm1, self.norm2 = np.empty((rows, d_model), dtype), np.empty((rows, d_model), dtype)
+        self.scale1, self.scale2 = np.empty((rows, 1), dtype), np.empty((rows, 1), dtype)
+        self.attn_in, self.mlp_in = np.empty((rows, d_model), dtype), np.empty((rows, d_model), dtype)
+        self.qkv = np.empty((rows, 3 * d_model), dtype)
+        self.z = np.empty((rows, d_model), dtype)
+        self.pre, self.post = np.empty((rows, d_mlp), dtype), np.empty((rows, d_mlp), dtype)
 
 
 _workspaces: "OrderedDict[tuple, list[_Workspace]]" = OrderedDict()  # shape -> idle workspaces
@@ -60,63 +105,84 @@ _workspaces_lock = threading.Lock()
 _KEEP_SHAPES = 2  # workspaces of the most recent shapes are kept; older ones are freed
 
 
-def _acquire(key: tuple) -> _Workspace:
+_tapes: "OrderedDict[tuple, list[_Tape]]" = OrderedDict()
+_KEEP_TAPES = 1  # tapes are large (~48 MB a layer at 1024 tokens, float32): one shape's are kept
+
+
+def _acquire(key: tuple, kind=_Workspace):
+    pool = _workspaces if kind is _Workspace else _tapes
     with _workspaces_lock:
-        idle = _workspaces.get(key)
+        idle = pool.get(key)
         if idle:
-            _workspaces.move_to_end(key)
+            pool.move_to_end(key)
             return idle.pop()
-    return _Workspace(*key)
+    return kind(*key)
 
 
-def _release(key: tuple, ws: _Workspace) -> None:
+def _release(key: tuple, ws) -> None:
+    pool, keep = (_workspaces, _KEEP_SHAPES) if isinstance(ws, _Workspace) else (_tapes, _KEEP_TAPES)
     with _workspaces_lock:
-        _workspaces.setdefault(key, []).append(ws)
-        _workspaces.move_to_end(key)
-        while len(_workspaces) > _KEEP_SHAPES:
-            _workspaces.popitem(last=False)
+        pool.setdefault(key, []).append(ws)
+        pool.move_to_end(key)
+        while len(pool) > keep:
+            pool.popitem(last=False)
 
 
-def blocks(model, resid: np.ndarray, start: int, stop: int) -> np.ndarray:
+def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.ndarray:
     """Blocks [start, stop) of ``model``, as ``model._block`` would run them with no hooks.
-    resid [batch, pos, d_model] -> [batch, pos, d_model] (a new array)"""
+    resid [batch, pos, d_model] -> [batch, pos, d_model] (a new array)
+
+    ``hook``: the call's Run; when it saves for a backward pass, what ``blocks_backward`` will read
+    is kept on a tape, ``hook.tape``."""
     cfg = model.cfg
     batch, pos, d_model = resid.shape
     if start == stop:
         return resid
     key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, resid.dtype)
+    tape = None
+    if hook is not None and hook.save:
+        tape = hook.tape = _acquire((batch, pos, cfg.n_layer, cfg.n_head, d_model, cfg.d_mlp, resid.dtype), _Tape)
     ws = _acquire(key)
+    at = ws if tape is None else tape  # where layer l's intermediates go: at.layer(l)
     try:
         np.copyto(ws.resid, resid.reshape(-1, d_model))
         tiles = _tiles(batch * pos)
         head_groups = _head_groups(batch * cfg.n_head)
         with worker_pool() as run:
-            run(lambda r: _rows(model, ws, r, None, start), tiles)  # block `start` begins
+            run(lambda r: _rows(model, ws, at, r, None, start), tiles)  # block `start` begins
             for l in range(start, stop):
-                run(lambda heads: [_attention(model, ws, l, pos, task) for task in heads], head_groups)
+                run(lambda heads: [_attention(model, ws, at.layer(l), pos, task) for task in heads], head_groups)
                 following = l + 1 if l + 1 < stop else None
-                run(lambda r: _rows(model, ws, r, l, following), tiles)  # block l ends, l + 1 begins
+                run(lambda r: _rows(model, ws, at, r, l, following), tiles)  # block l ends, l + 1 begins
         return ws.resid.reshape(batch, pos, d_model).copy()
     finally:
         _release(key, ws)
 
 
-def unembed(model, resid: np.ndarray) -> np.ndarray:
+def unembed(model, resid: np.ndarray, hook=None) -> np.ndarray:
     """The final layer norm and the unembedding, as ``model._unembed`` with no hooks.
     resid [batch, pos, d_model] -> logits [batch, pos, d_vocab]
 
     The layer norm goes by row tiles; the product by blocks of ``VOCAB_BLOCK`` columns of W_U, all
-    rows at once, so that each part of the large W_U is read from memory once.
+    rows at once, so that each part of the large W_U is read from memory once. ``hook``: the
+    call's Run; when it saves for a backward pass, the layer norm's normalized value and scale go
+    into ``hook.saved`` under their hook points' names, as ``model._unembed`` would put them.
     """
     w = model.weights
     *lead, d_model = resid.shape
     x = resid.reshape(-1, d_model)  # [rows, d_model]
-    normalized = np.empty_like(x)
+    normalized = np.empty_like(x)  # the layer norm's output
     logits = np.empty((x.shape[0], w.W_U.shape[1]), x.dtype)  # [rows, d_vocab]
     eps = model.cfg.layer_norm_epsilon
+    kept = hook is not None and hook.save
+    if kept:
+        norm_kept, scale_kept = np.empty_like(x), np.empty((x.shape[0], 1), x.dtype)
+        hook.saved["ln_final.hook_normalized"] = norm_kept.reshape(*lead, d_model)
+        hook.saved["ln_final.hook_scale"] = scale_kept.reshape(*lead, 1)
 
     def norm(rows):
-        ops.layer_norm(x[rows], w.ln_final_w, w.ln_final_b, eps, out=normalized[rows])
+        ops.layer_norm(x[rows], w.ln_final_w, w.ln_final_b, eps, out=normalized[rows],
+                       normalized=norm_kept[rows] if kept else None, scale=scale_kept[rows] if kept else None)
 
     def product(c0):
         cols = slice(c0, c0 + VOCAB_BLOCK)
@@ -126,6 +192,34 @@ def unembed(model, resid: np.ndarray) -> np.ndarray:
         run(norm, _tiles(x.shape[0]))
         run(product, range(0, logits.shape[1], VOCAB_BLOCK))
     return logits.reshape(*lead, -1)
+
+
+def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,
+                    weights: bool = True):
+    """``ops.linear_backward`` on the pool: d_x by row tiles, d_W and d_b by blocks of
+    ``VOCAB_BLOCK`` output columns, each product on one thread, so that every thread count gives
+    the same numbers (for the unembedding, whose products are the largest).
+    d_out [..., n_out], x [..., n_in], W [n_in, n_out] -> (d_x [..., n_in], d_W, d_b)"""
+    d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
+    x_rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
+    d_x = np.empty(x_rows.shape, np.result_type(d_out, W))
+    jobs = [lambda r=r: np.matmul(d_out_rows[r], W.T, out=d_x[r]) for r in _tiles(len(x_rows))]
+    d_W = d_b = None
+    if weights:
+        d_W = np.empty(W.shape[::-1] if transpose_dW else W.shape, d_x.dtype)  # (as ops.linear_backward)
+        d_b = np.empty(W.shape[1], d_x.dtype)
+
+        def columns(c):
+            if transpose_dW:
+                np.matmul(d_out_rows[:, c].T, x_rows, out=d_W[c])
+            else:
+                np.matmul(x_rows.T, d_out_rows[:, c], out=d_W[:, c])
+            d_out_rows[:, c].sum(axis=0, out=d_b[c])
+
+        jobs += [lambda c=slice(c0, c0 + VOCAB_BLOCK): columns(c) for c0 in range(0, W.shape[1], VOCAB_BLOCK)]
+    with worker_pool() as run:
+        run(lambda job: job(), jobs)
+    return d_x.reshape(x.shape), (d_W.T if transpose_dW and weights else d_W), d_b
 
 
 def _tiles(n_rows: int) -> list[slice]:
@@ -144,41 +238,175 @@ def _head_groups(n_tasks: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _rows(model, ws: _Workspace, rows: slice, ending: int | None, beginning: int | None) -> None:
+def _rows(model, ws: _Workspace, at, rows: slice, ending: int | None, beginning: int | None) -> None:
     """One tile of rows: the rest of block ``ending`` after attention, then the start of block
-    ``beginning`` up to its q, k, v (either may be None)."""
+    ``beginning`` up to its q, k, v (either may be None). Layer l's intermediates go to
+    ``at.layer(l)`` (the workspace's shared buffers, or a tape's)."""
     resid, branch = ws.resid[rows], ws.branch[rows]  # [tile, d_model]
     eps = model.cfg.layer_norm_epsilon
     if ending is not None:
-        w = model.weights.blocks[ending]
-        ops.linear(ws.z[rows], w.W_attn_out, w.b_O, out=branch)  # attention output
+        w, a = model.weights.blocks[ending], at.layer(ending)
+        ops.linear(a.z[rows], w.W_attn_out, w.b_O, out=branch)  # attention output
         resid += branch  # resid_mid
-        ops.layer_norm(resid, w.ln2_w, w.ln2_b, eps, out=branch)  # MLP input
-        pre = ops.linear(branch, w.W_in, w.b_in, out=ws.pre[rows])  # [tile, d_mlp]
-        post = ops.gelu_new(pre, out=ws.post[rows])  # [tile, d_mlp]
+        mlp_in = ops.layer_norm(resid, w.ln2_w, w.ln2_b, eps, out=a.mlp_in[rows], **_kept(a.norm2, a.scale2, rows))
+        pre = ops.linear(mlp_in, w.W_in, w.b_in, out=a.pre[rows])  # [tile, d_mlp]
+        post = ops.gelu_new(pre, out=a.post[rows])  # [tile, d_mlp]
         ops.linear(post, w.W_out, w.b_out, out=branch)  # MLP output
         resid += branch  # resid_post
     if beginning is not None:
-        w = model.weights.blocks[beginning]
-        ops.layer_norm(resid, w.ln1_w, w.ln1_b, eps, out=branch)  # attention input
-        ops.linear(branch, w.W_qkv, w.b_qkv, out=ws.qkv[rows])  # [tile, 3 * d_model]
+        w, a = model.weights.blocks[beginning], at.layer(beginning)
+        attn_in = ops.layer_norm(resid, w.ln1_w, w.ln1_b, eps, out=a.attn_in[rows], **_kept(a.norm1, a.scale1, rows))
+        ops.linear(attn_in, w.W_qkv, w.b_qkv, out=a.qkv[rows])  # [tile, 3 * d_model]
 
 
-def _attention(model, ws: _Workspace, l: int, pos: int, task: int) -> None:
-    """Causal attention of one (batch row, head): writes its z into ws.z."""
+def _kept(normalized, scale, rows) -> dict:
+    """layer_norm's arguments that keep its normalized value and scale (for a tape), or none."""
+    return {} if normalized is None else {"normalized": normalized[rows], "scale": scale[rows]}
+
+
+def _attention(model, ws: _Workspace, a, pos: int, task: int) -> None:
+    """Causal attention of one (batch row, head) of a layer whose q|k|v are in ``a.qkv``: writes
+    its z into a.z."""
     n_head = model.cfg.n_head
-    d_model = ws.z.shape[1]
+    d_model = a.z.shape[1]
     d_head = d_model // n_head
     b, h = divmod(task, n_head)
     rows, cols = slice(b * pos, (b + 1) * pos), slice(h * d_head, (h + 1) * d_head)
-    q = ws.qkv[rows, cols]  # [pos, d_head] (views into q | k | v)
-    k_t = ws.qkv[rows, d_model:][:, cols].T  # [d_head, pos]
-    v = ws.qkv[rows, 2 * d_model:][:, cols]  # [pos, d_head]
-    z = ws.z[rows, cols]  # [pos, d_head]
-    for start in range(0, pos, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, pos)  # queries start..stop-1 see keys 0..stop-1
-        scores = ws.scores[task, : (stop - start) * stop].reshape(stop - start, stop)  # [block, stop]
+    q = a.qkv[rows, cols]  # [pos, d_head] (views into q | k | v)
+    k_t = a.qkv[rows, d_model:][:, cols].T  # [d_head, pos]
+    v = a.qkv[rows, 2 * d_model:][:, cols]  # [pos, d_head]
+    z = a.z[rows, cols]  # [pos, d_head]
+    for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
+        if a.pattern is None:  # one block's scores at a time, in the workspace
+            scores = ws.scores[task, : (stop - start) * stop].reshape(stop - start, stop)  # [block, stop]
+        else:  # kept for the backward pass
+            scores = a.pattern[task, end - (stop - start) * stop: end].reshape(stop - start, stop)
         np.matmul(q[start:stop] / math.sqrt(d_head), k_t[:, :stop], out=scores)
         scores += ops.causal_mask(stop - start, stop, scores.dtype)
         ops.softmax(scores, out=scores)  # the pattern, in place
         np.matmul(scores, v[:stop], out=z[start:stop])
+
+
+@lru_cache(maxsize=8)
+def _query_blocks(pos: int) -> tuple[tuple[int, int, int], ...]:
+    """The blocks of ``QUERY_BLOCK`` queries of a sequence of ``pos``: (start, stop, end) for the
+    queries start..stop-1 (which see keys 0..stop-1), end being where their [stop - start, stop]
+    scores end when the blocks' scores are laid one after the other."""
+    blocks, end = [], 0
+    for start in range(0, pos, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, pos)
+        end += (stop - start) * stop
+        blocks.append((start, stop, end))
+    return tuple(blocks)
+
+
+def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: int, param_grads: bool):
+    """Blocks [start, stop) backwards, from what ``blocks`` kept on ``tape``: backward.py's
+    ``_block_backward`` for a call with no hooks, arranged as ``blocks`` is.
+    d_resid [batch, pos, d_model], leaving block stop - 1 -> (d_resid entering block start (a new
+    array), {l: BlockWeights of d metric / d weight} or None when not ``param_grads``)
+
+    Everything goes to the pool, as in the forward: per block, the rows in tiles from d_resid_post
+    back to d_z (MLP, GELU, second layer norm, attention output), then attention by (batch row,
+    head), then the rows again back to d_resid_pre (q/k/v, first layer norm) beside the weights'
+    gradients (each a product summed over all rows, split into slices of its input dimension).
+    """
+    from .weights import BlockWeights
+
+    cfg = model.cfg
+    batch, pos, d_model = d_resid.shape
+    key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, d_resid.dtype)
+    ws = _acquire(key)  # (the tape goes back to the pool at the end too: it has been read)
+    if ws.d_scores is None:
+        ws.d_scores, ws.d_mid = np.empty_like(ws.scores), np.empty_like(ws.branch)
+    grads = {} if param_grads else None
+    try:
+        d = ws.resid  # d metric / d residual stream, updated in place from block to block
+        np.copyto(d, d_resid.reshape(-1, d_model))
+        tiles = list(enumerate(_tiles(batch * pos)))
+        head_groups = _head_groups(batch * cfg.n_head)
+        # the gradients that flow through the block, in the workspace's buffers:
+        d_post, d_z, d_qkv = ws.pre, ws.z, ws.qkv  # d_post becomes d_pre in place; d_z, then d_attn_in
+        d_resid_post, d_resid_mid = ws.branch, ws.d_mid  # kept for the weights' gradients
+        for l in reversed(range(start, stop)):
+            w, a = model.weights.blocks[l], tape.layer(l)
+            sums = [{} for _ in tiles]  # each tile's part of the biases' and gains' gradients
+
+            def mlp_rows(tile):  # d_resid_post -> d_resid_mid -> d_z, on one tile of rows
+                i, r = tile
+                d_resid_post[r] = d[r]
+                np.matmul(d[r], w.W_out.T, out=d_post[r])  # mlp_out = post @ W_out + b_out
+                ops.gelu_new_backward(d_post[r], a.pre[r], overwrite=True)  # d_pre
+                np.matmul(d_post[r], w.W_in.T, out=d_z[r])  # d_mlp_in (d_z's rows, not yet needed)
+                d_x, d_gain, d_bias = ops.layer_norm_backward(d_z[r], a.norm2[r], a.scale2[r], w.ln2_w, param_grads)
+                d[r] += d_x  # d_resid_mid
+                d_resid_mid[r] = d[r]
+                np.matmul(d[r], w.W_attn_out.T, out=d_z[r])  # attn_out = concat(z) @ W_O + b_O
+                if param_grads:
+                    sums[i].update(ln2_w=d_gain, ln2_b=d_bias, b_out=d_resid_post[r].sum(axis=0),
+                                   b_in=d_post[r].sum(axis=0), b_O=d_resid_mid[r].sum(axis=0))
+
+            def attn_rows(tile):  # d_q|d_k|d_v -> d_resid_pre, on one tile of rows
+                i, r = tile
+                d_attn_in = np.matmul(d_qkv[r], w.W_qkv.T, out=d_z[r])  # (d_z's rows, no longer needed)
+                d_x, d_gain, d_bias = ops.layer_norm_backward(d_attn_in, a.norm1[r], a.scale1[r], w.ln1_w, param_grads)
+                d[r] += d_x
+                if param_grads:
+                    sums[i].update(ln1_w=d_gain, ln1_b=d_bias, b_qkv=d_qkv[r].sum(axis=0))
+
+            with worker_pool() as run:
+                run(mlp_rows, tiles)
+                run(lambda heads: [_attention_backward(model, ws, a, pos, task) for task in heads], head_groups)
+                if not param_grads:
+                    run(attn_rows, tiles)
+                    continue
+                products = {  # d W = input^T @ d output, summed over the rows
+                    "W_out": (a.post, d_resid_post), "W_in": (a.mlp_in, d_post),
+                    "W_attn_out": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)}
+                g = {name: np.empty(getattr(w, name).shape, d.dtype) for name in products}
+                jobs = [lambda x=x[:, s], d_out=d_out, out=g[name][s]: np.matmul(x.T, d_out, out=out)
+                        for name, (x, d_out) in products.items() for s in _slices(x.shape[1])]
+                jobs += [lambda tile=tile: attn_rows(tile) for tile in tiles]  # (independent of the products)
+                run(lambda job: job(), jobs)
+            for name in sums[0]:  # the tiles' parts, added in tile order
+                g[name] = None if getattr(w, name) is None else sum(part[name] for part in sums)
+            grads[l] = BlockWeights(**g)
+        return d.reshape(batch, pos, d_model).copy(), grads
+    finally:
+        _release(key, ws)
+        _release(tape.key, tape)
+
+
+def _slices(n: int, size: int = 384) -> list[slice]:
+    """[0, n) in slices of about ``size`` (a weight gradient's rows, one slice per task)."""
+    parts = max(1, round(n / size))
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _attention_backward(model, ws: _Workspace, a, pos: int, task: int) -> None:
+    """``_attention`` of one (batch row, head), backwards (as ops.causal_attention_backward): from
+    its d_z in ws.z and what the tape keeps in ``a`` (its pattern too), writes its d_q, d_k, d_v
+    into ws.qkv."""
+    n_head = model.cfg.n_head
+    d_model = a.z.shape[1]
+    d_head = d_model // n_head
+    b, h = divmod(task, n_head)
+    rows, cols = slice(b * pos, (b + 1) * pos), slice(h * d_head, (h + 1) * d_head)
+    q, z, d_z = a.qkv[rows, cols], a.z[rows, cols], ws.z[rows, cols]  # [pos, d_head]
+    k, v = a.qkv[rows, d_model:][:, cols], a.qkv[rows, 2 * d_model:][:, cols]  # [pos, d_head]
+    d_q = ws.qkv[rows, cols]  # [pos, d_head] (views into d_q | d_k | d_v)
+    d_k, d_v = ws.qkv[rows, d_model:][:, cols], ws.qkv[rows, 2 * d_model:][:, cols]
+    d_k[...] = 0  # keys and values collect from every block of queries that sees them
+    d_v[...] = 0
+    for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
+        pattern = a.pattern[task, end - (stop - start) * stop: end].reshape(stop - start, stop)  # [block, stop]
+        d_v[:stop] += pattern.T @ d_z[start:stop]  # z = pattern @ v
+        d_scores = ws.d_scores[task, : (stop - start) * stop].reshape(stop - start, stop)
+        np.matmul(d_z[start:stop], v[:stop].T, out=d_scores)  # d_pattern
+        d_scores -= (d_z[start:stop] * z[start:stop]).sum(axis=-1, keepdims=True)  # softmax backward:
+        d_scores *= pattern  # pattern * (d_pattern - sum(pattern * d_pattern)), that sum being d_z . z
+        # scores = (q / sqrt(d_head)) @ k.T
+        np.matmul(d_scores, k[:stop], out=d_q[start:stop])
+        d_q[start:stop] /= math.sqrt(d_head)
+        d_k[:stop] += d_scores.T @ (q[start:stop] / math.sqrt(d_head))

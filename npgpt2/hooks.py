@@ -258,7 +258,7 @@ class Run:
     """
 
     __slots__ = ("hooks", "points", "keep", "cache", "bwd_hooks", "keep_grad", "save", "saved", "changed",
-                 "given", "param_grads")
+                 "given", "param_grads", "tape")
 
     def __init__(self, hooks: dict[str, list[HookFn]], points: dict[str, HookPoint],
                  keep: frozenset[str] = frozenset(), bwd_hooks: dict[str, list[HookFn]] | None = None,
@@ -274,6 +274,7 @@ class Run:
         self.changed: dict[str, np.ndarray] = {}  # where a forward hook changed a saved point's value
         self.given: dict[str, np.ndarray] = {}  # and what the forward had computed there
         self.param_grads = False  # does the backward compute the weights' gradients too?
+        self.tape = None  # what fast.py kept for the backward, when it ran the blocks
 
     def __call__(self, name: str, act: np.ndarray) -> np.ndarray:
         fns = self.hooks.get(name)
@@ -322,9 +323,10 @@ class Run:
         return self.given.get(name, self.saved[name])
 
     def idle(self) -> bool:
-        """Does nobody look inside this call (no hook, no cache, nothing kept for a backward pass)?
-        Then the model may take its fast path (fast.py)."""
-        return not (self.hooks or self.keep or self.save)
+        """Does nobody look inside this call (no hook in either direction, no cache)? Then the model
+        may take its fast path (fast.py), which keeps what a backward pass reads on a tape when the
+        call asks for gradients."""
+        return not (self.hooks or self.keep or self.bwd_hooks or self.keep_grad)
 
     def hooked(self, *names: str) -> bool:
         """Does a forward hook function run at one of these names (and so may change its value)?"""

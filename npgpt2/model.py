@@ -143,7 +143,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
 
         quick = self.fast_path and hook.idle() and past_kv is None and padding is None and self.attn_implementation == "blockwise"
         if quick:  # nobody looks inside: fast.py computes the same numbers on every core
-            resid = fast.blocks(self, resid, start, stop)  # [batch, pos, d_model]
+            resid = fast.blocks(self, resid, start, stop, hook)  # [batch, pos, d_model]
         else:
             for l in range(start, stop):
                 resid = self._block(hook, l, resid, past_kv, padding)  # [batch, pos, d_model]
@@ -152,7 +152,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         if stop_at_layer is not None:
             return resid
 
-        logits = fast.unembed(self, resid) if quick else self._unembed(hook, resid)  # [batch, pos, d_vocab]
+        logits = fast.unembed(self, resid, hook) if quick else self._unembed(hook, resid)  # [batch, pos, d_vocab]
         if return_type == "logits":
             return logits
         if return_type is None:

@@ -79,14 +79,22 @@ def divide_backward(d_normalized: np.ndarray, normalized: np.ndarray, scale: np.
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, normalized: np.ndarray | None = None,
+               scale: np.ndarray | None = None) -> np.ndarray:
     """(x - mean) / sqrt(var + eps) * w + b over the last axis.  [..., d] -> [..., d]
 
     ``w``/``b`` may be None (a layer norm whose gain and bias were folded into the next matmul).
-    ``out``: an array shaped like x, other than x, to write into.
+    ``out``: an array shaped like x, other than x, to write into. ``normalized`` [..., d] and
+    ``scale`` [..., 1]: arrays to keep (x - mean) / scale and the scale in, for a backward pass
+    (``layer_norm_backward``).
     """
     out = np.subtract(x, x.mean(axis=-1, keepdims=True), out=out)  # centred (as ``center``)
-    out /= ln_scale(out, eps)
+    divisor = ln_scale(out, eps)  # [..., 1]
+    out /= divisor
+    if scale is not None:
+        scale[...] = divisor
+    if normalized is not None:
+        normalized[...] = out
     if w is not None:  # (as ``affine``, in place)
         out *= w
     if b is not None:

@@ -123,7 +123,8 @@ def test_anyone_looking_inside_takes_the_textbook_path(models, monkeypatch):
     calls = _calls(m, monkeypatch)
     m.run_with_cache(tokens, names_filter="blocks.1.hook_resid_mid")
     m.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mlp.hook_post", lambda a, h: None)])
-    m.value_and_grad(tokens)
+    m.run_with_cache(tokens, names_filter="blocks.1.hook_resid_mid", incl_bwd=True, return_type="loss")
+    m.run_with_hooks(tokens, return_type="loss", bwd_hooks=[("blocks.0.hook_resid_mid", lambda g, h: None)])
     m.attn_implementation = "eager"
     try:
         m(tokens)
@@ -158,3 +159,89 @@ def test_kept_attention_equals_the_eager_textbook_path(models):
         np.testing.assert_array_equal(pattern == 0, eager_pattern == 0)
         assert_close(kept["blocks.2.attn.hook_z"], eager["blocks.2.attn.hook_z"], rel=tol, what=f"{dtype} z")
         assert_close(kept_logits, eager_logits, rel=tol, what=f"{dtype} logits")
+
+
+def _grads(model, input, fast_path=True, **kwargs):
+    model.fast_path = fast_path
+    try:
+        return model.value_and_grad(input, **kwargs)
+    finally:
+        model.fast_path = True
+
+
+def _assert_same_grads(g, expected, tol, what):
+    pairs = [("W_E", g.W_E, expected.W_E), ("W_pos", g.W_pos, expected.W_pos),
+             ("ln_final_w", g.ln_final_w, expected.ln_final_w)]
+    for l, (b, e) in enumerate(zip(g.blocks, expected.blocks)):
+        pairs += [(f"blocks.{l}.{f}", getattr(b, f), getattr(e, f)) for f in b.__dataclass_fields__]
+    for name, a, e in pairs:
+        if e is None:
+            assert a is None, f"{what}: {name} should be None"
+            continue
+        if np.abs(e).max() == 0:  # (blocks before start_at_layer)
+            np.testing.assert_array_equal(a, e)
+            continue
+        assert_close(a, e, rel=tol, what=f"{what} {name}")
+
+
+@pytest.mark.parametrize("shape", [(1, 160), (3, 70), (2, 2), (4, 150)])
+def test_gradients_on_the_fast_path_equal_the_textbook_ones(models, shape, monkeypatch):
+    # value_and_grad with nobody looking inside: fast.blocks keeps a tape, fast.blocks_backward
+    # reads it; backward.py's _block_backward is the reference
+    tokens = np.random.default_rng(shape[1]).integers(0, V, shape)
+    calls = []
+    real = fast.blocks_backward
+    monkeypatch.setattr(fast, "blocks_backward", lambda *a: calls.append(1) or real(*a))
+    from npgpt2 import metrics
+
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        m = models[dtype]
+        for metric in (None, metrics.logit_diff(5, 7)):
+            value, g = _grads(m, tokens, metric=metric)
+            assert calls == [1]  # it did take the fast path
+            calls.clear()
+            plain_value, plain = _grads(m, tokens, fast_path=False, metric=metric)
+            assert calls == []  # and this did not
+            assert value == pytest.approx(plain_value, rel=tol)
+            _assert_same_grads(g, plain, tol, f"{dtype} {shape} metric={metric}")
+
+
+def test_fast_gradients_from_a_layer_on_and_on_processed_weights(models):
+    m = models["float64"]
+    tokens = np.random.default_rng(3).integers(0, V, (2, 90))
+    resid = m(tokens, stop_at_layer=1)
+    value, g = _grads(m, resid, start_at_layer=1, tokens=tokens)
+    plain_value, plain = _grads(m, resid, fast_path=False, start_at_layer=1, tokens=tokens)
+    assert value == pytest.approx(plain_value, rel=1e-12)
+    _assert_same_grads(g, plain, 1e-12, "start_at_layer=1")
+
+    p = synthetic_model(n_layer=2, n_head=4, n_embd=64, n_ctx=128, seed=1, dtype="float64")
+    p.process_weights(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    tokens = np.random.default_rng(2).integers(0, V, (2, 100))
+    _, g = _grads(p, tokens)
+    _, plain = _grads(p, tokens, fast_path=False)
+    assert g.blocks[0].ln1_w is None
+    _assert_same_grads(g, plain, 1e-12, "processed")
+
+
+def test_fast_gradients_are_the_same_bits_on_every_thread_count_and_call(models):
+    m = models["float32"]
+    tokens = [np.random.default_rng(s).integers(0, V, (2, 150)) for s in (7, 8)]
+    before = npgpt2.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            npgpt2.set_num_threads(n)
+            results.append(_grads(m, tokens[0])[1])
+    finally:
+        npgpt2.set_num_threads(before)
+    first = results[0]
+    kept = first.blocks[1].W_qkv.copy()
+    other = _grads(m, tokens[1])[1]  # the same shape: the same tape and workspace, overwritten
+    np.testing.assert_array_equal(first.blocks[1].W_qkv, kept)  # what was returned is not reused
+    assert np.abs(other.blocks[1].W_qkv - kept).max() > 0
+    for r in results[1:]:
+        for b, e in zip(r.blocks, first.blocks):
+            for f in b.__dataclass_fields__:
+                np.testing.assert_array_equal(getattr(b, f), getattr(e, f))
+        np.testing.assert_array_equal(r.W_E, first.W_E)
