@@ -31,12 +31,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..threads import worker_pool
+from ..threads import get_num_threads, worker_pool
 from ..weights import BlockWeights, GPT2Weights
 
 # elements per chunk of the update: the dozen passes of one chunk stay in the CPU's cache, so the
-# arrays are read from memory about once (see benchmarks/bench_train.py)
-_CHUNK = 1 << 17
+# arrays are read from memory about once; and each pass is long enough that calling it costs little
+# (see benchmarks/bench_train.py)
+_CHUNK = 1 << 18
 
 
 def is_tied(weights: GPT2Weights) -> bool:
@@ -199,8 +200,12 @@ class AdamW:
             flat = (p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1),
                     self.m[name].reshape(-1), self.v[name].reshape(-1))
             chunks += [flat + (decay, start) for start in range(0, p.size, _CHUNK)]
-        with worker_pool() as run:  # elementwise: the chunks spread over npgpt2's threads
-            run(lambda c: _update(*c, beta1, beta2, step_size, bias_correction2_sqrt, self.eps), chunks)
+        # elementwise: the chunks spread over npgpt2's threads, in a few runs of consecutive chunks
+        # (one hand-over to the pool per run, not per chunk)
+        runs = np.array_split(np.arange(len(chunks)), min(len(chunks), 4 * get_num_threads()))
+        with worker_pool() as run:
+            run(lambda r: [_update(*chunks[i], beta1, beta2, step_size, bias_correction2_sqrt, self.eps) for i in r],
+                runs)
         self._refresh_model()
         return lr
 
