@@ -156,3 +156,31 @@ def test_circuit_command_and_picture(tiny_dir, model, capsys, tmp_path):
     for name in set(kept["upstream"]) | set(kept["downstream"]):
         assert f"<!-- {name} -->" in picture  # each node labelled in the picture (matplotlib's text)
     assert cli.main(["circuit", clean, "Short", "-m", tiny_dir, "--answer", " Mary", "--wrong", " John"]) == 2
+
+
+def test_eap_ig_steps_stacked_in_one_run_equal_one_run_per_step(model64, pair, monkeypatch):
+    # EAP-IG stacks its interpolation steps into one batch: the same scores as one run per step,
+    # and as the mean over the steps of gradient . change taken one hooked run at a time
+    clean, corrupted, metric = pair
+    stacked = E.edge_attribution(model64, clean, corrupted, metric, method="eap-ig", ig_steps=3)
+    monkeypatch.setattr(E, "_IG_ROWS", 1)  # one step per run
+    separate = E.edge_attribution(model64, clean, corrupted, metric, method="eap-ig", ig_steps=3)
+    key = ["upstream", "downstream", "input"]
+    a, b = stacked.sort_values(key).reset_index(drop=True), separate.sort_values(key).reset_index(drop=True)
+    np.testing.assert_allclose(a["score"], b["score"], rtol=0, atol=1e-12 * np.abs(b["score"]).max())
+
+    clean_out, corrupted_out = _outputs(model64, clean), _outputs(model64, corrupted)
+    names = [n for n, _ in E._nodes(model64.cfg)]
+    change = np.stack([clean_out[n] - corrupted_out[n] for n in names]).reshape(len(names), -1)
+    by_step = np.zeros((len(E._inputs(model64.cfg)), len(names)))
+    _, c_clean = model64.run_with_cache(clean, names_filter="hook_embed")
+    _, c_corr = model64.run_with_cache(corrupted, names_filter="hook_embed")
+    for alpha in (1 / 3, 2 / 3, 1.0):
+        between = c_corr["hook_embed"] + alpha * (c_clean["hook_embed"] - c_corr["hook_embed"])
+        with model64.hooks([("hook_embed", lambda act, hook: between)]):
+            _, cache = model64.run_with_cache(corrupted, names_filter=E._is_gradient_hook, incl_bwd=True, metric=metric)
+        rows = np.concatenate([g.reshape(len(g), -1) for g in E._input_gradients(model64, cache)])
+        by_step += rows @ change.T / 3
+    inputs = {(c, x): i for i, (c, x, _) in enumerate(E._inputs(model64.cfg))}
+    expected = [by_step[inputs[(r.downstream, r.input)], names.index(r.upstream)] for r in a.itertuples()]
+    np.testing.assert_allclose(a["score"], expected, rtol=0, atol=1e-12 * np.abs(expected).max())

@@ -89,40 +89,83 @@ def _node_outputs(model, cache) -> np.ndarray:
     return np.stack(outs)
 
 
-def _input_gradients(model, cache):
+def _input_gradients(model, cache, steps: int = 1):
     """d metric / d (each downstream input's own copy of the residual stream), in the order of
     ``_inputs``: yields one array per layer, [3 * n_head + 1, batch, pos, d_model] (the heads' q,
-    k and v inputs, then the MLP's), then the logits' [1, batch, pos, d_model]. The layers' arrays
-    share one buffer: use each before taking the next.
+    k and v inputs, then the MLP's), then the logits' [1, batch, pos, d_model].
 
     A head's query input q_h = ln1(x) @ W_Q[h] + b_Q[h]: its gradient is d q_h @ W_Q[h]^T taken back
     through the layer norm; likewise keys, values, and the MLP's input through ln2 and W_in. The
     logits' input is the final residual stream, which only the final layer norm reads.
+
+    ``steps``: the cache's batch is that many batches stacked (EAP-IG's steps); their gradients are
+    summed, the batch being one of them.
     """
     w, n_head = model.weights, model.cfg.n_head
-    views = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}  # [layer, head, d_model, d_head]
-    shape = cache["blocks.0.ln1.hook_normalized"].shape  # [batch, pos, d_model]
-    layer_grads = np.empty((3 * n_head + 1,) + shape, cache["blocks.0.ln1.hook_normalized"].dtype)
+    stacked = cache["blocks.0.ln1.hook_normalized"].shape  # [steps * batch, pos, d_model]
+    shape = (stacked[0] // steps,) + stacked[1:]  # [batch, pos, d_model]
+    d_model = shape[-1]
+    d_head = d_model // n_head
+
+    def summed(x):  # [steps * batch, pos, d_model] -> [batch, pos, d_model]
+        return x.reshape((steps,) + shape).sum(axis=0)
+
     for l in range(model.cfg.n_layer):
-        ln1 = (cache[f"blocks.{l}.ln1.hook_normalized"], cache[f"blocks.{l}.ln1.hook_scale"], w.blocks[l].ln1_w)
-        for i, x in enumerate("qkv"):  # all heads at once: [head, rows, d_head] @ [head, d_head, d_model]
-            d_x = cache[f"blocks.{l}.attn.hook_{x}_grad"]  # [batch, pos, head, d_head]
-            rows = d_x.transpose(2, 0, 1, 3).reshape(n_head, -1, d_x.shape[-1])
-            d_ln_out = (rows @ views[x][l].swapaxes(-1, -2)).reshape((n_head,) + shape)  # [head, batch, pos, d_model]
-            layer_grads[i * n_head:(i + 1) * n_head] = ops.layer_norm_backward(d_ln_out, *ln1, weights=False)[0]
-        d_mlp_in = cache[f"blocks.{l}.mlp.hook_pre_grad"] @ w.blocks[l].W_in.T  # [batch, pos, d_model]
-        ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], w.blocks[l].ln2_w)
-        layer_grads[-1] = ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0]
-        yield layer_grads
-    yield cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"][None]
+        b = w.blocks[l]
+        d_qkv = np.stack([cache[f"blocks.{l}.attn.hook_{x}_grad"] for x in "qkv"])  # [3, steps * batch, pos, head, d_head]
+        d_heads = d_qkv.transpose(0, 3, 1, 2, 4).reshape(3 * n_head, -1, d_head)  # [3 * head, rows, d_head]
+        normalized, scale = (cache[f"blocks.{l}.ln1.hook_{x}"].reshape(-1, d_model if x == "normalized" else 1)
+                             for x in ("normalized", "scale"))  # [rows, d_model], [rows, 1]
+        grads = np.empty((3 * n_head + 1,) + shape, normalized.dtype)
+        grads[:-1] = _head_input_gradients(d_heads, b.W_qkv, normalized, scale, b.ln1_w, steps).reshape((-1,) + shape)
+        d_mlp_in = ops.linear(cache[f"blocks.{l}.mlp.hook_pre_grad"], b.W_in.T)  # [steps * batch, pos, d_model]
+        ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], b.ln2_w)
+        grads[-1] = summed(ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0])
+        yield grads
+    yield summed(cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"])[None]
 
 
-def _scores(model, cache, change_rows: np.ndarray, out: np.ndarray) -> None:
-    """Add each input's gradient . each node's change into ``out`` [input, node]."""
+def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int = 1) -> np.ndarray:
+    """Every head's q, k and v inputs' gradients, back through their shared first layer norm.
+    d_heads [3 * head, rows, d_head] (d q_h, then d k_h, then d v_h), W_qkv [d_model, 3 * d_model],
+    normalized [rows, d_model], scale [rows, 1], gain [d_model] or None -> [3 * head, rows / steps,
+    d_model], the rows' ``steps`` stacked groups summed.
+
+    ``ops.layer_norm_backward`` of d_n = d_head @ W_h^T, arranged for 3 * n_head gradients that
+    share one layer norm: d_x = (d_n * gain - mean(d_n * gain) - n mean(d_n * gain * n)) / scale.
+    The gain goes into W_h^T and the division by the row's scale into d_head before the product;
+    both means come from d_head's few columns (d_head @ (W_h^T 1) / d_model, and d_head . (n W_h)).
+    The product and the first mean are linear in d_head, so the steps are summed before them; only
+    the last term is summed as it stands. The large [3 * head, rows / steps, d_model] array is made
+    once and corrected in two passes.
+    """
+    n, rows, d_head = d_heads.shape
+    d_model = W_qkv.shape[0]
+    W_gained = W_qkv if gain is None else W_qkv * gain[:, None]  # [d_model, 3 * d_model]
+    W_t = W_gained.reshape(d_model, n, d_head).transpose(1, 2, 0)  # [3 * head, d_head, d_model]: W_Q[h]^T ... (a view)
+    d_scaled = d_heads / scale  # [3 * head, rows, d_head]
+    n_projected = (normalized @ W_gained).reshape(rows, n, d_head).transpose(1, 0, 2)  # n @ W_h, [3 * head, rows, d_head]
+    along_n = (d_scaled * n_projected).sum(axis=-1) / d_model  # mean(d_n * gain * n) / scale, [3 * head, rows]
+    d_scaled = d_scaled.reshape(n, steps, rows // steps, d_head).sum(axis=1)  # [3 * head, rows / steps, d_head]
+    d_x = d_scaled @ W_t  # d_n * gain / scale, [3 * head, rows / steps, d_model]
+    d_x -= d_scaled @ W_gained.reshape(d_model, n, d_head).mean(axis=0)[..., None]  # its mean over d_model
+    if steps == 1:
+        d_x -= along_n[..., None] * normalized
+    else:  # the sum over the steps of along_n * n: a [3 * head, steps] @ [steps, d_model] product per row
+        per_row = along_n.reshape(n, steps, rows // steps).transpose(2, 0, 1)  # [rows / steps, 3 * head, steps]
+        d_x -= (per_row @ normalized.reshape(steps, rows // steps, d_model).transpose(1, 0, 2)).transpose(1, 0, 2)
+    return d_x
+def _scores(model, grads: list[np.ndarray], change_rows: np.ndarray, out: np.ndarray) -> None:
+    """Add each input's gradient . each node's change into ``out`` [input, node]. grads: the
+    arrays of ``_input_gradients``, one per layer and the logits'. An input of layer l reads only
+    the nodes before it (the embeddings, layers < l, and for the MLP layer l's heads): only those
+    products are taken."""
+    n_head = model.cfg.n_head
     i = 0
-    for grads in _input_gradients(model, cache):  # a layer's inputs at a time
-        out[i:i + len(grads)] += grads.reshape(len(grads), -1) @ change_rows.T
-        i += len(grads)
+    for l, g in enumerate(grads):  # a layer's inputs at a time
+        seen = min(len(change_rows), 1 + l * (n_head + 1) + n_head)  # nodes before layer l's MLP
+        out[i:i + len(g), :seen] += g.reshape(len(g), -1) @ change_rows[:seen].T
+        i += len(g)
 
 
 def _is_gradient_hook(name: str) -> bool:
@@ -162,14 +205,11 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
     change_rows = change.reshape(len(change), -1)
     scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
     if method == "eap":
-        _scores(model, corrupted_cache, change_rows, scores)
-    else:  # the mean over the steps of gradient . change: each step's scores added, then divided
-        clean_embed, corrupted_embed = clean_cache["hook_embed"], corrupted_cache["hook_embed"]
-        for alpha in np.arange(1, ig_steps + 1) / ig_steps:
-            between = corrupted_embed + alpha * (clean_embed - corrupted_embed)
-            with model.hooks([("hook_embed", lambda act, hook, between=between: between)]):
-                _, cache = model.run_with_cache(corrupted, names_filter=_is_gradient_hook, incl_bwd=True, metric=metric)
-            _scores(model, cache, change_rows, scores)
+        _scores(model, list(_input_gradients(model, corrupted_cache)), change_rows, scores)
+    else:  # the mean over the steps of gradient . change = (the steps' gradients summed) . change / steps
+        for grads in _integrated_input_gradients(model, corrupted, clean_cache["hook_embed"],
+                                                 corrupted_cache["hook_embed"], metric, ig_steps):
+            _scores(model, grads, change_rows, scores)
         scores /= ig_steps
 
     mask = _edge_mask(model.cfg)
@@ -179,6 +219,46 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
                        "input": [inputs[d][1] for d in d_index], "score": scores[d_index, u_index]})
     df.attrs["method"] = method
     return df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+
+_IG_ROWS = 2048  # the most rows (batch x pos) of one run of EAP-IG's interpolated inputs
+
+
+def _integrated_input_gradients(model, corrupted, clean_embed, corrupted_embed, metric, steps: int):
+    """The inputs' gradients (as ``_input_gradients`` yields them, a layer at a time) on the runs
+    whose token embeddings lie at alpha = 1/steps, 2/steps ... 1 of the way from the corrupted ones
+    to the clean ones: yields, for each run, its steps' gradients summed.
+
+    Several steps go in one run, their batches stacked (up to ``_IG_ROWS`` rows): one pass over
+    the weights for all of them. The metric is taken on each step's own slice of the logits, and
+    their sum is differentiated: each step's activations get their own step's gradient.
+    """
+    batch = len(corrupted)
+    per_run = max(1, _IG_ROWS // corrupted.size)
+    alphas = np.arange(1, steps + 1) / steps
+    for first in range(0, steps, per_run):
+        run_alphas = alphas[first:first + per_run]
+        between = np.concatenate([corrupted_embed + a * (clean_embed - corrupted_embed) for a in run_alphas])
+        with model.hooks([("hook_embed", lambda act, hook: between)]):
+            _, cache = model.run_with_cache(np.tile(corrupted, (len(run_alphas), 1)), names_filter=_is_gradient_hook,
+                                            incl_bwd=True, metric=_PerStep(metric, batch))
+        yield _input_gradients(model, cache, steps=len(run_alphas))  # each [inputs, batch, pos, d_model]
+
+
+class _PerStep:
+    """A metric over a stack of batches of ``batch`` rows: the sum of ``metric`` on each."""
+
+    def __init__(self, metric, batch: int):
+        self.metric, self.batch = metric, batch
+
+    def _slices(self, logits):
+        return [slice(s, s + self.batch) for s in range(0, len(logits), self.batch)]
+
+    def __call__(self, logits) -> float:
+        return sum(float(self.metric(logits[s])) for s in self._slices(logits))
+
+    def grad(self, logits) -> np.ndarray:
+        return np.concatenate([np.asarray(self.metric.grad(logits[s]), dtype=logits.dtype) for s in self._slices(logits)])
 
 
 def _check_pair(model, clean_tokens, corrupted_tokens):
