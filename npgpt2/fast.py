@@ -44,6 +44,7 @@ import numpy as np
 from . import ops
 from .threads import get_num_threads, worker_pool
 
+MIN_ROWS = 128  # fewer rows (batch x position) than this: the textbook blocks are as fast or faster
 TILE = 256  # the most rows of the residual stream in a tile
 QUERY_BLOCK = 128  # queries per attention block
 VOCAB_BLOCK = 2048  # columns of the unembedding per task
@@ -126,6 +127,12 @@ def _release(key: tuple, ws) -> None:
         pool.move_to_end(key)
         while len(pool) > keep:
             pool.popitem(last=False)
+
+
+def pays(shape) -> bool:
+    """Is a [batch, pos] input large enough for this file's threads to pay? (With a few rows, the
+    products only read the weights, and the two threads of BLAS do that as well as ours.)"""
+    return shape[0] * shape[1] >= MIN_ROWS
 
 
 def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.ndarray:

@@ -141,7 +141,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             positions = position_ids(keys_mask, shape, offset)  # [batch, pos]: counted from each row's first real token
             resid = self._embed(hook, tokens, positions)  # [batch, pos, d_model]
 
-        quick = self.fast_path and hook.idle() and past_kv is None and padding is None and self.attn_implementation == "blockwise"
+        quick = self.fast_path and hook.idle() and past_kv is None and padding is None and self.attn_implementation == "blockwise" and fast.pays(shape)
         if quick:  # nobody looks inside: fast.py computes the same numbers on every core
             resid = fast.blocks(self, resid, start, stop, hook)  # [batch, pos, d_model]
         else:

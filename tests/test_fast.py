@@ -12,6 +12,12 @@ from npgpt2.testing import assert_close, synthetic_model
 V = 50257
 
 
+@pytest.fixture(autouse=True)
+def every_size_takes_the_fast_path(monkeypatch):
+    # the arithmetic is tested on small shapes too; the model only takes it from fast.MIN_ROWS rows
+    monkeypatch.setattr(fast, "MIN_ROWS", 1)
+
+
 @pytest.fixture(scope="module")
 def models():
     # n_ctx 160: two query blocks (128) per head; batch x pos rows up to 600: up to four tiles (256)
@@ -245,3 +251,13 @@ def test_fast_gradients_are_the_same_bits_on_every_thread_count_and_call(models)
             for f in b.__dataclass_fields__:
                 np.testing.assert_array_equal(getattr(b, f), getattr(e, f))
         np.testing.assert_array_equal(r.W_E, first.W_E)
+
+
+def test_few_rows_take_the_textbook_blocks(models, monkeypatch):
+    monkeypatch.setattr(fast, "MIN_ROWS", 128)
+    m = models["float32"]
+    calls = _calls(m, monkeypatch)
+    m(np.random.default_rng(0).integers(0, V, (2, 63)))  # 126 rows
+    assert calls == []
+    m(np.random.default_rng(0).integers(0, V, (2, 64)))  # 128 rows
+    assert calls == [1]
