@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -138,9 +139,17 @@ def harvest_shard(harvester: Harvester, shard: Shard, spec: HarvestSpec, into: F
         raise ValueError(f"shard {shard.index} is already counted")
     stats = into if into is not None else FeatureStats.empty(harvester.n_features, spec.top_k, spec.per_band,
                                                              spec.threshold)
-    for b in range(0, len(shard.tokens), spec.batch_size):
-        acts = harvester(shard.tokens[b : b + spec.batch_size])  # [batch, pos, F]
-        stats.add(acts, shard.start + b, harvester.first_position)
+    # a batch's statistics are counted on a second thread while the model runs the next batch (the
+    # forward pass leaves a core idle in its one-threaded steps); one at a time, in order
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npgpt2-stats") as counter:
+        counting = None
+        for b in range(0, len(shard.tokens), spec.batch_size):
+            acts = harvester(shard.tokens[b : b + spec.batch_size])  # [batch, pos, F]
+            if counting is not None:
+                counting.result()  # (re-raises its error here)
+            counting = counter.submit(stats.add, acts, shard.start + b, harvester.first_position)
+        if counting is not None:
+            counting.result()
     stats.shards = tuple(sorted(stats.shards + (shard.index,)))
     return stats
 
