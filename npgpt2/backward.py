@@ -44,9 +44,13 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-    linear_backward = fast.linear_backward if hook.tape is not None else ops.linear_backward  # (fast.py's: on the pool)
-    d_final_ln_out, d_W_U, d_b_U = linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
-                                                   weights=hook.param_grads)
+    columns = ops.nonzero_columns(d_logits)  # a metric of a few logits (logit_diff): only their columns
+    if hook.tape is not None and columns is None:  # fast.py's, on the pool
+        d_final_ln_out, d_W_U, d_b_U = fast.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
+                                                            weights=hook.param_grads)
+    else:
+        d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
+                                                           weights=hook.param_grads, columns=columns)
     d_resid, d_ln_final_w, d_ln_final_b = _layer_norm_backward(hook, "ln_final.", d_final_ln_out, w.ln_final_w)
 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients

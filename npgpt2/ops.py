@@ -32,14 +32,26 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.nd
 
 
 def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,
-                    weights: bool = True):
+                    weights: bool = True, columns: np.ndarray | None = None):
     """Gradients of x @ W + b.  d_out [..., n_out], x [..., n_in], W [n_in, n_out]
     -> (d_x [..., n_in], d_W [n_in, n_out], d_b [n_out])
 
     transpose_dW: compute d_W laid out as [n_out, n_in] (returned as its transposed view), for a W
     that is itself a transposed view, such as the tied unembedding W_E.T.
     weights=False: only d_x (d_W and d_b are None), when only activations' gradients are wanted.
+    columns: the only outputs whose gradient may be non-zero (``nonzero_columns``), for a d_out
+    that is zero elsewhere; only they take part (a metric of two logits reads 2 of W_U's 50257
+    columns back, not all of them).
     """
+    if columns is not None:
+        d_x, d_W_part, d_b_part = linear_backward(d_out[..., columns], x, W[:, columns], weights=weights)
+        if not weights:
+            return d_x, None, None
+        d_W = np.zeros(W.shape[::-1] if transpose_dW else W.shape, d_W_part.dtype)
+        d_b = np.zeros(W.shape[1], d_b_part.dtype)
+        (d_W.T if transpose_dW else d_W)[:, columns] = d_W_part
+        d_b[columns] = d_b_part
+        return d_x, (d_W.T if transpose_dW else d_W), d_b
     d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
     x_rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     d_x = (d_out_rows @ W.T).reshape(x.shape)  # each input feeds every output through W
@@ -48,6 +60,16 @@ def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_d
     # summed over every row (batch and position)
     d_W = (d_out_rows.T @ x_rows).T if transpose_dW else x_rows.T @ d_out_rows
     return d_x, d_W, d_out_rows.sum(axis=0)
+
+
+def nonzero_columns(d_out: np.ndarray, at_most: float = 0.25) -> np.ndarray | None:
+    """The last axis's indices where d_out [..., n] is non-zero somewhere, when they are at most
+    ``at_most`` of all (else None: use every column)."""
+    rows = d_out.reshape(-1, d_out.shape[-1])
+    if np.count_nonzero(rows[-1]) > at_most * rows.shape[1]:  # (a dense gradient, such as the loss's, shows at once)
+        return None
+    used = np.flatnonzero(np.any(rows != 0, axis=0))
+    return used if len(used) <= at_most * rows.shape[1] else None
 
 
 def center(x: np.ndarray) -> np.ndarray:

@@ -45,6 +45,25 @@ def test_linear_backward(rng):
     _check(lambda b_: (G * ops.linear(x, W, b_)).sum(), b, d_b)
 
 
+@pytest.mark.parametrize("transpose_dW", [False, True])
+def test_linear_backward_through_the_few_columns_a_metric_reads(rng, transpose_dW):
+    # a logit difference's gradient is zero outside two columns: only those are taken back
+    x, W = rng.standard_normal((2, 5, 6)), rng.standard_normal((6, 40))
+    W = np.ascontiguousarray(W.T).T if transpose_dW else W  # (as the tied W_E.T)
+    G = np.zeros((2, 5, 40))
+    G[:, -1, [3, 17]] = rng.standard_normal((2, 2))
+    columns = ops.nonzero_columns(G)
+    np.testing.assert_array_equal(columns, [3, 17])
+    sparse = ops.linear_backward(G, x, W, transpose_dW=transpose_dW, columns=columns)
+    dense = ops.linear_backward(G, x, W, transpose_dW=transpose_dW)
+    for a, e in zip(sparse, dense):
+        np.testing.assert_allclose(a, e, rtol=1e-13, atol=1e-15)
+    assert sparse[1].shape == W.shape and sparse[1].T.flags.c_contiguous == transpose_dW
+    assert ops.linear_backward(G, x, W, weights=False, columns=columns)[1:] == (None, None)
+    G[0, 0] = 1.0  # dense rows: every column takes part
+    assert ops.nonzero_columns(G) is None
+
+
 @pytest.mark.parametrize("folded", [False, True])
 def test_layer_norm_backward(rng, folded):
     x = rng.standard_normal((2, 5, 8)) * 3 + 1
