@@ -57,7 +57,7 @@ def main(argv=None):
     stream = rng.integers(0, 50256, args.contexts * (ctx - 1)).astype(np.uint16)
     contexts = np.stack(list(npgpt2.harvest.iter_contexts(npgpt2.harvest.open_corpus(stream), model.tokenizer, ctx)))
     n_tokens = contexts.size
-    shard = 4 * bs
+    shard = 2 * bs  # shards of 16 contexts: at the default 32 contexts, work for both Dask workers
     print(f"{args.contexts} contexts x {ctx} tokens = {n_tokens:,} tokens, batches of {bs}, hook {args.hook}")
 
     def full_forward():
