@@ -80,13 +80,23 @@ def _is_output_hook(name: str) -> bool:
     return name.endswith(("hook_embed", "hook_pos_embed", "attn.hook_result", "hook_mlp_out"))
 
 
-def _node_outputs(model, cache) -> np.ndarray:
-    """What each node writes into the residual stream: [node, batch, pos, d_model]."""
-    outs = [cache["hook_embed"] + cache["hook_pos_embed"]]
-    for l in range(model.cfg.n_layer):
-        result = cache[f"blocks.{l}.attn.hook_result"]  # [batch, pos, head, d_model]
-        outs += [result[:, :, h] for h in range(model.cfg.n_head)] + [cache[f"blocks.{l}.hook_mlp_out"]]
-    return np.stack(outs)
+def _node_outputs(model, cache, minus=None) -> np.ndarray:
+    """What each node writes into the residual stream: [node, batch, pos, d_model]; less what it
+    writes in the run of ``minus`` (a second cache) when given, in the same array."""
+    def outputs(c):  # in the order of _nodes
+        yield c["hook_embed"] + c["hook_pos_embed"]
+        for l in range(model.cfg.n_layer):
+            result = c[f"blocks.{l}.attn.hook_result"]  # [batch, pos, head, d_model]
+            yield from (result[:, :, h] for h in range(model.cfg.n_head))
+            yield c[f"blocks.{l}.hook_mlp_out"]
+
+    shape = cache["hook_embed"].shape
+    out = np.empty((1 + model.cfg.n_layer * (model.cfg.n_head + 1),) + shape, cache["hook_embed"].dtype)
+    for i, x in enumerate(outputs(cache)):
+        out[i] = x
+    for i, x in enumerate(outputs(minus) if minus is not None else ()):
+        out[i] -= x
+    return out
 
 
 def _input_gradients(model, cache, steps: int = 1):
@@ -201,7 +211,7 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
                                                   incl_bwd=True, metric=metric)
     else:
         _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_is_output_hook)
-    change = _node_outputs(model, clean_cache) - _node_outputs(model, corrupted_cache)  # [node, batch, pos, d_model]
+    change = _node_outputs(model, clean_cache, minus=corrupted_cache)  # [node, batch, pos, d_model]
     change_rows = change.reshape(len(change), -1)
     scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
     if method == "eap":
