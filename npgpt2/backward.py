@@ -56,7 +56,7 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients
     block_grads = [_zero_block(b) if l < start_at_layer and hook.param_grads else None for l, b in enumerate(w.blocks)]
     if hook.tape is not None:  # fast.py ran the blocks: the same steps, arranged for speed
-        tape, hook.tape = hook.tape, None  # (read once, then reused by later calls)
+        tape, hook.tape = hook.tape, None  # (read once: dropped when the blocks are done)
         d_resid, grads = fast.blocks_backward(model, tape, d_resid, start_at_layer, cfg.n_layer, hook.param_grads)
         block_grads[start_at_layer:] = [grads[l] for l in range(start_at_layer, cfg.n_layer)] if grads else []
     else:

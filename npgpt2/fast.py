@@ -76,11 +76,11 @@ class _Tape:
     """What the backward pass reads of one forward pass, kept by ``blocks`` layer by layer:
     ``layers[l]`` has the fields of ``_Workspace`` (qkv, z, pre, post, the layer norms' outputs
     attn_in and mlp_in) and the layer norms' normalized values and scales (norm1, scale1, norm2,
-    scale2), all [rows, ...]. Reused from call to call like the workspaces: a training loop
-    touches its memory once."""
+    scale2) and each head's attention pattern, all [rows, ...]. Made for one call and dropped with
+    it (~75 MB a layer at 1024 tokens, float32: kept from call to call it would cost more memory
+    than the time it saves)."""
 
     def __init__(self, batch: int, pos: int, n_layer: int, n_head: int, d_model: int, d_mlp: int, dtype):
-        self.key = (batch, pos, n_layer, n_head, d_model, d_mlp, dtype)
         self.layers = [_TapeLayer(batch, pos, n_head, d_model, d_mlp, dtype) for _ in range(n_layer)]
 
     def layer(self, l: int) -> "_TapeLayer":
@@ -106,27 +106,21 @@ _workspaces_lock = threading.Lock()
 _KEEP_SHAPES = 2  # workspaces of the most recent shapes are kept; older ones are freed
 
 
-_tapes: "OrderedDict[tuple, list[_Tape]]" = OrderedDict()
-_KEEP_TAPES = 1  # tapes are large (~48 MB a layer at 1024 tokens, float32): one shape's are kept
-
-
-def _acquire(key: tuple, kind=_Workspace):
-    pool = _workspaces if kind is _Workspace else _tapes
+def _acquire(key: tuple) -> _Workspace:
     with _workspaces_lock:
-        idle = pool.get(key)
+        idle = _workspaces.get(key)
         if idle:
-            pool.move_to_end(key)
+            _workspaces.move_to_end(key)
             return idle.pop()
-    return kind(*key)
+    return _Workspace(*key)
 
 
-def _release(key: tuple, ws) -> None:
-    pool, keep = (_workspaces, _KEEP_SHAPES) if isinstance(ws, _Workspace) else (_tapes, _KEEP_TAPES)
+def _release(key: tuple, ws: _Workspace) -> None:
     with _workspaces_lock:
-        pool.setdefault(key, []).append(ws)
-        pool.move_to_end(key)
-        while len(pool) > keep:
-            pool.popitem(last=False)
+        _workspaces.setdefault(key, []).append(ws)
+        _workspaces.move_to_end(key)
+        while len(_workspaces) > _KEEP_SHAPES:
+            _workspaces.popitem(last=False)
 
 
 def pays(shape) -> bool:
@@ -148,7 +142,7 @@ def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.nda
     key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, resid.dtype)
     tape = None
     if hook is not None and hook.save:
-        tape = hook.tape = _acquire((batch, pos, cfg.n_layer, cfg.n_head, d_model, cfg.d_mlp, resid.dtype), _Tape)
+        tape = hook.tape = _Tape(batch, pos, cfg.n_layer, cfg.n_head, d_model, cfg.d_mlp, resid.dtype)
     ws = _acquire(key)
     at = ws if tape is None else tape  # where layer l's intermediates go: at.layer(l)
     try:
@@ -323,7 +317,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
     cfg = model.cfg
     batch, pos, d_model = d_resid.shape
     key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, d_resid.dtype)
-    ws = _acquire(key)  # (the tape goes back to the pool at the end too: it has been read)
+    ws = _acquire(key)
     if ws.d_scores is None:
         ws.d_scores, ws.d_mid = np.empty_like(ws.scores), np.empty_like(ws.branch)
     grads = {} if param_grads else None
@@ -378,10 +372,10 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
             for name in sums[0]:  # the tiles' parts, added in tile order
                 g[name] = None if getattr(w, name) is None else sum(part[name] for part in sums)
             grads[l] = BlockWeights(**g)
+            tape.layers[l] = None  # read: its memory can go back while the other layers' gradients come
         return d.reshape(batch, pos, d_model).copy(), grads
     finally:
         _release(key, ws)
-        _release(tape.key, tape)
 
 
 def _slices(n: int, size: int = 384) -> list[slice]:

@@ -261,3 +261,24 @@ def test_few_rows_take_the_textbook_blocks(models, monkeypatch):
     assert calls == []
     m(np.random.default_rng(0).integers(0, V, (2, 64)))  # 128 rows
     assert calls == [1]
+
+
+def test_concurrent_fast_gradients_are_each_correct(models):
+    # each call has its own tape; the workspaces are taken one call at a time
+    m = models["float32"]
+    inputs = [np.random.default_rng(s).integers(0, V, (1 + s % 2, 40 + 13 * s)) for s in range(4)]
+    expected = [_grads(m, t)[1] for t in inputs]
+    failures = []
+
+    def worker(i):
+        for _ in range(3):
+            g = m.value_and_grad(inputs[i])[1]
+            if not (np.array_equal(g.W_E, expected[i].W_E) and np.array_equal(g.blocks[0].W_qkv, expected[i].blocks[0].W_qkv)):
+                failures.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
