@@ -358,20 +358,19 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
             with worker_pool() as run:
                 run(mlp_rows, tiles)
                 run(lambda heads: [_attention_backward(model, ws, a, pos, task) for task in heads], head_groups)
-                if not param_grads:
-                    run(attn_rows, tiles)
-                    continue
-                products = {  # d W = input^T @ d output, summed over the rows
-                    "W_out": (a.post, d_resid_post), "W_in": (a.mlp_in, d_post),
-                    "W_attn_out": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)}
-                g = {name: np.empty(getattr(w, name).shape, d.dtype) for name in products}
-                jobs = [lambda x=x[:, s], d_out=d_out, out=g[name][s]: np.matmul(x.T, d_out, out=out)
-                        for name, (x, d_out) in products.items() for s in _slices(x.shape[1])]
-                jobs += [lambda tile=tile: attn_rows(tile) for tile in tiles]  # (independent of the products)
+                jobs = [lambda tile=tile: attn_rows(tile) for tile in tiles]
+                if param_grads:  # the weights' gradients, beside the rows (they read what the rows leave alone)
+                    products = {  # d W = input^T @ d output, summed over the rows
+                        "W_out": (a.post, d_resid_post), "W_in": (a.mlp_in, d_post),
+                        "W_attn_out": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)}
+                    g = {name: np.empty(getattr(w, name).shape, d.dtype) for name in products}
+                    jobs = [lambda x=x[:, s], d_out=d_out, out=g[name][s]: np.matmul(x.T, d_out, out=out)
+                            for name, (x, d_out) in products.items() for s in _slices(x.shape[1])] + jobs
                 run(lambda job: job(), jobs)
-            for name in sums[0]:  # the tiles' parts, added in tile order
-                g[name] = None if getattr(w, name) is None else sum(part[name] for part in sums)
-            grads[l] = BlockWeights(**g)
+            if param_grads:
+                for name in sums[0]:  # the tiles' parts, added in tile order
+                    g[name] = None if getattr(w, name) is None else sum(part[name] for part in sums)
+                grads[l] = BlockWeights(**g)
             tape.layers[l] = None  # read: its memory can go back while the other layers' gradients come
         return d.reshape(batch, pos, d_model).copy(), grads
     finally:

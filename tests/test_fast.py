@@ -282,3 +282,17 @@ def test_concurrent_fast_gradients_are_each_correct(models):
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_a_metric_with_no_hook_runs_the_fast_backward_for_activations_only(models, monkeypatch):
+    from npgpt2 import metrics
+
+    m = models["float64"]
+    tokens = np.random.default_rng(5).integers(0, V, (2, 70))
+    calls = []
+    real = fast.blocks_backward
+    monkeypatch.setattr(fast, "blocks_backward", lambda *a: calls.append(a[-1]) or real(*a))
+    metric = metrics.logit_diff(5, 7)
+    value = m.run_with_hooks(tokens, metric=metric)
+    assert calls == [False]  # the fast blocks, without the weights' gradients
+    assert value == pytest.approx(metric(_plain(m, tokens)), rel=1e-12)
