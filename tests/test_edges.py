@@ -179,7 +179,7 @@ def test_eap_ig_steps_stacked_in_one_run_equal_one_run_per_step(model64, pair, m
         between = c_corr["hook_embed"] + alpha * (c_clean["hook_embed"] - c_corr["hook_embed"])
         with model64.hooks([("hook_embed", lambda act, hook: between)]):
             _, cache = model64.run_with_cache(corrupted, names_filter=E._is_gradient_hook, incl_bwd=True, metric=metric)
-        rows = np.concatenate([g.reshape(len(g), -1) for g in E._input_gradients(model64, cache)])
+        rows = np.concatenate([g.reshape(len(g), -1).copy() for g in E._input_gradients(model64, cache)])
         by_step += rows @ change.T / 3
     inputs = {(c, x): i for i, (c, x, _) in enumerate(E._inputs(model64.cfg))}
     expected = [by_step[inputs[(r.downstream, r.input)], names.index(r.upstream)] for r in a.itertuples()]

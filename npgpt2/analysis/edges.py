@@ -109,7 +109,8 @@ def _input_gradients(model, cache, steps: int = 1):
     logits' input is the final residual stream, which only the final layer norm reads.
 
     ``steps``: the cache's batch is that many batches stacked (EAP-IG's steps); their gradients are
-    summed, the batch being one of them.
+    summed, the batch being one of them. The layers' arrays share one buffer: use each before
+    taking the next.
     """
     w, n_head = model.weights, model.cfg.n_head
     stacked = cache["blocks.0.ln1.hook_normalized"].shape  # [steps * batch, pos, d_model]
@@ -120,14 +121,15 @@ def _input_gradients(model, cache, steps: int = 1):
     def summed(x):  # [steps * batch, pos, d_model] -> [batch, pos, d_model]
         return x.reshape((steps,) + shape).sum(axis=0)
 
+    grads = np.empty((3 * n_head + 1,) + shape, cache["blocks.0.ln1.hook_normalized"].dtype)
     for l in range(model.cfg.n_layer):
         b = w.blocks[l]
         d_qkv = np.stack([cache[f"blocks.{l}.attn.hook_{x}_grad"] for x in "qkv"])  # [3, steps * batch, pos, head, d_head]
         d_heads = d_qkv.transpose(0, 3, 1, 2, 4).reshape(3 * n_head, -1, d_head)  # [3 * head, rows, d_head]
         normalized, scale = (cache[f"blocks.{l}.ln1.hook_{x}"].reshape(-1, d_model if x == "normalized" else 1)
                              for x in ("normalized", "scale"))  # [rows, d_model], [rows, 1]
-        grads = np.empty((3 * n_head + 1,) + shape, normalized.dtype)
-        grads[:-1] = _head_input_gradients(d_heads, b.W_qkv, normalized, scale, b.ln1_w, steps).reshape((-1,) + shape)
+        _head_input_gradients(d_heads, b.W_qkv, normalized, scale, b.ln1_w, steps,
+                              out=grads[:-1].reshape(3 * n_head, -1, d_model))
         d_mlp_in = ops.linear(cache[f"blocks.{l}.mlp.hook_pre_grad"], b.W_in.T)  # [steps * batch, pos, d_model]
         ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], b.ln2_w)
         grads[-1] = summed(ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0])
@@ -135,19 +137,18 @@ def _input_gradients(model, cache, steps: int = 1):
     yield summed(cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"])[None]
 
 
-def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int = 1) -> np.ndarray:
+def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int, out: np.ndarray) -> np.ndarray:
     """Every head's q, k and v inputs' gradients, back through their shared first layer norm.
     d_heads [3 * head, rows, d_head] (d q_h, then d k_h, then d v_h), W_qkv [d_model, 3 * d_model],
-    normalized [rows, d_model], scale [rows, 1], gain [d_model] or None -> [3 * head, rows / steps,
-    d_model], the rows' ``steps`` stacked groups summed.
+    normalized [rows, d_model], scale [rows, 1], gain [d_model] or None -> out [3 * head, rows /
+    steps, d_model], the rows' ``steps`` stacked groups summed.
 
     ``ops.layer_norm_backward`` of d_n = d_head @ W_h^T, arranged for 3 * n_head gradients that
     share one layer norm: d_x = (d_n * gain - mean(d_n * gain) - n mean(d_n * gain * n)) / scale.
     The gain goes into W_h^T and the division by the row's scale into d_head before the product;
     both means come from d_head's few columns (d_head @ (W_h^T 1) / d_model, and d_head . (n W_h)).
     The product and the first mean are linear in d_head, so the steps are summed before them; only
-    the last term is summed as it stands. The large [3 * head, rows / steps, d_model] array is made
-    once and corrected in two passes.
+    the last term is summed as it stands, a head and a step at a time (no temporary as large as out).
     """
     n, rows, d_head = d_heads.shape
     d_model = W_qkv.shape[0]
@@ -157,19 +158,19 @@ def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int = 
     n_projected = (normalized @ W_gained).reshape(rows, n, d_head).transpose(1, 0, 2)  # n @ W_h, [3 * head, rows, d_head]
     along_n = (d_scaled * n_projected).sum(axis=-1) / d_model  # mean(d_n * gain * n) / scale, [3 * head, rows]
     d_scaled = d_scaled.reshape(n, steps, rows // steps, d_head).sum(axis=1)  # [3 * head, rows / steps, d_head]
-    d_x = d_scaled @ W_t  # d_n * gain / scale, [3 * head, rows / steps, d_model]
+    d_x = np.matmul(d_scaled, W_t, out=out)  # d_n * gain / scale, [3 * head, rows / steps, d_model]
     d_x -= d_scaled @ W_gained.reshape(d_model, n, d_head).mean(axis=0)[..., None]  # its mean over d_model
-    if steps == 1:
-        d_x -= along_n[..., None] * normalized
-    else:  # the sum over the steps of along_n * n: a [3 * head, steps] @ [steps, d_model] product per row
-        per_row = along_n.reshape(n, steps, rows // steps).transpose(2, 0, 1)  # [rows / steps, 3 * head, steps]
-        d_x -= (per_row @ normalized.reshape(steps, rows // steps, d_model).transpose(1, 0, 2)).transpose(1, 0, 2)
+    along_n = along_n.reshape(n, steps, rows // steps)  # [3 * head, steps, rows / steps]
+    normalized = normalized.reshape(steps, rows // steps, d_model)
+    for h in range(n):  # less n * mean(d_n * gain * n) / scale, each step with its own n
+        for s in range(steps):
+            d_x[h] -= along_n[h, s, :, None] * normalized[s]
     return d_x
-def _scores(model, grads: list[np.ndarray], change_rows: np.ndarray, out: np.ndarray) -> None:
-    """Add each input's gradient . each node's change into ``out`` [input, node]. grads: the
-    arrays of ``_input_gradients``, one per layer and the logits'. An input of layer l reads only
-    the nodes before it (the embeddings, layers < l, and for the MLP layer l's heads): only those
-    products are taken."""
+def _scores(model, grads, change_rows: np.ndarray, out: np.ndarray) -> None:
+    """Add each input's gradient . each node's change into ``out`` [input, node]. grads: the arrays
+    ``_input_gradients`` yields, one per layer and the logits' (each used before the next). An
+    input of layer l reads only the nodes before it (the embeddings, layers < l, and for the MLP
+    layer l's heads): only those products are taken."""
     n_head = model.cfg.n_head
     i = 0
     for l, g in enumerate(grads):  # a layer's inputs at a time
@@ -215,7 +216,7 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
     change_rows = change.reshape(len(change), -1)
     scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
     if method == "eap":
-        _scores(model, list(_input_gradients(model, corrupted_cache)), change_rows, scores)
+        _scores(model, _input_gradients(model, corrupted_cache), change_rows, scores)
     else:  # the mean over the steps of gradient . change = (the steps' gradients summed) . change / steps
         for grads in _integrated_input_gradients(model, corrupted, clean_cache["hook_embed"],
                                                  corrupted_cache["hook_embed"], metric, ig_steps):
