@@ -107,20 +107,24 @@ def test_concurrent_fast_forwards_are_each_correct(models):
     m = models["float32"]
     inputs = [np.random.default_rng(s).integers(0, V, (1 + s % 2, 40 + 13 * s)) for s in range(6)]
     expected = [m(t) for t in inputs]
+    assert _in_threads(len(inputs), 5, lambda i: np.array_equal(m(inputs[i]), expected[i])) == []
+
+
+def _in_threads(n: int, rounds: int, check) -> list[int]:
+    """check(i) on n threads at once, ``rounds`` times each: the i whose check failed."""
     failures = []
 
     def worker(i):
-        for _ in range(5):
-            out = m(inputs[i])
-            if not np.array_equal(out, expected[i]):
+        for _ in range(rounds):
+            if not check(i):
                 failures.append(i)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert failures == []
+    return failures
 
 
 def test_anyone_looking_inside_takes_the_textbook_path(models, monkeypatch):
@@ -268,20 +272,12 @@ def test_concurrent_fast_gradients_are_each_correct(models):
     m = models["float32"]
     inputs = [np.random.default_rng(s).integers(0, V, (1 + s % 2, 40 + 13 * s)) for s in range(4)]
     expected = [_grads(m, t)[1] for t in inputs]
-    failures = []
 
-    def worker(i):
-        for _ in range(3):
-            g = m.value_and_grad(inputs[i])[1]
-            if not (np.array_equal(g.W_E, expected[i].W_E) and np.array_equal(g.blocks[0].W_qkv, expected[i].blocks[0].W_qkv)):
-                failures.append(i)
+    def same(i):
+        g = m.value_and_grad(inputs[i])[1]
+        return np.array_equal(g.W_E, expected[i].W_E) and np.array_equal(g.blocks[0].W_qkv, expected[i].blocks[0].W_qkv)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert failures == []
+    assert _in_threads(len(inputs), 3, same) == []
 
 
 def test_a_metric_with_no_hook_runs_the_fast_backward_for_activations_only(models, monkeypatch):
