@@ -180,8 +180,7 @@ def _grads(model, input, fast_path=True, **kwargs):
 
 
 def _assert_same_grads(g, expected, tol, what):
-    pairs = [("W_E", g.W_E, expected.W_E), ("W_pos", g.W_pos, expected.W_pos),
-             ("ln_final_w", g.ln_final_w, expected.ln_final_w)]
+    pairs = [(f, getattr(g, f), getattr(expected, f)) for f in ("W_E", "W_pos", "ln_final_w", "ln_final_b", "W_U", "b_U")]
     for l, (b, e) in enumerate(zip(g.blocks, expected.blocks)):
         pairs += [(f"blocks.{l}.{f}", getattr(b, f), getattr(e, f)) for f in b.__dataclass_fields__]
     for name, a, e in pairs:
@@ -230,7 +229,7 @@ def test_fast_gradients_from_a_layer_on_and_on_processed_weights(models):
     tokens = np.random.default_rng(2).integers(0, V, (2, 100))
     _, g = _grads(p, tokens)
     _, plain = _grads(p, tokens, fast_path=False)
-    assert g.blocks[0].ln1_w is None
+    assert g.blocks[0].ln1_w is None and not np.shares_memory(g.W_U, g.W_E) and g.b_U is not None
     _assert_same_grads(g, plain, 1e-12, "processed")
 
 
