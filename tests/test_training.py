@@ -338,3 +338,28 @@ def test_a_tiny_model_learns_a_repetitive_text_from_scratch():
     assert model.loss(data.batch(999, 4, 32, seed=0)) < 0.15
     out = model.generate("The quick", max_new_tokens=20)  # greedy
     assert len(out) > 90 and text.startswith(out), out  # the text, word for word
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-13), ("float32", 2e-6)])
+def test_adamw_with_blas_axpby_equals_numpy_passes(tiny_dir, monkeypatch, dtype, tol):
+    # the update takes BLAS's fused y = a x + b y where numpy's BLAS has it; NumPy's own passes
+    # otherwise: the same numbers up to rounding
+    from npgpt2 import threads
+    from npgpt2.training import adamw
+
+    assert threads.axpby(np.dtype(dtype)) is not None  # (numpy's OpenBLAS has it)
+    results = []
+    for blas in (True, False):
+        if not blas:
+            monkeypatch.setattr(adamw, "axpby", lambda dtype: None)
+        model = fresh(tiny_dir, dtype=dtype)
+        opt = training.AdamW(model, lr=training.warmup_cosine(1e-2, 1, 5), weight_decay=0.1)
+        for tokens in random_batches(3):
+            opt.step(fresh(tiny_dir, dtype=dtype).value_and_grad(tokens)[1])  # the same gradients for both
+        results.append((params_of(model), opt))
+    (fused, fused_opt), (plain, plain_opt) = results
+    for name in fused:
+        scale = np.abs(plain[name]).max()
+        assert np.abs(fused[name] - plain[name]).max() <= tol * scale, name
+        np.testing.assert_allclose(fused_opt.v[name], plain_opt.v[name], rtol=10 * tol, atol=1e-30, err_msg=name)
+    assert max(np.abs(fused[n] - plain[n]).max() for n in fused) > 0  # they did take different passes

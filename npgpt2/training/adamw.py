@@ -31,13 +31,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..threads import get_num_threads, worker_pool
+from ..threads import axpby, get_num_threads, worker_pool
 from ..weights import BlockWeights, GPT2Weights
 
-# elements per chunk of the update: the dozen passes of one chunk stay in the CPU's cache, so the
-# arrays are read from memory about once; and each pass is long enough that calling it costs little
-# (see benchmarks/bench_train.py)
-_CHUNK = 1 << 18
+# elements per chunk of the update: the nine to thirteen passes of one chunk stay in the CPU's
+# cache, so the arrays are read from memory about once; and each pass is long enough that calling it
+# costs little (see benchmarks/bench_train.py)
+_CHUNK = 1 << 19
 
 
 def is_tied(weights: GPT2Weights) -> bool:
@@ -203,9 +203,10 @@ class AdamW:
         # elementwise: the chunks spread over npgpt2's threads, in a few runs of consecutive chunks
         # (one hand-over to the pool per run, not per chunk)
         runs = np.array_split(np.arange(len(chunks)), min(len(chunks), 4 * get_num_threads()))
+        fused = axpby(next(iter(self.params.values())).dtype)  # y = a x + b y in one pass, or None
         with worker_pool() as run:
-            run(lambda r: [_update(*chunks[i], beta1, beta2, step_size, bias_correction2_sqrt, self.eps) for i in r],
-                runs)
+            run(lambda r: [_update(*chunks[i], beta1, beta2, step_size, bias_correction2_sqrt, self.eps, fused)
+                           for i in r], runs)
         self._refresh_model()
         return lr
 
@@ -264,17 +265,33 @@ class AdamW:
         self.load_state_dict(state)
 
 
-def _update(p, g, m, v, decay, start, beta1, beta2, step_size, bias_correction2_sqrt, eps) -> None:
+def _update(p, g, m, v, decay, start, beta1, beta2, step_size, bias_correction2_sqrt, eps, fused=None) -> None:
     """torch's single-tensor AdamW on the chunk [start, start + _CHUNK) of flat arrays, in place.
 
-    The last line, p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), is computed as
-    p -= m / (sqrt(v) * (1 / (bias_correction2_sqrt * step_size)) + eps / step_size): the same
-    number up to rounding, with one pass over the chunk fewer.
+    With ``fused``, BLAS's axpby (``threads.axpby``: y = a x + b y in one pass), nine passes over
+    the chunk instead of thirteen:
+        m = (1 - beta1) g + beta1 m
+        v = (1 - beta2) g^2 + beta2 v
+        p = decay p - step_size c m / (sqrt(v) + eps c),   c = bias_correction2_sqrt
+    the last being torch's p -= step_size m / (sqrt(v) / c + eps) after its decay, multiplied
+    through by c: the same numbers up to rounding. Without it, NumPy's passes below, where that line
+    is p -= m / (sqrt(v) * (1 / (c * step_size)) + eps / step_size).
     """
     s = slice(start, start + _CHUNK)
     pc, gc, mc, vc = p[s], g[s], m[s], v[s]
     t = _scratch(pc.size, p.dtype)
     f = p.dtype.type
+    if fused is not None:
+        fused(1 - beta1, gc, beta1, mc)  # exp_avg.lerp_(grad, 1 - beta1)
+        np.multiply(gc, gc, out=t)
+        fused(1 - beta2, t, beta2, vc)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if step_size == 0:  # lr 0 (the first step of a warm-up): the moments move, the parameters not
+            return
+        np.sqrt(vc, out=t)
+        t += f(eps * bias_correction2_sqrt)
+        np.divide(mc, t, out=t)
+        fused(-step_size * bias_correction2_sqrt, t, decay, pc)  # param.mul_(decay).addcdiv_(...)
+        return
     if decay != 1.0:
         pc *= f(decay)  # param.mul_(1 - lr * weight_decay)
     np.subtract(gc, mc, out=t)  # exp_avg.lerp_(grad, 1 - beta1)
