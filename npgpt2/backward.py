@@ -58,7 +58,8 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     if hook.tape is not None:  # fast.py ran the blocks: the same steps, arranged for speed
         tape, hook.tape = hook.tape, None  # (read once: dropped when the blocks are done)
         d_resid, grads = fast.blocks_backward(model, tape, d_resid, start_at_layer, cfg.n_layer, hook.param_grads)
-        block_grads[start_at_layer:] = [grads[l] for l in range(start_at_layer, cfg.n_layer)] if grads else []
+        for l, g in (grads or {}).items():
+            block_grads[l] = g
     else:
         for l in reversed(range(start_at_layer, cfg.n_layer)):
             d_resid, block_grads[l] = _block_backward(model, hook, l, d_resid, padding)  # [batch, pos, d_model]

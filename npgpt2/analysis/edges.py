@@ -90,8 +90,7 @@ def _node_outputs(model, cache, minus=None) -> np.ndarray:
             yield from (result[:, :, h] for h in range(model.cfg.n_head))
             yield c[f"blocks.{l}.hook_mlp_out"]
 
-    shape = cache["hook_embed"].shape
-    out = np.empty((1 + model.cfg.n_layer * (model.cfg.n_head + 1),) + shape, cache["hook_embed"].dtype)
+    out = np.empty((len(_nodes(model.cfg)),) + cache["hook_embed"].shape, cache["hook_embed"].dtype)
     for i, x in enumerate(outputs(cache)):
         out[i] = x
     for i, x in enumerate(outputs(minus) if minus is not None else ()):
@@ -166,15 +165,14 @@ def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int, o
         for s in range(steps):
             d_x[h] -= along_n[h, s, :, None] * normalized[s]
     return d_x
-def _scores(model, grads, change_rows: np.ndarray, out: np.ndarray) -> None:
+def _scores(grads, change_rows: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
     """Add each input's gradient . each node's change into ``out`` [input, node]. grads: the arrays
-    ``_input_gradients`` yields, one per layer and the logits' (each used before the next). An
-    input of layer l reads only the nodes before it (the embeddings, layers < l, and for the MLP
-    layer l's heads): only those products are taken."""
-    n_head = model.cfg.n_head
+    ``_input_gradients`` yields, one per layer and the logits' (each used before the next). A
+    layer's inputs read only the nodes before them (``mask``, the edges): only those products are
+    taken."""
     i = 0
-    for l, g in enumerate(grads):  # a layer's inputs at a time
-        seen = min(len(change_rows), 1 + l * (n_head + 1) + n_head)  # nodes before layer l's MLP
+    for g in grads:  # a layer's inputs at a time
+        seen = np.flatnonzero(mask[i:i + len(g)].any(axis=0)).max() + 1  # the nodes they read come first
         out[i:i + len(g), :seen] += g.reshape(len(g), -1) @ change_rows[:seen].T
         i += len(g)
 
@@ -215,15 +213,15 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
     change = _node_outputs(model, clean_cache, minus=corrupted_cache)  # [node, batch, pos, d_model]
     change_rows = change.reshape(len(change), -1)
     scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
+    mask = _edge_mask(model.cfg)  # [input, node]
     if method == "eap":
-        _scores(model, _input_gradients(model, corrupted_cache), change_rows, scores)
+        _scores(_input_gradients(model, corrupted_cache), change_rows, mask, scores)
     else:  # the mean over the steps of gradient . change = (the steps' gradients summed) . change / steps
         for grads in _integrated_input_gradients(model, corrupted, clean_cache["hook_embed"],
                                                  corrupted_cache["hook_embed"], metric, ig_steps):
-            _scores(model, grads, change_rows, scores)
+            _scores(grads, change_rows, mask, scores)
         scores /= ig_steps
 
-    mask = _edge_mask(model.cfg)
     nodes, inputs = _nodes(model.cfg), _inputs(model.cfg)
     d_index, u_index = np.nonzero(mask)
     df = pd.DataFrame({"upstream": [nodes[u][0] for u in u_index], "downstream": [inputs[d][0] for d in d_index],
