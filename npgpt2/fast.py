@@ -152,7 +152,7 @@ def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.nda
         with worker_pool() as run:
             run(lambda r: _rows(model, ws, at, r, None, start), tiles)  # block `start` begins
             for l in range(start, stop):
-                run(lambda heads: [_attention(model, ws, at.layer(l), pos, task) for task in heads], head_groups)
+                run(lambda tasks: _attention(model, ws, at.layer(l), pos, tasks), head_groups)
                 following = l + 1 if l + 1 < stop else None
                 run(lambda r: _rows(model, ws, at, r, l, following), tiles)  # block l ends, l + 1 begins
         return ws.resid.reshape(batch, pos, d_model).copy()
@@ -265,27 +265,48 @@ def _kept(normalized, scale, rows) -> dict:
     return {} if normalized is None else {"normalized": normalized[rows], "scale": scale[rows]}
 
 
-def _attention(model, ws: _Workspace, a, pos: int, task: int) -> None:
-    """Causal attention of one (batch row, head) of a layer whose q|k|v are in ``a.qkv``: writes
-    its z into a.z."""
+def _attention(model, ws: _Workspace, a, pos: int, tasks: range) -> None:
+    """Causal attention of the (batch row, head) ``tasks`` of a layer whose q|k|v are in ``a.qkv``:
+    writes their z into a.z. Heads of one batch row go together, [heads, queries, d_head] at a
+    time (``_head_batches``): with short sequences, one NumPy call for several small heads costs
+    less than one each. Every head's arithmetic is the same either way."""
     n_head = model.cfg.n_head
     d_model = a.z.shape[1]
     d_head = d_model // n_head
-    b, h = divmod(task, n_head)
-    rows, cols = slice(b * pos, (b + 1) * pos), slice(h * d_head, (h + 1) * d_head)
-    q = a.qkv[rows, cols]  # [pos, d_head] (views into q | k | v)
-    k_t = a.qkv[rows, d_model:][:, cols].T  # [d_head, pos]
-    v = a.qkv[rows, 2 * d_model:][:, cols]  # [pos, d_head]
-    z = a.z[rows, cols]  # [pos, d_head]
-    for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
-        if a.pattern is None:  # one block's scores at a time, in the workspace
-            scores = ws.scores[task, : (stop - start) * stop].reshape(stop - start, stop)  # [block, stop]
-        else:  # kept for the backward pass
-            scores = a.pattern[task, end - (stop - start) * stop: end].reshape(stop - start, stop)
-        np.matmul(q[start:stop] / math.sqrt(d_head), k_t[:, :stop], out=scores)
-        scores += ops.causal_mask(stop - start, stop, scores.dtype)
-        ops.softmax(scores, out=scores)  # the pattern, in place
-        np.matmul(scores, v[:stop], out=z[start:stop])
+    for b, heads in _head_batches(tasks, n_head, pos):
+        rows, cols = slice(b * pos, (b + 1) * pos), slice(heads.start * d_head, heads.stop * d_head)
+        tasks_here = slice(b * n_head + heads.start, b * n_head + heads.stop)
+
+        def by_head(x):  # [pos, len(heads) * d_head] -> [heads, pos, d_head] (a view)
+            return x[rows, cols].reshape(pos, len(heads), d_head).transpose(1, 0, 2)
+
+        q, k, v, z = by_head(a.qkv), by_head(a.qkv[:, d_model:]), by_head(a.qkv[:, 2 * d_model:]), by_head(a.z)
+        for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
+            if a.pattern is None:  # one block's scores at a time, in the workspace
+                scores = ws.scores[tasks_here, : (stop - start) * stop]
+            else:  # kept for the backward pass
+                scores = a.pattern[tasks_here, end - (stop - start) * stop: end]
+            scores = scores.reshape(len(heads), stop - start, stop)  # [heads, block, stop]
+            np.matmul(q[:, start:stop] / math.sqrt(d_head), k[:, :stop].transpose(0, 2, 1), out=scores)
+            scores += ops.causal_mask(stop - start, stop, scores.dtype)
+            ops.softmax(scores, out=scores)  # the pattern, in place
+            np.matmul(scores, v[:, :stop], out=z[:, start:stop])
+
+
+HEAD_BATCH_ELEMENTS = 1 << 17  # heads go together while their scores of a block of queries are no more
+
+
+def _head_batches(tasks: range, n_head: int, pos: int):
+    """``tasks`` (batch row x n_head + head) as (batch row, range of heads) pieces of one batch row
+    each, of as many heads as keep a block of queries' scores within ``HEAD_BATCH_ELEMENTS``
+    (several at 128 tokens, one at 1024)."""
+    per_batch = max(1, HEAD_BATCH_ELEMENTS // (min(pos, QUERY_BLOCK) * pos))
+    task = tasks.start
+    while task < tasks.stop:
+        b, h = divmod(task, n_head)
+        stop = min(tasks.stop - b * n_head, n_head, h + per_batch)
+        yield b, range(h, stop)
+        task = b * n_head + stop
 
 
 @lru_cache(maxsize=8)
