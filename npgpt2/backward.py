@@ -238,8 +238,15 @@ class Differentiable:
                 raise ValueError(f"{caller}: the loss needs token ids: pass tokens=... with start_at_layer")
             metric = metrics.loss(tokens, mask)
         metric = metrics.check_metric(metric)
-        logits = self._forward(run, input, "logits", attention_mask=mask, start_at_layer=start_at_layer,
-                               tokens=tokens)  # [batch, pos, d_vocab]
+        read = getattr(metric, "logits_read", None)
+        read = None if read is None else read(np.shape(input)[0])
+        if read is None:
+            logits = self._forward(run, input, "logits", attention_mask=mask, start_at_layer=start_at_layer,
+                                   tokens=tokens)  # [batch, pos, d_vocab]
+        else:  # the metric reads a few logits (a logit difference, a log-probability): only they are made
+            resid = self._forward(run, input, "logits", attention_mask=mask, start_at_layer=start_at_layer,
+                                  tokens=tokens, stop_at_layer=self.cfg.n_layer)  # [batch, pos, d_model]
+            logits = _read_logits(self, run, resid, *read)  # [batch, pos, d_vocab]
         if isinstance(metric, metrics.Loss):  # the logits are ours alone: the gradient overwrites them
             value, d_logits = metric.value_and_grad(logits, out=logits)
         elif hasattr(metric, "value_and_grad"):  # both from one pass over the logits
@@ -253,3 +260,24 @@ class Differentiable:
         start = self._check_layer(start_at_layer, "start_at_layer", 0)
         grads, _ = backward(self, run, d_logits, tokens, start, mask)
         return value, grads
+
+
+def _read_logits(model, hook: Run, resid: np.ndarray, pos: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    """The logits a metric reads (``Metric.logits_read``: each row's position ``pos`` [batch], there
+    the vocabulary ``columns`` or all), the others zero: ``model._unembed`` for a gradient that
+    starts from those alone. The final layer norm runs on every position, so its hook points (and
+    what the backward pass keeps of them) are as in the whole forward pass.
+    resid [batch, pos, d_model] -> logits [batch, pos, d_vocab]"""
+    w = model.weights
+    normalized = model._layer_norm(hook, "ln_final.", resid, w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
+    rows = np.arange(len(resid))
+    W_U, b_U = w.W_U, w.b_U
+    if columns is not None:
+        W_U, b_U = W_U[:, columns], None if b_U is None else b_U[columns]
+    read = ops.linear(normalized[rows, pos], W_U, b_U)  # [batch, columns]
+    logits = np.zeros(resid.shape[:2] + (w.W_U.shape[1],), read.dtype)  # [batch, pos, d_vocab]
+    if columns is None:
+        logits[rows, pos] = read
+    else:
+        logits[rows[:, None], pos[:, None], columns[None, :]] = read
+    return logits

@@ -37,6 +37,13 @@ class Metric:
         """Both at once (a metric may share work between them)."""
         return self(logits), self.grad(logits)
 
+    def logits_read(self, batch: int):
+        """Which logits of a batch of ``batch`` rows the metric reads: None (any of them), or
+        (pos [batch], columns): one position per row, and there the vocabulary ``columns`` (an
+        array of token ids; None: all). A forward pass made only for this metric (a gradient)
+        computes just those; the rest of its logits are zero."""
+        return None
+
 
 def _checked(logits) -> np.ndarray:
     logits = np.asarray(logits)
@@ -141,6 +148,9 @@ class _AtPosition(Metric):
     def _at(self, batch: int):
         return np.arange(batch), _rows(self.pos, batch, "pos")
 
+    def logits_read(self, batch: int):
+        return self._at(batch)[1], None  # every column (a softmax over them), at one position a row
+
 
 class LogitDiff(_AtPosition):
     """Batch mean of logit[answer] - logit[wrong] at position ``pos``."""
@@ -153,6 +163,9 @@ class LogitDiff(_AtPosition):
         at = logits[rows, pos].astype(np.float64)  # [batch, d_vocab]
         return float(np.mean(at[rows, _rows(self.answer, len(rows), "answer")]
                              - at[rows, _rows(self.wrong, len(rows), "wrong")]))
+
+    def logits_read(self, batch: int):
+        return self._at(batch)[1], np.union1d(_rows(self.answer, batch, "answer"), _rows(self.wrong, batch, "wrong"))
 
     def grad(self, logits):
         logits = _checked(logits)
@@ -217,6 +230,10 @@ class Normalized(Metric):
 
     def grad(self, logits):
         return check_metric(self.metric).grad(logits) / (self.clean - self.corrupted)
+
+    def logits_read(self, batch: int):
+        read = getattr(self.metric, "logits_read", None)
+        return None if read is None else read(batch)
 
 
 loss, logit_diff, logprob, prob, normalized = Loss, LogitDiff, LogProb, Prob, Normalized

@@ -8,6 +8,7 @@ import pytest
 
 import npgpt2
 from npgpt2 import metrics, ops
+from npgpt2.training import named_parameters
 
 V = 50257
 EPS = 1e-6
@@ -332,6 +333,44 @@ def test_metrics_gradients(model64, batch):
         np.testing.assert_allclose(grad, metric.grad(logits), atol=1e-15)
     assert metrics.logit_diff(" Mary", " John")(logits) == pytest.approx(
         float(np.mean(logits[:, -1, 5335] - logits[:, -1, 1757])))
+
+
+class _Opaque:
+    """A metric that says nothing of which logits it reads: the forward makes them all."""
+
+    def __init__(self, metric):
+        self.metric = metric
+
+    def __call__(self, logits):
+        return self.metric(logits)
+
+    def grad(self, logits):
+        return self.metric.grad(logits)
+
+
+def test_a_metric_of_a_few_logits_gets_them_alone_and_the_same_gradients(model64, batch):
+    seen = []
+    rows_pos = np.array([-1, 5])  # one position per row
+    for metric in [metrics.logit_diff(" Mary", " John"), metrics.logit_diff([" Mary", " the"], " John", pos=rows_pos),
+                   metrics.logprob([" the", " a"], pos=-2), metrics.prob(" the"),
+                   metrics.normalized(metrics.logit_diff(" Mary", " John"), 2.0, -1.0)]:
+        assert metric.logits_read(2) is not None
+        for restricted in (metric, _Opaque(metric)):
+            with model64.hooks([("ln_final.hook_normalized", lambda act, hook: seen.append(act.shape))]):
+                value, grads = model64.value_and_grad(batch, metric=restricted)
+                _, cache = model64.run_with_cache(batch, names_filter=["blocks.1.hook_resid_pre", "ln_final.hook_scale"],
+                                                  incl_bwd=True, metric=restricted)
+            if restricted is metric:
+                first = value, grads, cache
+        assert value == pytest.approx(first[0], rel=1e-12)  # the full logits give the same metric ...
+        restricted_grads = dict(named_parameters(first[1]))
+        for name, g in named_parameters(grads):  # ... and the same gradients
+            np.testing.assert_allclose(restricted_grads[name], g, rtol=0, atol=1e-12 * np.abs(g).max())
+        for name in cache:
+            np.testing.assert_allclose(first[2][name], cache[name], rtol=0, atol=1e-12 * np.abs(cache[name]).max() + 1e-300)
+    every_position = cache["blocks.1.hook_resid_pre"].shape
+    assert seen and all(s == every_position for s in seen)  # the final layer norm's hooks fire on every position
+    assert metrics.loss(batch).logits_read(2) is None  # the loss reads every logit
 
 
 def test_gradient_requests_without_a_scalar_are_refused(model, batch):

@@ -22,11 +22,15 @@ one input sees (through its own layer norm), not the residual stream others read
 
 from __future__ import annotations
 
+from functools import lru_cache
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 
 from .. import metrics as metrics_module
 from .. import ops
+from ..threads import worker_pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +71,16 @@ def graph_edges(cfg) -> pd.DataFrame:
 
 
 def _edge_mask(cfg) -> np.ndarray:
-    """[input, node] True where the edge exists."""
-    nodes, inputs = _nodes(cfg), _inputs(cfg)
-    return np.array([[_reads(u, d) for u in nodes] for d in inputs])
+    """[input, node] True where the edge exists (read-only: made once for each size)."""
+    return _edge_mask_of(cfg.n_layer, cfg.n_head)
+
+
+@lru_cache(maxsize=8)
+def _edge_mask_of(n_layer: int, n_head: int) -> np.ndarray:
+    size = SimpleNamespace(n_layer=n_layer, n_head=n_head)
+    mask = np.array([[_reads(u, d) for u in _nodes(size)] for d in _inputs(size)])
+    mask.flags.writeable = False
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,24 +88,31 @@ def _edge_mask(cfg) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 def _is_output_hook(name: str) -> bool:
     """The hook points the nodes' outputs are read from."""
-    return name.endswith(("hook_embed", "hook_pos_embed", "attn.hook_result", "hook_mlp_out"))
+    return name.endswith(("hook_embed", "hook_pos_embed", "attn.hook_z", "hook_mlp_out"))
 
 
 def _node_outputs(model, cache, minus=None) -> np.ndarray:
     """What each node writes into the residual stream: [node, batch, pos, d_model]; less what it
-    writes in the run of ``minus`` (a second cache) when given, in the same array."""
-    def outputs(c):  # in the order of _nodes
-        yield c["hook_embed"] + c["hook_pos_embed"]
-        for l in range(model.cfg.n_layer):
-            result = c[f"blocks.{l}.attn.hook_result"]  # [batch, pos, head, d_model]
-            yield from (result[:, :, h] for h in range(model.cfg.n_head))
-            yield c[f"blocks.{l}.hook_mlp_out"]
+    writes in the run of ``minus`` (a second cache) when given, in the same array. A head's output
+    is z[h] @ W_O[h] (``attn.hook_result``, made here from ``hook_z``: of a difference, the
+    difference of the z's goes through W_O)."""
+    n_head = model.cfg.n_head
+    embed = cache["hook_embed"]
+    batch, pos, d_model = embed.shape
+    out = np.empty((len(_nodes(model.cfg)),) + embed.shape, embed.dtype)
 
-    out = np.empty((len(_nodes(model.cfg)),) + cache["hook_embed"].shape, cache["hook_embed"].dtype)
-    for i, x in enumerate(outputs(cache)):
-        out[i] = x
-    for i, x in enumerate(outputs(minus) if minus is not None else ()):
-        out[i] -= x
+    def change(name):  # the cache's activation, less minus's
+        return cache[name] if minus is None else cache[name] - minus[name]
+
+    out[0] = change("hook_embed")  # node 0, the embeddings: token plus position
+    out[0] += change("hook_pos_embed")
+    for l in range(model.cfg.n_layer):  # in the order of _nodes: the layer's heads, then its MLP
+        first = 1 + l * (n_head + 1)
+        z = change(f"blocks.{l}.attn.hook_z")  # [batch, pos, head, d_head]
+        z_heads = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, -1)  # [head, rows, d_head]
+        W_O = model.weights.blocks[l].W_attn_out.reshape(n_head, -1, d_model)  # [head, d_head, d_model]
+        np.matmul(z_heads, W_O, out=out[first:first + n_head].reshape(n_head, batch * pos, d_model))
+        out[first + n_head] = change(f"blocks.{l}.hook_mlp_out")
     return out
 
 
@@ -127,8 +145,10 @@ def _input_gradients(model, cache, steps: int = 1):
         d_heads = d_qkv.transpose(0, 3, 1, 2, 4).reshape(3 * n_head, -1, d_head)  # [3 * head, rows, d_head]
         normalized, scale = (cache[f"blocks.{l}.ln1.hook_{x}"].reshape(-1, d_model if x == "normalized" else 1)
                              for x in ("normalized", "scale"))  # [rows, d_model], [rows, 1]
-        _head_input_gradients(d_heads, b.W_qkv, normalized, scale, b.ln1_w, steps,
-                              out=grads[:-1].reshape(3 * n_head, -1, d_model))
+        head_grads = grads[:-1].reshape(3 * n_head, -1, d_model)
+        with worker_pool() as run:  # the heads' inputs in groups, each on a thread (columns of W_qkv)
+            run(lambda g: _head_input_gradients(d_heads[g], b.W_qkv[:, g.start * d_head: g.stop * d_head], normalized,
+                                                scale, b.ln1_w, steps, out=head_grads[g]), _groups(3 * n_head))
         d_mlp_in = ops.linear(cache[f"blocks.{l}.mlp.hook_pre_grad"], b.W_in.T)  # [steps * batch, pos, d_model]
         ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], b.ln2_w)
         grads[-1] = summed(ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0])
@@ -136,11 +156,18 @@ def _input_gradients(model, cache, steps: int = 1):
     yield summed(cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"])[None]
 
 
+def _groups(n: int, parts: int = 4) -> list[slice]:
+    """[0, n) in ``parts`` slices (fixed: the same whatever the number of threads)."""
+    bounds = np.linspace(0, n, min(n, parts) + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int, out: np.ndarray) -> np.ndarray:
-    """Every head's q, k and v inputs' gradients, back through their shared first layer norm.
-    d_heads [3 * head, rows, d_head] (d q_h, then d k_h, then d v_h), W_qkv [d_model, 3 * d_model],
-    normalized [rows, d_model], scale [rows, 1], gain [d_model] or None -> out [3 * head, rows /
-    steps, d_model], the rows' ``steps`` stacked groups summed.
+    """Heads' q, k and v inputs' gradients, back through their shared first layer norm.
+    d_heads [n, rows, d_head] (n of the 3 * n_head inputs, in the order d q_h, then d k_h, then
+    d v_h), W_qkv [d_model, n * d_head] (their columns of W_qkv), normalized [rows, d_model],
+    scale [rows, 1], gain [d_model] or None -> out [n, rows / steps, d_model], the rows' ``steps``
+    stacked groups summed.
 
     ``ops.layer_norm_backward`` of d_n = d_head @ W_h^T, arranged for 3 * n_head gradients that
     share one layer norm: d_x = (d_n * gain - mean(d_n * gain) - n mean(d_n * gain * n)) / scale.
@@ -168,12 +195,16 @@ def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int, o
 def _scores(grads, change_rows: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
     """Add each input's gradient . each node's change into ``out`` [input, node]. grads: the arrays
     ``_input_gradients`` yields, one per layer and the logits' (each used before the next). A
-    layer's inputs read only the nodes before them (``mask``, the edges): only those products are
-    taken."""
+    layer's inputs read only the nodes before them (``mask``, the edges: the nodes an input reads
+    come first): only those products are taken, for each run of inputs that read the same nodes
+    (a layer's q, k and v inputs; its MLP's, which reads the layer's heads too)."""
     i = 0
     for g in grads:  # a layer's inputs at a time
-        seen = np.flatnonzero(mask[i:i + len(g)].any(axis=0)).max() + 1  # the nodes they read come first
-        out[i:i + len(g), :seen] += g.reshape(len(g), -1) @ change_rows[:seen].T
+        rows = g.reshape(len(g), -1)  # [inputs, batch * pos * d_model]
+        seen = mask[i:i + len(g)].sum(axis=1)  # [inputs]: how many nodes each reads
+        starts = np.flatnonzero(np.diff(seen, prepend=-1))  # where a run of equal counts begins
+        for a, b in zip(starts, list(starts[1:]) + [len(g)]):
+            out[i + a:i + b, :seen[a]] += rows[a:b] @ change_rows[:seen[a]].T
         i += len(g)
 
 
@@ -204,12 +235,13 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
         raise ValueError(f"ig_steps={ig_steps!r}: expected a positive integer")
     metric = metrics_module.check_metric(metric)
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
-    _, clean_cache = model.run_with_cache(clean, names_filter=_is_output_hook)
+    outputs_only = {"names_filter": _is_output_hook, "stop_at_layer": model.cfg.n_layer}  # (no logits needed)
+    _, clean_cache = model.run_with_cache(clean, **outputs_only)
     if method == "eap":  # the corrupted run's outputs and gradients from one forward + backward
         _, corrupted_cache = model.run_with_cache(corrupted, names_filter=lambda n: _is_gradient_hook(n) or _is_output_hook(n),
                                                   incl_bwd=True, metric=metric)
     else:
-        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_is_output_hook)
+        _, corrupted_cache = model.run_with_cache(corrupted, **outputs_only)
     change = _node_outputs(model, clean_cache, minus=corrupted_cache)  # [node, batch, pos, d_model]
     change_rows = change.reshape(len(change), -1)
     scores = np.zeros((len(_inputs(model.cfg)), len(change)))  # [input, node]
@@ -224,8 +256,11 @@ def edge_attribution(model, clean_tokens, corrupted_tokens, metric, method: str 
 
     nodes, inputs = _nodes(model.cfg), _inputs(model.cfg)
     d_index, u_index = np.nonzero(mask)
-    df = pd.DataFrame({"upstream": [nodes[u][0] for u in u_index], "downstream": [inputs[d][0] for d in d_index],
-                       "input": [inputs[d][1] for d in d_index], "score": scores[d_index, u_index]})
+    node_names = np.array([name for name, _ in nodes], dtype=object)  # (indexed by the edges below)
+    input_names = np.array([name for name, _, _ in inputs], dtype=object)
+    input_kinds = np.array([kind for _, kind, _ in inputs], dtype=object)
+    df = pd.DataFrame({"upstream": node_names[u_index], "downstream": input_names[d_index],
+                       "input": input_kinds[d_index], "score": scores[d_index, u_index]})
     df.attrs["method"] = method
     return df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
