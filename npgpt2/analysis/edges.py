@@ -304,6 +304,12 @@ class _PerStep:
     def grad(self, logits) -> np.ndarray:
         return np.concatenate([np.asarray(self.metric.grad(logits[s]), dtype=logits.dtype) for s in self._slices(logits)])
 
+    def logits_read(self, batch: int):
+        """The metric's logits (``Metric.logits_read``) in each batch of the stack."""
+        read = getattr(self.metric, "logits_read", None)
+        read = None if read is None else read(self.batch)
+        return None if read is None else (np.tile(read[0], batch // self.batch), read[1])
+
 
 def _check_pair(model, clean_tokens, corrupted_tokens):
     from ..inputs import InputError
