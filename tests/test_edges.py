@@ -184,3 +184,19 @@ def test_eap_ig_steps_stacked_in_one_run_equal_one_run_per_step(model64, pair, m
     inputs = {(c, x): i for i, (c, x, _) in enumerate(E._inputs(model64.cfg))}
     expected = [by_step[inputs[(r.downstream, r.input)], names.index(r.upstream)] for r in a.itertuples()]
     np.testing.assert_allclose(a["score"], expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_processed_weights_give_the_same_scores(tiny_dir, model64, pair, method):
+    # folding the layer norms and centring the writing weights change no function the scores are
+    # made of (the input gradients, taken back through a layer norm, have no mean for centring to
+    # remove): the scores agree, through a first layer norm with no gain or bias of its own
+    clean, corrupted, metric = pair
+    processed = npgpt2.from_pretrained(tiny_dir, dtype="float64", fold_ln=True, center_writing_weights=True,
+                                       fold_value_biases=True)
+    assert processed.weights.blocks[0].ln1_b is None
+    key = ["upstream", "downstream", "input"]
+    a, b = (E.edge_attribution(m, clean, corrupted, metric, method=method, ig_steps=2).sort_values(key)
+            .reset_index(drop=True) for m in (processed, model64))
+    assert (a[key] == b[key]).all().all()
+    np.testing.assert_allclose(a["score"], b["score"], rtol=0, atol=1e-12 * np.abs(b["score"]).max())

@@ -145,10 +145,15 @@ def _input_gradients(model, cache, steps: int = 1):
         d_heads = d_qkv.transpose(0, 3, 1, 2, 4).reshape(3 * n_head, -1, d_head)  # [3 * head, rows, d_head]
         normalized, scale = (cache[f"blocks.{l}.ln1.hook_{x}"].reshape(-1, d_model if x == "normalized" else 1)
                              for x in ("normalized", "scale"))  # [rows, d_model], [rows, 1]
+        # (normalized * gain) @ W_qkv, what the forward added the biases to: q|k|v less b_qkv and ln1's bias through W_qkv
+        qkv = np.stack([cache[f"blocks.{l}.attn.hook_{x}"] for x in "qkv"])  # [3, steps * batch, pos, head, d_head]
+        projected = qkv.transpose(0, 3, 1, 2, 4).reshape(3 * n_head, -1, d_head)  # [3 * head, rows, d_head]
+        bias = (0 if b.b_qkv is None else b.b_qkv) + (0 if b.ln1_b is None else b.ln1_b @ b.W_qkv)  # [3 * d_model]
+        projected -= np.reshape(bias, (-1, 1, d_head)).astype(projected.dtype)
         head_grads = grads[:-1].reshape(3 * n_head, -1, d_model)
         with worker_pool() as run:  # the heads' inputs in groups, each on a thread (columns of W_qkv)
-            run(lambda g: _head_input_gradients(d_heads[g], b.W_qkv[:, g.start * d_head: g.stop * d_head], normalized,
-                                                scale, b.ln1_w, steps, out=head_grads[g]), _groups(3 * n_head))
+            run(lambda g: _head_input_gradients(d_heads[g], projected[g], b.W_qkv[:, g.start * d_head: g.stop * d_head],
+                                                normalized, scale, b.ln1_w, steps, out=head_grads[g]), _groups(3 * n_head))
         d_mlp_in = ops.linear(cache[f"blocks.{l}.mlp.hook_pre_grad"], b.W_in.T)  # [steps * batch, pos, d_model]
         ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], b.ln2_w)
         grads[-1] = summed(ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0])
@@ -162,17 +167,18 @@ def _groups(n: int, parts: int = 4) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int, out: np.ndarray) -> np.ndarray:
+def _head_input_gradients(d_heads, projected, W_qkv, normalized, scale, gain, steps: int, out: np.ndarray) -> np.ndarray:
     """Heads' q, k and v inputs' gradients, back through their shared first layer norm.
     d_heads [n, rows, d_head] (n of the 3 * n_head inputs, in the order d q_h, then d k_h, then
-    d v_h), W_qkv [d_model, n * d_head] (their columns of W_qkv), normalized [rows, d_model],
-    scale [rows, 1], gain [d_model] or None -> out [n, rows / steps, d_model], the rows' ``steps``
-    stacked groups summed.
+    d v_h), projected [n, rows, d_head] (the forward's (normalized * gain) @ W_h: q_h, k_h, v_h
+    less their biases), W_qkv [d_model, n * d_head] (their columns of W_qkv), normalized [rows,
+    d_model], scale [rows, 1], gain [d_model] or None -> out [n, rows / steps, d_model], the rows'
+    ``steps`` stacked groups summed.
 
     ``ops.layer_norm_backward`` of d_n = d_head @ W_h^T, arranged for 3 * n_head gradients that
     share one layer norm: d_x = (d_n * gain - mean(d_n * gain) - n mean(d_n * gain * n)) / scale.
     The gain goes into W_h^T and the division by the row's scale into d_head before the product;
-    both means come from d_head's few columns (d_head @ (W_h^T 1) / d_model, and d_head . (n W_h)).
+    both means come from d_head's few columns (d_head @ (W_h^T 1) / d_model, and d_head . projected).
     The product and the first mean are linear in d_head, so the steps are summed before them; only
     the last term is summed as it stands, a head and a step at a time (no temporary as large as out).
     """
@@ -181,8 +187,7 @@ def _head_input_gradients(d_heads, W_qkv, normalized, scale, gain, steps: int, o
     W_gained = W_qkv if gain is None else W_qkv * gain[:, None]  # [d_model, 3 * d_model]
     W_t = W_gained.reshape(d_model, n, d_head).transpose(1, 2, 0)  # [3 * head, d_head, d_model]: W_Q[h]^T ... (a view)
     d_scaled = d_heads / scale  # [3 * head, rows, d_head]
-    n_projected = (normalized @ W_gained).reshape(rows, n, d_head).transpose(1, 0, 2)  # n @ W_h, [3 * head, rows, d_head]
-    along_n = (d_scaled * n_projected).sum(axis=-1) / d_model  # mean(d_n * gain * n) / scale, [3 * head, rows]
+    along_n = (d_scaled * projected).sum(axis=-1) / d_model  # mean(d_n * gain * n) / scale, [3 * head, rows]
     d_scaled = d_scaled.reshape(n, steps, rows // steps, d_head).sum(axis=1)  # [3 * head, rows / steps, d_head]
     d_x = np.matmul(d_scaled, W_t, out=out)  # d_n * gain / scale, [3 * head, rows / steps, d_model]
     d_x -= d_scaled @ W_gained.reshape(d_model, n, d_head).mean(axis=0)[..., None]  # its mean over d_model
