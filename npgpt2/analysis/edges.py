@@ -180,7 +180,7 @@ def _head_input_gradients(d_heads, projected, W_qkv, normalized, scale, gain, st
     The gain goes into W_h^T and the division by the row's scale into d_head before the product;
     both means come from d_head's few columns (d_head @ (W_h^T 1) / d_model, and d_head . projected).
     The product and the first mean are linear in d_head, so the steps are summed before them; only
-    the last term is summed as it stands, a head and a step at a time (no temporary as large as out).
+    the last term is summed as it stands.
     """
     n, rows, d_head = d_heads.shape
     d_model = W_qkv.shape[0]
@@ -193,9 +193,12 @@ def _head_input_gradients(d_heads, projected, W_qkv, normalized, scale, gain, st
     d_x -= d_scaled @ W_gained.reshape(d_model, n, d_head).mean(axis=0)[..., None]  # its mean over d_model
     along_n = along_n.reshape(n, steps, rows // steps)  # [3 * head, steps, rows / steps]
     normalized = normalized.reshape(steps, rows // steps, d_model)
-    for h in range(n):  # less n * mean(d_n * gain * n) / scale, each step with its own n
-        for s in range(steps):
-            d_x[h] -= along_n[h, s, :, None] * normalized[s]
+    # less n * mean(d_n * gain * n) / scale, each step with its own n
+    if steps == 1:  # a head at a time (no temporary as large as out)
+        for h in range(n):
+            d_x[h] -= along_n[h, 0, :, None] * normalized[0]
+    else:  # for each row, its steps' n weighted by every head's along_n: one small product a row
+        d_x -= np.matmul(along_n.transpose(2, 0, 1), normalized.transpose(1, 0, 2)).transpose(1, 0, 2)
     return d_x
 def _scores(grads, change_rows: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
     """Add each input's gradient . each node's change into ``out`` [input, node]. grads: the arrays
