@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 import npgpt2
-from common import describe_machine, gpt2_small_folder, median_time
+from common import describe_machine, gpt2_small_folder, interleaved
 from npgpt2 import training
 
 SHAPES = [(1, 1024), (4, 256)]
@@ -136,14 +136,7 @@ def main(argv=None):
     fns["memory floor"] = stream_once
     fns["memory floor, threads"] = stream_once_threaded
 
-    # interleaved, so that each sees the same state of the machine; the median of each is kept
-    samples = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (allocates torch's optimizer state)
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            samples[name].append(median_time(fn, 1, warmup=False))
-    times = {name: float(np.median(s)) for name, s in samples.items()}
+    times = interleaved(fns, args.repeats)  # taking turns (the warm-up allocates torch's optimizer state)
 
     n_params = sum(p.size for p in params.values())
     print(f"\ngpt2-small shape ({n_params / 1e6:.1f}M parameters, float32), median of {args.repeats}:")

@@ -58,8 +58,8 @@ def describe_machine() -> str:
     return line
 
 
-def matmul_floor(cfg, n_tokens: int, repeats: int, dtype=np.float32, query_block: int = 64) -> float:
-    """Median time of the matrix products a forward pass of ``n_tokens`` (batch 1) must do, run
+def matmul_products(cfg, n_tokens: int, dtype=np.float32, query_block: int = 64):
+    """A function that runs the matrix products a forward pass of ``n_tokens`` (batch 1) must do,
     back to back on preallocated arrays: every linear layer (q/k/v, attention output, MLP in and
     out) of every block, the unembedding, and the causal half of q k^T and pattern v (a block of
     ``query_block`` queries against the keys it may see, every head at once). No elementwise work,
@@ -91,7 +91,7 @@ def matmul_floor(cfg, n_tokens: int, repeats: int, dtype=np.float32, query_block
                 np.matmul(s, vv[:, :stop], out=z[:, start:stop])
         np.matmul(x, W_U, out=logits)
 
-    return median_time(products, repeats)
+    return products
 
 
 def weight_read_floor(model, repeats: int) -> float:
@@ -110,14 +110,23 @@ def weight_read_floor(model, repeats: int) -> float:
     return median_time(read, repeats)
 
 
+SETTLE = 0.25  # seconds of quiet before each timed call in ``interleaved``
+
+
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     """Median time of each ``fns[name]()``, the functions taking turns (one warm-up each first), so
     that each sees the same state of the machine: on a virtual machine the cost of memory drifts
-    from minute to minute, and a neighbour's load comes and goes."""
+    from minute to minute, and a neighbour's load comes and goes.
+
+    Each timed call starts after ``SETTLE`` seconds of quiet. After a multi-threaded product,
+    OpenBLAS's idle threads spin for about 0.1 s before they sleep (torch's OpenMP threads do the
+    like): a function timed right after another's products would share the cores with them (a
+    128-token forward pass: 230 ms after a pause, 280 ms right after a 2-thread product)."""
     for fn in fns.values():
         fn()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(SETTLE)
             samples[name].append(median_time(fn, 1, warmup=False))
     return {name: float(np.median(s)) for name, s in samples.items()}
