@@ -30,7 +30,6 @@ import pandas as pd
 
 from .. import metrics as metrics_module
 from .. import ops
-from ..threads import worker_pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +149,8 @@ def _input_gradients(model, cache, steps: int = 1):
         projected = qkv.transpose(0, 3, 1, 2, 4).reshape(3 * n_head, -1, d_head)  # [3 * head, rows, d_head]
         bias = (0 if b.b_qkv is None else b.b_qkv) + (0 if b.ln1_b is None else b.ln1_b @ b.W_qkv)  # [3 * d_model]
         projected -= np.reshape(bias, (-1, 1, d_head)).astype(projected.dtype)
-        head_grads = grads[:-1].reshape(3 * n_head, -1, d_model)
-        with worker_pool() as run:  # the heads' inputs in groups, each on a thread (columns of W_qkv)
-            run(lambda g: _head_input_gradients(d_heads[g], projected[g], b.W_qkv[:, g.start * d_head: g.stop * d_head],
-                                                normalized, scale, b.ln1_w, steps, out=head_grads[g]), _groups(3 * n_head))
+        _head_input_gradients(d_heads, projected, b.W_qkv, normalized, scale, b.ln1_w, steps,
+                              out=grads[:-1].reshape(3 * n_head, -1, d_model))
         d_mlp_in = ops.linear(cache[f"blocks.{l}.mlp.hook_pre_grad"], b.W_in.T)  # [steps * batch, pos, d_model]
         ln2 = (cache[f"blocks.{l}.ln2.hook_normalized"], cache[f"blocks.{l}.ln2.hook_scale"], b.ln2_w)
         grads[-1] = summed(ops.layer_norm_backward(d_mlp_in, *ln2, weights=False)[0])
@@ -161,19 +158,12 @@ def _input_gradients(model, cache, steps: int = 1):
     yield summed(cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post_grad"])[None]
 
 
-def _groups(n: int, parts: int = 4) -> list[slice]:
-    """[0, n) in ``parts`` slices (fixed: the same whatever the number of threads)."""
-    bounds = np.linspace(0, n, min(n, parts) + 1).round().astype(int)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def _head_input_gradients(d_heads, projected, W_qkv, normalized, scale, gain, steps: int, out: np.ndarray) -> np.ndarray:
-    """Heads' q, k and v inputs' gradients, back through their shared first layer norm.
-    d_heads [n, rows, d_head] (n of the 3 * n_head inputs, in the order d q_h, then d k_h, then
-    d v_h), projected [n, rows, d_head] (the forward's (normalized * gain) @ W_h: q_h, k_h, v_h
-    less their biases), W_qkv [d_model, n * d_head] (their columns of W_qkv), normalized [rows,
-    d_model], scale [rows, 1], gain [d_model] or None -> out [n, rows / steps, d_model], the rows'
-    ``steps`` stacked groups summed.
+    """Every head's q, k and v inputs' gradients, back through their shared first layer norm.
+    d_heads [3 * head, rows, d_head] (d q_h, then d k_h, then d v_h), projected [3 * head, rows,
+    d_head] (the forward's (normalized * gain) @ W_h: q_h, k_h, v_h less their biases), W_qkv
+    [d_model, 3 * d_model], normalized [rows, d_model], scale [rows, 1], gain [d_model] or None
+    -> out [3 * head, rows / steps, d_model], the rows' ``steps`` stacked groups summed.
 
     ``ops.layer_norm_backward`` of d_n = d_head @ W_h^T, arranged for 3 * n_head gradients that
     share one layer norm: d_x = (d_n * gain - mean(d_n * gain) - n mean(d_n * gain * n)) / scale.
