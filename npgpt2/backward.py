@@ -269,6 +269,14 @@ def _read_logits(model, hook: Run, resid: np.ndarray, pos: np.ndarray, columns: 
     what the backward pass keeps of them) are as in the whole forward pass.
     resid [batch, pos, d_model] -> logits [batch, pos, d_vocab]"""
     w = model.weights
+    n_pos, d_vocab = resid.shape[1], w.W_U.shape[1]
+    pos = np.asarray(pos)
+    if np.any((pos < -n_pos) | (pos >= n_pos)):
+        raise ValueError(f"the metric reads position {pos[(pos < -n_pos) | (pos >= n_pos)][0]}; the input has "
+                         f"{n_pos} positions (0 to {n_pos - 1}, or -1 to -{n_pos} from the end)")
+    if columns is not None and np.any((columns < 0) | (columns >= d_vocab)):
+        raise ValueError(f"the metric reads token {columns[(columns < 0) | (columns >= d_vocab)][0]}; expected an id "
+                         f"from 0 to {d_vocab - 1}")
     normalized = model._layer_norm(hook, "ln_final.", resid, w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
     rows = np.arange(len(resid))
     W_U, b_U = w.W_U, w.b_U

@@ -368,6 +368,10 @@ def test_a_metric_of_a_few_logits_gets_them_alone_and_the_same_gradients(model64
             np.testing.assert_allclose(restricted_grads[name], g, rtol=0, atol=1e-12 * np.abs(g).max())
         for name in cache:
             np.testing.assert_allclose(first[2][name], cache[name], rtol=0, atol=1e-12 * np.abs(cache[name]).max() + 1e-300)
+    with pytest.raises(ValueError, match=r"reads position 40; the input has \d+ positions"):
+        model64.value_and_grad(batch, metric=metrics.logit_diff(" Mary", " John", pos=40))
+    with pytest.raises(ValueError, match="reads token 50300; expected an id from 0 to 50256"):
+        model64.value_and_grad(batch, metric=metrics.logit_diff(50300, " John"))
     every_position = cache["blocks.1.hook_resid_pre"].shape
     assert seen and all(s == every_position for s in seen)  # the final layer norm's hooks fire on every position
     assert metrics.loss(batch).logits_read(2) is None  # the loss reads every logit
