@@ -4,7 +4,8 @@ taken of.
 A metric is called on logits [batch, pos, d_vocab] and returns a float; ``metric.grad(logits)``
 returns d metric / d logits, an array shaped like the logits. Any object with ``__call__`` and
 ``grad`` works wherever a metric is taken (``model.value_and_grad``, ``run_with_cache(incl_bwd=True,
-metric=...)``, patching).
+metric=...)``, patching). One that also says which logits it reads (``logits_read(batch)``: one
+position a row, and there some columns or all) has gradient runs make only those logits.
 
     loss(tokens, mask)            mean next-token cross-entropy (nats), padding skipped
     logit_diff(" Mary", " John")  logit[answer] - logit[wrong] at the last position, batch mean
