@@ -30,21 +30,21 @@ from .weights import BlockWeights, GPT2Weights
 
 
 def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, start_at_layer: int = 0,
-             attention_mask: np.ndarray | None = None):
+             attention_mask: np.ndarray | None = None, columns: np.ndarray | None = None):
     """d metric / d logits [batch, pos, d_vocab] -> (grads: a ``GPT2Weights`` of d metric / d weight,
     d_input: d metric / d residual stream entering block ``start_at_layer`` [batch, pos, d_model]).
 
     ``hook`` is the Run of the forward pass that made the logits (with what it saved). Without
     ``hook.param_grads`` only the activations' gradients are computed (a third of the work less), and
     grads is None. ``attention_mask``: the forward's [batch, pos] (its padding keys got no attention
-    and its positions counted from each row's first real token; the same here).
+    and its positions counted from each row's first real token; the same here). ``columns``: the
+    only columns of d_logits that may be non-zero (a metric of a few logits), or None: any.
     """
     cfg, w = model.cfg, model.weights
     padding = padding_mask(attention_mask, d_logits.dtype)  # [batch, 1, 1, key_pos] or None
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-    columns = ops.nonzero_columns(d_logits)  # a metric of a few logits (logit_diff): only their columns
     if hook.tape is not None and columns is None:  # fast.py's, on the pool
         d_final_ln_out, d_W_U, d_b_U = fast.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
                                                             weights=hook.param_grads)
@@ -238,8 +238,7 @@ class Differentiable:
                 raise ValueError(f"{caller}: the loss needs token ids: pass tokens=... with start_at_layer")
             metric = metrics.loss(tokens, mask)
         metric = metrics.check_metric(metric)
-        read = getattr(metric, "logits_read", None)
-        read = None if read is None else read(np.shape(input)[0])
+        read = metrics.logits_read_by(metric, np.shape(input)[0])
         if read is None:
             logits = self._forward(run, input, "logits", attention_mask=mask, start_at_layer=start_at_layer,
                                    tokens=tokens)  # [batch, pos, d_vocab]
@@ -258,7 +257,10 @@ class Differentiable:
             raise ValueError(f"{type(metric).__name__}.grad returned shape {d_logits.shape}; expected "
                              f"{logits.shape}, the logits' shape")
         start = self._check_layer(start_at_layer, "start_at_layer", 0)
-        grads, _ = backward(self, run, d_logits, tokens, start, mask)
+        # a metric of a few logits (a logit difference) takes only their columns back through W_U:
+        # those it says it reads, or those its gradient shows
+        columns = ops.nonzero_columns(d_logits) if read is None else read[1]
+        grads, _ = backward(self, run, d_logits, tokens, start, mask, columns)
         return value, grads
 
 

@@ -233,11 +233,17 @@ class Normalized(Metric):
         return check_metric(self.metric).grad(logits) / (self.clean - self.corrupted)
 
     def logits_read(self, batch: int):
-        read = getattr(self.metric, "logits_read", None)
-        return None if read is None else read(batch)
+        return logits_read_by(self.metric, batch)
 
 
 loss, logit_diff, logprob, prob, normalized = Loss, LogitDiff, LogProb, Prob, Normalized
+
+
+def logits_read_by(metric, batch: int):
+    """``metric.logits_read(batch)`` for a metric that says which logits it reads (see
+    ``Metric.logits_read``); None (all of them) for one that does not."""
+    read = getattr(metric, "logits_read", None)
+    return None if read is None else read(batch)
 
 
 def check_metric(metric):

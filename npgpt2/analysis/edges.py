@@ -304,8 +304,7 @@ class _PerStep:
 
     def logits_read(self, batch: int):
         """The metric's logits (``Metric.logits_read``) in each batch of the stack."""
-        read = getattr(self.metric, "logits_read", None)
-        read = None if read is None else read(self.batch)
+        read = metrics_module.logits_read_by(self.metric, self.batch)
         return None if read is None else (np.tile(read[0], batch // self.batch), read[1])
 
 
