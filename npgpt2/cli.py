@@ -11,14 +11,17 @@
     npgpt2 parity --model gpt2
     npgpt2 finetune notes.txt -m gpt2 --steps 200 --out my-gpt2
     npgpt2 eval notes.txt -m my-gpt2 --stride 512
+    npgpt2 zoo build induction --out induction-model
 
-Every command that takes --model accepts an alias, a hub repository id, or a local folder.
+Every command that takes --model accepts an alias, a hub repository id, a local folder, or
+``zoo:induction`` (a small model npgpt2 trains itself, see zoo.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import fnmatch
 import os
 import sys
@@ -35,8 +38,38 @@ class CLIError(Exception):
 def _load(args, **kwargs):
     from .loading import from_pretrained
 
+    if args.model.startswith(ZOO_PREFIX):  # a model npgpt2 trains itself (npgpt2.zoo), built on first use
+        return _zoo_model(args.model[len(ZOO_PREFIX):], dtype=getattr(args, "dtype", "float32"), **kwargs)
     return from_pretrained(args.model, revision=getattr(args, "revision", None),
                            dtype=getattr(args, "dtype", "float32"), **kwargs)
+
+
+# ---------------------------------------------------------------------------------- zoo
+ZOO_PREFIX = "zoo:"
+ZOO_MODELS = ("induction",)
+
+
+def _zoo_model(name: str, **kwargs):
+    from . import zoo
+
+    if name not in ZOO_MODELS:
+        raise CLIError(f"unknown zoo model {name!r}: expected one of {', '.join(ZOO_MODELS)}")
+    return zoo.induction(**kwargs)
+
+
+def cmd_zoo(args):
+    from . import zoo
+
+    if args.seed < 0:
+        raise CLIError(f"--seed {args.seed}: expected a non-negative integer")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a file: expected a folder (new or existing)")
+    recipe = zoo.InductionRecipe()
+    if args.max_steps is not None:
+        recipe = dataclasses.replace(recipe, max_steps=args.max_steps)
+    folder = zoo.build_induction(args.out, seed=args.seed, recipe=recipe, progress=not args.quiet and None,
+                                 log=lambda line: print(line, file=sys.stderr))
+    print(folder)
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -57,7 +90,7 @@ def cmd_generate(args):
                                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                            stop_at_eos=not args.no_stop):
             # a token may end inside a multi-byte character: decode bytes incrementally
-            out.write(decoder.decode(model.tokenizer.encoding.decode_single_token_bytes(token)))
+            out.write(decoder.decode(model.tokenizer.token_bytes(token)))
             out.flush()
     out.write(decoder.decode(b"", final=True) + "\n")
     for w in caught:
@@ -468,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p, dtype=False):
         p.add_argument("--model", "-m", default="gpt2",
-                       help="alias (gpt2, gpt2-medium, ...), hub repo id, or local folder (default: gpt2)")
+                       help="alias (gpt2, gpt2-medium, ...), hub repo id, local folder, or zoo:induction "
+                            "(default: gpt2)")
         p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
         if dtype:
             p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -547,6 +581,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also draw the layer x position heatmap to this file (needs matplotlib)")
     p.add_argument("--incl-mid", action="store_true", help="also read between attention and MLP")
     p.add_argument("--prepend-bos", action="store_true")
+
+    p = add("zoo", cmd_zoo, "train a small GPT-2 with a known circuit, here and now: `induction` is a 2-layer "
+            "model of 300 words that learns induction heads (about a minute on 2 cores); load it with "
+            "--model zoo:induction or npgpt2.zoo.induction()", "npgpt2 zoo build induction --out induction-model")
+    p.add_argument("action", choices=["build"], help="build: train the model and save it in the hub's layout")
+    p.add_argument("name", choices=list(ZOO_MODELS), help="which model")
+    p.add_argument("--out", "-o", help="folder to write it into (default: the cache that --model zoo:NAME reads)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: 0)")
+    p.add_argument("--max-steps", type=_positive_int,
+                   help="stop after this many steps even if the loss has not reached its target (default: 4000)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     p = add("info", cmd_info, "config, parameter count, where the files are, the hook point names",
             "npgpt2 info --model distilgpt2")

@@ -48,6 +48,7 @@ class CheckpointFiles:
     vocab: str | None  # vocab.json, if the checkpoint has one
     merges: str | None  # merges.txt, if the checkpoint has one
     source: str  # a local folder, or "repo_id@revision"
+    tokenizer: str | None = None  # tokenizer.json, read only when there is no vocab.json (a word vocabulary)
 
 
 def repo_id_for(name: str) -> str:
@@ -72,7 +73,9 @@ def _local_checkpoint(folder: str) -> CheckpointFiles:
         also = f" (it has {', '.join(pickled)}, which npgpt2 never unpickles)" if pickled else ""
         raise ModelNotFoundError(
             f"folder {folder} has no model.safetensors or model.safetensors.index.json{also}")
-    return CheckpointFiles(config, weights, path("vocab.json"), path("merges.txt"), folder)
+    vocab = path("vocab.json")
+    return CheckpointFiles(config, weights, vocab, path("merges.txt"), folder,
+                           None if vocab else path("tokenizer.json"))
 
 
 def _shards(index_path: str) -> list[str]:
@@ -135,6 +138,7 @@ def resolve(name: str, revision: str | None = None, cache_dir: str | None = None
                     "reads safetensors only and never unpickles pytorch_model.bin")
             weights = [fetch(shard) for shard in _shards(index)]
         vocab, merges = fetch_optional("vocab.json"), fetch_optional("merges.txt")
+        tokenizer = None if vocab else fetch_optional("tokenizer.json")
     except LocalEntryNotFoundError as e:
         hub_cache = cache_dir or constants.HF_HUB_CACHE
         if offline:
@@ -182,7 +186,7 @@ def resolve(name: str, revision: str | None = None, cache_dir: str | None = None
         raise DownloadError(
             f"downloading {fetching[0]} of {where} from {endpoint} failed: "
             f"{_first_line(e) or type(e).__name__}") from None
-    return CheckpointFiles(config, weights, vocab, merges, where)
+    return CheckpointFiles(config, weights, vocab, merges, where, tokenizer)
 
 
 def _status(error) -> int | None:

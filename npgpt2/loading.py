@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import hub
-from .config import GPT2Config
+from .config import ConfigError, GPT2Config
 from .model import GPT2
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, WordTokenizer
 from .weights import read_checkpoint, weights_from_state_dict
 
 _DTYPES = ("float32", "float64")
@@ -45,7 +45,7 @@ def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: 
     weights = weights_from_state_dict(read_checkpoint(files.weights), config, dtype=np.dtype(dtype))
     # The BPE tables are built in a thread of their own (about 0.2 s), started once the weights are
     # mapped: loading stays as fast as the mapping, and a forward call never builds them itself.
-    tokenizer = Tokenizer(files.vocab, files.merges) if files.vocab and files.merges else Tokenizer()
+    tokenizer = _tokenizer(files, config)
     tokenizer.start_loading()
     model = GPT2(config, weights, tokenizer, name=name, attn_implementation=attn_implementation)
     model.source = files.source
@@ -53,3 +53,16 @@ def from_pretrained(name: str = "gpt2", revision: str | None = None, cache_dir: 
     return model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                                  refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+
+
+def _tokenizer(files: hub.CheckpointFiles, config: GPT2Config):
+    """The checkpoint's own BPE files, its word vocabulary (tokenizer.json), or GPT-2's shipped BPE."""
+    if files.vocab and files.merges:
+        return Tokenizer(files.vocab, files.merges)
+    if files.tokenizer:
+        tokenizer = WordTokenizer.from_file(files.tokenizer)
+        if tokenizer.n_vocab != config.vocab_size:
+            raise ConfigError(f"{files.tokenizer} has {tokenizer.n_vocab} words but config.json says "
+                              f"vocab_size={config.vocab_size}")
+        return tokenizer
+    return Tokenizer()

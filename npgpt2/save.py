@@ -3,7 +3,8 @@ transformers' ``GPT2LMHeadModel.from_pretrained(folder)``.
 
 The folder gets ``config.json``, ``model.safetensors`` (float32, keys without a prefix: ``wte.weight``,
 ``h.0.attn.c_attn.weight`` ...; the tied unembedding is not stored, it is ``wte.weight``),
-``vocab.json`` and ``merges.txt`` (the model's tokenizer files).
+and the model's tokenizer files (GPT-2's ``vocab.json`` and ``merges.txt``, or the ``tokenizer.json``
+of a word vocabulary).
 
 Writing is atomic: every file is first written whole to a temporary name in the folder and flushed
 to disk, and only then renamed over its final name (the weights last). An interrupted save leaves
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
@@ -77,8 +77,8 @@ def save_pretrained(model, folder) -> str:
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2)
 
-        stage("vocab.json", lambda p: shutil.copyfile(model.tokenizer.vocab_path, p))
-        stage("merges.txt", lambda p: shutil.copyfile(model.tokenizer.merges_path, p))
+        for name, write in model.tokenizer.file_writers().items():  # vocab.json + merges.txt, or tokenizer.json
+            stage(name, write)
         stage("config.json", write_json)
         stage("model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     except BaseException:

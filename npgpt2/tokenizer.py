@@ -1,14 +1,24 @@
-"""GPT-2's byte-pair encoding, as a tiktoken ``Encoding`` built from the BPE files.
+"""Text <-> token ids.
 
-The files are GPT-2's ``vocab.json`` (token -> id) and ``merges.txt`` (merge ranks). The package ships
-the published pair (see ``data/``), so tokenization works offline; a checkpoint that carries its own
-pair can pass those paths instead.
+``Tokenizer``: GPT-2's byte-pair encoding, as a tiktoken ``Encoding`` built from the BPE files, GPT-2's
+``vocab.json`` (token -> id) and ``merges.txt`` (merge ranks). The package ships the published pair
+(see ``data/``), so tokenization works offline; a checkpoint that carries its own pair can pass those
+paths instead.
+
+``WordTokenizer``: a vocabulary of whole words, one token each, for the small models npgpt2 trains
+itself (``npgpt2.zoo``). Stored as Hugging Face's ``tokenizer.json`` with a WordLevel model.
+
+Both say which files they are written as (``file_writers``), so that ``save_pretrained`` stores
+either.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
 import os
+import shutil
 import threading
 from concurrent.futures import Future
 from importlib import resources
@@ -111,4 +121,116 @@ class Tokenizer:
 
     def token_str(self, token_id: int) -> str:
         """One token as text; a token that is part of a multi-byte character shows as U+FFFD."""
-        return self.encoding.decode_single_token_bytes(int(token_id)).decode("utf-8", errors="replace")
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes (part of a character, for some tokens)."""
+        return self.encoding.decode_single_token_bytes(int(token_id))
+
+    def file_writers(self) -> dict:
+        """{file name: write(path)}: the files a saved checkpoint holds for this tokenizer."""
+        return {"vocab.json": lambda path: shutil.copyfile(self.vocab_path, path),
+                "merges.txt": lambda path: shutil.copyfile(self.merges_path, path)}
+
+
+class TokenizerError(ValueError):
+    """Text the tokenizer has no tokens for, or a tokenizer file it cannot read."""
+
+
+class WordTokenizer:
+    """A vocabulary of whole words: text is split at white space and each word is one token.
+
+    words: the vocabulary in id order; ``<|endoftext|>`` is added as the last id when it is not there
+        (it is the BOS and the padding, as in GPT-2).
+    A token is shown as GPT-2 shows a word, with the space in front: ``token_str(id) == " cat"``, and
+    ``decode`` joins them (" cat dog"). A word outside the vocabulary is an error that names it.
+    """
+
+    def __init__(self, words):
+        words = [str(w) for w in words]
+        if ENDOFTEXT not in words:
+            words.append(ENDOFTEXT)
+        for w in words:
+            if not w or (w != ENDOFTEXT and w.split() != [w]):
+                raise TokenizerError(f"vocabulary word {w!r}: expected a non-empty word without white space")
+        if len(set(words)) != len(words):
+            twice = sorted({w for w in words if words.count(w) > 1})
+            raise TokenizerError(f"vocabulary words {twice[:5]} appear more than once")
+        self.words = tuple(words)
+        self.ids = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def from_file(cls, path) -> "WordTokenizer":
+        """Read Hugging Face's ``tokenizer.json`` with a WordLevel model."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            vocab = data["model"]["vocab"]
+            kind = data["model"]["type"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{path}: not a tokenizer.json with a model and its vocab ({e})") from None
+        if kind != "WordLevel":
+            raise TokenizerError(f"{path}: the tokenizer's model is {kind!r}; WordTokenizer reads 'WordLevel'")
+        words = sorted(vocab, key=vocab.get)
+        if [vocab[w] for w in words] != list(range(len(words))):
+            raise TokenizerError(f"{path}: the vocabulary's ids are not 0..{len(words) - 1}")
+        return cls(words)
+
+    def to_json(self) -> dict:
+        """Hugging Face's ``tokenizer.json`` for this vocabulary (``tokenizers.Tokenizer.from_file`` reads it)."""
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": self.eot_token, "content": ENDOFTEXT, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}],
+            "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+            "decoder": None,
+            "model": {"type": "WordLevel", "vocab": dict(self.ids), "unk_token": ENDOFTEXT},
+        }
+
+    def file_writers(self) -> dict:
+        def write(path):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(self.to_json(), f, indent=1)
+        return {"tokenizer.json": write}
+
+    def start_loading(self) -> "WordTokenizer":
+        """Nothing to build (``Tokenizer`` builds its BPE tables in the background). Returns self."""
+        return self
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.words)
+
+    @property
+    def eot_token(self) -> int:
+        """The id of ``<|endoftext|>``."""
+        return self.ids[ENDOFTEXT]
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids: one per white-space-separated word."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
+        ids = []
+        for word in text.replace(ENDOFTEXT, f" {ENDOFTEXT} ").split():
+            if word not in self.ids:
+                near = difflib.get_close_matches(word, self.words, n=3)
+                hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+                raise TokenizerError(f"word {word!r} is not in this model's vocabulary of {self.n_vocab} "
+                                     f"words (e.g. {', '.join(self.words[:5])}){hint}")
+            ids.append(self.ids[word])
+        return ids
+
+    def decode(self, ids) -> str:
+        """Token ids (any shape) -> text: " cat dog"."""
+        return "".join(self.token_str(i) for i in np.asarray(ids).reshape(-1))
+
+    def token_str(self, token_id: int) -> str:
+        """One token as text: the word with a space in front (``<|endoftext|>`` without)."""
+        token_id = int(token_id)
+        if not 0 <= token_id < len(self.words):
+            raise TokenizerError(f"token id {token_id} is out of range for a vocabulary of {len(self.words)}")
+        word = self.words[token_id]
+        return word if word == ENDOFTEXT else " " + word
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.token_str(token_id).encode("utf-8")

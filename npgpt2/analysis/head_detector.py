@@ -138,7 +138,7 @@ def repeated_tokens(model, seq_len: int = 50, n_repeats: int = 2, batch: int = 1
     if total > model.cfg.n_ctx:
         raise InputError(f"{total} tokens exceed n_ctx={model.cfg.n_ctx}; use a shorter seq_len")
     rng = np.random.default_rng(seed)
-    high = min(model.cfg.d_vocab, 50256)  # ordinary tokens, not <|endoftext|>
+    high = min(model.cfg.d_vocab, model.tokenizer.eot_token)  # ordinary tokens, not <|endoftext|>
     body = np.tile(rng.integers(0, high, (batch, seq_len)), (1, n_repeats))
     if prepend_bos:
         body = np.concatenate([np.full((batch, 1), model.tokenizer.eot_token % model.cfg.d_vocab), body], axis=1)

@@ -22,7 +22,6 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..inputs import read_text_file
-from ..tokenizer import ENDOFTEXT_ID
 
 # llm.c's token files start with a 256 x int32 header: magic, version, token count, ...
 _LLMC_MAGIC, _LLMC_HEADER_BYTES = 20240520, 256 * 4
@@ -60,7 +59,7 @@ class TokenDataset:
                 raise DataError(f"{source}: expected texts (str), got {type(text).__name__}")
             if text.strip():
                 if parts:
-                    parts.append([ENDOFTEXT_ID])
+                    parts.append([tokenizer.eot_token])
                 parts.append(tokenizer.encode(text))
         if not parts:
             raise DataError(f"{source} holds no text: every document is empty")
