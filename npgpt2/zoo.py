@@ -65,6 +65,7 @@ class InductionRecipe:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
+    n_inner: int | None = None  # the MLP's width (None: 4 * n_embd, as GPT-2)
     n_ctx: int = 64  # at least 1 + max_prefix + 2 * max_period
     min_period: int = 5  # each batch's repeated words: this many, or up to max_period
     max_period: int = 20
@@ -81,7 +82,7 @@ class InductionRecipe:
 
     def config(self) -> GPT2Config:
         return GPT2Config(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, n_ctx=self.n_ctx,
-                          vocab_size=len(WORDS) + 1)
+                          n_inner=self.n_inner, vocab_size=len(WORDS) + 1)
 
     def fingerprint(self) -> str:
         """A short hash of the recipe and the vocabulary: a cached build of another recipe is not reused."""

@@ -1,0 +1,114 @@
+"""The zoo's induction model: how long it takes to build here, and one training step against torch.
+
+Measures, in one run:
+  * the build of ``npgpt2.zoo.induction`` from its seed (training to the recipe's target, then saving),
+    wall time; target <= 120 s on 2 cores;
+  * one training step of that model on the recipe's batches (forward, backward, clipping, AdamW),
+    npgpt2 against torch: transformers' GPT2LMHeadModel of the same config and weights, the same
+    batches and loss weights (the copyable words), ``clip_grad_norm_`` and ``torch.optim.AdamW`` with
+    the recipe's settings; median time per step over the same steps. Target: npgpt2 / torch <= 1.0.
+
+    python benchmarks/bench_zoo.py [--steps 200] [--no-build]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import numpy as np
+
+from common import describe_machine
+from npgpt2 import training, zoo
+
+
+def batches(recipe, seed: int, n: int):
+    """The recipe's first ``n`` batches: (tokens, loss weights [batch, pos - 1])."""
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for _ in range(n):
+        period = int(rng.integers(recipe.min_period, recipe.max_period + 1))
+        prefix = int(rng.integers(0, recipe.max_prefix + 1))
+        tokens = zoo.repeated_batch(rng, recipe.batch_size, period, prefix, len(zoo.WORDS), len(zoo.WORDS))
+        out.append((tokens, zoo.RepeatLoss(tokens, period, recipe.other_weight)))
+    return out
+
+
+def npgpt2_steps(recipe, data):
+    model = training.new_model(recipe.config(), seed=0, tokenizer=zoo.induction_tokenizer())
+    model.fast_path = False  # as the build runs it
+    opt = training.AdamW(model, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
+    times = []
+    for tokens, metric in data:
+        t = time.perf_counter()
+        _, grads = model.value_and_grad(tokens, metric=metric)
+        training.clip_grad_norm(grads, recipe.grad_clip)
+        opt.step(grads)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def torch_steps(recipe, data):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = recipe.config()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                       n_positions=cfg.n_ctx, n_inner=cfg.n_inner, vocab_size=cfg.vocab_size,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
+    times = []
+    for tokens, metric in data:
+        t = time.perf_counter()
+        ids = torch.from_numpy(tokens)
+        weights = torch.from_numpy(metric.weights.astype(np.float32))  # [batch, pos - 1], summing to 1
+        logits = model(ids).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="none")
+        loss = (nll * weights.reshape(-1)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="training steps timed for each (default: 200)")
+    parser.add_argument("--no-build", action="store_true", help="skip the full build")
+    args = parser.parse_args()
+    print(describe_machine())
+    recipe = zoo.InductionRecipe()
+    print(f"recipe: {dataclasses.asdict(recipe)}")
+
+    data = batches(recipe, seed=0, n=args.steps)
+    ours = npgpt2_steps(recipe, data)
+    try:
+        theirs = torch_steps(recipe, data)
+    except ImportError:
+        theirs = None
+    skip = args.steps // 10  # the first steps warm the caches and the allocator
+    ours_ms = 1e3 * float(np.median(ours[skip:]))
+    line = f"training step, median of {args.steps - skip}: npgpt2 {ours_ms:.1f} ms"
+    if theirs is not None:
+        theirs_ms = 1e3 * float(np.median(theirs[skip:]))
+        line += f", torch {theirs_ms:.1f} ms: ratio {ours_ms / theirs_ms:.2f}x (target <= 1.0)"
+    print(line, flush=True)
+
+    if not args.no_build:
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            folder = zoo.build_induction(out, seed=0, progress=False)
+            seconds = time.perf_counter() - t
+            record = zoo.json.load(open(zoo.os.path.join(folder, "training.json")))
+        print(f"build of the induction model (seed 0): {seconds:.1f} s for {record['steps']} steps, copyable "
+              f"words' loss {record['final_copy_loss']:.4f}, weights sha256 {record['weights_sha256'][:16]} "
+              f"(target <= 120 s)")
+
+
+if __name__ == "__main__":
+    main()
