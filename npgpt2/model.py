@@ -233,12 +233,12 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         if hook.wants(name + "hook_result"):
             # Each head's write into the residual stream, z[h] @ W_O[h]. Their sum plus b_O is the
             # attention output, so a hook that edits one head's result edits the output.
-            W_O = w.W_attn_out.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
+            W_O = w.W_O.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
             z_rows = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_head)  # [head, rows, d_head]: one product per head
             result = (z_rows @ W_O).reshape(n_head, batch, pos, d_model).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
             result = hook(name + "hook_result", result)  # [batch, pos, head, d_model]
             return result.sum(axis=2) + w.b_O  # [batch, pos, d_model]
-        return ops.linear(z.reshape(batch, pos, d_model), w.W_attn_out, w.b_O)  # [batch, pos, d_model]
+        return ops.linear(z.reshape(batch, pos, d_model), w.W_O, w.b_O)  # [batch, pos, d_model]
 
     def _mlp(self, hook: Run, l: int, x: np.ndarray) -> np.ndarray:
         """The feed-forward layer.  [batch, pos, d_model] -> [batch, pos, d_model]"""
