@@ -10,10 +10,14 @@ run, which attention path each layer takes), so the forward pass reads as the ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import fast, ops
+
+if TYPE_CHECKING:
+    from .kv_cache import KeyValueCache
 
 
 class InputError(ValueError):
@@ -95,7 +99,7 @@ class Call:
     positions: np.ndarray | None  # [batch, pos]: each token's position, counted from its row's first real token
     start: int  # the blocks run are [start, stop)
     stop: int
-    past_kv: object  # the KeyValueCache the keys and values are appended to, or None
+    past_kv: KeyValueCache | None  # the cache this call's keys and values are appended to
     mask: np.ndarray | None  # [query_pos, key_pos] or [batch, 1, query_pos, key_pos]: 0 where a query may
     # see a key, -inf for a key in its future or padding; added to the scores (None: no layer needs it)
     padding: np.ndarray | None  # [batch, 1, 1, key_pos]: -inf at padding keys; None when no query sees padding
@@ -121,8 +125,7 @@ class TokenInput:
             tokens, mask = self._prepare(input, attention_mask, offset, prepend_bos, padding_side)  # [batch, pos]
         else:  # the input is the residual stream entering block `start`
             resid = self._check_residual(input, start)  # [batch, pos, d_model]
-            shape = resid.shape[:2]
-            tokens, mask = (None, check_mask(attention_mask, shape)) if tokens is None else self._prepare(tokens, attention_mask, offset)
+            tokens, mask = (None, check_mask(attention_mask, resid.shape[:2])) if tokens is None else self._prepare(tokens, attention_mask, offset)
         shape = tokens.shape if resid is None else resid.shape[:2]  # (batch, pos)
         keys_mask = past_kv.keys_mask(mask, shape, start, stop) if past_kv is not None else mask  # [batch, key_pos] or None
         padding = padding_mask(keys_mask, self.dtype)  # [batch, 1, 1, key_pos] or None

@@ -261,9 +261,8 @@ def _replay(walk: str, tiny_dir: str, cwd: str) -> str:
     and check that every stop it shows is where pdb stops, in order. The transcript."""
     lines = walk.splitlines()
     argv = [_console_script()] + shlex.split(lines[0][2:])[1:] + ["-m", tiny_dir]  # $ npgpt2 step ...
-    commands = [line[len("(Pdb) "):].split("  #")[0].strip() for line in lines if line.startswith("(Pdb) ")]
-    stops = [(line, lines[i + 1]) for i, line in enumerate(lines) if line.startswith("> ")]
-    assert len(stops) >= 3 and lines[-1].startswith("npgpt2 step: ")
+    commands = _commands(walk)
+    assert sum(line.startswith("> ") for line in lines) >= 3 and lines[-1].startswith("npgpt2 step: ")
     session = pdb_walk.Session(argv, cwd=cwd)
     try:
         for command in commands[:-1]:
@@ -271,29 +270,111 @@ def _replay(walk: str, tiny_dir: str, cwd: str) -> str:
         session.finish(commands[-1] + "\n")
     finally:
         session.close()
-    transcript = session.transcript
-    assert session.proc.returncode == 0, transcript
-    assert "***" not in transcript, transcript  # no command failed (an unknown name, a file not found)
-    at = 0
-    for where, source in stops:
-        found = re.compile(f"^{_pattern(where)}\n{_pattern(source)}$", re.M).search(transcript, at)
-        assert found, (where, source, transcript[at:])
-        at = found.end()
-    assert re.search(f"^{_pattern(lines[-1])}$", transcript[at:], re.M), (lines[-1], transcript[at:])
-    return transcript
+    assert session.proc.returncode == 0, session.transcript
+    at = _check_stops(walk, session.transcript)
+    assert re.search(f"^{_pattern(lines[-1])}$", session.transcript[at:], re.M), (lines[-1], session.transcript[at:])
+    return session.transcript
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/forward-pass.md"])
-def test_the_documented_walks_are_what_pdb_does_from_any_folder(page, tiny_dir, tmp_path):
-    # the npgpt2 command, in a folder outside the project: every stop shown is where pdb stops
-    walks = _walks(page)
-    assert walks, f"{page} shows no npgpt2 step session"
-    for walk in walks:
-        transcript = _replay(walk, tiny_dir, str(tmp_path))
-        if "p call.tokens" in walk:
-            assert "array([[ 464, 3797, 3332]])" in transcript  # "The cat sat"
-        if "p scores.shape" in walk:
-            assert "(1, 4, 3, 3)" in transcript  # [batch, head, query_pos, key_pos] of the tiny model
+def _commands(walk: str) -> list[str]:
+    return [line[len("(Pdb) "):].split("  #")[0].strip() for line in walk.splitlines() if line.startswith("(Pdb) ")]
+
+
+_WHERE = re.compile(r"^> (?P<file>.+?)\((?P<line>\d+)\)(?P<function>[\w<>]+)\(\)", re.M)
+
+
+def _check_stops(walk: str, transcript: str) -> int:
+    """The stops ``walk`` shows (each "> ..." line and the "-> ..." source after it) are the stops in
+    ``transcript``, one for one, and no command failed. Where the last one ends. The transcript's
+    stops are read as pdb prints them, or as IPython's debugger does (in colour, with context)."""
+    import linecache
+
+    lines = walk.splitlines()
+    shown = [(where, lines[i + 1]) for i, where in enumerate(lines) if where.startswith("> ")]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", transcript)
+    assert "***" not in plain, plain  # no command failed (an unknown name, a file not found)
+    stops = list(_WHERE.finditer(plain))
+    assert len(stops) == len(shown), ([m[0] for m in stops], [w for w, _ in shown])
+    for stop, (where, source) in zip(stops, shown):
+        where = where.split("()")[0] + "()"  # (a return shows its value after it)
+        assert re.fullmatch(_pattern(where), stop[0]), (where, stop[0])
+        line = linecache.getline(stop["file"], int(stop["line"])).rstrip("\n").strip()
+        assert re.fullmatch(_pattern(source[len("-> "):]), line), (source, line)
+    return stops[-1].end() if stops else 0
+
+
+class _Kernel:
+    """An ipykernel kernel (as Jupyter runs one) started in ``cwd``; ``run`` executes a cell and
+    answers the debugger's prompts with ``answers``."""
+
+    def __init__(self, cwd):
+        from jupyter_client.manager import start_new_kernel
+
+        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=cwd, env=dict(os.environ))
+
+    def run(self, code: str, answers=()) -> tuple[str, dict]:
+        """(what the cell printed, with each prompt and the answer typed, as a terminal shows them;
+        the execute reply's content)"""
+        answers, printed = list(answers), []
+
+        def output(msg):
+            if msg["msg_type"] == "stream":
+                printed.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                printed.append("\n".join(msg["content"]["traceback"]))
+
+        def stdin(msg):
+            answer = answers.pop(0) if answers else "c"
+            printed.append(msg["content"]["prompt"] + answer + "\n")
+            self.client.input(answer)
+
+        reply = self.client.execute_interactive(code, allow_stdin=True, output_hook=output, stdin_hook=stdin,
+                                                timeout=180)
+        return "".join(printed), reply["content"]
+
+    def close(self):
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+@pytest.mark.notebooks
+def test_the_walks_work_in_a_jupyter_kernel(tiny_dir, tmp_path):
+    # step_through in a cell, pdb.set_trace() in a cell and %debug after an error, in a kernel
+    # started outside the project (its debugger is IPython's), with the commands the docs show
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("jupyter_client")
+    kernel = _Kernel(str(tmp_path))
+    try:
+        printed, reply = kernel.run(f"import npgpt2\nmodel = npgpt2.from_pretrained({tiny_dir!r})")
+        assert reply["status"] == "ok", printed
+        for page in ("README.md", "docs/forward-pass.md"):
+            for walk in _walks(page):
+                args = shlex.split(walk.splitlines()[0][2:])
+                breaks = [args[i + 1] for i, a in enumerate(args) if a == "--break"]
+                printed, reply = kernel.run(f"logits = npgpt2.step_through(model, {args[2]!r}, break_at={breaks!r})",
+                                            _commands(walk))
+                assert reply["status"] == "ok", printed
+                _check_stops(walk, printed)
+                printed, _ = kernel.run("print(logits.shape)")
+                assert printed.strip() == "(1, 3, 50257)"
+
+        code = 'model.attn_implementation = "eager"\nimport pdb; pdb.set_trace()\nlogits = model("The cat sat")'
+        printed, reply = kernel.run(code, ["b npgpt2.model.GPT2._attention, l == 1", "c", "p l", "c"])
+        printed = re.sub(r"\x1b\[[0-9;]*m", "", printed)
+        assert reply["status"] == "ok" and "***" not in printed, printed
+        stops = _WHERE.findall(printed)
+        assert [(os.path.basename(f), function) for f, _, function in stops][-1:] == [("model.py", "_attention")], printed
+        assert re.search(r"_attention\(\)(.|\n)*^1$", printed, re.M), printed  # `p l`: in layer 1
+
+        printed, reply = kernel.run('model.run_with_hooks("The cat sat", fwd_hooks=[("blocks.1.attn.hook_pattern", '
+                                    'lambda a, h: a[:, :1])])')
+        assert reply["status"] == "error" and "HookError" in printed
+        printed, reply = kernel.run("%debug", ["u", "u", "p l, scores.shape", "q"])
+        printed = re.sub(r"\x1b\[[0-9;]*m", "", printed)
+        assert "***" not in printed, printed
+        assert re.search(r"_attention\(\)", printed) and "(1, (1, 4, 3, 3))" in printed, printed
+    finally:
+        kernel.close()
 
 
 LOGITS = "'logits' in locals() or getattr(locals().get('__return__'), 'shape', (0,))[-1:] == (50257,)"
