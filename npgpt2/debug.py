@@ -26,6 +26,8 @@ import inspect
 import pdb
 import textwrap
 
+from .inputs import is_text
+
 # module-name patterns pdb never stops in (see pdb.Pdb's ``skip``)
 MACHINERY = ("npgpt2.hooks", "npgpt2.inputs", "npgpt2.tokenizer", "npgpt2.kv_cache", "npgpt2.config",
              "npgpt2.cache", "npgpt2.ops", "npgpt2.fast", "npgpt2.threads", "numpy", "numpy.*", "tiktoken",
@@ -111,8 +113,8 @@ def step_through(model, input="The cat sat", *, break_at=None, stdin=None, stdou
     """
     names = [] if break_at is None else [break_at] if isinstance(break_at, str) else list(break_at)
     places = [breakpoint_for(name, model.cfg.n_layer) for name in names]  # bad names fail here, before pdb starts
-    if isinstance(input, (str, list, tuple)):  # text: have the tokenizer built before pdb starts
-        model.tokenizer.encoding
+    if is_text(input):  # have the tokenizer built (and the text checked) before pdb starts
+        model.to_tokens(input)
     debugger = Walk(model, stdin=stdin, stdout=stdout)
     if stdin is not None:
         debugger.use_rawinput = False

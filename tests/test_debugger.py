@@ -303,6 +303,19 @@ def _check_stops(walk: str, transcript: str) -> int:
     return stops[-1].end() if stops else 0
 
 
+@pytest.mark.parametrize("page", ["README.md", "docs/forward-pass.md"])
+def test_the_documented_walks_are_what_pdb_does_from_any_folder(page, tiny_dir, tmp_path):
+    # the npgpt2 command, in a folder outside the project: every stop shown is where pdb stops
+    walks = _walks(page)
+    assert walks, f"{page} shows no npgpt2 step session"
+    for walk in walks:
+        transcript = _replay(walk, tiny_dir, str(tmp_path))
+        if "p call.tokens" in walk:
+            assert "array([[ 464, 3797, 3332]])" in transcript  # "The cat sat"
+        if "p scores.shape" in walk:
+            assert "(1, 4, 3, 3)" in transcript  # [batch, head, query_pos, key_pos] of the tiny model
+
+
 class _Kernel:
     """An ipykernel kernel (as Jupyter runs one) started in ``cwd``; ``run`` executes a cell and
     answers the debugger's prompts with ``answers``."""
