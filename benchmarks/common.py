@@ -99,7 +99,7 @@ def weight_read_floor(model, repeats: int) -> float:
     output, MLP in and out of every block, and the unembedding) into preallocated outputs, what one
     new token of generation must at least do. Bound by memory bandwidth."""
     w = model.weights
-    mats = [m for b in w.blocks for m in (b.W_qkv, b.W_attn_out, b.W_in, b.W_out)] + [w.W_U]
+    mats = [m for b in w.blocks for m in (b.W_qkv, b.W_O, b.W_in, b.W_out)] + [w.W_U]
     rows = [np.ones((1, m.shape[0]), m.dtype) for m in mats]
     outs = [np.empty((1, m.shape[1]), m.dtype) for m in mats]
 

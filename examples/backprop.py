@@ -120,7 +120,7 @@ step(b + "hook_resid_mid (two paths added)", cache[b + "hook_resid_mid_grad"], d
 
 # %%
 z = cache[b + "attn.hook_z"]  # [batch, pos, head, d_head]
-d_z_flat, _, _ = ops.linear_backward(d_resid_mid, z.reshape(*z.shape[:2], -1), w.W_attn_out)
+d_z_flat, _, _ = ops.linear_backward(d_resid_mid, z.reshape(*z.shape[:2], -1), w.W_O)
 d_z = d_z_flat.reshape(z.shape)
 step(b + "attn.hook_z", cache[b + "attn.hook_z_grad"], d_z, "z")
 v_heads = cache[b + "attn.hook_v"].transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]

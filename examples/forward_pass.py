@@ -160,7 +160,7 @@ show(plot.attention_view(cache, model.to_str_tokens(tokens), 0, title="block 0")
 z_heads = pattern @ v_heads  # [batch, head, query_pos, d_head]
 z = z_heads.transpose(0, 2, 1, 3)  # [batch, pos, head, d_head]
 check("z = pattern @ v", z, "blocks.0.attn.hook_z")
-attn_out = z.reshape(batch, pos, cfg.d_model) @ w.W_attn_out + w.b_O  # [batch, pos, d_model]
+attn_out = z.reshape(batch, pos, cfg.d_model) @ w.W_O + w.b_O  # [batch, pos, d_model]
 check("attention output concat(z) @ W_O + b_O", attn_out, "blocks.0.hook_attn_out")
 resid_mid = resid + attn_out  # [batch, pos, d_model]
 check("residual stream after attention", resid_mid, "blocks.0.hook_resid_mid")
@@ -171,7 +171,7 @@ check("residual stream after attention", resid_mid, "blocks.0.hook_resid_mid")
 # most interpretability work takes (TransformerLens's `hook_result`).
 
 # %%
-W_O = w.W_attn_out.reshape(cfg.n_head, cfg.d_head, cfg.d_model)  # [head, d_head, d_model]
+W_O = w.W_O.reshape(cfg.n_head, cfg.d_head, cfg.d_model)  # [head, d_head, d_model]
 per_head = np.einsum("bphd,hdm->bphm", z, W_O)  # [batch, pos, head, d_model]
 print("sum over heads + b_O equals the attention output:",
       np.abs(per_head.sum(2) + w.b_O - attn_out).max())

@@ -36,7 +36,6 @@ _UNEMBED = {"W_U": lambda m, l: m.W_U, "b_U": lambda m, l: m.b_U}
 _ABSENT = {
     "W_gate": "GPT-2's MLP is not gated", "b_gate": "GPT-2's MLP is not gated",
     "W_qkv": "npgpt2 keeps GPT-2's fused weight at model.weights.blocks[l].W_qkv [d_model, 3 * d_model]",
-    "W_attn_out": "npgpt2 keeps it at model.weights.blocks[l].W_attn_out [d_model, d_model]; as per head: W_O",
     "rotary_sin": "GPT-2 has no rotary embeddings", "rotary_cos": "GPT-2 has no rotary embeddings",
 }
 

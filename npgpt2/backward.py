@@ -104,13 +104,13 @@ def _block_backward(model, hook: Run, l: int, d_resid_post: np.ndarray, padding=
     # resid_mid = resid_pre + attn_out
     d_attn_out = hook.grad(name + "hook_attn_out", d_resid_mid)  # [batch, pos, d_model]
     attn_in = ops.affine(hook.saved[name + "ln1.hook_normalized"], w.ln1_w, w.ln1_b)  # [batch, pos, d_model]
-    d_attn_in, d_W_qkv, d_b_qkv, d_W_attn_out, d_b_O = _attention_backward(model, hook, name, w, d_attn_out, attn_in, padding)
+    d_attn_in, d_W_qkv, d_b_qkv, d_W_O, d_b_O = _attention_backward(model, hook, name, w, d_attn_out, attn_in, padding)
     d_ln1, d_ln1_w, d_ln1_b = _layer_norm_backward(hook, name + "ln1.", d_attn_in, w.ln1_w)
     d_resid_pre = hook.grad(name + "hook_resid_pre", d_resid_mid + d_ln1)  # [batch, pos, d_model]
 
     grads = BlockWeights(
         ln1_w=d_ln1_w, ln1_b=None if w.ln1_b is None else d_ln1_b, W_qkv=d_W_qkv, b_qkv=d_b_qkv,
-        W_attn_out=d_W_attn_out, b_O=d_b_O, ln2_w=d_ln2_w, ln2_b=None if w.ln2_b is None else d_ln2_b,
+        W_O=d_W_O, b_O=d_b_O, ln2_w=d_ln2_w, ln2_b=None if w.ln2_b is None else d_ln2_b,
         W_in=d_W_in, b_in=d_b_in, W_out=d_W_out, b_out=d_b_out)
     return d_resid_pre, grads
 
@@ -135,16 +135,16 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
 
     if a + "hook_result" in hook.saved:  # attn_out = sum over heads of result + b_O
         d_result = hook.grad(a + "hook_result", np.broadcast_to(d_attn_out[:, :, None], (batch, pos, n_head, d_model)))
-        W_O = w.W_attn_out.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
+        W_O = w.W_O.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
         d_result_heads = d_result.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_model)  # [head, rows, d_model]
         z_heads_rows = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_head)  # [head, rows, d_head]
         # result[h] = z[h] @ W_O[h], per head
         d_z = (d_result_heads @ W_O.swapaxes(-1, -2)).reshape(n_head, batch, pos, d_head).transpose(1, 2, 0, 3)
-        d_W_attn_out = (z_heads_rows.swapaxes(-1, -2) @ d_result_heads).reshape(d_model, d_model) \
+        d_W_O = (z_heads_rows.swapaxes(-1, -2) @ d_result_heads).reshape(d_model, d_model) \
             if hook.param_grads else None  # [head * d_head, d_model]
         d_b_O = d_attn_out.sum(axis=(0, 1)) if hook.param_grads else None
     else:  # attn_out = concat(z) @ W_O + b_O
-        d_z_flat, d_W_attn_out, d_b_O = ops.linear_backward(d_attn_out, z.reshape(batch, pos, d_model), w.W_attn_out,
+        d_z_flat, d_W_O, d_b_O = ops.linear_backward(d_attn_out, z.reshape(batch, pos, d_model), w.W_O,
                                                             weights=hook.param_grads)
         d_z = d_z_flat.reshape(batch, pos, n_head, d_head)  # [batch, pos, head, d_head]
     d_z = hook.grad(a + "hook_z", d_z)  # [batch, pos, head, d_head]
@@ -173,7 +173,7 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
     d_v = hook.grad(a + "hook_v", d_v_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
     d_qkv = np.concatenate([g.reshape(batch, pos, d_model) for g in (d_q, d_k, d_v)], axis=-1)  # [batch, pos, 3 * d_model]
     d_attn_in, d_W_qkv, d_b_qkv = ops.linear_backward(d_qkv, attn_in, w.W_qkv, weights=hook.param_grads)  # [batch, pos, d_model]
-    return d_attn_in, d_W_qkv, d_b_qkv, d_W_attn_out, d_b_O
+    return d_attn_in, d_W_qkv, d_b_qkv, d_W_O, d_b_O
 
 
 def _layer_norm_backward(hook: Run, name: str, d_out: np.ndarray, gain):

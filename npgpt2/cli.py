@@ -109,12 +109,22 @@ def cmd_tokens(args):
 
 # -------------------------------------------------------------------------------------- step
 def cmd_step(args):
-    from .debug import step_through
+    from .debug import breakpoint_for, step_through
 
+    for name in args.breaks:
+        breakpoint_for(name)  # a bad name fails before the model loads
     model = _load(args)
-    print("npgpt2: the debugger starts at the first line of the forward pass; `s` steps in, `n` runs a "
-          "line, `p NAME` prints an array, `c` runs to the end (see the README's walk)", file=sys.stderr)
-    step_through(model, args.text)
+    where = f"at --break {', '.join(args.breaks)}" if args.breaks else "at the first line of the forward pass"
+    print(f"npgpt2 step: the debugger stops {where}; `n` runs a line, `s` steps into a call, `r` runs to "
+          "the return, `p NAME` prints a value, `c` runs on, `q` quits (the README's \"Step through the "
+          "forward pass\" shows a walk)", file=sys.stderr)
+    logits = step_through(model, args.text, break_at=args.breaks)
+    if logits is None:
+        print("npgpt2 step: the debugger was quit before the forward pass finished")
+        return 0
+    top = model.tokenizer.token_str(int(logits[0, -1].argmax()))
+    print(f"npgpt2 step: the forward pass ran to the end: logits of shape {list(logits.shape)} "
+          f"[batch, pos, d_vocab]; the most likely next token is {top!r}")
 
 
 # ------------------------------------------------------------------------------------- trace
@@ -554,8 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("step", cmd_step,
             "step through the forward pass in the Python debugger, the maths only (hooks, checks, "
-            "NumPy skipped)", 'npgpt2 step "The cat sat" --model gpt2')
+            "NumPy skipped)", 'npgpt2 step "The cat sat" --model gpt2 --break attention')
     p.add_argument("text", nargs="?", default="The cat sat")
+    p.add_argument("--break", "-b", dest="breaks", action="append", default=[], metavar="PART",
+                   help="start at a part of the forward pass: embed, block, layer_norm, attention, mlp, "
+                        "unembed, or one layer's, '3 attention' (repeatable; `c` goes on to the next)")
     model_args(p, dtype=True)
 
     p = add("circuit", cmd_circuit, "find the edges behind a logit difference with edge attribution "

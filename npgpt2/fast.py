@@ -247,7 +247,7 @@ def _rows(model, ws: _Workspace, at, rows: slice, ending: int | None, beginning:
     eps = model.cfg.layer_norm_epsilon
     if ending is not None:
         w, a = model.weights.blocks[ending], at.layer(ending)
-        ops.linear(a.z[rows], w.W_attn_out, w.b_O, out=branch)  # attention output
+        ops.linear(a.z[rows], w.W_O, w.b_O, out=branch)  # attention output
         resid += branch  # resid_mid
         mlp_in = ops.layer_norm(resid, w.ln2_w, w.ln2_b, eps, out=a.mlp_in[rows], **_kept(a.norm2, a.scale2, rows))
         pre = ops.linear(mlp_in, w.W_in, w.b_in, out=a.pre[rows])  # [tile, d_mlp]
@@ -363,7 +363,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
                 d_x, d_gain, d_bias = ops.layer_norm_backward(d_z[r], a.norm2[r], a.scale2[r], w.ln2_w, param_grads)
                 d[r] += d_x  # d_resid_mid
                 d_resid_mid[r] = d[r]
-                np.matmul(d[r], w.W_attn_out.T, out=d_z[r])  # attn_out = concat(z) @ W_O + b_O
+                np.matmul(d[r], w.W_O.T, out=d_z[r])  # attn_out = concat(z) @ W_O + b_O
                 if param_grads:
                     sums[i].update(ln2_w=d_gain, ln2_b=d_bias, b_out=d_resid_post[r].sum(axis=0),
                                    b_in=d_post[r].sum(axis=0), b_O=d_resid_mid[r].sum(axis=0))
@@ -383,7 +383,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
                 if param_grads:  # the weights' gradients, beside the rows (they read what the rows leave alone)
                     products = {  # d W = input^T @ d output, summed over the rows
                         "W_out": (a.post, d_resid_post), "W_in": (a.mlp_in, d_post),
-                        "W_attn_out": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)}
+                        "W_O": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)}
                     g = {name: np.empty(getattr(w, name).shape, d.dtype) for name in products}
                     jobs = [lambda x=x[:, s], d_out=d_out, out=g[name][s]: np.matmul(x.T, d_out, out=out)
                             for name, (x, d_out) in products.items() for s in _slices(x.shape[1])] + jobs

@@ -1,7 +1,7 @@
 """Hook points and run state: which activations have names, who listens to them, what a call keeps.
 
-The forward pass (model.py) hands every named activation to ``hook(name, array)`` and goes on with
-what comes back. ``hook`` is a ``Run``: the state of *one* call of the model, made when the call
+The forward pass (model.py) hands every named activation to ``run(name, array)`` and goes on with
+what comes back. ``run`` is a ``Run``: the state of *one* call of the model, made when the call
 starts and dropped when it ends:
 
 * the hook functions that call fires (the model's own, those of an enclosing ``model.hooks()``
@@ -252,9 +252,9 @@ class HookPoint:
 class Run:
     """One call of the model: the hooks it fires and the activations (and gradients) it keeps.
 
-    The forward pass calls it at every hook point: ``resid = hook("blocks.0.hook_resid_pre", resid)``.
-    When the call computes gradients, the backward pass (backward.py) calls ``hook.grad(name, d_act)``
-    at the same points in reverse, and reads what the forward saved for it in ``hook.saved``.
+    The forward pass calls it at every hook point: ``resid_pre = run("blocks.0.hook_resid_pre", x)``.
+    When the call computes gradients, the backward pass (backward.py) calls ``run.grad(name, d_act)``
+    at the same points in reverse, and reads what the forward saved for it in ``run.saved``.
     """
 
     __slots__ = ("hooks", "points", "keep", "cache", "bwd_hooks", "keep_grad", "save", "saved", "changed",

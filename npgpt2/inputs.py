@@ -2,12 +2,22 @@
 
 Kept apart from the forward pass (model.py) so that stepping through the maths does not step
 through validation. ``TokenInput`` is the part of ``GPT2`` that turns what a person passes into
-int64 token ids [batch, pos] and back.
+int64 token ids [batch, pos] and back; its ``_prepare_call`` does everything a forward pass needs
+before the maths starts (a ``Call``: the checked tokens, their positions, the masks, the layers to
+run, which attention path each layer takes), so the forward pass reads as the maths alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from . import fast, ops
+
+if TYPE_CHECKING:
+    from .kv_cache import KeyValueCache
 
 
 class InputError(ValueError):
@@ -79,8 +89,58 @@ def padding_mask(keys_mask: np.ndarray | None, dtype) -> np.ndarray | None:
     return np.where(keys_mask > 0, 0, -np.inf).astype(dtype)[:, None, None, :]
 
 
+@dataclass
+class Call:
+    """What one forward pass works on, made ready before its maths starts (``_prepare_call``)."""
+
+    tokens: np.ndarray | None  # [batch, pos] int64; None when the input is a residual stream without tokens
+    attention_mask: np.ndarray | None  # [batch, pos] 1 = real token, 0 = padding; None: all real
+    resid: np.ndarray | None  # [batch, pos, d_model]: with start_at_layer, the residual stream given
+    positions: np.ndarray | None  # [batch, pos]: each token's position, counted from its row's first real token
+    start: int  # the blocks run are [start, stop)
+    stop: int
+    past_kv: KeyValueCache | None  # the cache this call's keys and values are appended to
+    mask: np.ndarray | None  # [query_pos, key_pos] or [batch, 1, query_pos, key_pos]: 0 where a query may
+    # see a key, -inf for a key in its future or padding; added to the scores (None: no layer needs it)
+    padding: np.ndarray | None  # [batch, 1, 1, key_pos]: -inf at padding keys; None when no query sees padding
+    eager: frozenset  # the layers whose attention runs the textbook way, every step named
+    fast: bool  # nobody looks inside: fast.py runs the blocks and the unembedding
+
+
 class TokenInput:
-    """Tokens in and out. Expects ``self.cfg``, ``self.tokenizer``, ``self.dtype`` and ``self.W_U``."""
+    """Tokens in and out. Expects ``self.cfg``, ``self.tokenizer``, ``self.dtype`` and ``self.W_U``
+    (and, for ``_prepare_call``, ``self.fast_path`` and ``self.attn_implementation``)."""
+
+    def _prepare_call(self, run, input, attention_mask=None, past_kv=None, start_at_layer=None,
+                      stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None) -> Call:
+        """Everything ``forward`` does before its maths (the arguments are ``forward``'s): check the
+        input and turn it into token ids, count the positions (after a key/value cache's, and from
+        each row's first real token), build the masks, and choose the attention path of each layer
+        (``run``: the call's hooks.Run) and whether fast.py runs the blocks."""
+        start = self._check_layer(start_at_layer, "start_at_layer", 0)
+        stop = self._check_layer(stop_at_layer, "stop_at_layer", self.cfg.n_layer)
+        offset = past_kv.length if past_kv is not None else 0  # positions already in the cache
+        resid = None
+        if start_at_layer is None:
+            tokens, mask = self._prepare(input, attention_mask, offset, prepend_bos, padding_side)  # [batch, pos]
+        else:  # the input is the residual stream entering block `start`
+            resid = self._check_residual(input, start)  # [batch, pos, d_model]
+            tokens, mask = (None, check_mask(attention_mask, resid.shape[:2])) if tokens is None else self._prepare(tokens, attention_mask, offset)
+        shape = tokens.shape if resid is None else resid.shape[:2]  # (batch, pos)
+        keys_mask = past_kv.keys_mask(mask, shape, start, stop) if past_kv is not None else mask  # [batch, key_pos] or None
+        padding = padding_mask(keys_mask, self.dtype)  # [batch, 1, 1, key_pos] or None
+        positions = position_ids(keys_mask, shape, offset) if resid is None else None  # [batch, pos]
+
+        implementation = self.attn_implementation
+        eager = frozenset(l for l in range(start, stop) if implementation == "eager" or run.hooked(
+            f"blocks.{l}.attn.hook_attn_scores", f"blocks.{l}.attn.hook_pattern"))
+        scores_mask = None
+        if eager:  # the causal mask, and the padding's on top: [query_pos, key_pos] or [batch, 1, query_pos, key_pos]
+            scores_mask = ops.causal_mask(shape[1], offset + shape[1], self.dtype)
+            scores_mask = scores_mask if padding is None else scores_mask + padding
+        quick = (self.fast_path and run.idle() and past_kv is None and padding is None
+                 and implementation == "blockwise" and fast.pays(shape))
+        return Call(tokens, mask, resid, positions, start, stop, past_kv, scores_mask, padding, eager, quick)
 
     def to_tokens(self, input, prepend_bos: bool | None = None, return_mask: bool = False,
                   padding_side: str | None = None):

@@ -39,14 +39,15 @@ class KeyValueCache:
         """(keys, values) of layer ``l`` so far, each [batch, head, length, d_head]."""
         return self.keys[l][:, :, : self.length], self.values[l][:, :, : self.length]
 
-    def extend(self, l: int, k_heads: np.ndarray, v_heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Write this call's keys and values ([batch, head, pos, d_head]) after the stored ones, and
-        return all of them, [batch, head, length + pos, d_head]. ``length`` itself moves on only
-        when the whole forward pass has finished (``advance``)."""
-        end = self.length + k_heads.shape[2]
-        self.keys[l][:, :, self.length : end] = k_heads
-        self.values[l][:, :, self.length : end] = v_heads
-        return self.keys[l][:, :, :end], self.values[l][:, :, :end]
+    def extend(self, l: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write this call's keys and values of layer ``l`` ([batch, pos, head, d_head], as
+        ``hook_k``/``hook_v``) after the stored ones, and return all of them, [batch, length + pos,
+        head, d_head]. ``length`` itself moves on only when the whole forward pass has finished
+        (``advance``)."""
+        end = self.length + k.shape[1]
+        self.keys[l][:, :, self.length : end] = k.transpose(0, 2, 1, 3)
+        self.values[l][:, :, self.length : end] = v.transpose(0, 2, 1, 3)
+        return self.keys[l][:, :, :end].transpose(0, 2, 1, 3), self.values[l][:, :, :end].transpose(0, 2, 1, 3)
 
     def keys_mask(self, mask: np.ndarray | None, shape: tuple[int, int], start: int, stop: int) -> np.ndarray | None:
         """For a call of ``shape`` (batch, pos) running layers [start, stop): refuse it if this cache

@@ -1,22 +1,28 @@
 """GPT-2's forward pass, top to bottom.
 
 Read ``GPT2._forward`` first: embed the tokens, then ``n_layer`` blocks of (layer norm -> attention
--> add, layer norm -> MLP -> add), then the final layer norm and the unembedding. Every named
-activation passes through ``hook(name, array)``, which returns the array (or what a hook function
-replaced it with) and keeps it when ``run_with_cache`` asked for it; see hooks.py. Every line that
-makes an array says its shape, in one vocabulary: ``[batch, pos, d_model]``, ``[batch, pos, head,
-d_head]``, ``[batch, head, query_pos, key_pos]``, ...
+-> add, layer norm -> MLP -> add), then the final layer norm and the unembedding. Everything that
+is not maths (checking the input, tokenizing, positions, masks, which path to take) happens on
+its first line, in inputs.py. Every named activation passes through ``run(name, array)``: ``run``
+is this call's run state (hooks.Run), which hands the array to the hook functions at that name,
+returns it (or what a hook replaced it with) and keeps it when ``run_with_cache`` asked for it.
+Every line that makes an array says its shape, in one vocabulary: ``[batch, pos, d_model]``,
+``[batch, pos, head, d_head]``, ``[batch, head, query_pos, key_pos]``, ... The weights go by
+TransformerLens's names (``W_E``, ``W_pos``, ``W_qkv``/``b_qkv`` for W_Q, W_K, W_V side by side,
+``W_O``, ``b_O``, ``W_in``, ``b_in``, ``W_out``, ``b_out``, ``W_U``), in GPT-2's layout
+(``x @ W + b``; see weights.py).
 
 The whole of GPT-2 without hooks, caches or checks fits on one screen: ``npgpt2/reference.py``.
-``npgpt2.step_through(model, "The cat sat")`` opens this file in the debugger.
+``npgpt2.step_through(model, "The cat sat")`` opens this file in the debugger; see docs/forward-pass.md.
 
 Attention has two implementations that give the same numbers:
 
 * ``"eager"``: the textbook ``pattern = softmax(q k^T / sqrt(d_head) + mask)``, ``z = pattern v``,
-  every intermediate bound to a name. Used whenever a hook or the cache asks for the scores or the
+  every intermediate bound to a name. Used whenever a hook function is set on the scores or the
   pattern, and always with ``model.attn_implementation = "eager"``.
 * ``"blockwise"`` (the default otherwise): ``ops.causal_attention``, a block of queries at a time
-  against only the keys it may see: about half the arithmetic and a block-sized working set.
+  against only the keys it may see: about half the arithmetic and a block-sized working set (with
+  the whole scores and pattern made too when the cache keeps them).
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from . import fast, ops
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
-from .inputs import InputError, TokenInput, check_mask, padding_mask, position_ids
+from .inputs import Call, InputError, TokenInput
 from .kv_cache import KeyValueCache
 from .tokenizer import Tokenizer
 from .accessors import ModuleAccessors, WeightViews  # WeightViews: views.py
-from .weights import GPT2Weights
+from .weights import BlockWeights, GPT2Weights
 
 ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
 
@@ -117,141 +123,123 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         start_at_layer / stop_at_layer: run blocks [start, stop) only. With ``stop_at_layer`` the
             residual stream leaving the last block run is returned, [batch, pos, d_model].
         """
-        hook = self._new_run()  # the hooks this call fires (see hooks.py)
-        return self._forward(hook, input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
+        return self._forward(self._new_run(), input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
 
     __call__ = forward
 
-    def _forward(self, hook: Run, input, return_type="logits", attention_mask=None, past_kv=None,
+    def _forward(self, run: Run, input, return_type="logits", attention_mask=None, past_kv=None,
                  start_at_layer=None, stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None):
-        """``forward``, with the hooks and cache of this call in ``hook`` (see hooks.Run)."""
-        start = self._check_layer(start_at_layer, "start_at_layer", 0)
-        stop = self._check_layer(stop_at_layer, "stop_at_layer", self.cfg.n_layer)
-        offset = past_kv.length if past_kv is not None else 0  # positions already in the cache
-        if start_at_layer is None:
-            tokens, mask = self._prepare(input, attention_mask, offset, prepend_bos, padding_side)  # [batch, pos] int64
-            shape = tokens.shape  # (batch, pos)
-        else:  # the input is the residual stream entering block `start`
-            resid = self._check_residual(input, start)  # [batch, pos, d_model]
-            shape = resid.shape[:2]  # (batch, pos)
-            tokens, mask = (None, check_mask(attention_mask, shape)) if tokens is None else self._prepare(tokens, attention_mask, offset)
-        keys_mask = past_kv.keys_mask(mask, shape, start, stop) if past_kv is not None else mask  # [batch, key_pos]: 1 = real token, 0 = padding; or None
-        padding = padding_mask(keys_mask, self.dtype)  # [batch, 1, 1, key_pos]: -inf at padding keys; None if none is seen
-        if start_at_layer is None:
-            positions = position_ids(keys_mask, shape, offset)  # [batch, pos]: counted from each row's first real token
-            resid = self._embed(hook, tokens, positions)  # [batch, pos, d_model]
+        """``forward``, with this call's run state ``run`` (hooks.Run: the hooks it fires, what it keeps).
 
-        quick = self.fast_path and hook.idle() and past_kv is None and padding is None and self.attn_implementation == "blockwise" and fast.pays(shape)
-        if quick:  # nobody looks inside: fast.py computes the same numbers on every core
-            resid = fast.blocks(self, resid, start, stop, hook)  # [batch, pos, d_model]
+        Everything that is not maths happens on the first line (``_prepare_call``, inputs.py): the
+        input checked and made token ids, their positions, the masks, the choice of paths."""
+        # one line, the last that is not maths: tokens, positions, masks, the layers to run (an inputs.Call)
+        call = self._prepare_call(run, input, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
+        x = self._embed(run, call.tokens, call.positions) if call.resid is None else call.resid  # [batch, pos, d_model]
+        if call.fast:  # nobody looks inside: fast.py computes the same numbers on every core
+            x = fast.blocks(self, x, call.start, call.stop, run)  # [batch, pos, d_model]
         else:
-            for l in range(start, stop):
-                resid = self._block(hook, l, resid, past_kv, padding)  # [batch, pos, d_model]
-        if past_kv is not None:
-            past_kv.advance(resid.shape[1])
-        if stop_at_layer is not None:
-            return resid
+            for l in range(call.start, call.stop):
+                x = self._block(run, l, self.weights.blocks[l], x, call)  # [batch, pos, d_model]
+        if past_kv is not None:  # every layer has appended this call's keys and values
+            past_kv.advance(x.shape[1])
+        if stop_at_layer is not None:  # the residual stream leaving the last block run
+            return x
 
-        logits = fast.unembed(self, resid, hook) if quick else self._unembed(hook, resid)  # [batch, pos, d_vocab]
+        logits = fast.unembed(self, x, run) if call.fast else self._unembed(run, x)  # [batch, pos, d_vocab]
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
-        if tokens is None:
+        if call.tokens is None:
             raise InputError("the loss needs token ids: pass tokens=... together with start_at_layer")
-        loss = self._loss_from_logits(logits, tokens, mask, per_token=False)  # a float
+        loss = self._loss_from_logits(logits, call.tokens, call.attention_mask, per_token=False)  # a float
         if return_type == "loss":
             return loss
         if return_type == "both":
             return logits, loss
         raise ValueError(f"return_type={return_type!r}: expected 'logits', 'loss', 'both' or None")
 
-    def _embed(self, hook: Run, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _embed(self, run: Run, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Token embedding plus position embedding.  tokens, positions [batch, pos] -> [batch, pos, d_model]"""
-        embed = hook("hook_embed", self.weights.W_E[tokens])  # [batch, pos, d_model]
-        pos_embed = hook("hook_pos_embed", self.weights.W_pos[positions])  # [batch, pos, d_model]
-        return embed + pos_embed  # [batch, pos, d_model]
+        return run("hook_embed", self.weights.W_E[tokens]) + run("hook_pos_embed", self.weights.W_pos[positions])
 
-    def _block(self, hook: Run, l: int, resid: np.ndarray, past_kv, padding=None) -> np.ndarray:
-        """One transformer block.  [batch, pos, d_model] -> [batch, pos, d_model]"""
-        w = self.weights.blocks[l]  # this block's weights
-        name = f"blocks.{l}."
-        resid_pre = hook(name + "hook_resid_pre", resid)  # [batch, pos, d_model]
-        attn_in = self._layer_norm(hook, name + "ln1.", resid_pre, w.ln1_w, w.ln1_b)  # [batch, pos, d_model]
-        attn_out = hook(name + "hook_attn_out", self._attention(hook, l, attn_in, past_kv, padding))  # [batch, pos, d_model]
-        resid_mid = hook(name + "hook_resid_mid", resid_pre + attn_out)  # [batch, pos, d_model]
-        mlp_in = self._layer_norm(hook, name + "ln2.", resid_mid, w.ln2_w, w.ln2_b)  # [batch, pos, d_model]
-        mlp_out = hook(name + "hook_mlp_out", self._mlp(hook, l, mlp_in))  # [batch, pos, d_model]
-        return hook(name + "hook_resid_post", resid_mid + mlp_out)  # [batch, pos, d_model]
+    def _block(self, run: Run, l: int, w: BlockWeights, x: np.ndarray, call: Call) -> np.ndarray:
+        """Block ``l`` (weights ``w``): attention, then the MLP, each reading a layer norm of the
+        residual stream and adding its output to it.  [batch, pos, d_model] -> [batch, pos, d_model]"""
+        resid_pre = run(f"blocks.{l}.hook_resid_pre", x)  # [batch, pos, d_model]
+        attn_in = self._layer_norm(run, f"blocks.{l}.ln1.", resid_pre, w.ln1_w, w.ln1_b)  # [batch, pos, d_model]
+        attn_out = run(f"blocks.{l}.hook_attn_out", self._attention(run, l, w, attn_in, call))  # [batch, pos, d_model]
+        resid_mid = run(f"blocks.{l}.hook_resid_mid", resid_pre + attn_out)  # [batch, pos, d_model]
+        mlp_in = self._layer_norm(run, f"blocks.{l}.ln2.", resid_mid, w.ln2_w, w.ln2_b)  # [batch, pos, d_model]
+        mlp_out = run(f"blocks.{l}.hook_mlp_out", self._mlp(run, l, w, mlp_in))  # [batch, pos, d_model]
+        return run(f"blocks.{l}.hook_resid_post", resid_mid + mlp_out)  # [batch, pos, d_model]
 
-    def _layer_norm(self, hook: Run, name: str, resid: np.ndarray, gain, bias) -> np.ndarray:
-        """Layer norm with its scale and normalized value exposed.  [batch, pos, d_model] -> same"""
-        centred = ops.center(resid)  # [batch, pos, d_model]
-        scale = hook(name + "hook_scale", ops.ln_scale(centred, self.cfg.layer_norm_epsilon))  # [batch, pos, 1]
-        normalized = hook(name + "hook_normalized", centred / scale)  # [batch, pos, d_model]
-        return ops.affine(normalized, gain, bias)  # [batch, pos, d_model]
+    def _layer_norm(self, run: Run, name: str, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:
+        """Layer norm, its scale and normalized value exposed at ``name`` + hook_scale, hook_normalized.
+        ``w``, ``b``: the gain and bias (None once folded into the next matmul).  [batch, pos, d_model] -> same"""
+        centred = ops.center(x)  # [batch, pos, d_model]: x minus its mean
+        scale = run(name + "hook_scale", ops.ln_scale(centred, self.cfg.layer_norm_epsilon))  # [batch, pos, 1]: sqrt(var + eps)
+        normalized = run(name + "hook_normalized", centred / scale)  # [batch, pos, d_model]
+        return ops.affine(normalized, w, b)  # [batch, pos, d_model]: normalized * w + b
 
-    def _attention(self, hook: Run, l: int, x: np.ndarray, past_kv, padding=None) -> np.ndarray:
-        """Causal multi-head self-attention.  [batch, pos, d_model] -> [batch, pos, d_model]
+    def _attention(self, run: Run, l: int, w: BlockWeights, x: np.ndarray, call: Call) -> np.ndarray:
+        """Causal multi-head self-attention of block ``l``.  [batch, pos, d_model] -> [batch, pos, d_model]
 
-        padding: None, or [batch, 1, 1, key_pos] with -inf at the keys that are padding."""
-        w = self.weights.blocks[l]
-        batch, pos, d_model = x.shape
-        n_head, d_head = self.cfg.n_head, d_model // self.cfg.n_head
-        name = f"blocks.{l}.attn."
+        Each head scores its queries against its keys, q . k / sqrt(d_head), -inf for a key a query
+        may not see (later, or padding); the softmax of a query's scores weighs the values it sums
+        into z; W_O maps the heads' z, side by side, back into the residual stream."""
+        qkv = ops.linear(x, w.W_qkv, w.b_qkv).reshape(*x.shape[:2], 3, self.cfg.n_head, self.cfg.d_head)  # [batch, pos, 3, head, d_head]
+        q = run(f"blocks.{l}.attn.hook_q", qkv[:, :, 0])  # [batch, pos, head, d_head]
+        k = run(f"blocks.{l}.attn.hook_k", qkv[:, :, 1])  # [batch, pos, head, d_head]
+        v = run(f"blocks.{l}.attn.hook_v", qkv[:, :, 2])  # [batch, pos, head, d_head]
+        if call.past_kv is not None:  # the earlier positions' keys and values come first
+            k, v = call.past_kv.extend(l, k, v)  # [batch, key_pos, head, d_head]
+        if l in call.eager:  # the textbook way, every step named (a hook, or attn_implementation="eager")
+            # [batch, head, query_pos, key_pos]: query . key / sqrt(d_head), -inf where a query may not look
+            scores = run(f"blocks.{l}.attn.hook_attn_scores", q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1) / math.sqrt(self.cfg.d_head) + call.mask)
+            pattern = run(f"blocks.{l}.attn.hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
+            z = pattern @ v.transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]: each query's mix of values
+        else:  # the same numbers, a block of queries at a time
+            z = self._attention_by_blocks(run, l, q, k, v, call)  # [batch, head, query_pos, d_head]
+        z = run(f"blocks.{l}.attn.hook_z", z.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
 
-        qkv = ops.linear(x, w.W_qkv, w.b_qkv)  # [batch, pos, 3 * d_model]
-        q_flat, k_flat, v_flat = np.split(qkv, 3, axis=-1)  # each [batch, pos, d_model]
-        q = hook(name + "hook_q", q_flat.reshape(batch, pos, n_head, d_head))  # [batch, pos, head, d_head]
-        k = hook(name + "hook_k", k_flat.reshape(batch, pos, n_head, d_head))  # [batch, pos, head, d_head]
-        v = hook(name + "hook_v", v_flat.reshape(batch, pos, n_head, d_head))  # [batch, pos, head, d_head]
-        q_heads = q.transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]
-        k_heads = k.transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
-        v_heads = v.transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
-        if past_kv is not None:  # the earlier positions' keys and values come first
-            k_heads, v_heads = past_kv.extend(l, k_heads, v_heads)  # [batch, head, key_pos, d_head]
-
-        if self.attn_implementation == "eager" or hook.hooked(name + "hook_attn_scores", name + "hook_pattern"):
-            mask = ops.causal_mask(pos, k_heads.shape[2], q_heads.dtype)  # [query_pos, key_pos]: 0, or -inf for a later key
-            scores = q_heads @ k_heads.swapaxes(-1, -2)  # [batch, head, query_pos, key_pos]: query . key
-            scores /= math.sqrt(d_head)  # (in place: these are the largest arrays of the forward)
-            scores += mask
-            if padding is not None:  # padding keys get no attention
-                scores += padding
-            scores = hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
-            pattern = hook(name + "hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
-            z_heads = pattern @ v_heads  # [batch, head, query_pos, d_head]
-        elif hook.wants(name + "hook_attn_scores", name + "hook_pattern"):  # kept, not changed: a block at a time
-            scores, pattern, z_heads = ops.causal_attention_kept(q_heads / math.sqrt(d_head), k_heads, v_heads,
-                                                                 padding=padding)
-            hook(name + "hook_attn_scores", scores)  # [batch, head, query_pos, key_pos]
-            hook(name + "hook_pattern", pattern)  # [batch, head, query_pos, key_pos]
-        else:  # the same numbers, a block of queries at a time (see ops.causal_attention)
-            z_heads = ops.causal_attention(q_heads / math.sqrt(d_head), k_heads, v_heads, padding=padding)  # [batch, head, query_pos, d_head]
-        z = hook(name + "hook_z", z_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
-
-        if hook.wants(name + "hook_result"):
+        if run.wants(f"blocks.{l}.attn.hook_result"):
             # Each head's write into the residual stream, z[h] @ W_O[h]. Their sum plus b_O is the
             # attention output, so a hook that edits one head's result edits the output.
-            W_O = w.W_attn_out.reshape(n_head, d_head, d_model)  # [head, d_head, d_model]
+            batch, pos, n_head, d_head = z.shape
+            W_O = w.W_O.reshape(n_head, d_head, -1)  # [head, d_head, d_model]
             z_rows = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_head)  # [head, rows, d_head]: one product per head
-            result = (z_rows @ W_O).reshape(n_head, batch, pos, d_model).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
-            result = hook(name + "hook_result", result)  # [batch, pos, head, d_model]
+            result = (z_rows @ W_O).reshape(n_head, batch, pos, -1).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
+            result = run(f"blocks.{l}.attn.hook_result", result)  # [batch, pos, head, d_model]
             return result.sum(axis=2) + w.b_O  # [batch, pos, d_model]
-        return ops.linear(z.reshape(batch, pos, d_model), w.W_attn_out, w.b_O)  # [batch, pos, d_model]
+        return ops.linear(z.reshape(*z.shape[:2], -1), w.W_O, w.b_O)  # [batch, pos, d_model]: concat(z) @ W_O + b_O
 
-    def _mlp(self, hook: Run, l: int, x: np.ndarray) -> np.ndarray:
-        """The feed-forward layer.  [batch, pos, d_model] -> [batch, pos, d_model]"""
-        w = self.weights.blocks[l]
-        pre = hook(f"blocks.{l}.mlp.hook_pre", ops.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
-        post = hook(f"blocks.{l}.mlp.hook_post", ops.gelu_new(pre))  # [batch, pos, d_mlp]
+    def _attention_by_blocks(self, run: Run, l: int, q, k, v, call: Call) -> np.ndarray:
+        """``_attention``'s scores, pattern and z, a block of queries at a time against only the keys
+        they may see (``ops.causal_attention``): the same numbers, about half the arithmetic and a
+        block-sized working set. The scores and pattern are made whole only when someone keeps them.
+        q [batch, pos, head, d_head]; k, v [batch, key_pos, head, d_head] -> z [batch, head, query_pos, d_head]"""
+        q = q.transpose(0, 2, 1, 3) / math.sqrt(self.cfg.d_head)  # [batch, head, query_pos, d_head]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
+        names = f"blocks.{l}.attn.hook_attn_scores", f"blocks.{l}.attn.hook_pattern"
+        if not run.wants(*names):
+            return ops.causal_attention(q, k, v, padding=call.padding)
+        scores, pattern, z = ops.causal_attention_kept(q, k, v, padding=call.padding)  # kept, not changed
+        run(names[0], scores)  # [batch, head, query_pos, key_pos]
+        run(names[1], pattern)  # [batch, head, query_pos, key_pos]
+        return z
+
+    def _mlp(self, run: Run, l: int, w: BlockWeights, x: np.ndarray) -> np.ndarray:
+        """The feed-forward layer of block ``l``.  [batch, pos, d_model] -> [batch, pos, d_model]"""
+        pre = run(f"blocks.{l}.mlp.hook_pre", ops.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
+        post = run(f"blocks.{l}.mlp.hook_post", ops.gelu_new(pre))  # [batch, pos, d_mlp]
         return ops.linear(post, w.W_out, w.b_out)  # [batch, pos, d_model]
 
-    def _unembed(self, hook: Run, resid: np.ndarray) -> np.ndarray:
+    def _unembed(self, run: Run, resid: np.ndarray) -> np.ndarray:
         """Final layer norm, then the unembedding.  [batch, pos, d_model] -> [batch, pos, d_vocab]"""
-        w = self.weights
-        normalized = self._layer_norm(hook, "ln_final.", resid, w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-        return ops.linear(normalized, w.W_U, w.b_U)  # [batch, pos, d_vocab]
+        normalized = self._layer_norm(run, "ln_final.", resid, self.weights.ln_final_w, self.weights.ln_final_b)  # [batch, pos, d_model]
+        return ops.linear(normalized, self.weights.W_U, self.weights.b_U)  # [batch, pos, d_vocab]
 
     # ``model.unembed(resid)`` (final layer norm, then the unembedding) is in accessors.py, where
     # ``model.unembed`` also shows ``W_U`` and ``b_U`` as TransformerLens's module does.

@@ -60,7 +60,7 @@ def apply_center_writing_weights(weights: GPT2Weights) -> GPT2Weights:
     def centred(x):  # remove the mean over the last (d_model) axis
         return x - x.mean(axis=-1, keepdims=True)
 
-    blocks = [dataclasses.replace(b, W_attn_out=centred(b.W_attn_out), b_O=centred(b.b_O),
+    blocks = [dataclasses.replace(b, W_O=centred(b.W_O), b_O=centred(b.b_O),
                                   W_out=centred(b.W_out), b_out=centred(b.b_out))
               for b in weights.blocks]
     # W_U keeps the uncentred embedding (it was a view of it, and the unembedding reads no stream)
@@ -80,9 +80,9 @@ def apply_fold_value_biases(weights: GPT2Weights, cfg: GPT2Config) -> GPT2Weight
     D = cfg.d_model
     blocks = []
     for b in weights.blocks:
-        b_V = b.b_qkv[2 * D :]  # [n_head * d_head], head after head, as W_attn_out's rows
+        b_V = b.b_qkv[2 * D :]  # [n_head * d_head], head after head, as W_O's rows
         b_qkv = np.concatenate([b.b_qkv[: 2 * D], np.zeros_like(b_V)])
-        blocks.append(dataclasses.replace(b, b_qkv=b_qkv, b_O=b.b_O + b_V @ b.W_attn_out))
+        blocks.append(dataclasses.replace(b, b_qkv=b_qkv, b_O=b.b_O + b_V @ b.W_O))
     return dataclasses.replace(weights, blocks=blocks)
 
 
@@ -112,7 +112,7 @@ def apply_refactor_factored_attn_matrices(weights: GPT2Weights, cfg: GPT2Config)
         U, S, V = _svd_of_product(W_Q_eff, W_K_eff.swapaxes(-1, -2))
         W_Q_eff, W_K_eff = U * np.sqrt(S)[:, None, :], V * np.sqrt(S)[:, None, :]
         # OV: b_V into b_O, then W_V W_O = U S V^T
-        W_O = b.W_attn_out.astype(np.float64).reshape(H, Dh, D)  # [head, d_head, d_model]
+        W_O = b.W_O.astype(np.float64).reshape(H, Dh, D)  # [head, d_head, d_model]
         b_O = b.b_O + np.einsum("hd,hdm->m", bias[2], W_O)  # [d_model]
         U, S, V = _svd_of_product(W[2], W_O)
         W_V, W_O = U * S[:, None, :], V.swapaxes(-1, -2)  # [head, d_model, d_head], [head, d_head, d_model]
@@ -121,7 +121,7 @@ def apply_refactor_factored_attn_matrices(weights: GPT2Weights, cfg: GPT2Config)
         dtype = b.W_qkv.dtype
         blocks.append(dataclasses.replace(
             b, W_qkv=W_qkv.transpose(2, 0, 1, 3).reshape(D, 3 * D).astype(dtype), b_qkv=b_qkv.reshape(3 * D).astype(dtype),
-            W_attn_out=W_O.reshape(D, D).astype(dtype), b_O=b_O.astype(dtype)))
+            W_O=W_O.reshape(D, D).astype(dtype), b_O=b_O.astype(dtype)))
     return dataclasses.replace(weights, blocks=blocks)
 
 

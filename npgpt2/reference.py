@@ -35,7 +35,7 @@ def mha(x, w, n_head):  # [pos, d_model] -> [pos, d_model]
     q, k, v = np.split(x @ w.W_qkv + w.b_qkv, 3, axis=-1)  # each [pos, d_model]
     heads = [attention(qh, kh, vh)  # each [pos, d_head]
              for qh, kh, vh in zip(np.split(q, n_head, -1), np.split(k, n_head, -1), np.split(v, n_head, -1))]
-    return np.hstack(heads) @ w.W_attn_out + w.b_O
+    return np.hstack(heads) @ w.W_O + w.b_O
 
 
 def mlp(x, w):  # [pos, d_model] -> [pos, d_mlp] -> [pos, d_model]

@@ -92,8 +92,8 @@ def _build(name: str, cfg, weights) -> np.ndarray:
     if name in ("b_Q", "b_K", "b_V"):
         part = "QKV".index(name[-1])
         return np.stack([b.b_qkv[part * D:(part + 1) * D].reshape(H, Dh) for b in blocks])
-    if name == "W_O":  # rows of W_attn_out are (head, d_head)
-        return np.stack([b.W_attn_out.reshape(H, Dh, D) for b in blocks])
+    if name == "W_O":  # rows of W_O are (head, d_head)
+        return np.stack([b.W_O.reshape(H, Dh, D) for b in blocks])
     if name == "b_U" and weights.b_U is None:
         return np.zeros(cfg.d_vocab, weights.W_E.dtype)
     if name in _GLOBAL:
@@ -115,7 +115,7 @@ def _store(name: str, layer_value: np.ndarray, block, cfg):
         b_qkv[part * D:(part + 1) * D] = layer_value.reshape(D)
         return dataclasses.replace(block, b_qkv=b_qkv)
     if name == "W_O":
-        return dataclasses.replace(block, W_attn_out=layer_value.reshape(D, D).copy())
+        return dataclasses.replace(block, W_O=layer_value.reshape(D, D).copy())
     return dataclasses.replace(block, **{name: layer_value.copy()})
 
 

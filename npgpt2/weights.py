@@ -123,7 +123,7 @@ class BlockWeights:
     ln1_b: np.ndarray | None  # [d_model]
     W_qkv: np.ndarray  # [d_model, 3*d_model]: columns are q | k | v, each head after head
     b_qkv: np.ndarray  # [3*d_model]
-    W_attn_out: np.ndarray  # [d_model, d_model]: rows are (head, d_head), i.e. concat(z) @ W
+    W_O: np.ndarray  # [d_model, d_model]: rows are (head, d_head), i.e. concat(z) @ W_O; per head (model.W_O) [head, d_head, d_model]
     b_O: np.ndarray  # [d_model]
     ln2_w: np.ndarray | None  # [d_model]
     ln2_b: np.ndarray | None  # [d_model]
@@ -163,7 +163,7 @@ _BLOCK_KEYS = {
     "ln_1.bias": ("ln1_b", lambda c: (c.d_model,)),
     "attn.c_attn.weight": ("W_qkv", lambda c: (c.d_model, 3 * c.d_model)),
     "attn.c_attn.bias": ("b_qkv", lambda c: (3 * c.d_model,)),
-    "attn.c_proj.weight": ("W_attn_out", lambda c: (c.d_model, c.d_model)),
+    "attn.c_proj.weight": ("W_O", lambda c: (c.d_model, c.d_model)),
     "attn.c_proj.bias": ("b_O", lambda c: (c.d_model,)),
     "ln_2.weight": ("ln2_w", lambda c: (c.d_model,)),
     "ln_2.bias": ("ln2_b", lambda c: (c.d_model,)),

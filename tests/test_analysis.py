@@ -134,7 +134,7 @@ def component_writes(model, cache, tokens, by):
         writes.update({"0_attn_out": cache["attn_out", 0][:, -1], "1_mlp_out": cache["mlp_out", 1][:, -1]})
     else:
         for l, h in [(0, 1), (1, 2)]:  # head h's slice of z times its rows of the output matrix
-            writes[f"L{l}H{h}"] = cache["z", l][:, -1, h] @ w.blocks[l].W_attn_out[h * TINY.d_head:(h + 1) * TINY.d_head]
+            writes[f"L{l}H{h}"] = cache["z", l][:, -1, h] @ w.blocks[l].W_O[h * TINY.d_head:(h + 1) * TINY.d_head]
         b_O = sum(blk.b_O for blk in w.blocks)
     if by == "head":
         writes["0_mlp_out"] = cache["mlp_out", 0][:, -1]

@@ -82,9 +82,9 @@ def _by_hand(w, cfg, name, layer, head, value):
             bias[cols] = value
             blocks[layer] = dataclasses.replace(b, b_qkv=bias)
     elif name == "W_O":
-        W = np.array(b.W_attn_out)
+        W = np.array(b.W_O)
         W[head * Dh:(head + 1) * Dh] = value
-        blocks[layer] = dataclasses.replace(b, W_attn_out=W)
+        blocks[layer] = dataclasses.replace(b, W_O=W)
     elif layer is not None:
         blocks[layer] = dataclasses.replace(b, **{name: np.broadcast_to(value, getattr(b, name).shape)})
     else:

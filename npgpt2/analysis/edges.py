@@ -109,7 +109,7 @@ def _node_outputs(model, cache, minus=None) -> np.ndarray:
         first = 1 + l * (n_head + 1)
         z = change(f"blocks.{l}.attn.hook_z")  # [batch, pos, head, d_head]
         z_heads = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, -1)  # [head, rows, d_head]
-        W_O = model.weights.blocks[l].W_attn_out.reshape(n_head, -1, d_model)  # [head, d_head, d_model]
+        W_O = model.weights.blocks[l].W_O.reshape(n_head, -1, d_model)  # [head, d_head, d_model]
         np.matmul(z_heads, W_O, out=out[first:first + n_head].reshape(n_head, batch * pos, d_model))
         out[first + n_head] = change(f"blocks.{l}.hook_mlp_out")
     return out

@@ -60,7 +60,7 @@ def direct_logit_effect(model, hook: str, feature: int) -> np.ndarray | None:
         direction = np.zeros(model.cfg.d_model, dtype=model.dtype)
         direction[feature] = 1
     elif hook.endswith("attn.hook_z"):
-        direction = model.weights.blocks[layer].W_attn_out[feature]  # rows are (head, d_head)
+        direction = model.weights.blocks[layer].W_O[feature]  # rows are (head, d_head)
     else:
         return None
     if model.weights.ln_final_w is not None:

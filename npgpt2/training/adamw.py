@@ -55,7 +55,7 @@ def named_parameters(weights) -> list[tuple[str, np.ndarray]]:
 
 
 def default_decay(name: str, array: np.ndarray) -> bool:
-    """Weight decay on 2-D weight matrices (W_E, W_pos, W_qkv, W_attn_out, W_in, W_out), not on
+    """Weight decay on 2-D weight matrices (W_E, W_pos, W_qkv, W_O, W_in, W_out), not on
     biases and layer-norm gains: the convention of nanoGPT and of GPT-2 fine-tuning."""
     return array.ndim >= 2
 
