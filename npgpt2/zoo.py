@@ -71,6 +71,7 @@ class InductionRecipe:
     max_period: int = 20
     max_prefix: int = 20  # each batch starts with 0 .. max_prefix other random words
     other_weight: float = 1.0  # weight in the loss of the predictions nothing can be copied for (the copyable ones': 1)
+    init_std: float = 0.02  # the weights' initial standard deviation (GPT-2's: 0.02)
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100  # steps of linear warm-up, then a constant learning rate
@@ -140,7 +141,8 @@ def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), 
     from . import training
 
     tokenizer = induction_tokenizer()
-    model = training.new_model(recipe.config(), seed=seed, tokenizer=tokenizer, name=f"induction-seed{seed}")
+    model = training.new_model(recipe.config(), seed=seed, tokenizer=tokenizer, name=f"induction-seed{seed}",
+                               std=recipe.init_std)
     model.fast_path = False  # a model this small runs fastest on one thread, the textbook path
     opt = training.AdamW(model, lr=training.warmup_cosine(recipe.lr, recipe.warmup, recipe.warmup, recipe.lr),
                          betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
