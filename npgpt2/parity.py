@@ -12,7 +12,7 @@ gradient):
   scale (its largest |reference value|): an error of a few steps is never held against npgpt2,
   however lucky transformers' rounding was on that row;
 * float32 passes when the ratio is at most ``TYPICAL_LIMIT`` (3) at the ``PERCENTILE`` (90th)
-  percentile of the rows and at most ``WORST_LIMIT`` (10) at the worst row, and every value is finite;
+  percentile of the rows and at most ``WORST_LIMIT`` (20) at the worst row, and every value is finite;
 * float64 keeps an absolute bound: every row within ``FLOAT64_ROW_LIMIT`` (1e-9) of its scale, or
   of ``unit`` (1 for activations) if that is larger.
 
@@ -42,7 +42,7 @@ import numpy as np
 FLOOR_ULPS = 4.0
 PERCENTILE = 90.0
 TYPICAL_LIMIT = 3.0
-WORST_LIMIT = 10.0
+WORST_LIMIT = 20.0
 FLOAT64_ROW_LIMIT = 1e-9
 FLOAT32_STEP = float(np.finfo(np.float32).eps)  # 2^-23: one float32 step at a value of 1
 

@@ -148,11 +148,11 @@ def test_judge_fails_float32_beyond_the_ratio_at_the_percentile():
 def test_one_unlucky_row_does_not_fail_but_one_far_off_row_does():
     ref, hf32 = _case()
     ours = hf32.copy()
-    ours[1, 2] = ref[1, 2] + (hf32[1, 2] - ref[1, 2]) * 8  # one row 8x worse: rounding luck
+    ours[1, 2] = ref[1, 2] + (hf32[1, 2] - ref[1, 2]) * 15  # one row 15x worse: rounding luck
     assert judge(ours, ref, hf32, "float32").passed
-    ours[1, 2] = ref[1, 2] + (hf32[1, 2] - ref[1, 2]) * 12  # 12x: beyond the worst row's limit
+    ours[1, 2] = ref[1, 2] + (hf32[1, 2] - ref[1, 2]) * 25  # 25x: beyond the worst row's limit
     v = judge(ours, ref, hf32, "float32")
-    assert not v.passed and v.worst_row == 1 * 5 + 2 and "row 7 off by" in v.reason and "limit 10x" in v.reason
+    assert not v.passed and v.worst_row == 1 * 5 + 2 and "row 7 off by" in v.reason and "limit 20x" in v.reason
 
 
 def test_a_few_float32_steps_are_never_held_against_npgpt2():
