@@ -93,9 +93,13 @@ class Verdict:
 
 
 def _rows(a) -> np.ndarray:
-    """Any array -> float64 [rows, last axis]. A vector (a bias's gradient) is a column, each entry
-    a row of its own, so that its judgement is a statistic over many rows too; a scalar is one row."""
+    """Any array -> float64 [rows, last axis]. A last axis of one (a layer norm's scale, [batch,
+    pos, 1]) is dropped first, so that a row is never a single number of a larger array; a vector
+    (a bias's gradient) is a column, each entry a row, so that its judgement is a statistic over
+    many rows too; a scalar is one row."""
     a = np.asarray(a, dtype=np.float64)
+    while a.ndim > 2 and a.shape[-1] == 1:
+        a = a[..., 0]
     return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(-1, 1)
 
 
