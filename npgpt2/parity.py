@@ -193,6 +193,7 @@ class Comparison:
         lists[2].append(np.asarray(reference32))
 
     def verdicts(self, dtype: str) -> list[Verdict]:
+        """``judge`` on every quantity collected, npgpt2 being in ``dtype``: one Verdict each, in order."""
         return [judge(o, r, t, dtype, name, unit=unit if unit is not None else _largest(r))
                 for name, (o, r, t, unit) in self.found.items()]
 
