@@ -11,7 +11,7 @@ gradient):
   ``err_r / max(hf_r, floor_r)``, where ``floor_r`` is ``FLOOR_ULPS`` (4) float32 steps at the row's
   scale (its largest |reference value|): an error of a few steps is never held against npgpt2,
   however lucky transformers' rounding was on that row;
-* float32 passes when the ratio is at most ``TYPICAL_LIMIT`` (3) at the ``PERCENTILE`` (90th)
+* float32 passes when the ratio is at most ``TYPICAL_LIMIT`` (4) at the ``PERCENTILE`` (90th)
   percentile of the rows and at most ``WORST_LIMIT`` (20) at the worst row, and every value is finite;
 * float64 keeps an absolute bound: every row within ``FLOAT64_ROW_LIMIT`` (1e-9) of its scale, or
   of ``unit`` (1 for activations) if that is larger.
@@ -20,9 +20,13 @@ Why a percentile and a worst row, not the largest error over the whole quantity:
 error of a quantity is often that of a few numbers (position 0's residual of norm ~3,000 has its
 largest error in a handful of entries near 2,000, a fraction of one float32 step or one and a half
 depending on the summation order), so a ratio of maxima fails by luck. Over rows, luck averages
-out at the percentile; the worst row still catches an error confined to a few rows. Why 3 and not
-1: numpy's BLAS (OpenBLAS) and torch's (MKL or oneDNN) sum a dot product's terms in different
-orders, and OpenBLAS's error on 768-term float32 products was measured at 1.4 to 1.9 times MKL's.
+out at the percentile; the worst row still catches an error confined to a few rows. Why 4 and 20, not 1:
+numpy's BLAS (OpenBLAS) and torch's (MKL or oneDNN) sum a dot product's terms in different orders,
+and OpenBLAS's error on 768-term float32 products was measured at 1.4 to 1.9 times MKL's. On the
+unchanged code the largest ratios measured were 3.0 at the percentile (an MLP activation's
+gradient at gpt2-medium's width) and 16.7 at a worst row (one entry of a layer norm's gain
+gradient, in an outlier dimension whose terms nearly cancel); the mutants of tests/mutants.py
+measure 7 to 10^6 (docs/parity.md).
 
 ``judge`` returns a ``Verdict`` (errors, ratios, worst row, pass or fail and why; ``as_dict`` for
 JSON). ``check(model)`` runs the whole comparison: every quantity of the forward pass, and with
@@ -41,7 +45,7 @@ import numpy as np
 
 FLOOR_ULPS = 4.0
 PERCENTILE = 90.0
-TYPICAL_LIMIT = 3.0
+TYPICAL_LIMIT = 4.0
 WORST_LIMIT = 20.0
 FLOAT64_ROW_LIMIT = 1e-9
 FLOAT32_STEP = float(np.finfo(np.float32).eps)  # 2^-23: one float32 step at a value of 1

@@ -10,8 +10,8 @@ float64:
 
 Judged by ``npgpt2.parity.judge`` with transformers' float64 output as the reference: in float32,
 per row (one position's logits or residual, one query's attention), npgpt2's error over
-transformers' own float32 error (or over 4 float32 steps of the row's scale, if larger) at most 3
-at the 90th percentile of rows and 10 at the worst; float64 within 1e-9 of each row's scale.
+transformers' own float32 error (or over 4 float32 steps of the row's scale, if larger) at most 4
+at the 90th percentile of rows and 20 at the worst; float64 within 1e-9 of each row's scale.
 """
 
 import json
@@ -140,8 +140,9 @@ def test_judge_passes_float32_within_its_bounds_and_reports_the_errors():
 
 def test_judge_fails_float32_beyond_the_ratio_at_the_percentile():
     ref, hf32 = _case()
-    v = judge(ref + (hf32 - ref) * 3.5, ref, hf32, "float32")
-    assert not v.passed and "ratio 3.50 at the 90th percentile of rows (limit 3)" in v.reason
+    assert judge(ref + (hf32 - ref) * 3.9, ref, hf32, "float32").passed
+    v = judge(ref + (hf32 - ref) * 4.5, ref, hf32, "float32")
+    assert not v.passed and "ratio 4.50 at the 90th percentile of rows (limit 4)" in v.reason
     assert v.as_dict()["verdict"] == "fail"
 
 
@@ -160,9 +161,9 @@ def test_a_few_float32_steps_are_never_held_against_npgpt2():
     ref = np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32).astype(np.float64) * 100
     scale = np.abs(ref).max(-1, keepdims=True)
     step = scale * np.finfo(np.float32).eps
-    assert judge(ref + 3.9 * step * 3, ref, ref, "float32").passed  # 11.7 steps: ratio 2.9
-    v = judge(ref + 3.9 * step * 3.2, ref, ref, "float32")
-    assert not v.passed and v.ratio_typical == pytest.approx(3.12)
+    assert judge(ref + 3.9 * step * 4, ref, ref, "float32").passed  # 15.6 steps: ratio 3.9
+    v = judge(ref + 3.9 * step * 4.2, ref, ref, "float32")
+    assert not v.passed and v.ratio_typical == pytest.approx(4.095)
 
 
 def test_judge_fails_non_finite_output():
