@@ -252,7 +252,7 @@ def cmd_parity(args):
         raise CLIError(f"TEXT is {args.text!r}: expected a prompt (at least one token), or no TEXT for the "
                        f"{len(parity.DEFAULT_TEXTS)} example sentences")
     try:
-        parity._torch()
+        parity.require_torch()
     except parity.ReferenceUnavailable as e:
         print(f"npgpt2 parity: cannot run: {e}", file=sys.stderr)
         return 2

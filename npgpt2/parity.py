@@ -9,12 +9,12 @@ gradient):
 * per row r: npgpt2's error ``err_r`` = max |npgpt2 - float64 reference|, transformers' error
   ``hf_r`` = max |transformers float32 - float64 reference|, and the row's ratio
   ``err_r / max(hf_r, floor_r)``, where ``floor_r`` is ``FLOOR_ULPS`` (4) float32 steps at the row's
-  scale (its largest |reference value|): an error of a few steps is never held against npgpt2,
-  however lucky transformers' rounding was on that row;
+  scale (its largest |reference value|, or ``unit`` if larger: 1 for activations, a gradient's own
+  largest |value| for gradients): an error of a few steps is never held against npgpt2, however
+  lucky transformers' rounding was on that row;
 * float32 passes when the ratio is at most ``TYPICAL_LIMIT`` (4) at the ``PERCENTILE`` (90th)
   percentile of the rows and at most ``WORST_LIMIT`` (20) at the worst row, and every value is finite;
-* float64 keeps an absolute bound: every row within ``FLOAT64_ROW_LIMIT`` (1e-9) of its scale, or
-  of ``unit`` (1 for activations) if that is larger.
+* float64 keeps an absolute bound: every row within ``FLOAT64_ROW_LIMIT`` (1e-9) of its scale.
 
 Why a percentile and a worst row, not the largest error over the whole quantity: the largest
 error of a quantity is often that of a few numbers (position 0's residual of norm ~3,000 has its
@@ -206,7 +206,8 @@ def _largest(arrays) -> float:
     return max(float(np.abs(a).max(initial=0.0)) for a in arrays)
 
 
-def _torch():
+def require_torch():
+    """(torch, transformers), or ``ReferenceUnavailable`` naming the extra to install."""
     try:
         import torch
         import transformers
@@ -218,7 +219,7 @@ def _torch():
 
 def reference_models(folder: str) -> dict:
     """transformers' GPT2LMHeadModel (eager attention, eval mode) from ``folder`` in float32 and float64."""
-    torch, transformers = _torch()
+    torch, transformers = require_torch()
     return {dtype: transformers.GPT2LMHeadModel.from_pretrained(
         folder, attn_implementation="eager", dtype=getattr(torch, dtype)).eval() for dtype in ("float32", "float64")}
 
@@ -351,7 +352,7 @@ def check(model, texts: Sequence[str] | None = None, grad: bool = False, prepend
     one), a copy ``save_pretrained`` writes to a temporary folder. Raises ``ReferenceUnavailable``
     when torch or transformers is missing.
     """
-    _torch()
+    require_torch()
     if tokens is not None:
         prompts = [np.asarray(model.validate_tokens(t))[0] for t in tokens]
     else:

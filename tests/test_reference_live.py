@@ -9,7 +9,7 @@ GPT2LMHeadModel (eager attention) in float32 and float64 and by npgpt2 in both. 
 Judged by ``npgpt2.parity.judge``, transformers' float64 output being the reference: in float32,
 per row (one position's logits or residual, one query's attention), npgpt2's error over
 transformers' own float32 error (or 4 float32 steps of the row's scale) at most 4 at the 90th
-percentile of rows and 10 at the worst; float64 within 1e-9 of each row's scale.
+percentile of rows and 20 at the worst; float64 within 1e-9 of each row's scale.
 """
 
 import numpy as np
