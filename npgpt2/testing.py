@@ -194,7 +194,8 @@ def realistic_state_dict(config: GPT2Config, seed: int = 0, layout: str = "hub",
       width (60 times the other positions') and 950 at 64 (24 times).
     * **Attention sinks.** Three heads in four (at least one per layer) read ``m0`` in their keys
       and have a query bias along it: queries after the first put 0.7 of their attention on
-      position 0 on average over all heads. The strongest sink head of each layer scores position
+      position 0 on average over all heads, and in every layer after the first (as in real GPT-2)
+      three heads in four put more than half of theirs there (``sink_heads_after_layer_0``: 0.75). The strongest sink head of each layer scores position
       0 at about ``strong_sink_score`` (120; measured 120 to 140): above 88.7, where exp()
       overflows float32, so a softmax without its max shift turns the logits into NaN.
     * **Logits near -100.** Every row of the (tied) embedding shares a component -5 along a
