@@ -284,71 +284,52 @@ def cmd_download(args):
 
 
 # ------------------------------------------------------------------------------------ parity
-DEFAULT_PARITY_TEXTS = ["Hello, my dog is cute", "I am not sure what you are saying",
-                        "Alan Turing theorized that computers would one day become"]
-
-
 def cmd_parity(args):
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        print("npgpt2 parity needs transformers and torch: pip install \"npgpt2[reference]\" "
-              "(with torch==2.13.0 or any CPU build first)", file=sys.stderr)
-        return 1
-    from .hub import resolve
-    from .parity import FLOAT32_ROW_LIMIT, FLOAT64_ROW_LIMIT, RATIO_LIMIT, Verdict, judge
+    """Exit 0 when every quantity is within the parity bounds, 1 when one is not, 2 when the check
+    cannot run (torch or transformers missing, an empty prompt, a model that cannot be loaded)."""
+    import json
 
-    files = resolve(args.model, revision=args.revision)
+    from . import parity
+
+    if args.text is not None and not args.text.strip():
+        raise CLIError(f"TEXT is {args.text!r}: expected a prompt (at least one token), or no TEXT for the "
+                       f"{len(parity.DEFAULT_TEXTS)} example sentences")
+    try:
+        parity.require_torch()
+    except parity.ReferenceUnavailable as e:
+        print(f"npgpt2 parity: cannot run: {e}", file=sys.stderr)
+        return 2
     model = _load(args)
-    folder = os.path.dirname(files.config)
-    # transformers in float64 is the reference; its float32 error is the yardstick for npgpt2's
-    hf = {name: transformers.GPT2LMHeadModel.from_pretrained(
-        folder, attn_implementation="eager", dtype=getattr(torch, name)).eval()
-          for name in ("float32", "float64")}
-    texts = [args.text] if args.text else DEFAULT_PARITY_TEXTS
-    # quantity -> ([npgpt2 arrays], [float64 references], [transformers float32 arrays]), one per prompt
-    found: dict[str, tuple[list, list, list]] = {}
-    for text in texts:
-        tokens = model.validate_tokens(model.to_tokens(text, prepend_bos=args.prepend_bos))
-        logits, cache = model.run_with_cache(tokens)  # attention through the whole score matrix
-        plain = model(tokens)  # attention block by block (ops.causal_attention)
-        ref = {}
-        for name, m in hf.items():
-            with torch.no_grad():
-                ref[name] = m(torch.from_numpy(tokens), output_hidden_states=True, output_attentions=True)
-        final = cache["ln_final.hook_normalized"] * model.weights.ln_final_w + model.weights.ln_final_b
-        pairs = [("logits", plain, lambda r: r.logits),
-                 ("logits (run_with_cache)", logits, lambda r: r.logits)]
-        for l in range(model.cfg.n_layer):
-            pairs.append((f"hidden state {l} (resid_pre)", cache["resid_pre", l],
-                          lambda r, l=l: r.hidden_states[l]))
-            pairs.append((f"attention pattern {l}", cache["pattern", l], lambda r, l=l: r.attentions[l]))
-        pairs.append(("final hidden state (ln_f)", final, lambda r: r.hidden_states[-1]))
-        for name, ours, pick in pairs:
-            lists = found.setdefault(name, ([], [], []))
-            lists[0].append(ours)
-            lists[1].append(pick(ref["float64"]).numpy())
-            lists[2].append(pick(ref["float32"]).numpy())
-    # the ratio is judged on the logits; elsewhere a largest error can be that of a few numbers
-    # (position 0's huge residual), a matter of rounding luck (see npgpt2.parity)
-    verdicts = [judge(*lists, args.dtype, name, ratio_judged=name.startswith("logits"))
-                for name, lists in found.items()]
-    print(f"{model.name} ({model.source}), npgpt2 in {args.dtype}, {len(texts)} prompt(s); "
-          "errors are the largest |difference| from transformers in float64")
-    if args.dtype == "float32":
-        print(f"pass: logits' error <= {RATIO_LIMIT:g} x transformers' float32 error (ratio; in parentheses "
-              f"where only shown), and in every row (one position's values) error <= {FLOAT32_ROW_LIMIT:g} x "
-              "the row's largest |value|, or 1 if smaller (row err)")
-    else:
-        print(f"pass: in every row (one position's values) error <= {FLOAT64_ROW_LIMIT:g} x the row's "
-              "largest |value|, or 1 if smaller (row err)")
-    print(Verdict.header())
+    texts = [args.text] if args.text is not None else list(parity.DEFAULT_TEXTS)
+    verdicts = parity.check(model, texts, grad=args.grad, prepend_bos=args.prepend_bos)
+    failed = sum(not v.passed for v in verdicts)
+    if args.json:
+        print(json.dumps({"model": model.name, "source": model.source, "dtype": args.dtype, "texts": texts,
+                          "grad": args.grad, "passed": not failed,
+                          "rule": _parity_rule(args.dtype), "quantities": [v.as_dict() for v in verdicts]}, indent=1))
+        return 1 if failed else 0
+    print(f"{model.name} ({model.source}), npgpt2 in {args.dtype}, {len(texts)} prompt(s)"
+          + (", with the loss's gradients" if args.grad else "")
+          + "; errors are the largest |difference| from the float64 reference (transformers; torch autograd for gradients)")
+    print("pass: " + _parity_rule(args.dtype))
+    print(parity.Verdict.header())
     for v in verdicts:
         print(v.line())
-    failed = sum(not v.passed for v in verdicts)
-    print(f"parity checks: {len(verdicts) - failed} of {len(verdicts)} within bounds" + (f", {failed} outside" if failed else ""))
+    print(f"parity checks: {len(verdicts) - failed} of {len(verdicts)} within bounds"
+          + (f", {failed} outside" if failed else ""))
     return 1 if failed else 0
+
+
+def _parity_rule(dtype: str) -> str:
+    from . import parity
+
+    if dtype == "float32":
+        return (f"per row (one position's values), npgpt2's error over the float32 reference's (or over "
+                f"{parity.FLOOR_ULPS:g} float32 steps of the row's scale, if larger) is at most "
+                f"{parity.TYPICAL_LIMIT:g} at the {parity.PERCENTILE:g}th percentile of rows (p{parity.PERCENTILE:g}) "
+                f"and {parity.WORST_LIMIT:g} at the worst row (worst)")
+    return (f"in every row (one position's values) error <= {parity.FLOAT64_ROW_LIMIT:g} x the row's largest "
+            "|value| (or 1, for gradients the quantity's largest |value|, if larger)")
 
 
 # -------------------------------------------------------------------------------------- lens
@@ -618,10 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("parity", cmd_parity,
             "compare npgpt2 with Hugging Face transformers on the same weights, transformers in float64 "
             "being the reference (needs the reference extra)",
-            "npgpt2 parity --model gpt2 --dtype float64")
+            "npgpt2 parity --model gpt2 --dtype float64 --grad")
     p.add_argument("text", nargs="?", help="prompt to compare on (default: three example sentences)")
     model_args(p, dtype=True)
     p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--grad", action="store_true",
+                   help="also every parameter gradient (value_and_grad) and activation gradient "
+                        "(run_with_cache(incl_bwd=True)) of the loss, against torch autograd")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document: a verdict object per quantity (exit 0 pass, 1 fail, 2 cannot run)")
     p = add("harvest", cmd_harvest, "run a corpus through the model and keep, for every neuron of a hook point "
             "(or SAE latent), its top contexts, histogram, density and a sample per activation band",
             "npgpt2 harvest corpus/ -m gpt2 --hook blocks.8.mlp.hook_post --ctx 128 --tokens 2000000 --out harvest/")

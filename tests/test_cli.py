@@ -148,9 +148,17 @@ def test_parity_without_reference_extra_says_how_to_install(monkeypatch, capsys,
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    assert cli.main(["parity", "--model", str(tiny_dir)]) == 1
+    assert cli.main(["parity", "--model", str(tiny_dir)]) == 2  # 2: cannot run
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and 'pip install "npgpt2[reference]"' in err
+    assert len(err.splitlines()) == 1 and 'pip install "npgpt2[reference]"' in err and "cannot run" in err
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_parity_refuses_an_empty_prompt(capsys, tiny_dir, text):
+    """`npgpt2 parity ""` is a mistake, not a request for the default sentences."""
+    assert cli.main(["parity", text, "--model", str(tiny_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"TEXT is {text!r}" in err and "expected a prompt" in err
 
 
 @pytest.mark.parametrize("args,fragments", [

@@ -261,7 +261,7 @@ def test_forward_and_run_with_cache_logits_within_the_parity_bound(model, model6
     """A plain forward takes the blockwise attention, run_with_cache (which keeps the pattern) the
     eager one: the same maths, summed in another order, so their float32 logits differ (by ~1e-6
     here, 4e-5 on gpt2). Both stay within the parity bound against the float64 forward: 1e-5 of
-    each position's largest |logit| (README)."""
+    each position's largest |logit|."""
     text = "When Mary and John went to the store, John gave a drink to"
     truth = model64(text)[0]
     row_max = np.abs(truth).max(-1, keepdims=True)  # [pos, 1]
