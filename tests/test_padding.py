@@ -5,7 +5,9 @@ positions from each row's first real token; right padding needs neither (causali
 padding from every real token). Every path is compared with the same prompts run one at a time:
 the forward (blockwise and eager), run_with_cache, run_with_hooks, the key/value cache, the loss,
 the gradients (against the single-prompt gradients and finite differences), and generation.
-Tolerances: float32 1e-5, float64 1e-12 (absolute, on logits of magnitude ~1-10).
+Tolerances: each position's logits within 4e-6 (float32: about 30 float32 steps) or 1e-13 (float64) of
+that position's largest |logit| (logits of magnitude ~1-15): a padded batch and a lone prompt run
+their products in blocks of other shapes, which rounds float32 differently.
 """
 
 import numpy as np
@@ -19,7 +21,7 @@ from npgpt2.inputs import InputError
 import by_hand
 
 TEXTS = ["The dog sat on the mat and looked at", "A cat", "Hello there, my friend"]
-TOL = {"float32": 1e-5, "float64": 1e-12}
+TOL = {"float32": 4e-6, "float64": 1e-13}  # of each position's largest |logit|
 
 
 @pytest.fixture(params=["model", "model64"])
@@ -42,7 +44,8 @@ def _assert_real_positions_equal(m, batch_logits, mask, alone, side):
         n = expected.shape[0]
         real = batch_logits[i, -n:] if side == "left" else batch_logits[i, :n]
         assert mask[i].sum() == n
-        np.testing.assert_allclose(real, expected, atol=tol, rtol=0)
+        scale = np.abs(expected).max(axis=-1, keepdims=True)  # [pos, 1]
+        np.testing.assert_array_less(np.abs(real - expected), np.broadcast_to(tol * scale, real.shape))
     assert max(np.abs(e).max() for e in alone) > 1  # not a comparison of near-zeros
 
 
