@@ -6,7 +6,9 @@ the hook point (nothing after it is computed), and counted into ``FeatureStats``
 batch's activations exist at a time: memory is set by the statistics, not by the corpus.
 
 Shards are harvested in this process, or on a Dask cluster (cluster.py); their statistics merge
-exactly, so both give the same bits. With ``out=``, the merged statistics of the shards done so far are
+exactly, so both give the same bits when the forward passes do: with the same number of BLAS threads
+(OpenBLAS's multi-threaded products may round differently from its single-threaded ones, which can
+move a count at the threshold by one). With ``out=``, the merged statistics of the shards done so far are
 checkpointed, ``resume=True`` carries on from there, and the finished harvest is written as Parquet
 tables plus ``manifest.json`` (written last: a folder without it is not a finished harvest).
 """
