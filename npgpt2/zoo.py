@@ -70,6 +70,7 @@ class InductionRecipe:
     min_period: int = 5  # each batch's repeated words: this many, or up to max_period
     max_period: int = 20
     max_prefix: int = 20  # each batch starts with 0 .. max_prefix other random words
+    max_gap: int = 0  # and has 0 .. max_gap other random words between the two copies
     other_weight: float = 1.0  # weight in the loss of the predictions nothing can be copied for (the copyable ones': 1)
     init_std: float = 0.02  # the weights' initial standard deviation (GPT-2's: 0.02)
     batch_size: int = 32
@@ -97,15 +98,15 @@ def induction_tokenizer() -> WordTokenizer:
 
 
 def repeated_batch(rng: np.random.Generator, batch: int, period: int, prefix: int, n_words: int,
-                   bos: int) -> np.ndarray:
-    """[batch, 1 + prefix + 2 * period]: <|endoftext|>, ``prefix`` random words, then ``period`` random
-    words twice.
+                   bos: int, gap: int = 0) -> np.ndarray:
+    """[batch, 1 + prefix + 2 * period + gap]: <|endoftext|>, ``prefix`` random words, ``period`` random
+    words, ``gap`` other random words, then the ``period`` words again.
 
     The words of a row are distinct, so every word of the repeat has one earlier occurrence to look
     back to. The prefix's random length moves the repeat about, so that where a word's copy is can be
     found only by what the words are, not by counting positions."""
-    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period]  # [batch, prefix + period], distinct
-    segment = words[:, prefix:]  # [batch, period]
+    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period + gap]  # [batch, ...], distinct
+    segment = words[:, prefix:prefix + period]  # [batch, period]
     return np.concatenate([np.full((batch, 1), bos), words, segment], axis=1).astype(np.int64)
 
 
@@ -155,7 +156,8 @@ def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), 
         for step in range(1, recipe.max_steps + 1):
             period = int(rng.integers(recipe.min_period, recipe.max_period + 1))
             prefix = int(rng.integers(0, recipe.max_prefix + 1))
-            tokens = repeated_batch(rng, recipe.batch_size, period, prefix, n_words, tokenizer.eot_token)
+            gap = int(rng.integers(0, recipe.max_gap + 1)) if recipe.max_gap else 0
+            tokens = repeated_batch(rng, recipe.batch_size, period, prefix, n_words, tokenizer.eot_token, gap)
             metric = RepeatLoss(tokens, period, recipe.other_weight)
             loss, grads = model.value_and_grad(tokens, metric=metric)
             training.clip_grad_norm(grads, recipe.grad_clip)
