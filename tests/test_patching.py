@@ -38,7 +38,7 @@ SHAPES = [
     (patching.get_act_patch_attn_head_k_by_pos, (L, 8, H)), (patching.get_act_patch_attn_head_v_by_pos, (L, 8, H)),
     (patching.get_act_patch_attn_head_pattern_by_pos, (L, H, 8)),
     (patching.get_act_patch_block_every, (3, L, 8)), (patching.get_act_patch_attn_head_all_pos_every, (5, L, H)),
-    (patching.get_act_patch_attn_head_by_pos_every, (4, L, 8, H)),
+    (patching.get_act_patch_attn_head_by_pos_every, (5, L, 8, H)),
 ]
 
 
@@ -46,6 +46,22 @@ SHAPES = [
 def test_transformerlens_names_and_shapes(model64, runs, fn, shape):
     clean, corrupted, _, clean_cache, metric = runs
     assert fn(model64, corrupted, clean_cache, metric).shape == shape
+
+
+def test_by_pos_every_stacks_transformerlens_five_sweeps_in_its_order(model64, runs):
+    """TransformerLens's get_act_patch_attn_head_by_pos_every: out, q, k, v, pattern (the pattern
+    sweep [layer, head, dest_pos] turned to [layer, pos, head]), so a port's reshape(5, -1) lines up."""
+    clean, corrupted, _, clean_cache, metric = runs
+    every = patching.get_act_patch_attn_head_by_pos_every(model64, corrupted, clean_cache, metric, progress=False)
+    singles = [f(model64, corrupted, clean_cache, metric, progress=False) for f in (
+        patching.get_act_patch_attn_head_out_by_pos, patching.get_act_patch_attn_head_q_by_pos,
+        patching.get_act_patch_attn_head_k_by_pos, patching.get_act_patch_attn_head_v_by_pos)]
+    pattern = patching.get_act_patch_attn_head_pattern_by_pos(model64, corrupted, clean_cache, metric, progress=False)
+    assert every.shape == (5, L, 8, H)
+    for i, single in enumerate(singles):
+        np.testing.assert_array_equal(every[i], single)
+    for layer, pos, head in [(0, 3, 1), (1, 5, 2), (1, 7, 3)]:
+        assert every[4, layer, pos, head] == pattern[layer, head, pos]
 
 
 @pytest.mark.parametrize("activation,axes,hook,index", [

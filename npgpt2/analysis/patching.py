@@ -177,10 +177,14 @@ def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, 
 
 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
-    """Head output, q, k and v patched by (layer, pos, head): [4, layer, pos, head]."""
-    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
+    """Head output, q, k, v and pattern patched by (layer, pos, head): [5, layer, pos, head], in
+    TransformerLens's order. The pattern row is patched at each destination position (its sweep,
+    [layer, head_index, dest_pos], transposed to [layer, pos, head])."""
+    by_pos = [f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
         get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos,
-        get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)])
+        get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)]
+    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
+    return np.stack(by_pos + [pattern.transpose(0, 2, 1)])
 
 
 # ----------------------------------------------------------------------------------------------
