@@ -213,3 +213,22 @@ class ModuleAccessors:
         from .utils import lm_cross_entropy_loss
 
         return lm_cross_entropy_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
+
+    # TransformerLens's switches ---------------------------------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TransformerLens's switch: with True, a default ``run_with_cache`` keeps each head's
+        output ``blocks.{l}.attn.hook_result`` [batch, pos, head, d_model] (``cfg.use_attn_result``)."""
+        self.cfg.use_attn_result = use_attn_result
+
+    def enable_compatibility_mode(self, disable_warnings: bool = False, no_processing: bool = False,
+                                  fold_ln: bool = True, center_writing_weights: bool = True,
+                                  center_unembed: bool = True, fold_value_biases: bool = True,
+                                  refactor_factored_attn_matrices: bool = False):
+        """TransformerLens's TransformerBridge call: process the weights as its ``from_pretrained``
+        does (the same keywords and defaults; ``no_processing=True`` leaves them alone). Returns the
+        model. ``disable_warnings`` is accepted and does nothing (there are none to disable)."""
+        if no_processing:
+            return self
+        return self.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                    refactor_factored_attn_matrices=refactor_factored_attn_matrices)

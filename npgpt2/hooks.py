@@ -533,8 +533,8 @@ class HookedModel:
                        metric=None, remove_batch_dim: bool = False, **kwargs):
         """``forward``, keeping activations: returns (output, ActivationCache).
 
-        names_filter: None (every hook point but ``attn.hook_result``), a name, a list of names, or
-        a predicate on names. Only the requested activations are kept. ``attn.hook_result``
+        names_filter: None (every hook point but ``attn.hook_result``, which comes too when
+        ``cfg.use_attn_result`` is set), a name, a list of names, or a predicate on names. Only the requested activations are kept. ``attn.hook_result``
         ([batch, pos, head, d_model] per layer, the largest) is computed only when it is requested.
         incl_bwd: also keep the gradient at each of those names, as ``"{name}_grad"`` (same shape).
             It needs a scalar: ``return_type="loss"`` or ``metric`` (``npgpt2.metrics``); the output
@@ -548,6 +548,8 @@ class HookedModel:
         keep = frozenset(self.resolve_hook_names(names_filter))
         if names_filter is None:  # "everything the forward pass computes anyway"
             keep = self._computed_anyway
+            if self.cfg.use_attn_result:  # TransformerLens's switch: each head's output too
+                keep = keep | {n for n in self._hook_names if n.endswith("attn.hook_result")}
         if incl_bwd or metric is not None:
             run = self._new_run(keep=keep, keep_grad=keep if incl_bwd else frozenset(),
                                 save=self._saved_for_backward)

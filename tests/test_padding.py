@@ -251,7 +251,7 @@ def test_prepend_bos_everywhere_text_is_taken(tiny_dir, model):
     m = npgpt2.GPT2(model.cfg.__class__(**{**model.cfg.to_dict()}), model.weights, model.tokenizer)
     m.cfg.default_prepend_bos = True  # settable, unlike the shape
     np.testing.assert_array_equal(m(text), expected)
-    with pytest.raises(AttributeError, match="only default_prepend_bos can"):
+    with pytest.raises(AttributeError, match="only default_prepend_bos and use_attn_result can"):
         m.cfg.n_layer = 3
     with pytest.raises(InputError, match="prepend_bos='yes'"):
         model(text, prepend_bos="yes")

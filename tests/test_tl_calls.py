@@ -359,3 +359,54 @@ def test_run_with_hooks_and_hooks_remove_only_their_own(model):
         assert seen == ["before", "during", "added inside"]
     finally:
         model.reset_hooks(including_permanent=True)
+
+
+# ------------------------------------------------------------------------------ cfg and its switches
+@pytest.mark.parametrize("name,hint", [("defualt_prepend_bos", "did you mean default_prepend_bos"),
+                                       ("use_atn_result", "did you mean use_attn_result"),
+                                       ("completely_unknown", "the settable ones are default_prepend_bos")])
+def test_unknown_cfg_names_raise_with_the_closest_name(tiny_dir, name, hint):
+    model = npgpt2.from_pretrained(tiny_dir)
+    with pytest.raises(AttributeError, match=hint):
+        setattr(model.cfg, name, True)
+    assert not hasattr(model.cfg, name)
+
+
+def test_cfg_device_is_cpu_and_only_cpu(tiny_dir):
+    model = npgpt2.from_pretrained(tiny_dir)
+    assert model.cfg.device == "cpu"
+    model.cfg.device = "cpu"
+    with pytest.raises(ValueError, match="device='cuda:0'.*only device is 'cpu'"):
+        model.cfg.device = "cuda:0"
+
+
+@pytest.mark.parametrize("switch", ["cfg", "set_use_attn_result"])
+def test_use_attn_result_puts_each_heads_output_in_a_default_cache(tiny_dir, tokens, switch):
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    _, before = model.run_with_cache(tokens)
+    assert "blocks.0.attn.hook_result" not in before.cache_dict
+    if switch == "cfg":
+        model.cfg.use_attn_result = True
+    else:
+        model.set_use_attn_result(True)
+    _, cache = model.run_with_cache(tokens)
+    for l in range(L):
+        # each head's z through its own slice of the output projection, summed by hand
+        W = model.weights.blocks[l].W_attn_out.reshape(H, Dh, D)
+        by_hand = np.einsum("bphd,hdm->bphm", cache["z", l], W)
+        np.testing.assert_allclose(cache.cache_dict[f"blocks.{l}.attn.hook_result"], by_hand, atol=1e-12)
+    with pytest.raises(ValueError, match="use_attn_result='yes': expected True or False"):
+        model.cfg.use_attn_result = "yes"
+
+
+def test_enable_compatibility_mode_processes_as_from_pretrained_does(tiny_dir, tokens):
+    model = npgpt2.from_pretrained(tiny_dir)
+    assert model.enable_compatibility_mode(disable_warnings=True) is model
+    loaded = npgpt2.from_pretrained(tiny_dir, fold_ln=True, center_writing_weights=True,
+                                    center_unembed=True, fold_value_biases=True)
+    assert model.processing == loaded.processing
+    for (name, ours), (_, theirs) in zip(model.weights.arrays(), loaded.weights.arrays()):
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    untouched = npgpt2.from_pretrained(tiny_dir)
+    untouched.enable_compatibility_mode(no_processing=True)
+    assert not any(untouched.processing.values())
