@@ -474,6 +474,40 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _finite(text) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _non_negative(text) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def _positive(text) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors on one line (the full usage is one --help away)."""
 
@@ -513,11 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("-n", "--max-new-tokens", dest="n", type=_positive_int, default=40,
                    help="how many tokens to add (default: 40)")
-    p.add_argument("--temperature", "-t", type=float, default=0.0,
+    p.add_argument("--temperature", "-t", type=_non_negative, default=0.0,
                    help="0 = greedy, the default; higher = more random")
-    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample only from the smallest set with probability p")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--top-k", type=_positive_int, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=_positive, help="sample only from the smallest set with probability p")
+    p.add_argument("--seed", type=_non_negative_int, help="random seed, for reproducible sampling")
     p.add_argument("--prepend-bos", action="store_true", help="put <|endoftext|> before the prompt")
     p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
 
@@ -623,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=20, help="top activations kept per feature (default: 20)")
     p.add_argument("--per-band", type=_positive_int, default=5,
                    help="examples kept per feature and octave band of activation (default: 5)")
-    p.add_argument("--threshold", type=float, default=0.0, help="a feature fires above this (default: 0)")
+    p.add_argument("--threshold", type=_non_negative, default=0.0, help="a feature fires above this (default: 0)")
     p.add_argument("--include-bos", action="store_true", help="also count position 0, the <|endoftext|> "
                                                                "every context starts with")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="contexts per forward pass (default: 8)")
@@ -634,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--workers", type=_positive_int, help="run on a local Dask cluster of this many processes")
     p.add_argument("--scheduler", help="run on an existing Dask cluster, e.g. tcp://host:8786")
-    p.add_argument("--scheduler-timeout", type=float, default=10.0,
+    p.add_argument("--scheduler-timeout", type=_positive, default=10.0,
                    help="seconds to wait for --scheduler to answer (default: 10)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl rows and datasets (default: text)")
     p.add_argument("--split", default="train", help="the dataset split, for hf: corpora (default: train)")
@@ -646,8 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("harvest", help="a folder written by npgpt2 harvest")
     p.add_argument("--out", "-o", required=True, help="folder for index.html and feature-N.html")
     p.add_argument("--features", help="pages for these ids, e.g. 0-99,4031 (default: the first 200 that fired)")
-    p.add_argument("--before", type=int, default=12, help="tokens shown before the activating one (default: 12)")
-    p.add_argument("--after", type=int, default=4, help="tokens shown after it (default: 4)")
+    p.add_argument("--before", type=_non_negative_int, default=12, help="tokens shown before the activating one (default: 12)")
+    p.add_argument("--after", type=_non_negative_int, default=4, help="tokens shown after it (default: 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a dashboard already in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -665,20 +699,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default: 256, at most n_ctx)")
     p.add_argument("--grad-accum", type=_positive_int, default=1,
                    help="micro-batches accumulated into each step (default: 1)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
-    p.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends (default: 0)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
+    p.add_argument("--lr", type=_positive, default=3e-4, help="peak learning rate (default: 3e-4)")
+    p.add_argument("--min-lr", type=_non_negative, default=0.0, help="where the cosine ends (default: 0)")
+    p.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up steps (default: 0)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="on 2-D weight matrices (default: 0.1)")
-    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"))
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit; 0: none (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="which random windows make the batches (default: 0)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--weight-decay", type=_non_negative, default=0.1, help="on 2-D weight matrices (default: 0.1)")
+    p.add_argument("--betas", type=_non_negative, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"))
+    p.add_argument("--grad-clip", type=_non_negative, default=1.0, help="global gradient norm limit; 0: none (default: 1)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="which random windows make the batches (default: 0)")
+    p.add_argument("--val-fraction", type=_non_negative, default=0.1,
                    help="the last part of the tokens held out for evaluation; 0: none (default: 0.1)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=0, help="evaluate every N steps (default: at the end)")
     p.add_argument("--eval-tokens", type=_positive_int, default=32768,
                    help="held-out tokens per evaluation, at most (default: 32768)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="save OUT/checkpoint every N steps (default: at the end, and on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, exactly")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

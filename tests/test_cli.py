@@ -156,10 +156,10 @@ def test_parity_without_reference_extra_says_how_to_install(monkeypatch, capsys,
 @pytest.mark.parametrize("args,fragments", [
     (["generate", "hi", "--model", "gpt3"], ["unknown model 'gpt3'", "gpt2-medium"]),
     (["generate", "hi", "--model", "gpt2-large"], ["not in the local Hugging Face cache", "npgpt2 download gpt2-large"]),
-    (["generate", "hi", "--temperature", "-1"], ["temperature=-1.0"]),
+    (["generate", "hi", "--temperature", "-1"], ["argument --temperature/-t: -1 must be 0 or more"]),
     (["generate", "hi", "-n", "0"], ["0 must be at least 1"]),
     (["generate", "hi", "--top-p", "2"], ["top_p=2.0"]),
-    (["generate", "hi", "--top-k", "0"], ["top_k=0"]),
+    (["generate", "hi", "--top-k", "0"], ["argument --top-k: 0 must be at least 1"]),
     (["generate", "word " * 70], ["longer than the context of n_ctx=64"]),
     (["trace", "hi", "--layer", "7"], ["--layer 7 is out of range"]),
     (["trace", "hi", "--names", "*nothing*"], ["no hook point matches"]),
@@ -169,6 +169,28 @@ def test_user_errors_are_one_line_and_nonzero(args, fragments, tiny_hub, hf_home
     if "--model" not in args:
         args = args + ["--model", tiny_hub]
     assert_user_error(run(args, hf_home, check=False), *fragments)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["generate", "hi", "--temperature", "nan"], "--temperature/-t: 'nan' is not a finite number"),
+    (["generate", "hi", "--temperature", "inf"], "--temperature/-t: 'inf' is not a finite number"),
+    (["generate", "hi", "--seed", "-1"], "--seed: -1 must be 0 or more"),
+    (["harvest", "c.txt", "--out", "h", "--threshold", "nan"], "--threshold: 'nan' is not a finite number"),
+    (["harvest", "c.txt", "--out", "h", "--scheduler-timeout", "-1"], "--scheduler-timeout: -1 must be more than 0"),
+    (["dashboard", "h", "--out", "s", "--before", "-5"], "--before: -5 must be 0 or more"),
+    (["finetune", "a.txt", "--out", "o", "--lr", "inf"], "--lr: 'inf' is not a finite number"),
+    (["finetune", "a.txt", "--out", "o", "--grad-clip", "-1"], "--grad-clip: -1 must be 0 or more"),
+    (["finetune", "a.txt", "--out", "o", "--eval-every", "-1"], "--eval-every: -1 must be 0 or more"),
+    (["finetune", "a.txt", "--out", "o", "--seed", "-1"], "--seed: -1 must be 0 or more"),
+])
+def test_bad_numbers_are_refused_naming_the_flag(args, flag, capsys):
+    """NaN, infinities and negative counts are refused before anything is loaded, and the message
+    names the flag (rather than running and producing nonsense, or a library message without it)."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {flag}" in err, err
 
 
 def test_console_script_is_declared():

@@ -207,3 +207,46 @@ def test_grad_accum_steps_on_the_mean_of_its_micro_batches(tiny_dir):
     assert result.history[0]["loss"] == pytest.approx(expected_loss, rel=1e-13)
     for (name, a), (_, b) in zip(training.named_parameters(model.weights), training.named_parameters(reference.weights)):
         assert np.max(np.abs(a - b)) <= 1e-9 * np.max(np.abs(b)), name  # 1e-9: see test_training's accumulation
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(lr=float("inf")), "lr=inf: expected a finite number >= 0"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(grad_clip=-1.0), "grad_clip=-1.0"),
+    (dict(weight_decay=float("nan")), "weight_decay=nan"),
+    (dict(betas=(0.9, 1.5)), r"betas=\(0.9, 1.5\): expected two numbers in \[0, 1\)"),
+])
+def test_settings_that_would_train_to_nan_are_refused_before_a_step(tiny_dir, change, match):
+    from npgpt2.training.loop import FinetuneConfig
+
+    config = FinetuneConfig(steps=1, batch_size=1, seq_len=16, **change)
+    with pytest.raises(ValueError, match=match):
+        config.check(64)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(eval_every=-1), "eval_every=-1: expected a whole number of steps >= 0"),
+    (dict(checkpoint_every=-2), "checkpoint_every=-2"),
+])
+def test_run_options_that_would_mislead_are_refused(tiny_dir, change, match):
+    from npgpt2.training.loop import FinetuneConfig, RunOptions, finetune
+
+    model = npgpt2.from_pretrained(tiny_dir)
+    data = training.TokenDataset.from_texts([TEXT], model.tokenizer)
+    with pytest.raises(ValueError, match=match):
+        finetune(model, data, FinetuneConfig(steps=1, batch_size=1, seq_len=16, val_fraction=0),
+                 RunOptions(progress=False, **change))
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tiny_dir, tmp_path):
+    from npgpt2.training.loop import FinetuneConfig, RunOptions, finetune
+
+    model = npgpt2.from_pretrained(tiny_dir)
+    data = training.TokenDataset.from_texts([TEXT], model.tokenizer)
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    steps = []
+    with pytest.raises(ValueError, match="is a file: the trained model is written to a folder"):
+        finetune(model, data, FinetuneConfig(steps=2, batch_size=1, seq_len=16, val_fraction=0),
+                 RunOptions(out=str(out), progress=False, should_stop=lambda: steps.append(1) or False))
+    assert steps == []  # refused before the first step

@@ -431,3 +431,12 @@ def test_one_batch_of_activations_at_a_time(model, monkeypatch):
         h = harvest(TEXTS, model, HOOK, shard_contexts=8, **KW)
     assert max(s[0] for s in seen) == KW["batch_size"] and sum(s[0] for s in seen) == h.manifest["n_contexts"]
     assert reached == set()  # nothing after blocks.1.mlp.hook_post was computed
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -0.5])
+def test_a_threshold_nothing_could_fire_above_is_refused(threshold):
+    """NaN compares false with everything: a harvest at threshold NaN would count no firing at all."""
+    from npgpt2.harvest.stats import StatsError
+
+    with pytest.raises(StatsError, match=f"threshold={threshold}: expected a finite number >= 0"):
+        FeatureStats.empty(3, threshold=threshold)

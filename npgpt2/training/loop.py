@@ -73,6 +73,12 @@ class FinetuneConfig:
             raise DataError(f"seq-len {self.seq_len}: expected 2..{n_ctx} (the model's n_ctx)")
         if not 0 <= self.val_fraction < 1:
             raise DataError(f"val-fraction {self.val_fraction}: expected 0 (none) or a fraction below 1")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "warmup"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # NaN fails too
+                raise ValueError(f"{name}={value}: expected a finite number >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={tuple(self.betas)}: expected two numbers in [0, 1)")
         self.schedule_fn()
 
 
@@ -88,6 +94,16 @@ class RunOptions:
     progress: bool | None = None  # tqdm bar: None = when stderr is a terminal
     should_stop: Callable[[], bool] = lambda: False  # polled between steps (Ctrl-C)
     log: Callable[[str], None] = print
+
+    def check(self) -> None:
+        """Refuse what would fail or mislead only after training: negative intervals, an ``out``
+        that is a file."""
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected a whole number of steps >= 0 (0: at the end only)")
+        if self.out is not None and os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"out={self.out!r} is a file: the trained model is written to a folder")
 
 
 @dataclass
@@ -123,6 +139,7 @@ def finetune(model, data: TokenDataset, config: FinetuneConfig, options: RunOpti
     """
     options = options or RunOptions()
     config.check(model.cfg.n_ctx)
+    options.check()
     train, val = split_data(data, config)
     opt = AdamW(model, lr=config.schedule_fn(), betas=tuple(config.betas), eps=config.eps,
                 weight_decay=config.weight_decay)
