@@ -218,6 +218,9 @@ def cmd_circuit(args):
     if clean.shape != corrupted.shape:
         raise CLIError(f"the clean prompt has {clean.shape[1]} tokens and the corrupted one {corrupted.shape[1]}: "
                        "they must have the same number of tokens")
+    if np.array_equal(clean, corrupted):
+        raise CLIError("the clean and corrupted prompts are the same tokens: there is no difference for a circuit "
+                       "to explain; change the corrupted prompt (e.g. other names)")
     metric = metrics.logit_diff(model.to_single_token(args.answer), model.to_single_token(args.wrong))
     scores = edge_attribution(model, clean, corrupted, metric, method=args.method, ig_steps=args.ig_steps)
     kept = greedy_circuit(scores, args.top)
@@ -227,8 +230,8 @@ def cmd_circuit(args):
     print(f"{'upstream':<10} {'downstream':<10} {'input':<7} {'score':>10}")
     for row in kept.itertuples():
         print(f"{row.upstream:<10} {row.downstream:<10} {row.input:<7} {row.score:>10.4f}")
-    print(f"faithfulness of this circuit (1 = restores the clean logit difference): "
-          f"{circuit_faithfulness(model, clean, corrupted, kept, metric):.3f}")
+    faithfulness = round(circuit_faithfulness(model, clean, corrupted, kept, metric), 3) + 0.0  # no "-0.000"
+    print(f"faithfulness of this circuit (1 = restores the clean logit difference): {faithfulness:.3f}")
     if args.png:
         from .plot import circuit
 
