@@ -270,3 +270,26 @@ def test_forward_and_run_with_cache_logits_within_the_parity_bound(model, model6
         worst = float((np.abs(logits - truth) / row_max).max())
         assert worst <= 1e-5, (name, worst)
     assert np.abs(plain - cached[0]).max() <= 2e-5 * row_max.max()
+
+
+@pytest.mark.parametrize("mask", [[[0, 0, 0, 0]], [[1, 0, 0, 0]], [[0, 1, 0, 1]]])
+def test_a_loss_with_nothing_to_predict_is_refused_as_value_and_grad_refuses(model, mask):
+    """No two consecutive real tokens: no prediction counts, and the mean of none is refused (not NaN)."""
+    tokens = np.array([[1, 2, 3, 4]])
+    for call in (lambda: model(tokens, return_type="loss", attention_mask=mask),
+                 lambda: model.loss(tokens, attention_mask=mask)):
+        with pytest.raises(InputError, match="the loss has no target to average over"):
+            call()
+    with pytest.raises(ValueError, match="the loss has no target to average over"):
+        model.value_and_grad(tokens, attention_mask=mask)
+    assert model.loss(tokens, per_token=True, attention_mask=mask).shape == (1, 3)  # all NaN, as documented
+
+
+@pytest.mark.parametrize("bad", [0.5, 2, -1])
+def test_attention_mask_values_other_than_0_and_1_are_refused(model, bad):
+    tokens = np.array([[1, 2, 3, 4]])
+    mask = np.array([[1, 1, bad, 1]])
+    for call in (lambda: model(tokens, attention_mask=mask), lambda: model.run_with_cache(tokens, attention_mask=mask),
+                 lambda: model.value_and_grad(tokens, attention_mask=mask)):
+        with pytest.raises(InputError, match=rf"attention_mask must hold 0 \(padding\) and 1 \(real token\) only; it holds {bad}"):
+            call()
