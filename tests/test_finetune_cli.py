@@ -250,3 +250,15 @@ def test_an_out_that_is_a_file_is_refused_before_training(tiny_dir, tmp_path):
         finetune(model, data, FinetuneConfig(steps=2, batch_size=1, seq_len=16, val_fraction=0),
                  RunOptions(out=str(out), progress=False, should_stop=lambda: steps.append(1) or False))
     assert steps == []  # refused before the first step
+
+
+def test_perplexity_past_a_floats_range_is_inf_not_an_overflow(tiny_dir):
+    """A mean loss above ~709.8 nats has a perplexity no float holds: inf, with the loss still exact."""
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    b_U = np.zeros(model.cfg.d_vocab)
+    b_U[0] = 5000.0  # every prediction is token 0, with a margin of ~5000 nats
+    model.set_weight("b_U", None, b_U)
+    tokens = np.arange(1, 21)
+    result = training.perplexity(model, tokens)
+    assert result.loss == pytest.approx(model.loss(tokens), rel=1e-12) and result.loss > 4000
+    assert result.perplexity == np.inf
