@@ -72,6 +72,23 @@ def cmd_zoo(args):
     print(folder)
 
 
+# ----------------------------------------------------------------------- checks before the work
+def _check_output_file(path, flag: str) -> None:
+    """Refuse, before any work, a file that could not be written at the end."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; expected a file name, e.g. {os.path.join(path, 'out.png')}")
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path!r}: the folder {folder!r} does not exist; create it first")
+
+
+def _check_output_folder(path, flag: str) -> None:
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a file; expected a folder (new, or one to write into)")
+
+
 # ---------------------------------------------------------------------------------- generate
 def cmd_generate(args):
     model = _load(args)
@@ -182,6 +199,7 @@ def cmd_saliency(args):
     from .analysis import token_saliency
     from . import metrics
 
+    _check_output_file(args.png, "--png")
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     if args.target is None:
@@ -212,6 +230,8 @@ def cmd_circuit(args):
     from . import metrics
     from .analysis.edges import circuit_faithfulness, edge_attribution, greedy_circuit
 
+    _check_output_file(args.png, "--png")
+    _check_output_file(args.html, "--html")
     model = _load(args)
     clean, corrupted = (model.validate_tokens(model.to_tokens(t, prepend_bos=args.prepend_bos))
                         for t in (args.clean, args.corrupted))
@@ -348,6 +368,7 @@ def cmd_parity(args):
 def cmd_lens(args):
     from .analysis import logit_lens
 
+    _check_output_file(args.png, "--png")
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     df = logit_lens(model, tokens, incl_mid=args.incl_mid)
@@ -399,6 +420,7 @@ def cmd_harvest(args):
 def cmd_dashboard(args):
     from .harvest.dashboard import build_dashboard
 
+    _check_output_folder(args.out, "--out")
     if os.path.isdir(args.out) and os.path.exists(os.path.join(args.out, "index.html")) and not args.overwrite:
         raise CLIError(f"--out {args.out!r} already holds a dashboard; pass --overwrite to replace it")
     pages = build_dashboard(args.harvest, args.out, features=args.features, context_before=args.before,
@@ -414,6 +436,7 @@ def cmd_finetune(args):
     from .training import TokenDataset
     from .training.loop import FinetuneConfig, RunOptions, finetune, load_checkpoint
 
+    _check_output_folder(args.out, "--out")
     if args.resume:
         model, config, resume = load_checkpoint(args.out)
         config.steps = args.steps if args.steps is not None else config.steps

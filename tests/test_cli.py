@@ -206,3 +206,21 @@ def test_lens_prints_the_table_and_draws_the_heatmap(tiny_hub, hf_home, tmp_path
     for label in ("0_pre", "1_pre", "final_post", "0:'Hello'", "5:' cute'"):
         assert label in out
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["saliency", "The cat", "--png", "{missing}/x.png"], "--png '{missing}/x.png': the folder"),
+    (["lens", "The cat", "--png", "{missing}/x.png"], "--png '{missing}/x.png': the folder"),
+    (["lens", "The cat", "--png", "{tmp}"], "--png '{tmp}' is a folder"),
+    (["circuit", "a b", "c d", "--answer", " a", "--wrong", " b", "--html", "{missing}/c.html"], "--html"),
+    (["dashboard", "{tmp}", "--out", "{file}"], "--out '{file}' is a file"),
+    (["finetune", "{file}", "--out", "{file}"], "--out '{file}' is a file"),
+])
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(args, fragment, tmp_path, capsys, monkeypatch):
+    """Checked before the model loads, so no run is lost to a bad output path at its end."""
+    (tmp_path / "taken.txt").write_text("some text to train on")
+    names = {"missing": str(tmp_path / "no-such-folder"), "tmp": str(tmp_path), "file": str(tmp_path / "taken.txt")}
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model before checking the output"))
+    assert cli.main([a.format(**names) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment.format(**names) in err, err
