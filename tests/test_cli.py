@@ -224,3 +224,14 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(args, fragme
     assert cli.main([a.format(**names) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment.format(**names) in err, err
+
+
+def test_generate_with_a_truncated_merges_file_is_one_line_naming_it(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "model")
+    merges = folder / "merges.txt"
+    merges.write_bytes(merges.read_bytes()[:1000])
+    assert cli.main(["generate", "hi", "-m", str(folder), "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(merges) in err and "download them again" in err, err

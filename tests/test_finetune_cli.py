@@ -262,3 +262,60 @@ def test_perplexity_past_a_floats_range_is_inf_not_an_overflow(tiny_dir):
     result = training.perplexity(model, tokens)
     assert result.loss == pytest.approx(model.loss(tokens), rel=1e-12) and result.loss > 4000
     assert result.perplexity == np.inf
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_dir, notes, tmp_path_factory):
+    """A run stopped after 2 of 4 steps: OUT/checkpoint holds step 2."""
+    import shutil
+
+    out = str(tmp_path_factory.mktemp("interrupted") / "run")
+    assert cli.main(["finetune", notes, "-m", tiny_dir, "--steps", "4", "--out", out, "--checkpoint-every", "2",
+                     "--no-progress", *ARGS[:6]]) == 0
+    shutil.rmtree(os.path.join(out, "checkpoint"))
+    os.remove(os.path.join(out, "model.safetensors"))
+    assert cli.main(["finetune", notes, "-m", tiny_dir, "--steps", "2", "--out", out + "-2",
+                     "--no-progress", *ARGS[:6]]) == 0
+    shutil.copytree(os.path.join(out + "-2", "checkpoint"), os.path.join(out, "checkpoint"))
+    return out
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, str(tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (("optimizer.safetensors", "truncate"), ["optimizer.safetensors", "damaged"]),
+    (("optimizer.safetensors", "remove"), ["optimizer.safetensors", "missing"]),
+    (("trainer_state.json", "truncate"), ["trainer_state.json", "not valid JSON"]),
+    (("merges.txt", "truncate"), ["merges.txt"]),
+    (("model.safetensors", "truncate"), ["model.safetensors"]),
+])
+def test_a_damaged_checkpoint_on_resume_is_one_line_naming_the_file(interrupted_run, notes, tmp_path, capsys,
+                                                                   damage, fragments):
+    out = _copy_run(interrupted_run, tmp_path)
+    name, how = damage
+    path = os.path.join(out, "checkpoint", name)
+    if how == "remove":
+        os.remove(path)
+    else:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    code, _, err = in_process(capsys, "finetune", notes, "--out", out, "--resume", "--no-progress")
+    assert code == 2, err
+    one_line(err, *fragments)
+
+
+def test_resume_from_the_checkpoint_set_aside_by_a_stopped_save(interrupted_run, notes, tmp_path, capsys):
+    """A kill between the checkpoint save's two renames leaves only .checkpoint.old: resuming from
+    it works, and so do the saves after it (they used to read the tokenizer files it had deleted)."""
+    out = _copy_run(interrupted_run, tmp_path)
+    os.rename(os.path.join(out, "checkpoint"), os.path.join(out, ".checkpoint.old"))
+    code, stdout, err = in_process(capsys, "finetune", notes, "--out", out, "--resume", "--steps", "4",
+                                   "--checkpoint-every", "1", "--no-progress")
+    assert code == 0, err
+    assert "resuming" in err and "trained 4 steps" in stdout
+    state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
+    assert state["step"] == 4 and not os.path.exists(os.path.join(out, ".checkpoint.old"))

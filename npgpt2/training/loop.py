@@ -255,9 +255,13 @@ def save_checkpoint(out: str, model, opt: AdamW, config: FinetuneConfig, result:
 
 
 def find_checkpoint(out: str) -> str:
-    """out/checkpoint (or the previous one, if a save stopped between its two renames)."""
-    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
-        folder = os.path.join(out, name)
+    """out/checkpoint. If a save stopped between its two renames, only the previous one is there,
+    as out/.checkpoint.old: it is put back in place first, so that nothing loaded from it (the
+    tokenizer's files) lives in a folder the next save deletes."""
+    final, old = _checkpoint_dir(out), os.path.join(out, f".{CHECKPOINT}.old")
+    if not os.path.exists(final) and os.path.isfile(os.path.join(old, "trainer_state.json")):
+        os.replace(old, final)
+    for folder in (final, old):
         if os.path.isfile(os.path.join(folder, "trainer_state.json")):
             return folder
     raise DataError(f"no checkpoint to resume in {out} (expected {_checkpoint_dir(out)}/trainer_state.json): "
@@ -265,8 +269,13 @@ def find_checkpoint(out: str) -> str:
 
 
 def _read_state(folder: str) -> dict:
-    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-        return json.load(f)
+    path = os.path.join(folder, "trainer_state.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; "
+                            "start again without --resume") from None
 
 
 def load_checkpoint(out: str):
