@@ -440,3 +440,17 @@ def test_staging_files_of_older_killed_saves_are_cleared(tiny_dir, tmp_path):
     open(os.path.join(out, f".model.safetensors.tmp-{dead}"), "wb").write(b"x" * 1000)
     npgpt2.from_pretrained(tiny_dir).save_pretrained(out)
     assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+
+
+def test_accumulation_weights_micro_batches_of_different_lengths_by_their_predicted_tokens(tiny_dir):
+    """A micro-batch of 10 tokens predicts 9, one of 5 predicts 4: the accumulated loss is the mean
+    over the 13 predictions, as one right-padded batch of both (its mask counts the same 13)."""
+    rng = np.random.default_rng(8)
+    long, short = rng.integers(0, 50257, (1, 10)), rng.integers(0, 50257, (1, 5))
+    padded = np.concatenate([long, np.concatenate([short, np.zeros((1, 5), np.int64)], axis=1)])
+    mask = np.array([[1] * 10, [1] * 5 + [0] * 5])
+    loss_one, grads_one = fresh(tiny_dir).value_and_grad(padded, attention_mask=mask)
+    loss_acc, grads_acc = training.accumulate_grad(fresh(tiny_dir), [long, short])
+    assert loss_acc == pytest.approx(loss_one, rel=1e-12)
+    for (name, g), (_, h) in zip(training.named_parameters(grads_one), training.named_parameters(grads_acc)):
+        assert np.max(np.abs(g - h)) <= 1e-11 * np.max(np.abs(g)), name
