@@ -303,10 +303,14 @@ class Run:
         """
         fns = self.bwd_hooks.get(name)
         if fns:
-            for fn in fns:
-                out = fn(d_act, self.points[name])
-                if out is not None:
-                    d_act = _checked_replacement(name, d_act, out)
+            outer, _in_backward_hook.name = getattr(_in_backward_hook, "name", None), name
+            try:
+                for fn in fns:
+                    out = fn(d_act, self.points[name])
+                    if out is not None:
+                        d_act = _checked_replacement(name, d_act, out)
+            finally:
+                _in_backward_hook.name = outer
         if name in self.keep_grad:
             self.cache[name + "_grad"] = d_act
         changed = self.changed.get(name)
@@ -351,6 +355,19 @@ def _checked_replacement(name: str, act: np.ndarray, out) -> np.ndarray:
 _SCOPED: contextvars.ContextVar[tuple] = contextvars.ContextVar("npgpt2_scoped_hooks", default=())
 
 _DIRECTIONS = ("fwd", "bwd")
+
+# the backward hook this thread is running, if any: a backward pass may not start inside one
+_in_backward_hook = threading.local()
+
+
+def check_not_in_backward_hook(caller: str) -> None:
+    """Refuse to start a backward pass from inside a backward hook: with the hook still registered
+    the inner pass would run it again, and that one again, without end."""
+    name = getattr(_in_backward_hook, "name", None)
+    if name is not None:
+        raise HookError(f"{caller} was called from inside a backward hook at {name}: a backward pass cannot "
+                        "start within another's hook (it would run that hook again, without end); "
+                        "compute what the hook needs before the call, or after it")
 
 
 class HookedModel:

@@ -450,3 +450,28 @@ def test_gradient_a_backward_hook_writes_at_masked_keys_goes_nowhere(model64, pa
     assert seen == ["blocks.0.attn.hook_attn_scores"] and masked.sum() > 0
     for (name, a), (_, b) in zip(named_parameters(grads["unchanged"]), named_parameters(grads["writes_at_masked_keys"])):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_a_backward_pass_started_inside_a_backward_hook_is_refused(model64):
+    """The hook stays registered for the inner pass, which would call it again, without end."""
+    tokens = np.random.default_rng(5).integers(0, 50257, (1, 6))
+    calls = []
+
+    def reentrant(g, hook):
+        calls.append(hook.name)
+        model64.value_and_grad(tokens)
+
+    with model64.hooks(bwd_hooks=[("blocks.1.hook_resid_mid", reentrant)]):
+        with pytest.raises(npgpt2.HookError, match="value_and_grad was called from inside a backward hook at "
+                                                   "blocks.1.hook_resid_mid"):
+            model64.value_and_grad(tokens)
+    assert calls == ["blocks.1.hook_resid_mid"]
+    loss, _ = model64.value_and_grad(tokens)  # outside any hook: as before
+    assert loss == pytest.approx(model64.loss(tokens), rel=1e-12)
+
+    def forward_inside(g, hook):  # a forward pass in a backward hook stays allowed
+        calls.append(float(model64(tokens).sum()))
+
+    with model64.hooks(bwd_hooks=[("blocks.1.hook_resid_mid", forward_inside)]):
+        model64.value_and_grad(tokens)
+    assert len(calls) == 2
