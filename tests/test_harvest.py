@@ -6,6 +6,7 @@ pass) and sort them in plain Python; the histogram is counted against the bin ed
 
 import json
 import math
+import re
 import os
 import sys
 import types
@@ -440,3 +441,25 @@ def test_a_threshold_nothing_could_fire_above_is_refused(threshold):
 
     with pytest.raises(StatsError, match=f"threshold={threshold}: expected a finite number >= 0"):
         FeatureStats.empty(3, threshold=threshold)
+
+
+@pytest.mark.parametrize("missing,kwargs,message", [
+    ("pyarrow", {}, "writing a harvest needs pyarrow: pip install 'npgpt2[harvest]'"),
+    ("distributed", {"workers": 2}, "harvesting on Dask needs distributed: pip install 'npgpt2[dask]'"),
+])
+def test_a_missing_optional_library_is_named_before_any_work(monkeypatch, tmp_path, missing, kwargs, message):
+    import builtins
+
+    import npgpt2.harvest.run as run
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kw):
+        if name == missing or name.startswith(missing + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    monkeypatch.setattr(run, "prepare", lambda *a, **k: pytest.fail("started the work first"))
+    with pytest.raises(HarvestError, match=re.escape(message)):
+        harvest(TEXTS, "gpt2", HOOK, out=str(tmp_path / "h"), **kwargs, **KW)
