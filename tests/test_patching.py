@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from npgpt2 import InputError, patching
+from npgpt2 import InputError
+from npgpt2.analysis import patching
 from conftest import TINY
 
 L, H = TINY.n_layer, TINY.n_head
