@@ -73,6 +73,11 @@ def cmd_zoo(args):
 
 
 # ----------------------------------------------------------------------- checks before the work
+def _check_prompt(text: str, prepend_bos: bool) -> None:
+    if text == "" and not prepend_bos:
+        raise CLIError("the text is empty: give some text, or --prepend-bos to start from <|endoftext|> alone")
+
+
 def _check_output_file(path, flag: str) -> None:
     """Refuse, before any work, a file that could not be written at the end."""
     if path is None:
@@ -91,6 +96,7 @@ def _check_output_folder(path, flag: str) -> None:
 
 # ---------------------------------------------------------------------------------- generate
 def cmd_generate(args):
+    _check_prompt(args.prompt, args.prepend_bos)
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -116,6 +122,7 @@ def cmd_generate(args):
 
 # ------------------------------------------------------------------------------------ tokens
 def cmd_tokens(args):
+    _check_prompt(args.text, args.prepend_bos)
     model = _load(args)
     tokens = model.to_tokens(args.text, prepend_bos=args.prepend_bos)[0]
     print(f"{len(tokens)} tokens")
@@ -136,6 +143,7 @@ def cmd_step(args):
 
 # ------------------------------------------------------------------------------------- trace
 def cmd_trace(args):
+    _check_prompt(args.text, args.prepend_bos)
     model = _load(args)
     tokens = model.to_tokens(args.text, prepend_bos=args.prepend_bos)
     str_tokens = model.to_str_tokens(tokens)
@@ -200,6 +208,7 @@ def cmd_saliency(args):
     from . import metrics
 
     _check_output_file(args.png, "--png")
+    _check_prompt(args.prompt, args.prepend_bos)
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     if args.target is None:
@@ -207,8 +216,14 @@ def cmd_saliency(args):
         print(f"target: the model's top prediction, {model.tokenizer.token_str(target)!r}")
     else:
         target = model.to_single_token(args.target)
-    df = token_saliency(model, tokens[0], metrics.logprob(target), method=args.method, steps=args.steps,
-                        baseline=args.baseline)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = token_saliency(model, tokens[0], metrics.logprob(target), method=args.method, steps=args.steps,
+                            baseline=args.baseline)
+    for w in caught:  # a note for the reader, not a Python warning with its file and line
+        print(f"npgpt2 saliency: note: {w.message} (--steps, now {args.steps})", file=sys.stderr)
     a = df.attrs
     print(f"{args.method} of log P({model.tokenizer.token_str(target)!r}) = {a['metric']:.4f} over the "
           f"token embeddings")
@@ -369,6 +384,7 @@ def cmd_lens(args):
     from .analysis import logit_lens
 
     _check_output_file(args.png, "--png")
+    _check_prompt(args.prompt, args.prepend_bos)
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     df = logit_lens(model, tokens, incl_mid=args.incl_mid)
@@ -381,8 +397,11 @@ def cmd_lens(args):
     print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token)")
     import pandas as pd
 
-    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 24):
-        print(table.to_string())
+    import shutil
+
+    width = shutil.get_terminal_size().columns  # (COLUMNS, else the terminal's, else 80)
+    with pd.option_context("display.max_colwidth", 24):
+        print(table.to_string(line_width=width))  # the positions in blocks that fit the width
     if args.png:
         from .plot import logit_lens_heatmap
 
@@ -473,7 +492,8 @@ def cmd_finetune(args):
         return 130
     losses = [h["loss"] for h in result.history]
     val = f"; held-out loss {result.evals[-1]['val_loss']:.4f}" if result.evals else ""
-    print(f"trained {result.step} steps on {len(data):,} tokens: loss {losses[0]:.4f} -> {losses[-1]:.4f}{val}; "
+    print(f"trained {result.step} steps on {len(data):,} tokens: training loss (each step's batches, nats/token) "
+          f"{losses[0]:.4f} -> {losses[-1]:.4f}{val}; "
           f"model saved in {args.out} (npgpt2 generate \"...\" -m {args.out})")
 
 
@@ -541,6 +561,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+BOS_HELP = "put <|endoftext|> before the text (TransformerLens's default; GPT-2's is without)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="npgpt2", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -565,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: gpt2)")
         p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
         if dtype:
-            p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+            p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                           help="the arrays' precision (default: float32; float64 for exact checks)")
 
     p = add("generate", cmd_generate, "continue a prompt, streaming the new text as it is produced",
             'npgpt2 generate "Alan Turing theorized that computers would one day become" -n 40')
@@ -585,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
             'npgpt2 tokens "Hello, my dog is cute"')
     p.add_argument("text")
     model_args(p)
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("trace", cmd_trace,
             "walk the forward pass: every hook point in order with its shape and statistics",
@@ -594,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--layer", "-l", type=int, help="only this block's hook points")
     p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
     p.add_argument("--grad", action="store_true",
                    help="also the gradient's norm at each hook point (of the loss, or of --target)")
     p.add_argument("--target", help="with --grad: a token whose log-probability at the last position "
@@ -606,11 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     model_args(p, dtype=True)
     p.add_argument("--target", help="the token explained (default: the model's top prediction)")
-    p.add_argument("--method", choices=["grad_x_input", "integrated_gradients"], default="integrated_gradients")
+    p.add_argument("--method", choices=["grad_x_input", "integrated_gradients"], default="integrated_gradients",
+                   help="gradient x input, or integrated gradients from --baseline (default)")
     p.add_argument("--steps", type=_positive_int, default=64, help="integrated gradients' steps (default: 64)")
-    p.add_argument("--baseline", choices=["zero", "eot"], default="zero")
+    p.add_argument("--baseline", choices=["zero", "eot"], default="zero",
+                   help="integrated gradients start from zero embeddings or <|endoftext|>'s (default: zero)")
     p.add_argument("--png", help="also draw the scores to this file (needs matplotlib)")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("step", cmd_step,
             "step through the forward pass in the Python debugger, the maths only (hooks, checks, "
@@ -627,12 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--answer", required=True, help="the token the clean prompt should predict, e.g. ' Mary'")
     p.add_argument("--wrong", required=True, help="the token it should not, e.g. ' John'")
-    p.add_argument("--method", choices=["eap", "eap-ig"], default="eap-ig")
-    p.add_argument("--ig-steps", type=_positive_int, default=5)
+    p.add_argument("--method", choices=["eap", "eap-ig"], default="eap-ig",
+                   help="edge attribution patching, or with integrated gradients (default: eap-ig)")
+    p.add_argument("--ig-steps", type=_positive_int, default=5, help="eap-ig's interpolation steps (default: 5)")
     p.add_argument("--top", type=_positive_int, default=30, help="edges to keep (default: 30)")
     p.add_argument("--png", help="also draw the circuit to this file (PNG or SVG; needs matplotlib)")
     p.add_argument("--html", help="also write a self-contained HTML page: the picture and the edges' table")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
             'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')
@@ -640,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--png", help="also draw the layer x position heatmap to this file (needs matplotlib)")
     p.add_argument("--incl-mid", action="store_true", help="also read between attention and MLP")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("zoo", cmd_zoo, "train a small GPT-2 with a known circuit, here and now: `induction` is a 2-layer "
             "model of 300 words that learns induction heads (about a minute on 2 cores); load it with "
@@ -660,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("download", cmd_download, "fetch a model's files into the Hugging Face cache for offline use",
             "npgpt2 download gpt2-medium")
     p.add_argument("model", help="alias, hub repo id")
-    p.add_argument("--revision")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
 
     p = add("parity", cmd_parity,
             "compare npgpt2 with Hugging Face transformers on the same weights, transformers in float64 "
@@ -728,9 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive, default=3e-4, help="peak learning rate (default: 3e-4)")
     p.add_argument("--min-lr", type=_non_negative, default=0.0, help="where the cosine ends (default: 0)")
     p.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up steps (default: 0)")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after the warm-up: cosine decay to --min-lr, or constant (default: cosine)")
     p.add_argument("--weight-decay", type=_non_negative, default=0.1, help="on 2-D weight matrices (default: 0.1)")
-    p.add_argument("--betas", type=_non_negative, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"))
+    p.add_argument("--betas", type=_non_negative, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
+                   help="AdamW's moment decay rates (default: 0.9 0.95)")
     p.add_argument("--grad-clip", type=_non_negative, default=1.0, help="global gradient norm limit; 0: none (default: 1)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="which random windows make the batches (default: 0)")
     p.add_argument("--val-fraction", type=_non_negative, default=0.1,

@@ -235,3 +235,35 @@ def test_generate_with_a_truncated_merges_file_is_one_line_naming_it(tiny_dir, t
     assert cli.main(["generate", "hi", "-m", str(folder), "-n", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(merges) in err and "download them again" in err, err
+
+
+def test_every_flag_says_what_it_does():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    silent = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+              for name, sub in commands.items() if name != "parity"  # (the parity command is changed elsewhere)
+              for action in sub._actions if not action.help and action.dest != "help"
+              and action.option_strings]
+    assert not silent, silent
+
+
+@pytest.mark.parametrize("command", ["generate", "tokens", "trace", "saliency", "lens"])
+def test_an_empty_text_points_to_the_flag(command, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model for an empty text"))
+    assert cli.main([command, ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prepend-bos" in err and "prepend_bos=True" not in err, err
+
+
+def test_saliency_notes_too_few_steps_without_a_python_warning(tiny_dir, capsys):
+    assert cli.main(["saliency", "The cat sat on the", "-m", tiny_dir, "--steps", "1", "--target", " mat"]) == 0
+    err = capsys.readouterr().err
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    assert "npgpt2 saliency: note: integrated gradients: the scores add up to" in err and "(--steps, now 1)" in err
+
+
+def test_the_lens_table_fits_the_terminal(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cli.main(["lens", "The Eiffel Tower is in the city of Paris, in France", "-m", tiny_dir]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines[1:]) <= 100, max(lines, key=len)

@@ -54,7 +54,7 @@ def test_finetune_then_eval_then_generate(tiny_dir, notes, tmp_path, capsys):
     state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
     losses = [h["loss"] for h in state["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" in stdout
+    assert f"training loss (each step's batches, nats/token) {losses[0]:.4f} -> {losses[-1]:.4f}" in stdout
     assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "merges.txt", "model.safetensors", "vocab.json"]
 
     trained = npgpt2.from_pretrained(out)
