@@ -138,3 +138,13 @@ def test_each_module_has_one_import_path():
         text = open(path, encoding="utf-8").read()
         old_import = re.search(r"npgpt2\.(patching|head_detector|optim|sae_training|toy_models)\b|from npgpt2 import [^\n]*\bpatching\b", text)
         assert old_import is None, f"{path}: {old_import.group(0)}"
+
+
+def test_the_porting_guide_goes_by_one_name_and_tells_how_weights_are_written():
+    name = "Porting from TransformerLens"
+    guide = open(os.path.join(DOCS, "from-transformerlens.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert guide.startswith(f"# {name}\n") and f"[{name}](docs/from-transformerlens.md)" in readme
+    assert _docs_hooks().PORTING[0] == name
+    for text in (guide, open(os.path.join(DOCS, "getting-started.md"), encoding="utf-8").read()):
+        assert "set_weight(" in text and "assignment destination is read-only" not in text
