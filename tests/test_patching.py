@@ -128,3 +128,31 @@ def test_bad_input_is_named(model64, runs):
         patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "embed", ("layer",))
     with pytest.raises(ValueError, match=r"index_axis_names \('layer', 'head'\) do not fit activation 'resid_pre'"):
         patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "resid_pre", ("layer", "head"))
+
+
+def test_index_df_patches_the_rows_given_and_equals_the_full_sweep_there(model64, runs):
+    """TransformerLens's index_df: a subset of (layer, head) or (layer, pos, head) patches, one
+    metric per row, each equal to the full sweep's value at that index."""
+    import pandas as pd
+
+    clean, corrupted, _, clean_cache, metric = runs
+    full = patching.get_act_patch_attn_head_out_by_pos(model64, corrupted, clean_cache, metric, progress=False)
+    rows = pd.DataFrame({"layer": [1, 0, 1], "pos": [3, 3, 7], "head": [2, 0, 1]})
+    subset, index_df = patching.get_act_patch_attn_head_out_by_pos(model64, corrupted, clean_cache, metric, progress=False,
+                                                                   index_df=rows, return_index_df=True)
+    assert subset.shape == (3,)
+    for value, (l, p, h) in zip(subset, rows.itertuples(index=False)):
+        assert value == pytest.approx(full[l, p, h], abs=1e-12)
+        assert value == pytest.approx(naive(model64, corrupted, f"blocks.{l}.attn.hook_z", (slice(None), p, h),
+                                            clean_cache[f"blocks.{l}.attn.hook_z"], metric), abs=1e-10)
+    pd.testing.assert_frame_equal(index_df, rows)
+    heads = patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "z", progress=False,
+                                              index_df=pd.DataFrame({"layer": [0, 1], "head": [3, 1]}))
+    whole = patching.get_act_patch_attn_head_out_all_pos(model64, corrupted, clean_cache, metric, progress=False)
+    np.testing.assert_allclose(heads, [whole[0, 3], whole[1, 1]], atol=1e-12)
+    _, inferred = patching.get_act_patch_resid_pre(model64, corrupted, clean_cache, metric, progress=False,
+                                                   return_index_df=True)
+    assert list(inferred.columns) == ["layer", "pos"] and len(inferred) == L * 8 and tuple(inferred.iloc[9]) == (1, 1)
+    with pytest.raises(ValueError, match=r"index_df column 'head' holds 9: expected whole numbers 0..3"):
+        patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "z",
+                                          index_df=pd.DataFrame({"layer": [0], "head": [9]}))
