@@ -35,6 +35,7 @@ import contextvars
 import difflib
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -225,17 +226,30 @@ class HookPoint:
     every ``ctx`` (``clear_contexts=False`` keeps them); ``model.clear_contexts()`` does only that.
     """
 
-    __slots__ = ("name", "ctx")
+    __slots__ = ("name", "ctx", "_model")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, model=None):
         self.name = name
         self.ctx: dict = {}
+        self._model = weakref.ref(model) if model is not None else None  # (the model holds its points)
+
+    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False) -> None:
+        """TransformerLens's ``hook_point.add_hook(fn)``: ``model.add_hook(self.name, fn, ...)``."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise HookError(f"{self.name} belongs to no model: add the hook with model.add_hook({self.name!r}, fn)")
+        model.add_hook(self.name, fn, dir=dir, is_permanent=is_permanent)
+
+    def add_perma_hook(self, fn: HookFn, dir: str = "fwd") -> None:
+        """``add_hook(fn, is_permanent=True)``."""
+        self.add_hook(fn, dir=dir, is_permanent=True)
 
     def __getattr__(self, name: str):
-        if name in ("add_hook", "add_perma_hook", "remove_hooks", "fwd_hooks", "bwd_hooks"):
-            raise AttributeError(f"hooks are added through the model in npgpt2: model.add_hook({self.name!r}, fn), "
-                                 f"model.run_with_hooks(..., fwd_hooks=[({self.name!r}, fn)]) or model.hooks(...)")
-        raise AttributeError(f"HookPoint has no attribute {name!r} (it has name, ctx, layer())")
+        if name in ("remove_hooks", "fwd_hooks", "bwd_hooks"):
+            raise AttributeError(f"npgpt2 keeps hooks on the model: model.reset_hooks() removes them; "
+                                 f"model.run_with_hooks(..., fwd_hooks=[({self.name!r}, fn)]) or model.hooks(...) "
+                                 "add hooks for one call or block")
+        raise AttributeError(f"HookPoint has no attribute {name!r} (it has name, ctx, layer(), add_hook())")
 
     def layer(self) -> int | None:
         """The block index for ``blocks.{l}...`` names, else None."""
@@ -379,7 +393,7 @@ class HookedModel:
 
     def _init_hooks(self) -> None:
         self._hook_names = hook_names(self.cfg.n_layer)
-        self._points = {n: HookPoint(n) for n in self._hook_names}
+        self._points = {n: HookPoint(n, self) for n in self._hook_names}
         on_request = tuple(s.name.split("}.", 1)[-1] for s in HOOK_POINTS if s.on_request)
         self._computed_anyway = frozenset(n for n in self._hook_names if not n.endswith(on_request))
         # the hook points whose activations the backward pass reads

@@ -259,7 +259,7 @@ def test_module_style_accessors(model):
     (lambda m: m.blocks[2], IndexError, r"0..1"),
     (lambda m: m.ln_final(np.zeros(3)), TypeError, "not callable"),
     (lambda m: setattr(m.blocks[0].attn, "W_Q", 0), AttributeError, "read-only"),
-    (lambda m: m.hook_dict["hook_embed"].add_hook(print), AttributeError, r"model.add_hook\('hook_embed'"),
+    (lambda m: m.hook_dict["hook_embed"].remove_hooks(), AttributeError, r"model.reset_hooks\(\) removes them"),
 ])
 def test_accessor_errors_name_the_real_thing(model, get, error, message):
     with pytest.raises(error, match=message):
@@ -410,3 +410,24 @@ def test_enable_compatibility_mode_processes_as_from_pretrained_does(tiny_dir, t
     untouched = npgpt2.from_pretrained(tiny_dir)
     untouched.enable_compatibility_mode(no_processing=True)
     assert not any(untouched.processing.values())
+
+
+def test_hook_point_add_hook_as_in_transformer_lens(tiny_dir, tokens):
+    """The demos' ``model.blocks[l].attn.hook_pattern.add_hook(fn)``: a model-wide hook, as
+    model.add_hook gives, until reset_hooks()."""
+    model = npgpt2.from_pretrained(tiny_dir)
+    seen = []
+    model.blocks[1].attn.hook_pattern.add_hook(lambda pattern, hook: seen.append((hook.name, pattern.shape)))
+    model.hook_dict["blocks.0.hook_resid_post"].add_hook(lambda resid, hook: resid * 0, dir="fwd")
+    zeroed_logits = model(tokens)
+    assert seen == [("blocks.1.attn.hook_pattern", (2, H, 12, 12))]
+    model.reset_hooks()
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda resid, hook: resid * 0)]):
+        np.testing.assert_array_equal(model(tokens), zeroed_logits)
+    model(tokens)
+    assert len(seen) == 1  # the pattern hook went with reset_hooks
+    model.hook_dict["hook_embed"].add_perma_hook(lambda e, hook: seen.append("perma"))
+    model.reset_hooks()
+    model(tokens)
+    assert seen[-1] == "perma"
+    model.reset_hooks(including_permanent=True)
