@@ -156,3 +156,15 @@ def test_index_df_patches_the_rows_given_and_equals_the_full_sweep_there(model64
     with pytest.raises(ValueError, match=r"index_df column 'head' holds 9: expected whole numbers 0..3"):
         patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "z",
                                           index_df=pd.DataFrame({"layer": [0], "head": [9]}))
+
+
+def test_logit_diff_metric_takes_transformer_lens_answer_pairs(model64, runs):
+    """The demos keep answer_token_indices as [batch, 2] (right, wrong): one argument."""
+    clean, _, clean_logits, _, _ = runs
+    pairs = np.array([[7, 9], [8, 10]])
+    by_hand = np.mean([clean_logits[b, -1, pairs[b, 0]] - clean_logits[b, -1, pairs[b, 1]] for b in range(2)])
+    assert patching.logit_diff_metric(pairs)(clean_logits) == pytest.approx(by_hand, abs=1e-12)
+    np.testing.assert_array_equal(patching.logit_diff_metric(pairs).grad(clean_logits),
+                                  patching.logit_diff_metric([7, 8], [9, 10]).grad(clean_logits))
+    with pytest.raises(ValueError, match=r"answer_tokens of shape \(2, 3\) without wrong_tokens: expected \[batch, 2\]"):
+        patching.logit_diff_metric(np.zeros((2, 3), int))

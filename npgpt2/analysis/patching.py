@@ -40,10 +40,17 @@ def _kind(activation: str) -> str:
     return "pattern" if activation == "pattern" else "head" if activation in ("z", "q", "k", "v") else "resid"
 
 
-def logit_diff_metric(answer_tokens, wrong_tokens, pos: int = -1) -> metrics.LogitDiff:
+def logit_diff_metric(answer_tokens, wrong_tokens=None, pos: int = -1) -> metrics.LogitDiff:
     """A metric: mean over the batch of logit[answer] - logit[wrong] at position ``pos``.
-    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all). Differentiable: it has
-    ``.grad(logits)`` (see ``npgpt2.metrics``)."""
+    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all); or ``answer_tokens`` alone
+    as the TransformerLens demos hold them, [batch, 2]: each row the right token, then the wrong
+    one. Differentiable: it has ``.grad(logits)`` (see ``npgpt2.metrics``)."""
+    if wrong_tokens is None:
+        pairs = np.asarray(answer_tokens)
+        if pairs.ndim != 2 or pairs.shape[1] != 2:
+            raise ValueError(f"answer_tokens of shape {pairs.shape} without wrong_tokens: expected [batch, 2] "
+                             "(each row: the right token, then the wrong one), or give wrong_tokens")
+        answer_tokens, wrong_tokens = pairs[:, 0], pairs[:, 1]
     return metrics.LogitDiff(answer_tokens, wrong_tokens, pos)
 
 
