@@ -232,3 +232,23 @@ class ModuleAccessors:
         return self.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+
+    def to(self, device_or_dtype, print_details: bool = False):
+        """TransformerLens's ``model.to("cpu")``: npgpt2 runs on the CPU with NumPy, so "cpu" returns
+        the model; another device is an error. For another dtype, load again with
+        ``npgpt2.from_pretrained(name, dtype="float64")``."""
+        name = str(device_or_dtype)
+        if name.split(":")[0] != "cpu":
+            raise ValueError(f"model.to({name!r}): npgpt2 runs on the CPU with NumPy; the only device is 'cpu' "
+                             "(for float64, load with npgpt2.from_pretrained(..., dtype='float64'))")
+        return self
+
+    def eval(self):
+        """TransformerLens's (torch's) ``model.eval()``: GPT-2 has no dropout here, so nothing changes;
+        returns the model."""
+        return self
+
+    def train(self, mode: bool = True):
+        """torch's ``model.train()``: nothing changes (no dropout); returns the model. Training is
+        ``npgpt2.training``."""
+        return self

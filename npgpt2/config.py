@@ -143,6 +143,26 @@ class GPT2Config:
         return self.vocab_size
 
     @property
+    def act_fn(self) -> str:
+        """TransformerLens's name for ``activation_function``: "gelu_new"."""
+        return self.activation_function
+
+    @property
+    def d_vocab_out(self) -> int:
+        """The unembedding's width: ``vocab_size`` (TransformerLens's field)."""
+        return self.vocab_size
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """GPT-2 learns a vector per position: "standard" (TransformerLens's field)."""
+        return "standard"
+
+    @property
+    def original_architecture(self) -> str:
+        """The Hugging Face class of this layout (TransformerLens's field)."""
+        return "GPT2LMHeadModel"
+
+    @property
     def eps(self) -> float:
         """The layer norms' epsilon (``layer_norm_epsilon``)."""
         return self.layer_norm_epsilon

@@ -431,3 +431,14 @@ def test_hook_point_add_hook_as_in_transformer_lens(tiny_dir, tokens):
     model(tokens)
     assert seen[-1] == "perma"
     model.reset_hooks(including_permanent=True)
+
+
+def test_torch_style_calls_a_port_makes(model, tokens):
+    """model.to("cpu"), model.eval(), model.train() are no-ops returning the model (no device, no
+    dropout); another device names what to do; the cfg fields a port reads are GPT-2's."""
+    assert model.to("cpu") is model and model.eval() is model and model.train() is model
+    with pytest.raises(ValueError, match=r"model.to\('cuda'\): npgpt2 runs on the CPU"):
+        model.to("cuda")
+    cfg = model.cfg
+    assert (cfg.act_fn, cfg.d_vocab_out, cfg.positional_embedding_type, cfg.original_architecture) == \
+        ("gelu_new", TINY.vocab_size, "standard", "GPT2LMHeadModel")
