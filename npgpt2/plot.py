@@ -571,7 +571,7 @@ def scatter(x, y, xaxis: str = "", yaxis: str = "", title: str = "", labels=None
     xlabel, ylabel, clabel = _labels_kw(labels, xaxis, yaxis, caxis)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
     for ax, (px, py, c, panel_title) in zip(axes[0], panels):
-        points = ax.scatter(px, py, c=c, cmap="viridis", s=18)
+        points = ax.scatter(px, py, s=18, **({} if c is None else {"c": c, "cmap": "viridis"}))
         if c is not None:
             fig.colorbar(points, ax=ax, label=clabel)
         if names is not None:
