@@ -116,10 +116,16 @@ def _put_in_place(staging: str, folder: str) -> None:
     _move_extras(old, folder)
 
 
+# what a save writes (one tokenizer's files or the other's): never carried over from an older save
+SAVED_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "vocab.json",
+                         "merges.txt", "tokenizer.json"})
+
+
 def _move_extras(old: str, folder: str) -> None:
-    """Move the entries of ``old`` that ``folder`` lacks into it, then delete ``old``."""
+    """Move the entries of ``old`` that ``folder`` lacks, other than a save's own files, into it;
+    then delete ``old``."""
     for entry in os.listdir(old):
-        if not os.path.exists(os.path.join(folder, entry)):
+        if entry not in SAVED_FILES and not os.path.exists(os.path.join(folder, entry)):
             os.replace(os.path.join(old, entry), os.path.join(folder, entry))
     shutil.rmtree(old)
 

@@ -454,3 +454,15 @@ def test_accumulation_weights_micro_batches_of_different_lengths_by_their_predic
     assert loss_acc == pytest.approx(loss_one, rel=1e-12)
     for (name, g), (_, h) in zip(training.named_parameters(grads_one), training.named_parameters(grads_acc)):
         assert np.max(np.abs(g - h)) <= 1e-11 * np.max(np.abs(g)), name
+
+
+def test_a_save_over_another_keeps_none_of_its_files(tiny_dir, tmp_path):
+    """A word-vocabulary model saved over a GPT-2 one: the folder holds the new tokenizer's file only
+    (an old vocab.json left beside it would be read in its place), and what else was there stays."""
+    from npgpt2.tokenizer import WordTokenizer
+
+    model = npgpt2.from_pretrained(tiny_dir)
+    out = model.save_pretrained(tmp_path / "m")
+    os.makedirs(os.path.join(out, "checkpoint"))
+    npgpt2.GPT2(model.cfg, model.weights, WordTokenizer(["cat", "dog"])).save_pretrained(out)
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "model.safetensors", "tokenizer.json"]
