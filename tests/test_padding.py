@@ -254,7 +254,7 @@ def test_prepend_bos_everywhere_text_is_taken(tiny_dir, model):
     m = npgpt2.GPT2(model.cfg.__class__(**{**model.cfg.to_dict()}), model.weights, model.tokenizer)
     m.cfg.default_prepend_bos = True  # settable, unlike the shape
     np.testing.assert_array_equal(m(text), expected)
-    with pytest.raises(AttributeError, match="only default_prepend_bos can"):
+    with pytest.raises(AttributeError, match="only default_prepend_bos and use_attn_result can"):
         m.cfg.n_layer = 3
     with pytest.raises(InputError, match="prepend_bos='yes'"):
         model(text, prepend_bos="yes")
@@ -273,3 +273,26 @@ def test_forward_and_run_with_cache_logits_within_the_parity_bound(model, model6
         worst = float((np.abs(logits - truth) / row_max).max())
         assert worst <= 1e-5, (name, worst)
     assert np.abs(plain - cached[0]).max() <= 2e-5 * row_max.max()
+
+
+@pytest.mark.parametrize("mask", [[[0, 0, 0, 0]], [[1, 0, 0, 0]], [[0, 1, 0, 1]]])
+def test_a_loss_with_nothing_to_predict_is_refused_as_value_and_grad_refuses(model, mask):
+    """No two consecutive real tokens: no prediction counts, and the mean of none is refused (not NaN)."""
+    tokens = np.array([[1, 2, 3, 4]])
+    for call in (lambda: model(tokens, return_type="loss", attention_mask=mask),
+                 lambda: model.loss(tokens, attention_mask=mask)):
+        with pytest.raises(InputError, match="the loss has no target to average over"):
+            call()
+    with pytest.raises(ValueError, match="the loss has no target to average over"):
+        model.value_and_grad(tokens, attention_mask=mask)
+    assert model.loss(tokens, per_token=True, attention_mask=mask).shape == (1, 3)  # all NaN, as documented
+
+
+@pytest.mark.parametrize("bad", [0.5, 2, -1])
+def test_attention_mask_values_other_than_0_and_1_are_refused(model, bad):
+    tokens = np.array([[1, 2, 3, 4]])
+    mask = np.array([[1, 1, bad, 1]])
+    for call in (lambda: model(tokens, attention_mask=mask), lambda: model.run_with_cache(tokens, attention_mask=mask),
+                 lambda: model.value_and_grad(tokens, attention_mask=mask)):
+        with pytest.raises(InputError, match=rf"attention_mask must hold 0 \(padding\) and 1 \(real token\) only; it holds {bad}"):
+            call()

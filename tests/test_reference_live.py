@@ -130,7 +130,7 @@ def test_tokenizer_agrees_with_transformers_on_varied_text(tmp_path):
 
 
 def test_sae_gradients_match_torch_autograd():
-    from npgpt2.sae_training import init_sae, sae_loss_and_grads
+    from npgpt2.training.sae import init_sae, sae_loss_and_grads
 
     rng = np.random.default_rng(0)
     params = init_sae(24, 96, 0, np.float64)
@@ -149,7 +149,7 @@ def test_sae_gradients_match_torch_autograd():
 
 
 def test_toy_model_gradients_match_torch_autograd():
-    from npgpt2.toy_models import generate_batch, loss_and_grads
+    from npgpt2.training.toy_models import generate_batch, loss_and_grads
 
     rng = np.random.default_rng(1)
     W, b = rng.standard_normal((3, 2, 5)), rng.standard_normal((3, 5)) * 0.1
