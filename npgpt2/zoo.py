@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import metrics, ops
+from . import metrics
 from .config import GPT2Config
 from .tokenizer import WordTokenizer
 
@@ -66,21 +66,19 @@ class InductionRecipe:
     n_head: int = 4
     n_embd: int = 64
     n_inner: int | None = None  # the MLP's width (None: 4 * n_embd, as GPT-2)
-    n_ctx: int = 64  # at least 1 + max_prefix + 2 * max_period
-    min_period: int = 5  # each batch's repeated words: this many, or up to max_period
-    max_period: int = 20
-    max_prefix: int = 20  # each batch starts with 0 .. max_prefix other random words
-    max_gap: int = 0  # and has 0 .. max_gap other random words between the two copies
-    copies: int = 2  # the repeated words appear this many times
-    other_weight: float = 1.0  # weight in the loss of the predictions nothing can be copied for (the copyable ones': 1)
-    init_std: float = 0.02  # the weights' initial standard deviation (GPT-2's: 0.02)
+    n_ctx: int = 72  # at least 1 + max_memory + recalled + max_run - 1
+    min_memory: int = 12  # each batch: min_memory .. max_memory distinct random words,
+    max_memory: int = 30
+    recalled: int = 24  # then at least this many words recalled from them,
+    max_run: int = 12  # in runs of 2 .. max_run neighbouring words
+    init_std: float = 0.1  # the weights' initial standard deviation (GPT-2's 0.02; TransformerLens's 0.8 / sqrt(d_model))
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100  # steps of linear warm-up, then a constant learning rate
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    max_steps: int = 4000
-    target_loss: float = 0.05  # stop once the copyable words' loss (a running mean) is below this
+    max_steps: int = 6000
+    target_loss: float = 0.1  # stop once the copyable words' loss (a running mean) is below this
     check_every: int = 50  # steps between looks at that running mean
 
     def config(self) -> GPT2Config:
@@ -99,55 +97,69 @@ def induction_tokenizer() -> WordTokenizer:
 
 
 def repeated_batch(rng: np.random.Generator, batch: int, period: int, prefix: int, n_words: int,
-                   bos: int, gap: int = 0, copies: int = 2) -> np.ndarray:
-    """[batch, 1 + prefix + period + gap + (copies - 1) * period]: <|endoftext|>, ``prefix`` random
-    words, ``period`` random words, ``gap`` other random words, then the ``period`` words again
-    (``copies - 1`` times).
-
-    The words of a row are distinct, so every word of a repeat has one earlier occurrence to look
-    back to. The prefix's random length moves the repeat about, so that where a word's copy is can be
-    found only by what the words are, not by counting positions."""
-    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period + gap]  # [batch, ...], distinct
-    segment = words[:, prefix:prefix + period]  # [batch, period]
-    return np.concatenate([np.full((batch, 1), bos), words] + [segment] * (copies - 1), axis=1).astype(np.int64)
+                   bos: int) -> np.ndarray:
+    """The classic induction task: [batch, 1 + prefix + 2 * period] rows of <|endoftext|>, ``prefix``
+    random words, ``period`` random words, then the ``period`` words again. The words of a row are
+    distinct, so every word of the repeat has one earlier occurrence to look back to."""
+    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period]  # [batch, prefix + period], distinct
+    return np.concatenate([np.full((batch, 1), bos), words, words[:, prefix:]], axis=1).astype(np.int64)
 
 
-class RepeatLoss(metrics.Loss):
-    """The training loss: the copyable predictions (the repeat's second word on) weighted 1, the others
-    ``other_weight``. ``copy_loss`` keeps the mean loss of the copyable predictions alone."""
+def recall_batch(rng: np.random.Generator, batch: int, memory: int, recalled: int, n_words: int, bos: int,
+                 max_run: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``memory`` distinct random words, then runs of neighbouring words taken from them again
+    (words i, i + 1, ..., for a random i and a run of 2 .. ``max_run`` words, at most ``memory``) until at least
+    ``recalled`` words follow: [batch, 1 + memory + recalled'], and the copyable mask [batch, pos - 1],
+    True at the predictions of each run's second word on (prediction p is of token p + 1).
 
-    def __init__(self, tokens, first_copyable: int, other_weight: float = 1.0):
-        batch, pos = np.shape(tokens)
-        self.first_copyable = first_copyable  # the first prediction of a word that can be copied (p predicts token p + 1)
-        weights = np.full((batch, pos - 1), float(other_weight))
-        weights[:, self.first_copyable:] = 1
-        super().__init__(tokens, weights=weights)
+    Every run lies at its own distance from where it came from, so only what the words are says
+    where to look: the current word's earlier occurrence, and the word after it."""
+    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :memory]  # [batch, memory], distinct
+    rows = np.arange(batch)[:, None]
+    runs, copyable = [], [np.zeros((batch, memory + 1), dtype=bool)]  # predictions from <|endoftext|> and the memory
+    total = 0
+    while total < recalled:
+        r = int(rng.integers(2, min(max_run, memory) + 1))
+        start = rng.integers(0, memory - r + 1, (batch, 1))  # [batch, 1]
+        runs.append(words[rows, start + np.arange(r)])  # [batch, r]
+        copyable.append(np.repeat([[True] * (r - 1) + [False]], batch, axis=0))  # the run's 2nd..rth words
+        total += r
+    tokens = np.concatenate([np.full((batch, 1), bos), words] + runs, axis=1).astype(np.int64)
+    copyable = np.concatenate(copyable, axis=1)[:, :tokens.shape[1] - 1]
+    return tokens, copyable
+
+
+class CopyLoss(metrics.Loss):
+    """The training loss: the mean next-word loss of the copyable predictions (``copyable``
+    [batch, pos - 1], True where the next word can be known from an earlier occurrence of the current
+    one), the others left out; ``copy_loss`` keeps its last value."""
+
+    def __init__(self, tokens, copyable: np.ndarray):
+        self.copyable = np.asarray(copyable, dtype=bool)  # [batch, pos - 1]
+        super().__init__(tokens, weights=self.copyable.astype(np.float64))
         self.copy_loss = float("nan")
 
     def value_and_grad(self, logits, out=None):
-        p = self.first_copyable
-        nll = ops.cross_entropy(logits[:, p:-1], self.tokens[:, p + 1:])  # [batch, copyable]
-        self.copy_loss = float(nll.astype(np.float64).mean())
-        return super().value_and_grad(logits, out=out)
+        value, d_logits = super().value_and_grad(logits, out=out)
+        self.copy_loss = value
+        return value, d_logits
 
 
 def training_batches(recipe: InductionRecipe, seed: int):
-    """The recipe's batches, one per step: (tokens [batch, pos], its RepeatLoss). A function of
+    """The recipe's batches, one per step: (tokens [batch, pos], its CopyLoss). A function of
     (recipe, seed) only."""
     rng = np.random.default_rng([seed, 1])  # the data's own stream, apart from the initialisation's
     bos = len(WORDS)  # <|endoftext|>, after the words
     for _ in range(recipe.max_steps):
-        period = int(rng.integers(recipe.min_period, recipe.max_period + 1))
-        prefix = int(rng.integers(0, recipe.max_prefix + 1))
-        gap = int(rng.integers(0, recipe.max_gap + 1)) if recipe.max_gap else 0
-        tokens = repeated_batch(rng, recipe.batch_size, period, prefix, len(WORDS), bos, gap, recipe.copies)
-        second_copy = 1 + prefix + period + gap  # where the first repeat starts; its second word on is copyable
-        yield tokens, RepeatLoss(tokens, second_copy, recipe.other_weight)
+        memory = int(rng.integers(recipe.min_memory, recipe.max_memory + 1))
+        tokens, copyable = recall_batch(rng, recipe.batch_size, memory, recipe.recalled, len(WORDS), bos,
+                                        recipe.max_run)
+        yield tokens, CopyLoss(tokens, copyable)
 
 
 def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), progress: bool | None = None,
                     log=None):
-    """Train the induction model from GPT-2's initialisation. -> (model, history)
+    """Train the induction model from GPT-2's initialisation scheme (``init_std``). -> (model, history)
 
     history: one dict per step: step, loss (the training loss), copy_loss (the copyable words' loss,
     nats), lr. Deterministic given (seed, recipe) on one machine. progress: a tqdm bar (None: when
