@@ -149,8 +149,8 @@ def synthetic_model(n_layer: int = 4, n_head: int = 4, n_embd: int = 64, n_ctx: 
 
 
 def pretrained_or_synthetic(name: str = "gpt2", dtype: str = "float32", **shape):
-    """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder), else
-    ``synthetic_model(**shape)``, with a note saying so. For examples that should run anywhere and
+    """``from_pretrained(name)`` if its files are already cached (or ``name`` is a folder;
+    "zoo:induction" is ``npgpt2.zoo.induction()``), else ``synthetic_model(**shape)``, with a note saying so. For examples that should run anywhere and
     show real results where they can. A model given as ``name`` is returned as it is (so a
     walkthrough's ``MODEL`` parameter may be a loaded model)."""
     from .hub import OfflineError
@@ -159,6 +159,10 @@ def pretrained_or_synthetic(name: str = "gpt2", dtype: str = "float32", **shape)
 
     if isinstance(name, GPT2):
         return name
+    if name == "zoo:induction":  # trained here (npgpt2.zoo), built into the cache on first use
+        from . import zoo
+
+        return zoo.induction(dtype=dtype)
 
     try:
         return from_pretrained(name, local_files_only=True, dtype=dtype)
