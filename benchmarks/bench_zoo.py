@@ -51,6 +51,7 @@ def torch_steps(recipe, data):
     cfg = recipe.config()
     model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                        n_positions=cfg.n_ctx, n_inner=cfg.n_inner, vocab_size=cfg.vocab_size,
+                                       bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     times = []

@@ -66,6 +66,8 @@ def save_pretrained(model, folder) -> str:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"save_pretrained: {folder!r} is a file; expected a folder (new, or one to write into)")
     config = model.cfg.to_hf_dict()
+    if model.tokenizer.eot_token < model.cfg.vocab_size:  # <|endoftext|>: GPT-2's 50256, or a word vocabulary's own
+        config["bos_token_id"] = config["eos_token_id"] = int(model.tokenizer.eot_token)
     config["tie_word_embeddings"] = is_tied(model.weights)
     config["torch_dtype"] = "float32"
     state = hub_state_dict(model.weights, model.cfg.n_layer)
