@@ -213,7 +213,7 @@ def cmd_saliency(args):
     if args.png:
         from .plot import saliency_plot
 
-        saliency_plot(df, path=args.png)
+        saliency_plot(df, path=args.png, metric=f"log P({model.tokenizer.token_str(target)!r})", model=model.name)
         print(f"wrote {args.png}")
 
 
@@ -237,17 +237,22 @@ def cmd_circuit(args):
     print(f"{'upstream':<10} {'downstream':<10} {'input':<7} {'score':>10}")
     for row in kept.itertuples():
         print(f"{row.upstream:<10} {row.downstream:<10} {row.input:<7} {row.score:>10.4f}")
-    print(f"faithfulness of this circuit (1 = restores the clean logit difference): "
-          f"{circuit_faithfulness(model, clean, corrupted, kept, metric):.3f}")
+    faithfulness = circuit_faithfulness(model, clean, corrupted, kept, metric)
+    print(f"faithfulness of this circuit (1 = restores the clean logit difference): {faithfulness:.3f}")
+    picture = dict(n_head=model.cfg.n_head, n_layer=model.cfg.n_layer, model=model.name,
+                   title=f"{model.name} \u00b7 {args.method}: top {len(kept)} edges")
     if args.png:
         from .plot import circuit
 
-        circuit(kept, path=args.png, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
+        circuit(kept, path=args.png, **picture)
         print(f"wrote {args.png}")
     if args.html:
         from .plot import circuit_html
 
-        circuit_html(kept, path=args.html, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
+        circuit_html(kept, path=args.html, prompts={"clean": args.clean, "corrupted": args.corrupted},
+                     metric=f"logit difference {args.answer!r} - {args.wrong!r}: clean {clean_value:.4f}, "
+                            f"corrupted {corrupted_value:.4f}",
+                     faithfulness=faithfulness, **picture)
         print(f"wrote {args.html} (opens offline)")
 
 
@@ -360,19 +365,20 @@ def cmd_lens(args):
     df = logit_lens(model, tokens, incl_mid=args.incl_mid)
     layers = list(df["layer"].cat.categories)
     tokens_str = df[df["layer_index"] == 0].sort_values("position")["token"].tolist()
-    cell = df.assign(cell=[f"{t!r} {p:.2f}" if not np.isnan(p) else f"{t!r}"
+    from .style import short_label
+
+    cell = df.assign(cell=[f"{short_label(t, 9)} {p:.2f}" if not np.isnan(p) else short_label(t, 9)
                            for t, p in zip(df["top_token"], df["next_prob"])])
     table = cell.pivot(index="layer", columns="position", values="cell").reindex(layers)
-    table.columns = [f"{p}:{t!r}" for p, t in enumerate(tokens_str)]
-    print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token)")
-    import pandas as pd
-
-    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 24):
-        print(table.to_string())
+    table.columns = [f"{p}:{short_label(t, 8)}" for p, t in enumerate(tokens_str)]
+    print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token); "
+          "\u2423 is a space")
+    # at most 100 characters a line: the positions wrap into blocks, each with the layers' names
+    print(table.to_string(line_width=100))
     if args.png:
         from .plot import logit_lens_heatmap
 
-        logit_lens_heatmap(df, path=args.png)
+        logit_lens_heatmap(df, path=args.png, model=model.name)
         print(f"heatmap written to {args.png}")
 
 

@@ -77,10 +77,6 @@ def _token_ticks(ax, axis: str, tokens, rotation: int = 90):
         ax.set_yticks(range(len(labels)), labels, fontsize=TICK_SIZE)
 
 
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "\u2026"
-
-
 def heatmap(values, row_labels, col_labels, title: str = "", xlabel: str = "", ylabel: str = "",
             cmap=None, center: bool = False, annotations=None, path=None, vmin=None, vmax=None,
             clabel: str = ""):
@@ -133,7 +129,7 @@ def logit_lens_heatmap(lens: pd.DataFrame, value: str = "next_prob", batch: int 
     tops = df.pivot(index="layer", columns="position", values="top_token").reindex(layers)
     tokens = df[df["layer_index"] == 0].sort_values("position")["token"].tolist()
     label = {"next_prob": "P(actual next token)", "top_prob": "P(top token)"}.get(value, value)
-    cells = np.vectorize(lambda t: _shorten(style.token_label(t), 8), otypes=[object])(tops.to_numpy())
+    cells = np.vectorize(lambda t: style.short_label(t, 8), otypes=[object])(tops.to_numpy())
     note = "; grey: no next token to score" if value == "next_prob" and table.isna().any().any() else ""
     return heatmap(table.to_numpy(), layers, tokens, title=style.title(model, "logit lens", f"colour: {label}",
                                                                           "cells: top token"),

@@ -113,6 +113,12 @@ def token_label(token) -> str:
     return "".join(WHITESPACE_MARKERS.get(ch, ch) for ch in str(token))
 
 
+def short_label(token, width: int) -> str:
+    """``token_label(token)`` cut to at most ``width`` characters, the cut marked with an ellipsis."""
+    label = token_label(token)
+    return label if len(label) <= width else label[: width - 1] + "\u2026"
+
+
 @functools.lru_cache(maxsize=None)
 def _font_files() -> tuple:
     """The font files matplotlib would draw a sans-serif label with (its family list, in order)."""
