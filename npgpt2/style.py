@@ -88,18 +88,14 @@ def diverging_cmap():
     """The diverging map as a matplotlib colormap (positive blue); masked values light grey."""
     from matplotlib.colors import LinearSegmentedColormap
 
-    cmap = LinearSegmentedColormap.from_list("npgpt2_diverging", DIVERGING_STOPS, N=256)
-    cmap.set_bad(MASKED)
-    return cmap
+    return LinearSegmentedColormap.from_list("npgpt2_diverging", DIVERGING_STOPS, N=256).with_extremes(bad=MASKED)
 
 
 def sequential_cmap():
     """The 0..1 map as a matplotlib colormap; masked values light grey."""
     from matplotlib.colors import LinearSegmentedColormap
 
-    cmap = LinearSegmentedColormap.from_list("npgpt2_sequential", SEQUENTIAL_STOPS, N=256)
-    cmap.set_bad(MASKED)
-    return cmap
+    return LinearSegmentedColormap.from_list("npgpt2_sequential", SEQUENTIAL_STOPS, N=256).with_extremes(bad=MASKED)
 
 
 # ------------------------------------------------------------------------------------ labels
