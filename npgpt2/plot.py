@@ -461,7 +461,7 @@ def toy_model_geometry(toy, path=None):
             ax.set_aspect("equal")
             ax.set_title(f"sparsity {toy.sparsity[i]:.2f}: directions", fontsize=TITLE_SIZE)
             ax.set_xlabel("hidden dimension 0", fontsize=LABEL_SIZE)
-            ax.set_ylabel("hidden dimension 1" if i == 0 else "", fontsize=LABEL_SIZE)
+            ax.set_ylabel("hidden dimension 1", fontsize=LABEL_SIZE)
             ax.tick_params(labelsize=TICK_SIZE)
             row = 1
         ax = axes[row, i]
@@ -471,7 +471,7 @@ def toy_model_geometry(toy, path=None):
         ax.set_yticks(ticks)
         ax.tick_params(labelsize=TICK_SIZE)
         ax.set_xlabel("feature", fontsize=LABEL_SIZE)
-        ax.set_ylabel("feature" if i == 0 else "", fontsize=LABEL_SIZE)
+        ax.set_ylabel("feature", fontsize=LABEL_SIZE)
     _colourbar(fig, im, list(axes[-1]), "overlap W\u1d62\u00b7W\u2c7c (blue: aligned, red: opposed)", shrink=0.9)
     return _finish(fig, path)
 

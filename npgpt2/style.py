@@ -144,9 +144,10 @@ def _has_glyph(ch: str) -> bool:
 
 def drawable(text: str) -> str:
     """``text`` with every character that no installed font of matplotlib's can draw written as its
-    code point, ``\\u4e2d``, instead of an empty box. (Install a CJK font, e.g. Noto Sans CJK,
-    and add it to ``rcParams["font.sans-serif"]``, to see the characters themselves.)"""
-    return "".join(ch if ch.isascii() or _has_glyph(ch) else f"\\u{ord(ch):04x}" for ch in str(text))
+    code point, ``\\u4e2d``, instead of an empty box; so is a control character. (Install a CJK
+    font, e.g. Noto Sans CJK, and add it to ``rcParams["font.sans-serif"]``, to see the characters.)"""
+    return "".join(ch if ch.isprintable() and (ch.isascii() or _has_glyph(ch)) else f"\\u{ord(ch):04x}"
+                   for ch in str(text))
 
 
 def tick_label(token) -> str:
