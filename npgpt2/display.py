@@ -304,11 +304,13 @@ class AttentionView:
         return (f"AttentionView({len(self.head_labels)} heads: {', '.join(self.head_labels[:6])}"
                 f"{', ...' if len(self.head_labels) > 6 else ''}; {len(self.str_tokens)} tokens)")
 
-    def _fragment(self) -> str:
+    def _fragment(self, root: str | None = None) -> str:
+        """The view as an HTML fragment; ``root``, its element id (default: a fresh one, so that
+        views shown in one notebook never share an id)."""
         from . import style
         from .plot import _script_json
 
-        root = "npgpt2-attn-" + uuid.uuid4().hex[:12]
+        root = root or "npgpt2-attn-" + uuid.uuid4().hex[:12]
         data = _script_json({"tokens": self.str_tokens, "labels": [style.token_label(t) for t in self.str_tokens],
                              "heads": self.head_labels, "masked": style.MASKED,
                              "patterns": np.round(self.patterns, 4).tolist()})
@@ -332,10 +334,10 @@ class AttentionView:
         return self._fragment()
 
     def to_html(self) -> str:
-        """A standalone HTML page (no network needed to open it)."""
+        """A standalone HTML page (no network needed to open it); the same page for the same view."""
         title = html.escape(self.title or "Attention patterns")
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>'
-                f'<body style="margin: 20px">{self._fragment()}</body></html>\n')
+                f'<body style="margin: 20px">{self._fragment("npgpt2-attn")}</body></html>\n')
 
     def save(self, path) -> str:
         """Write ``to_html()`` to ``path``; returns the path."""
