@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     fig = plot.heatmap(induction, [f"L{l}" for l in range(model.cfg.n_layer)], [f"H{h}" for h in range(model.cfg.n_head)],
                        title=f"{name} · induction score by head", xlabel="head", ylabel="layer", vmin=0, vmax=1,
                        annotations=np.vectorize(lambda v: f"{v:.2f}")(induction), path=out("head-scores.png"),
-                       clabel="attention to the token after the earlier copy (0..1)")
+                       clabel="induction score (attention, 0..1)")
     keep("head-scores.png", fig)
     fig = plot.logit_lens_heatmap(logit_lens(model, tokens), path=out("logit-lens.png"), model=name)
     keep("logit-lens.png", fig)

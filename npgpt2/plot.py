@@ -55,6 +55,14 @@ def _colourbar(fig, mappable, ax, label: str, **kw):
     return bar
 
 
+def _set_title(ax, text: str):
+    """A title wrapped to the width of its figure, so that a long one (a model, a metric) is not cut."""
+    import textwrap
+
+    width = max(20, int(ax.figure.get_figwidth() * 72 / (0.62 * TITLE_SIZE)))
+    ax.set_title("\n".join(textwrap.wrap(text, width)) if text else "", fontsize=TITLE_SIZE)
+
+
 def _signed_scale(values, midpoint: float = 0.0) -> dict:
     """imshow arguments for a signed array: the diverging map, symmetric around ``midpoint``."""
     bound = float(np.nanmax(np.abs(np.asarray(values, dtype=float) - midpoint))) if np.size(values) else 0.0
@@ -95,7 +103,7 @@ def heatmap(values, row_labels, col_labels, title: str = "", xlabel: str = "", y
                          f"{len(col_labels)} column labels")
     cols = [style.tick_label(c) for c in col_labels]
     width = min(2.8 + max(0.5, 0.09 * max(map(len, cols), default=1)) * len(cols), 40)
-    height = min(1.8 + 0.38 * len(row_labels) + 0.06 * max(map(len, cols), default=1), 30)
+    height = min(max(3.4, 1.8 + 0.38 * len(row_labels) + 0.06 * max(map(len, cols), default=1)), 30)
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     scale = _signed_scale(values) if center else {"cmap": style.sequential_cmap(), "vmin": vmin, "vmax": vmax}
     if cmap is not None:
@@ -104,7 +112,7 @@ def heatmap(values, row_labels, col_labels, title: str = "", xlabel: str = "", y
     ax.set_xticks(range(len(cols)), cols, rotation=45 if max(map(len, cols), default=0) > 3 else 0,
                   ha="right" if max(map(len, cols), default=0) > 3 else "center", fontsize=TICK_SIZE)
     ax.set_yticks(range(len(row_labels)), [style.tick_label(r) for r in row_labels], fontsize=TICK_SIZE)
-    ax.set_title(title, fontsize=TITLE_SIZE)
+    _set_title(ax, title)
     ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
     ax.set_ylabel(ylabel, fontsize=LABEL_SIZE)
     if annotations is not None:
@@ -146,20 +154,20 @@ def attribution_heatmap(dla: pd.DataFrame, column: str = "attribution", path=Non
     table = heads.pivot(index="layer", columns="head", values=column).sort_index().sort_index(axis=1)
     return heatmap(table.to_numpy(), [f"L{l}" for l in table.index], [f"H{h}" for h in table.columns],
                    title=style.title(model, "direct logit attribution by head", column), xlabel="head",
-                   ylabel="layer", center=True, path=path, clabel=f"{column} (logits; blue: towards the answer)")
+                   ylabel="layer", center=True, path=path, clabel=f"{column} (logits)")
 
 
 def attribution_bars(dla: pd.DataFrame, column: str = "attribution", top: int = 20, path=None, model: str = ""):
     """The ``top`` components by absolute attribution, as horizontal bars (positive blue, negative red)."""
     plt = _pyplot()
     rows = dla.reindex(dla[column].abs().sort_values(ascending=False).index).head(top)[::-1]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.3 * len(rows)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7, 1.6 + 0.3 * len(rows)))
     ax.barh(rows["component"], rows[column], color=np.where(rows[column] >= 0, style.POSITIVE, style.NEGATIVE))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.tick_params(labelsize=TICK_SIZE)
     ax.set_xlabel(f"direct logit attribution, {column} (logits)", fontsize=LABEL_SIZE)
     ax.set_ylabel("component", fontsize=LABEL_SIZE)
-    ax.set_title(style.title(model, f"the {len(rows)} largest attributions"), fontsize=TITLE_SIZE)
+    _set_title(ax, style.title(model, f"the {len(rows)} largest attributions"))
     return _finish(fig, path)
 
 
@@ -167,7 +175,7 @@ def saliency_plot(saliency: pd.DataFrame, path=None, metric: str = "", model: st
     """A ``token_saliency`` table as one bar per prompt token, in order (positive blue, negative red).
     ``metric``: what was differentiated (e.g. "log P(' Paris')"), named in the title with its value."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(saliency) + 1.5), 3.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(saliency) + 1.5), 3.8))
     ax.bar(range(len(saliency)), saliency["score"],
            color=np.where(saliency["score"] >= 0, style.POSITIVE, style.NEGATIVE))
     _token_ticks(ax, "x", saliency["token"], rotation=60)
@@ -178,7 +186,7 @@ def saliency_plot(saliency: pd.DataFrame, path=None, metric: str = "", model: st
     ax.set_xlabel("prompt token", fontsize=LABEL_SIZE)
     what = f"{metric or 'metric'} = {a['metric']:.3f}" if "metric" in a else (metric or "metric")
     base = f", baseline {a['baseline_metric']:.3f}" if "baseline_metric" in a else ""
-    ax.set_title(style.title(model, f"saliency ({method}) of {what}{base}"), fontsize=TITLE_SIZE)
+    _set_title(ax, style.title(model, f"saliency ({method}) of {what}{base}"))
     return _finish(fig, path)
 
 
@@ -258,7 +266,7 @@ def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: st
     ax.set_ylabel("", fontsize=LABEL_SIZE)  # the tick labels name the rows
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title or style.title(model, f"circuit: {len(edges)} edges"), fontsize=TITLE_SIZE)
+    _set_title(ax, title or style.title(model, f"circuit: {len(edges)} edges"))
     return _finish(fig, path)
 
 
@@ -442,6 +450,7 @@ def toy_model_geometry(toy, path=None):
     two_d = toy.n_hidden == 2
     fig, axes = plt.subplots(2 if two_d else 1, n_inst, figsize=(3.3 * n_inst + 1.2, 6.8 if two_d else 3.6),
                              squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.12)  # room for the square panels' axis labels
     spread = np.ptp(toy.importance) or 1.0
     colours = plt.cm.viridis(0.9 * (toy.importance - toy.importance.min()) / spread)  # yellow: most important
     grams = toy.W.transpose(0, 2, 1) @ toy.W  # [instance, feature, feature]
@@ -580,7 +589,8 @@ def imshow(tensor, x=None, y=None, xaxis: str = "", yaxis: str = "", title: str 
                                   else style.sequential_cmap()), "vmin": zmin, "vmax": zmax}
     width = min(2.5 + 0.35 * cols, 14)
     height = min(2 + 0.3 * rows, 14)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1, height + 0.04 * max(
+        (len(style.tick_label(t)) for t in (x or [])), default=0)), squeeze=False, layout="constrained")
     for ax, panel, panel_title in zip(axes[0], panels, titles):
         im = ax.imshow(panel, aspect="auto", **scale)
         _ticks(ax, "x", x, cols)

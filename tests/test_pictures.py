@@ -59,6 +59,17 @@ def assert_labelled(fig):
                 or not tick_text, f"{where}: the {axis} axis has ticks {tick_text[:3]} but no label"
     for bar in colourbars(fig):
         assert bar.get_ylabel().strip(), "a colourbar has no label"
+    # no text is cut by the figure's edge (titles, axis and colourbar labels, tick labels, notes)
+    renderer, page = fig.canvas.get_renderer(), fig.bbox
+    for ax in fig.axes:
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        drawn_ticks = [t for t in ax.get_xticklabels() if x0 - 1e-9 <= t.get_position()[0] <= x1 + 1e-9]
+        drawn_ticks += [t for t in ax.get_yticklabels() if y0 - 1e-9 <= t.get_position()[1] <= y1 + 1e-9]
+        for text in [ax.title, ax.xaxis.label, ax.yaxis.label, *drawn_ticks, *ax.texts]:
+            if text.get_text() and text.get_visible():
+                box = text.get_window_extent(renderer)
+                assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 and box.y1 <= page.y1 + 1, \
+                    f"{text.get_text()!r} runs off the figure ({box} outside {page})"
 
 
 def test_token_labels_make_whitespace_visible_and_replace_what_no_font_draws():
@@ -159,7 +170,7 @@ def test_every_figure_is_labelled_and_its_ticks_are_the_tokens(model):
     saliency.attrs.update(metric=-2.5, method="integrated_gradients", baseline_metric=-4.0)
     fig = plot.saliency_plot(saliency, metric="log P(' Paris')", model="tiny")
     assert ticks(panels(fig)[0]) == LABELS
-    assert "log P(' Paris') = -2.500" in panels(fig)[0].get_title()
+    assert "log P(' Paris') = -2.500" in " ".join(panels(fig)[0].get_title().split())  # (a long title wraps)
     assert_labelled(fig)
 
     values = np.random.default_rng(0).normal(size=(len(TOKENS), len(TOKENS)))
