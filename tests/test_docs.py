@@ -83,15 +83,20 @@ def test_the_porting_guide_is_in_the_navigation_only_when_its_file_is_there(tmp_
 # ------------------------------------------------------------------------- the pictures
 @pytest.fixture(scope="module")
 def pictures():
-    """docs/make_pictures.py run afresh into docs/images (the trained induction model; built on
-    first use), as CI's documentation step does before the site is built."""
+    """docs/make_pictures.py run afresh into docs/images, as CI's documentation step does before the
+    site is built. The trained induction model comes from the user's own cache (``$HF_HOME/npgpt2-zoo``,
+    not the tests' private one), where it is built once and then reused, as the script does when run
+    by hand."""
     pytest.importorskip("matplotlib")
     import json
     import time
 
     started = time.time()
     images = os.path.join(DOCS, "images")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from conftest import REAL_HF_HUB_CACHE
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HOME=os.path.dirname(REAL_HF_HUB_CACHE))
     out = subprocess.run([sys.executable, os.path.join(DOCS, "make_pictures.py"), "--out", images],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
