@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import tempfile
 import time
 
@@ -25,15 +26,8 @@ from npgpt2 import training, zoo
 
 
 def batches(recipe, seed: int, n: int):
-    """The recipe's first ``n`` batches: (tokens, loss weights [batch, pos - 1])."""
-    rng = np.random.default_rng([seed, 1])
-    out = []
-    for _ in range(n):
-        period = int(rng.integers(recipe.min_period, recipe.max_period + 1))
-        prefix = int(rng.integers(0, recipe.max_prefix + 1))
-        tokens = zoo.repeated_batch(rng, recipe.batch_size, period, prefix, len(zoo.WORDS), len(zoo.WORDS))
-        out.append((tokens, zoo.RepeatLoss(tokens, period, recipe.other_weight)))
-    return out
+    """The recipe's first ``n`` batches: (tokens, metric)."""
+    return list(itertools.islice(zoo.training_batches(recipe, seed), n))
 
 
 def npgpt2_steps(recipe, data):

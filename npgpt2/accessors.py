@@ -212,3 +212,42 @@ class ModuleAccessors:
         from .utils import lm_cross_entropy_loss
 
         return lm_cross_entropy_loss(logits, tokens, attention_mask=attention_mask, per_token=per_token)
+
+    # TransformerLens's switches ---------------------------------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TransformerLens's switch: with True, a default ``run_with_cache`` keeps each head's
+        output ``blocks.{l}.attn.hook_result`` [batch, pos, head, d_model] (``cfg.use_attn_result``)."""
+        self.cfg.use_attn_result = use_attn_result
+
+    def enable_compatibility_mode(self, disable_warnings: bool = False, no_processing: bool = False,
+                                  fold_ln: bool = True, center_writing_weights: bool = True,
+                                  center_unembed: bool = True, fold_value_biases: bool = True,
+                                  refactor_factored_attn_matrices: bool = False):
+        """TransformerLens's TransformerBridge call: process the weights as its ``from_pretrained``
+        does (the same keywords and defaults; ``no_processing=True`` leaves them alone). Returns the
+        model. ``disable_warnings`` is accepted and does nothing (there are none to disable)."""
+        if no_processing:
+            return self
+        return self.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                    refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+
+    def to(self, device_or_dtype, print_details: bool = False):
+        """TransformerLens's ``model.to("cpu")``: npgpt2 runs on the CPU with NumPy, so "cpu" returns
+        the model; another device is an error. For another dtype, load again with
+        ``npgpt2.from_pretrained(name, dtype="float64")``."""
+        name = str(device_or_dtype)
+        if name.split(":")[0] != "cpu":
+            raise ValueError(f"model.to({name!r}): npgpt2 runs on the CPU with NumPy; the only device is 'cpu' "
+                             "(for float64, load with npgpt2.from_pretrained(..., dtype='float64'))")
+        return self
+
+    def eval(self):
+        """TransformerLens's (torch's) ``model.eval()``: GPT-2 has no dropout here, so nothing changes;
+        returns the model."""
+        return self
+
+    def train(self, mode: bool = True):
+        """torch's ``model.train()``: nothing changes (no dropout); returns the model. Training is
+        ``npgpt2.training``."""
+        return self

@@ -217,7 +217,9 @@ class Differentiable:
         """The forward pass with ``run`` saving what the backward needs, the metric, the backward.
         -> (metric value, grads)"""
         from . import metrics
+        from .hooks import check_not_in_backward_hook
 
+        check_not_in_backward_hook(caller)
         if kwargs.pop("past_kv", None) is not None or kwargs.pop("stop_at_layer", None) is not None:
             raise ValueError(f"{caller}: gradients need the whole forward pass to the logits; "
                              "past_kv and stop_at_layer cannot be used")

@@ -72,8 +72,31 @@ def cmd_zoo(args):
     print(folder)
 
 
+# ----------------------------------------------------------------------- checks before the work
+def _check_prompt(text: str, prepend_bos: bool) -> None:
+    if text == "" and not prepend_bos:
+        raise CLIError("the text is empty: give some text, or --prepend-bos to start from <|endoftext|> alone")
+
+
+def _check_output_file(path, flag: str) -> None:
+    """Refuse, before any work, a file that could not be written at the end."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; expected a file name, e.g. {os.path.join(path, 'out.png')}")
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path!r}: the folder {folder!r} does not exist; create it first")
+
+
+def _check_output_folder(path, flag: str) -> None:
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a file; expected a folder (new, or one to write into)")
+
+
 # ---------------------------------------------------------------------------------- generate
 def cmd_generate(args):
+    _check_prompt(args.prompt, args.prepend_bos)
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -99,6 +122,7 @@ def cmd_generate(args):
 
 # ------------------------------------------------------------------------------------ tokens
 def cmd_tokens(args):
+    _check_prompt(args.text, args.prepend_bos)
     model = _load(args)
     tokens = model.to_tokens(args.text, prepend_bos=args.prepend_bos)[0]
     print(f"{len(tokens)} tokens")
@@ -129,6 +153,7 @@ def cmd_step(args):
 
 # ------------------------------------------------------------------------------------- trace
 def cmd_trace(args):
+    _check_prompt(args.text, args.prepend_bos)
     model = _load(args)
     tokens = model.to_tokens(args.text, prepend_bos=args.prepend_bos)
     str_tokens = model.to_str_tokens(tokens)
@@ -192,6 +217,8 @@ def cmd_saliency(args):
     from .analysis import token_saliency
     from . import metrics
 
+    _check_output_file(args.png, "--png")
+    _check_prompt(args.prompt, args.prepend_bos)
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     if args.target is None:
@@ -199,8 +226,14 @@ def cmd_saliency(args):
         print(f"target: the model's top prediction, {model.tokenizer.token_str(target)!r}")
     else:
         target = model.to_single_token(args.target)
-    df = token_saliency(model, tokens[0], metrics.logprob(target), method=args.method, steps=args.steps,
-                        baseline=args.baseline)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = token_saliency(model, tokens[0], metrics.logprob(target), method=args.method, steps=args.steps,
+                            baseline=args.baseline)
+    for w in caught:  # a note for the reader, not a Python warning with its file and line
+        print(f"npgpt2 saliency: note: {w.message} (--steps, now {args.steps})", file=sys.stderr)
     a = df.attrs
     print(f"{args.method} of log P({model.tokenizer.token_str(target)!r}) = {a['metric']:.4f} over the "
           f"token embeddings")
@@ -222,12 +255,17 @@ def cmd_circuit(args):
     from . import metrics
     from .analysis.edges import circuit_faithfulness, edge_attribution, greedy_circuit
 
+    _check_output_file(args.png, "--png")
+    _check_output_file(args.html, "--html")
     model = _load(args)
     clean, corrupted = (model.validate_tokens(model.to_tokens(t, prepend_bos=args.prepend_bos))
                         for t in (args.clean, args.corrupted))
     if clean.shape != corrupted.shape:
         raise CLIError(f"the clean prompt has {clean.shape[1]} tokens and the corrupted one {corrupted.shape[1]}: "
                        "they must have the same number of tokens")
+    if np.array_equal(clean, corrupted):
+        raise CLIError("the clean and corrupted prompts are the same tokens: there is no difference for a circuit "
+                       "to explain; change the corrupted prompt (e.g. other names)")
     metric = metrics.logit_diff(model.to_single_token(args.answer), model.to_single_token(args.wrong))
     scores = edge_attribution(model, clean, corrupted, metric, method=args.method, ig_steps=args.ig_steps)
     kept = greedy_circuit(scores, args.top)
@@ -237,7 +275,7 @@ def cmd_circuit(args):
     print(f"{'upstream':<10} {'downstream':<10} {'input':<7} {'score':>10}")
     for row in kept.itertuples():
         print(f"{row.upstream:<10} {row.downstream:<10} {row.input:<7} {row.score:>10.4f}")
-    faithfulness = circuit_faithfulness(model, clean, corrupted, kept, metric)
+    faithfulness = round(circuit_faithfulness(model, clean, corrupted, kept, metric), 3) + 0.0  # no "-0.000"
     print(f"faithfulness of this circuit (1 = restores the clean logit difference): {faithfulness:.3f}")
     picture = dict(n_head=model.cfg.n_head, n_layer=model.cfg.n_layer, model=model.name,
                    title=f"{model.name} \u00b7 {args.method}: top {len(kept)} edges")
@@ -289,77 +327,60 @@ def cmd_download(args):
 
 
 # ------------------------------------------------------------------------------------ parity
-DEFAULT_PARITY_TEXTS = ["Hello, my dog is cute", "I am not sure what you are saying",
-                        "Alan Turing theorized that computers would one day become"]
-
-
 def cmd_parity(args):
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        print("npgpt2 parity needs transformers and torch: pip install \"npgpt2[reference]\" "
-              "(with torch==2.13.0 or any CPU build first)", file=sys.stderr)
-        return 1
-    from .hub import resolve
-    from .parity import FLOAT32_ROW_LIMIT, FLOAT64_ROW_LIMIT, RATIO_LIMIT, Verdict, judge
+    """Exit 0 when every quantity is within the parity bounds, 1 when one is not, 2 when the check
+    cannot run (torch or transformers missing, an empty prompt, a model that cannot be loaded)."""
+    import json
 
-    files = resolve(args.model, revision=args.revision)
+    from . import parity
+
+    if args.text is not None and not args.text.strip():
+        raise CLIError(f"TEXT is {args.text!r}: expected a prompt (at least one token), or no TEXT for the "
+                       f"{len(parity.DEFAULT_TEXTS)} example sentences")
+    try:
+        parity.require_torch()
+    except parity.ReferenceUnavailable as e:
+        print(f"npgpt2 parity: cannot run: {e}", file=sys.stderr)
+        return 2
     model = _load(args)
-    folder = os.path.dirname(files.config)
-    # transformers in float64 is the reference; its float32 error is the yardstick for npgpt2's
-    hf = {name: transformers.GPT2LMHeadModel.from_pretrained(
-        folder, attn_implementation="eager", dtype=getattr(torch, name)).eval()
-          for name in ("float32", "float64")}
-    texts = [args.text] if args.text else DEFAULT_PARITY_TEXTS
-    # quantity -> ([npgpt2 arrays], [float64 references], [transformers float32 arrays]), one per prompt
-    found: dict[str, tuple[list, list, list]] = {}
-    for text in texts:
-        tokens = model.validate_tokens(model.to_tokens(text, prepend_bos=args.prepend_bos))
-        logits, cache = model.run_with_cache(tokens)  # attention through the whole score matrix
-        plain = model(tokens)  # attention block by block (ops.causal_attention)
-        ref = {}
-        for name, m in hf.items():
-            with torch.no_grad():
-                ref[name] = m(torch.from_numpy(tokens), output_hidden_states=True, output_attentions=True)
-        final = cache["ln_final.hook_normalized"] * model.weights.ln_final_w + model.weights.ln_final_b
-        pairs = [("logits", plain, lambda r: r.logits),
-                 ("logits (run_with_cache)", logits, lambda r: r.logits)]
-        for l in range(model.cfg.n_layer):
-            pairs.append((f"hidden state {l} (resid_pre)", cache["resid_pre", l],
-                          lambda r, l=l: r.hidden_states[l]))
-            pairs.append((f"attention pattern {l}", cache["pattern", l], lambda r, l=l: r.attentions[l]))
-        pairs.append(("final hidden state (ln_f)", final, lambda r: r.hidden_states[-1]))
-        for name, ours, pick in pairs:
-            lists = found.setdefault(name, ([], [], []))
-            lists[0].append(ours)
-            lists[1].append(pick(ref["float64"]).numpy())
-            lists[2].append(pick(ref["float32"]).numpy())
-    # the ratio is judged on the logits; elsewhere a largest error can be that of a few numbers
-    # (position 0's huge residual), a matter of rounding luck (see npgpt2.parity)
-    verdicts = [judge(*lists, args.dtype, name, ratio_judged=name.startswith("logits"))
-                for name, lists in found.items()]
-    print(f"{model.name} ({model.source}), npgpt2 in {args.dtype}, {len(texts)} prompt(s); "
-          "errors are the largest |difference| from transformers in float64")
-    if args.dtype == "float32":
-        print(f"pass: logits' error <= {RATIO_LIMIT:g} x transformers' float32 error (ratio; in parentheses "
-              f"where only shown), and in every row (one position's values) error <= {FLOAT32_ROW_LIMIT:g} x "
-              "the row's largest |value|, or 1 if smaller (row err)")
-    else:
-        print(f"pass: in every row (one position's values) error <= {FLOAT64_ROW_LIMIT:g} x the row's "
-              "largest |value|, or 1 if smaller (row err)")
-    print(Verdict.header())
+    texts = [args.text] if args.text is not None else list(parity.DEFAULT_TEXTS)
+    verdicts = parity.check(model, texts, grad=args.grad, prepend_bos=args.prepend_bos)
+    failed = sum(not v.passed for v in verdicts)
+    if args.json:
+        print(json.dumps({"model": model.name, "source": model.source, "dtype": args.dtype, "texts": texts,
+                          "grad": args.grad, "passed": not failed,
+                          "rule": _parity_rule(args.dtype), "quantities": [v.as_dict() for v in verdicts]}, indent=1))
+        return 1 if failed else 0
+    print(f"{model.name} ({model.source}), npgpt2 in {args.dtype}, {len(texts)} prompt(s)"
+          + (", with the loss's gradients" if args.grad else "")
+          + "; errors are the largest |difference| from the float64 reference (transformers; torch autograd for gradients)")
+    print("pass: " + _parity_rule(args.dtype))
+    print(parity.Verdict.header())
     for v in verdicts:
         print(v.line())
-    failed = sum(not v.passed for v in verdicts)
-    print(f"parity checks: {len(verdicts) - failed} of {len(verdicts)} within bounds" + (f", {failed} outside" if failed else ""))
+    print(f"parity checks: {len(verdicts) - failed} of {len(verdicts)} within bounds"
+          + (f", {failed} outside" if failed else ""))
     return 1 if failed else 0
+
+
+def _parity_rule(dtype: str) -> str:
+    from . import parity
+
+    if dtype == "float32":
+        return (f"per row (one position's values), npgpt2's error over the float32 reference's (or over "
+                f"{parity.FLOOR_ULPS:g} float32 steps of the row's scale, if larger) is at most "
+                f"{parity.TYPICAL_LIMIT:g} at the {parity.PERCENTILE:g}th percentile of rows (p{parity.PERCENTILE:g}) "
+                f"and {parity.WORST_LIMIT:g} at the worst row (worst)")
+    return (f"in every row (one position's values) error <= {parity.FLOAT64_ROW_LIMIT:g} x the row's largest "
+            "|value| (or 1, for gradients the quantity's largest |value|, if larger)")
 
 
 # -------------------------------------------------------------------------------------- lens
 def cmd_lens(args):
     from .analysis import logit_lens
 
+    _check_output_file(args.png, "--png")
+    _check_prompt(args.prompt, args.prepend_bos)
     model = _load(args)
     tokens = model.validate_tokens(model.to_tokens(args.prompt, prepend_bos=args.prepend_bos))
     df = logit_lens(model, tokens, incl_mid=args.incl_mid)
@@ -373,8 +394,10 @@ def cmd_lens(args):
     table.columns = [f"{p}:{short_label(t, 8)}" for p, t in enumerate(tokens_str)]
     print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token); "
           "\u2423 is a space")
-    # at most 100 characters a line: the positions wrap into blocks, each with the layers' names
-    print(table.to_string(line_width=100))
+    import shutil
+
+    width = shutil.get_terminal_size().columns  # (COLUMNS, else the terminal's, else 80)
+    print(table.to_string(line_width=width))  # the positions in blocks that fit the width
     if args.png:
         from .plot import logit_lens_heatmap
 
@@ -412,6 +435,7 @@ def cmd_harvest(args):
 def cmd_dashboard(args):
     from .harvest.dashboard import build_dashboard
 
+    _check_output_folder(args.out, "--out")
     if os.path.isdir(args.out) and os.path.exists(os.path.join(args.out, "index.html")) and not args.overwrite:
         raise CLIError(f"--out {args.out!r} already holds a dashboard; pass --overwrite to replace it")
     pages = build_dashboard(args.harvest, args.out, features=args.features, context_before=args.before,
@@ -427,6 +451,7 @@ def cmd_finetune(args):
     from .training import TokenDataset
     from .training.loop import FinetuneConfig, RunOptions, finetune, load_checkpoint
 
+    _check_output_folder(args.out, "--out")
     if args.resume:
         model, config, resume = load_checkpoint(args.out)
         config.steps = args.steps if args.steps is not None else config.steps
@@ -463,7 +488,8 @@ def cmd_finetune(args):
         return 130
     losses = [h["loss"] for h in result.history]
     val = f"; held-out loss {result.evals[-1]['val_loss']:.4f}" if result.evals else ""
-    print(f"trained {result.step} steps on {len(data):,} tokens: loss {losses[0]:.4f} -> {losses[-1]:.4f}{val}; "
+    print(f"trained {result.step} steps on {len(data):,} tokens: training loss (each step's batches, nats/token) "
+          f"{losses[0]:.4f} -> {losses[-1]:.4f}{val}; "
           f"model saved in {args.out} (npgpt2 generate \"...\" -m {args.out})")
 
 
@@ -490,11 +516,48 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _finite(text) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _non_negative(text) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def _positive(text) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors on one line (the full usage is one --help away)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+BOS_HELP = "put <|endoftext|> before the text (TransformerLens's default; GPT-2's is without)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: gpt2)")
         p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
         if dtype:
-            p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+            p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                           help="the arrays' precision (default: float32; float64 for exact checks)")
 
     p = add("generate", cmd_generate, "continue a prompt, streaming the new text as it is produced",
             'npgpt2 generate "Alan Turing theorized that computers would one day become" -n 40')
@@ -529,11 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("-n", "--max-new-tokens", dest="n", type=_positive_int, default=40,
                    help="how many tokens to add (default: 40)")
-    p.add_argument("--temperature", "-t", type=float, default=0.0,
+    p.add_argument("--temperature", "-t", type=_non_negative, default=0.0,
                    help="0 = greedy, the default; higher = more random")
-    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample only from the smallest set with probability p")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--top-k", type=_positive_int, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=_positive, help="sample only from the smallest set with probability p")
+    p.add_argument("--seed", type=_non_negative_int, help="random seed, for reproducible sampling")
     p.add_argument("--prepend-bos", action="store_true", help="put <|endoftext|> before the prompt")
     p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
 
@@ -541,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
             'npgpt2 tokens "Hello, my dog is cute"')
     p.add_argument("text")
     model_args(p)
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("trace", cmd_trace,
             "walk the forward pass: every hook point in order with its shape and statistics",
@@ -550,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--layer", "-l", type=int, help="only this block's hook points")
     p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
     p.add_argument("--grad", action="store_true",
                    help="also the gradient's norm at each hook point (of the loss, or of --target)")
     p.add_argument("--target", help="with --grad: a token whose log-probability at the last position "
@@ -562,11 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     model_args(p, dtype=True)
     p.add_argument("--target", help="the token explained (default: the model's top prediction)")
-    p.add_argument("--method", choices=["grad_x_input", "integrated_gradients"], default="integrated_gradients")
+    p.add_argument("--method", choices=["grad_x_input", "integrated_gradients"], default="integrated_gradients",
+                   help="gradient x input, or integrated gradients from --baseline (default)")
     p.add_argument("--steps", type=_positive_int, default=64, help="integrated gradients' steps (default: 64)")
-    p.add_argument("--baseline", choices=["zero", "eot"], default="zero")
+    p.add_argument("--baseline", choices=["zero", "eot"], default="zero",
+                   help="integrated gradients start from zero embeddings or <|endoftext|>'s (default: zero)")
     p.add_argument("--png", help="also draw the scores to this file (needs matplotlib)")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("step", cmd_step,
             "step through the forward pass in the Python debugger, the maths only (hooks, checks, "
@@ -586,12 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--answer", required=True, help="the token the clean prompt should predict, e.g. ' Mary'")
     p.add_argument("--wrong", required=True, help="the token it should not, e.g. ' John'")
-    p.add_argument("--method", choices=["eap", "eap-ig"], default="eap-ig")
-    p.add_argument("--ig-steps", type=_positive_int, default=5)
+    p.add_argument("--method", choices=["eap", "eap-ig"], default="eap-ig",
+                   help="edge attribution patching, or with integrated gradients (default: eap-ig)")
+    p.add_argument("--ig-steps", type=_positive_int, default=5, help="eap-ig's interpolation steps (default: 5)")
     p.add_argument("--top", type=_positive_int, default=30, help="edges to keep (default: 30)")
     p.add_argument("--png", help="also draw the circuit to this file (PNG or SVG; needs matplotlib)")
     p.add_argument("--html", help="also write a self-contained HTML page: the picture and the edges' table")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
             'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')
@@ -599,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, dtype=True)
     p.add_argument("--png", help="also draw the layer x position heatmap to this file (needs matplotlib)")
     p.add_argument("--incl-mid", action="store_true", help="also read between attention and MLP")
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("zoo", cmd_zoo, "train a small GPT-2 with a known circuit, here and now: `induction` is a 2-layer "
             "model of 300 words that learns induction heads (about a minute on 2 cores); load it with "
@@ -619,15 +686,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("download", cmd_download, "fetch a model's files into the Hugging Face cache for offline use",
             "npgpt2 download gpt2-medium")
     p.add_argument("model", help="alias, hub repo id")
-    p.add_argument("--revision")
+    p.add_argument("--revision", help="hub branch, tag or commit (default: main)")
 
     p = add("parity", cmd_parity,
             "compare npgpt2 with Hugging Face transformers on the same weights, transformers in float64 "
             "being the reference (needs the reference extra)",
-            "npgpt2 parity --model gpt2 --dtype float64")
+            "npgpt2 parity --model gpt2 --dtype float64 --grad")
     p.add_argument("text", nargs="?", help="prompt to compare on (default: three example sentences)")
     model_args(p, dtype=True)
     p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--grad", action="store_true",
+                   help="also every parameter gradient (value_and_grad) and activation gradient "
+                        "(run_with_cache(incl_bwd=True)) of the loss, against torch autograd")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document: a verdict object per quantity (exit 0 pass, 1 fail, 2 cannot run)")
     p = add("harvest", cmd_harvest, "run a corpus through the model and keep, for every neuron of a hook point "
             "(or SAE latent), its top contexts, histogram, density and a sample per activation band",
             "npgpt2 harvest corpus/ -m gpt2 --hook blocks.8.mlp.hook_post --ctx 128 --tokens 2000000 --out harvest/")
@@ -642,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=20, help="top activations kept per feature (default: 20)")
     p.add_argument("--per-band", type=_positive_int, default=5,
                    help="examples kept per feature and octave band of activation (default: 5)")
-    p.add_argument("--threshold", type=float, default=0.0, help="a feature fires above this (default: 0)")
+    p.add_argument("--threshold", type=_non_negative, default=0.0, help="a feature fires above this (default: 0)")
     p.add_argument("--include-bos", action="store_true", help="also count position 0, the <|endoftext|> "
                                                                "every context starts with")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="contexts per forward pass (default: 8)")
@@ -653,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--workers", type=_positive_int, help="run on a local Dask cluster of this many processes")
     p.add_argument("--scheduler", help="run on an existing Dask cluster, e.g. tcp://host:8786")
-    p.add_argument("--scheduler-timeout", type=float, default=10.0,
+    p.add_argument("--scheduler-timeout", type=_positive, default=10.0,
                    help="seconds to wait for --scheduler to answer (default: 10)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl rows and datasets (default: text)")
     p.add_argument("--split", default="train", help="the dataset split, for hf: corpora (default: train)")
@@ -665,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("harvest", help="a folder written by npgpt2 harvest")
     p.add_argument("--out", "-o", required=True, help="folder for index.html and feature-N.html")
     p.add_argument("--features", help="pages for these ids, e.g. 0-99,4031 (default: the first 200 that fired)")
-    p.add_argument("--before", type=int, default=12, help="tokens shown before the activating one (default: 12)")
-    p.add_argument("--after", type=int, default=4, help="tokens shown after it (default: 4)")
+    p.add_argument("--before", type=_non_negative_int, default=12, help="tokens shown before the activating one (default: 12)")
+    p.add_argument("--after", type=_non_negative_int, default=4, help="tokens shown after it (default: 4)")
     p.add_argument("--overwrite", action="store_true", help="replace a dashboard already in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -684,20 +756,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default: 256, at most n_ctx)")
     p.add_argument("--grad-accum", type=_positive_int, default=1,
                    help="micro-batches accumulated into each step (default: 1)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
-    p.add_argument("--min-lr", type=float, default=0.0, help="where the cosine ends (default: 0)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="on 2-D weight matrices (default: 0.1)")
-    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"))
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit; 0: none (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="which random windows make the batches (default: 0)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--lr", type=_positive, default=3e-4, help="peak learning rate (default: 3e-4)")
+    p.add_argument("--min-lr", type=_non_negative, default=0.0, help="where the cosine ends (default: 0)")
+    p.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up steps (default: 0)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after the warm-up: cosine decay to --min-lr, or constant (default: cosine)")
+    p.add_argument("--weight-decay", type=_non_negative, default=0.1, help="on 2-D weight matrices (default: 0.1)")
+    p.add_argument("--betas", type=_non_negative, nargs=2, default=[0.9, 0.95], metavar=("BETA1", "BETA2"),
+                   help="AdamW's moment decay rates (default: 0.9 0.95)")
+    p.add_argument("--grad-clip", type=_non_negative, default=1.0, help="global gradient norm limit; 0: none (default: 1)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="which random windows make the batches (default: 0)")
+    p.add_argument("--val-fraction", type=_non_negative, default=0.1,
                    help="the last part of the tokens held out for evaluation; 0: none (default: 0.1)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=0, help="evaluate every N steps (default: at the end)")
     p.add_argument("--eval-tokens", type=_positive_int, default=32768,
                    help="held-out tokens per evaluation, at most (default: 32768)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="save OUT/checkpoint every N steps (default: at the end, and on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, exactly")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -7,6 +7,7 @@ aliases so that code written for either reads naturally.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +38,10 @@ class ConfigError(ValueError):
     """config.json describes a model this implementation cannot run faithfully."""
 
 
+# the fields that are settings rather than shape: assignable on a made config
+SETTINGS = ("default_prepend_bos", "use_attn_result")
+
+
 @dataclass
 class GPT2Config:
     n_layer: int = 12
@@ -51,16 +56,42 @@ class GPT2Config:
     # GPT-2 and Hugging Face do; True gives TransformerLens's tokens and positions. Not part of the
     # shape: settable on a model's config (``model.cfg.default_prepend_bos = True``), ignored by ==.
     default_prepend_bos: bool = field(default=False, compare=False)
+    # Keep each head's output, ``blocks.{l}.attn.hook_result``, in a default ``run_with_cache``
+    # (TransformerLens's ``cfg.use_attn_result``; ``model.set_use_attn_result(True)``). Otherwise it
+    # is computed only when asked for by name, being the largest activation. Settable, ignored by ==.
+    use_attn_result: bool = field(default=False, compare=False)
 
     def __setattr__(self, name, value):
-        if name == "default_prepend_bos":
+        if name in SETTINGS:
             if not isinstance(value, (bool, np.bool_)):
-                raise ConfigError(f"default_prepend_bos={value!r}: expected True or False")
+                raise ConfigError(f"{name}={value!r}: expected True or False")
             value = bool(value)
-        elif name in self.__dict__:  # the shape is fixed once made
+        elif name == "device":
+            self._check_device(value)
+            return
+        elif name in self.__dict__ or isinstance(getattr(type(self), name, None), property):
             raise AttributeError(f"GPT2Config.{name} cannot be changed (the weights have this shape); "
-                                 "only default_prepend_bos can")
+                                 f"only {' and '.join(SETTINGS)} can")  # the shape is fixed once made
+        elif name not in {f.name for f in fields(self)}:
+            raise AttributeError(self._unknown(name))
         object.__setattr__(self, name, value)
+
+    def _unknown(self, name: str) -> str:
+        """Why ``name`` cannot be set: no such field (with the closest names)."""
+        known = [f.name for f in fields(self)] + [n for n, v in vars(type(self)).items() if isinstance(v, property)]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; the settable ones are {', '.join(SETTINGS)}"
+        return f"GPT2Config has no setting {name!r}{hint}"
+
+    @staticmethod
+    def _check_device(value) -> None:
+        if str(value).split(":")[0] != "cpu":
+            raise ConfigError(f"device={str(value)!r}: npgpt2 runs on the CPU with NumPy; the only device is 'cpu'")
+
+    @property
+    def device(self) -> str:
+        """TransformerLens's ``cfg.device``: always "cpu" (setting "cpu" is accepted, nothing else)."""
+        return "cpu"
 
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))
@@ -110,6 +141,26 @@ class GPT2Config:
     def d_vocab(self) -> int:
         """TransformerLens's name for ``vocab_size``."""
         return self.vocab_size
+
+    @property
+    def act_fn(self) -> str:
+        """TransformerLens's name for ``activation_function``: "gelu_new"."""
+        return self.activation_function
+
+    @property
+    def d_vocab_out(self) -> int:
+        """The unembedding's width: ``vocab_size`` (TransformerLens's field)."""
+        return self.vocab_size
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """GPT-2 learns a vector per position: "standard" (TransformerLens's field)."""
+        return "standard"
+
+    @property
+    def original_architecture(self) -> str:
+        """The Hugging Face class of this layout (TransformerLens's field)."""
+        return "GPT2LMHeadModel"
 
     @property
     def eps(self) -> float:

@@ -8,6 +8,7 @@ the activations have pos = 1 (the prompt step: pos = prompt length).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator
 
@@ -26,8 +27,8 @@ class ContextLimitWarning(UserWarning):
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature={temperature!r}: expected 0 (greedy) or a positive number")
+    if temperature is None or not 0 <= temperature < math.inf:  # NaN fails too
+        raise ValueError(f"temperature={temperature!r}: expected 0 (greedy) or a positive finite number")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ValueError(f"top_k={top_k!r}: expected an integer >= 1 (or None for no limit)")
     if top_p is not None and not 0 < top_p <= 1:

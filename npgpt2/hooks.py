@@ -35,6 +35,7 @@ import contextvars
 import difflib
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -225,17 +226,30 @@ class HookPoint:
     every ``ctx`` (``clear_contexts=False`` keeps them); ``model.clear_contexts()`` does only that.
     """
 
-    __slots__ = ("name", "ctx")
+    __slots__ = ("name", "ctx", "_model")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, model=None):
         self.name = name
         self.ctx: dict = {}
+        self._model = weakref.ref(model) if model is not None else None  # (the model holds its points)
+
+    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False) -> None:
+        """TransformerLens's ``hook_point.add_hook(fn)``: ``model.add_hook(self.name, fn, ...)``."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise HookError(f"{self.name} belongs to no model: add the hook with model.add_hook({self.name!r}, fn)")
+        model.add_hook(self.name, fn, dir=dir, is_permanent=is_permanent)
+
+    def add_perma_hook(self, fn: HookFn, dir: str = "fwd") -> None:
+        """``add_hook(fn, is_permanent=True)``."""
+        self.add_hook(fn, dir=dir, is_permanent=True)
 
     def __getattr__(self, name: str):
-        if name in ("add_hook", "add_perma_hook", "remove_hooks", "fwd_hooks", "bwd_hooks"):
-            raise AttributeError(f"hooks are added through the model in npgpt2: model.add_hook({self.name!r}, fn), "
-                                 f"model.run_with_hooks(..., fwd_hooks=[({self.name!r}, fn)]) or model.hooks(...)")
-        raise AttributeError(f"HookPoint has no attribute {name!r} (it has name, ctx, layer())")
+        if name in ("remove_hooks", "fwd_hooks", "bwd_hooks"):
+            raise AttributeError(f"npgpt2 keeps hooks on the model: model.reset_hooks() removes them; "
+                                 f"model.run_with_hooks(..., fwd_hooks=[({self.name!r}, fn)]) or model.hooks(...) "
+                                 "add hooks for one call or block")
+        raise AttributeError(f"HookPoint has no attribute {name!r} (it has name, ctx, layer(), add_hook())")
 
     def layer(self) -> int | None:
         """The block index for ``blocks.{l}...`` names, else None."""
@@ -303,10 +317,14 @@ class Run:
         """
         fns = self.bwd_hooks.get(name)
         if fns:
-            for fn in fns:
-                out = fn(d_act, self.points[name])
-                if out is not None:
-                    d_act = _checked_replacement(name, d_act, out)
+            outer, _in_backward_hook.name = getattr(_in_backward_hook, "name", None), name
+            try:
+                for fn in fns:
+                    out = fn(d_act, self.points[name])
+                    if out is not None:
+                        d_act = _checked_replacement(name, d_act, out)
+            finally:
+                _in_backward_hook.name = outer
         if name in self.keep_grad:
             self.cache[name + "_grad"] = d_act
         changed = self.changed.get(name)
@@ -352,6 +370,19 @@ _SCOPED: contextvars.ContextVar[tuple] = contextvars.ContextVar("npgpt2_scoped_h
 
 _DIRECTIONS = ("fwd", "bwd")
 
+# the backward hook this thread is running, if any: a backward pass may not start inside one
+_in_backward_hook = threading.local()
+
+
+def check_not_in_backward_hook(caller: str) -> None:
+    """Refuse to start a backward pass from inside a backward hook: with the hook still registered
+    the inner pass would run it again, and that one again, without end."""
+    name = getattr(_in_backward_hook, "name", None)
+    if name is not None:
+        raise HookError(f"{caller} was called from inside a backward hook at {name}: a backward pass cannot "
+                        "start within another's hook (it would run that hook again, without end); "
+                        "compute what the hook needs before the call, or after it")
+
 
 class HookedModel:
     """The hook half of ``GPT2``: registering hooks and making the ``Run`` of each call.
@@ -362,7 +393,7 @@ class HookedModel:
 
     def _init_hooks(self) -> None:
         self._hook_names = hook_names(self.cfg.n_layer)
-        self._points = {n: HookPoint(n) for n in self._hook_names}
+        self._points = {n: HookPoint(n, self) for n in self._hook_names}
         on_request = tuple(s.name.split("}.", 1)[-1] for s in HOOK_POINTS if s.on_request)
         self._computed_anyway = frozenset(n for n in self._hook_names if not n.endswith(on_request))
         # the hook points whose activations the backward pass reads
@@ -533,8 +564,8 @@ class HookedModel:
                        metric=None, remove_batch_dim: bool = False, **kwargs):
         """``forward``, keeping activations: returns (output, ActivationCache).
 
-        names_filter: None (every hook point but ``attn.hook_result``), a name, a list of names, or
-        a predicate on names. Only the requested activations are kept. ``attn.hook_result``
+        names_filter: None (every hook point but ``attn.hook_result``, which comes too when
+        ``cfg.use_attn_result`` is set), a name, a list of names, or a predicate on names. Only the requested activations are kept. ``attn.hook_result``
         ([batch, pos, head, d_model] per layer, the largest) is computed only when it is requested.
         incl_bwd: also keep the gradient at each of those names, as ``"{name}_grad"`` (same shape).
             It needs a scalar: ``return_type="loss"`` or ``metric`` (``npgpt2.metrics``); the output
@@ -548,6 +579,8 @@ class HookedModel:
         keep = frozenset(self.resolve_hook_names(names_filter))
         if names_filter is None:  # "everything the forward pass computes anyway"
             keep = self._computed_anyway
+            if self.cfg.use_attn_result:  # TransformerLens's switch: each head's output too
+                keep = keep | {n for n in self._hook_names if n.endswith("attn.hook_result")}
         if incl_bwd or metric is not None:
             run = self._new_run(keep=keep, keep_grad=keep if incl_bwd else frozenset(),
                                 save=self._saved_for_backward)

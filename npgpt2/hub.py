@@ -117,9 +117,15 @@ def resolve(name: str, revision: str | None = None, cache_dir: str | None = None
                                local_files_only=local_files_only)
 
     def fetch_optional(filename: str) -> str | None:
+        """The file, or None if the repository has none. Online, only the hub's "no such entry"
+        means absent: a failed request (an HTTP 500, a timeout) is reported as what it is."""
         try:
             return fetch(filename)
-        except (EntryNotFoundError, LocalEntryNotFoundError):
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: first)
+            if offline:
+                return None
+            raise
+        except EntryNotFoundError:
             return None
 
     where = f"{repo_id}@{revision or 'main'}"
@@ -186,7 +192,25 @@ def resolve(name: str, revision: str | None = None, cache_dir: str | None = None
         raise DownloadError(
             f"downloading {fetching[0]} of {where} from {endpoint} failed: "
             f"{_first_line(e) or type(e).__name__}") from None
+    for path in weights:
+        _check_download(path, where)
     return CheckpointFiles(config, weights, vocab, merges, where, tokenizer)
+
+
+def _check_download(path: str, where: str) -> None:
+    """Open a downloaded weights file's header: a file cut short (yet of the size the hub announced)
+    is caught here, with how to fetch it again, rather than at every later load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except SafetensorError as e:
+        blob = os.path.realpath(path)
+        raise DownloadError(
+            f"{os.path.basename(path)} of {where} is not a complete safetensors file ({_first_line(e)}); "
+            f"to download it again, delete {path} and {blob} and load it again (if the file is damaged "
+            "on the hub itself, it stays so)") from None
 
 
 def _status(error) -> int | None:

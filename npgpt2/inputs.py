@@ -52,8 +52,11 @@ def check_mask(attention_mask, shape) -> np.ndarray | None:
         mask = mask[None]
     if mask.shape != tuple(shape):
         raise InputError(f"attention_mask has shape {mask.shape}; expected {tuple(shape)}, the shape of the tokens")
-    if mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
-        raise InputError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    if mask.dtype.kind not in "biuf":
+        raise InputError(f"attention_mask has dtype {mask.dtype}; it must hold 0 (padding) and 1 (real token) only")
+    if not np.isin(mask, (0, 1)).all():
+        bad = mask[~np.isin(mask, (0, 1))].flat[0].item()
+        raise InputError(f"attention_mask must hold 0 (padding) and 1 (real token) only; it holds {bad}")
     return mask.astype(np.int64, copy=False)
 
 

@@ -265,6 +265,9 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             nll = np.where((mask[:, 1:] > 0) & (mask[:, :-1] > 0), nll, np.nan)  # [batch, pos - 1], NaN at padding
         if per_token:
             return nll
+        if np.isnan(nll).all():  # every prediction masked: a mean of nothing
+            raise InputError("the loss has no target to average over: attention_mask leaves no two "
+                             "consecutive real tokens in any row")
         return float(np.nanmean(nll))
 
     # ------------------------------------------------------------------------------------------

@@ -643,38 +643,56 @@ def line(tensor, x=None, xaxis: str = "", yaxis: str = "", title: str = "", labe
 
 
 def scatter(x, y, xaxis: str = "", yaxis: str = "", title: str = "", labels=None, hover=None, text=None,
-            color=None, caxis: str = "", batch: int | None = None, path=None, **_plotly_only):
+            color=None, caxis: str = "", batch: int | None = None, facet_col: int | None = None,
+            facet_labels=None, path=None, **_plotly_only):
     """A scatter plot of y against x (TransformerLens demos' ``scatter``). ``text`` (or ``hover``,
     plotly's hover names): a label per point, written beside it (e.g. head names "L9H6").
     ``color``: a value per point, with a colour bar titled ``caxis``. batch: pick this row of a
-    leading batch axis of x, y (and of color, when it has that axis too) first. A diagonal y = x is not drawn; add it yourself."""
+    leading batch axis of x, y (and of color, when it has that axis too) first. facet_col: an axis
+    of x and y (and color) to draw as side-by-side panels, titled by ``facet_labels`` (e.g. the
+    demos' attribution-vs-activation patching, one panel per activation). A diagonal y = x is not
+    drawn; add it yourself."""
     plt = _pyplot()
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if batch is not None:
         if color is not None and np.ndim(color) == xs.ndim:
             color = np.asarray(color)[batch]
         xs, ys = xs[batch], ys[batch]
-    xs, ys = xs.ravel(), ys.ravel()
     if xs.shape != ys.shape:
-        raise ValueError(f"x has {xs.size} points and y {ys.size}")
+        raise ValueError(f"x has shape {xs.shape} and y {ys.shape}: expected one y per x")
+    if facet_col is None:
+        panels = [(xs.ravel(), ys.ravel(), None if color is None else np.ravel(color), title)]
+    else:
+        if not -xs.ndim <= facet_col < xs.ndim:
+            raise ValueError(f"facet_col={facet_col} is not an axis of x and y (shape {xs.shape})")
+        n = xs.shape[facet_col]
+        titles = list(facet_labels) if facet_labels is not None else [f"{facet_col}={i}" for i in range(n)]
+        if len(titles) != n:
+            raise ValueError(f"{len(titles)} facet_labels for {n} panels")
+        colors = [None] * n if color is None else [np.ravel(c) for c in np.moveaxis(np.asarray(color), facet_col, 0)]
+        panels = [(px.ravel(), py.ravel(), c, t) for px, py, c, t in
+                  zip(np.moveaxis(xs, facet_col, 0), np.moveaxis(ys, facet_col, 0), colors, titles)]
     names = text if text is not None else hover
-    if names is not None and len(names) != xs.size:
-        raise ValueError(f"{len(names)} point labels for {xs.size} points")
+    if names is not None and len(names) != panels[0][0].size:
+        raise ValueError(f"{len(names)} point labels for {panels[0][0].size} points")
     xlabel, ylabel, clabel = _labels_kw(labels, xaxis, yaxis, caxis)
-    fig, ax = plt.subplots(figsize=(6, 5))
     scale = {}
-    if color is not None:
+    if color is not None:  # one scale for every panel: diverging when signed, else the sequential map
         signed = np.nanmin(np.ravel(color).astype(float)) < 0
-        scale = _signed_scale(np.ravel(color)) if signed else {"cmap": style.sequential_cmap()}
-    points = ax.scatter(xs, ys, c=None if color is None else np.ravel(color), s=18,
-                        color=style.POSITIVE if color is None else None, **scale)
-    if color is not None:
-        _colourbar(fig, points, ax, clabel or "colour")
-    if names is not None:
-        for xi, yi, name in zip(xs, ys, names):
-            ax.annotate(style.drawable(str(name)), (xi, yi), textcoords="offset points", xytext=(3, 3),
-                        fontsize=NOTE_SIZE)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+        scale = _signed_scale(np.ravel(color)) if signed else {
+            "cmap": style.sequential_cmap(), "vmin": float(np.nanmin(color)), "vmax": float(np.nanmax(color))}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False, layout="constrained")
+    for ax, (px, py, c, panel_title) in zip(axes[0], panels):
+        points = ax.scatter(px, py, s=18, **({"color": style.POSITIVE} if c is None else {"c": c, **scale}))
+        if c is not None:
+            _colourbar(fig, points, ax, clabel or "colour")
+        if names is not None:
+            for xi, yi, name in zip(px, py, names):
+                ax.annotate(style.drawable(str(name)), (xi, yi), textcoords="offset points", xytext=(3, 3),
+                            fontsize=NOTE_SIZE)
+        ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
+        ax.set_ylabel(ylabel, fontsize=LABEL_SIZE)
+        ax.set_title(panel_title, fontsize=TITLE_SIZE)
+    if facet_col is not None and title:
+        fig.suptitle(title, fontsize=TITLE_SIZE)
     return _finish(fig, path)

@@ -194,7 +194,8 @@ def realistic_state_dict(config: GPT2Config, seed: int = 0, layout: str = "hub",
       width (60 times the other positions') and 950 at 64 (24 times).
     * **Attention sinks.** Three heads in four (at least one per layer) read ``m0`` in their keys
       and have a query bias along it: queries after the first put 0.7 of their attention on
-      position 0 on average over all heads. The strongest sink head of each layer scores position
+      position 0 on average over all heads, and in every layer after the first (as in real GPT-2)
+      three heads in four put more than half of theirs there (``sink_heads_after_layer_0``: 0.75). The strongest sink head of each layer scores position
       0 at about ``strong_sink_score`` (120; measured 120 to 140): above 88.7, where exp()
       overflows float32, so a softmax without its max shift turns the logits into NaN.
     * **Logits near -100.** Every row of the (tied) embedding shares a component -5 along a
@@ -304,6 +305,7 @@ def realistic_statistics(model, tokens) -> dict:
       outlier_ratio       their mean |residual| over the median |residual| of the other dimensions
       attention_to_first  mean attention on position 0: over layers, heads, sequences, queries >= 1
       sink_head_fraction  fraction of (layer, head) whose mean attention on position 0 is above 0.5
+      sink_heads_after_layer_0  the same fraction over the layers after the first (nan with one layer)
       max_score_to_first  the largest attention score (q.k / sqrt(d_head)) of a query on position 0
       mean_logit          the mean logit
       min_logit_spread    the smallest (max - min) of a position's logits
@@ -326,6 +328,7 @@ def realistic_statistics(model, tokens) -> dict:
         "outlier_ratio": float(mean_abs[dims].mean() / np.median(np.delete(np.abs(last), dims, axis=-1))),
         "attention_to_first": float(np.mean([p.mean() for p in patterns])),
         "sink_head_fraction": float((per_head > 0.5).mean()),
+        "sink_heads_after_layer_0": float((per_head[1:] > 0.5).mean()) if n_layer > 1 else float("nan"),
         "max_score_to_first": float(max(s.max() for s in scores)),
         "mean_logit": float(logits.mean()),
         "min_logit_spread": float((logits.max(-1) - logits.min(-1)).min()),

@@ -45,12 +45,16 @@ def _build_encoding(vocab_path: str, merges_path: str):
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
 
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=merges_path,
-        encoder_json_file=vocab_path,
-        vocab_bpe_hash=_sha256(merges_path),
-        encoder_json_hash=_sha256(vocab_path),
-    )
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=merges_path,
+            encoder_json_file=vocab_path,
+            vocab_bpe_hash=_sha256(merges_path),
+            encoder_json_hash=_sha256(vocab_path),
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as e:  # tiktoken checks the pair with assert
+        raise ValueError(f"the BPE files {merges_path} and {vocab_path} do not make a tokenizer (damaged or "
+                         f"truncated? {type(e).__name__}: {e or 'they disagree'}); copy or download them again") from None
     return tiktoken.Encoding(
         name=f"gpt2-bpe-{os.path.basename(os.path.dirname(vocab_path))}",
         pat_str=r50k_pat_str,

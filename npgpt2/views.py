@@ -212,4 +212,10 @@ def _checked_value(name: str, value, shape: tuple, dtype) -> np.ndarray:
                               "(or a single number)")
     if not np.isfinite(arr).all():
         raise WeightEditError(f"set_weight({name!r}): value holds NaN or inf")
-    return arr.astype(dtype)
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype)
+    if not np.isfinite(cast).all():  # finite in float64, too large for a float32 model
+        too_big = float(np.abs(arr).max())
+        raise WeightEditError(f"set_weight({name!r}): value {too_big:g} overflows the model's {np.dtype(dtype)} "
+                              f"(largest finite: {np.finfo(dtype).max:g})")
+    return cast

@@ -70,7 +70,10 @@ class InductionRecipe:
     min_period: int = 5  # each batch's repeated words: this many, or up to max_period
     max_period: int = 20
     max_prefix: int = 20  # each batch starts with 0 .. max_prefix other random words
+    max_gap: int = 0  # and has 0 .. max_gap other random words between the two copies
+    copies: int = 2  # the repeated words appear this many times
     other_weight: float = 1.0  # weight in the loss of the predictions nothing can be copied for (the copyable ones': 1)
+    init_std: float = 0.02  # the weights' initial standard deviation (GPT-2's: 0.02)
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 100  # steps of linear warm-up, then a constant learning rate
@@ -96,25 +99,26 @@ def induction_tokenizer() -> WordTokenizer:
 
 
 def repeated_batch(rng: np.random.Generator, batch: int, period: int, prefix: int, n_words: int,
-                   bos: int) -> np.ndarray:
-    """[batch, 1 + prefix + 2 * period]: <|endoftext|>, ``prefix`` random words, then ``period`` random
-    words twice.
+                   bos: int, gap: int = 0, copies: int = 2) -> np.ndarray:
+    """[batch, 1 + prefix + period + gap + (copies - 1) * period]: <|endoftext|>, ``prefix`` random
+    words, ``period`` random words, ``gap`` other random words, then the ``period`` words again
+    (``copies - 1`` times).
 
-    The words of a row are distinct, so every word of the repeat has one earlier occurrence to look
+    The words of a row are distinct, so every word of a repeat has one earlier occurrence to look
     back to. The prefix's random length moves the repeat about, so that where a word's copy is can be
     found only by what the words are, not by counting positions."""
-    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period]  # [batch, prefix + period], distinct
-    segment = words[:, prefix:]  # [batch, period]
-    return np.concatenate([np.full((batch, 1), bos), words, segment], axis=1).astype(np.int64)
+    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period + gap]  # [batch, ...], distinct
+    segment = words[:, prefix:prefix + period]  # [batch, period]
+    return np.concatenate([np.full((batch, 1), bos), words] + [segment] * (copies - 1), axis=1).astype(np.int64)
 
 
 class RepeatLoss(metrics.Loss):
     """The training loss: the copyable predictions (the repeat's second word on) weighted 1, the others
     ``other_weight``. ``copy_loss`` keeps the mean loss of the copyable predictions alone."""
 
-    def __init__(self, tokens, period: int, other_weight: float = 1.0):
+    def __init__(self, tokens, first_copyable: int, other_weight: float = 1.0):
         batch, pos = np.shape(tokens)
-        self.first_copyable = pos - period  # prediction p is of token p + 1
+        self.first_copyable = first_copyable  # the first prediction of a word that can be copied (p predicts token p + 1)
         weights = np.full((batch, pos - 1), float(other_weight))
         weights[:, self.first_copyable:] = 1
         super().__init__(tokens, weights=weights)
@@ -122,9 +126,23 @@ class RepeatLoss(metrics.Loss):
 
     def value_and_grad(self, logits, out=None):
         p = self.first_copyable
-        nll = ops.cross_entropy(logits[:, p:-1], self.tokens[:, p + 1:])  # [batch, period - 1]
+        nll = ops.cross_entropy(logits[:, p:-1], self.tokens[:, p + 1:])  # [batch, copyable]
         self.copy_loss = float(nll.astype(np.float64).mean())
         return super().value_and_grad(logits, out=out)
+
+
+def training_batches(recipe: InductionRecipe, seed: int):
+    """The recipe's batches, one per step: (tokens [batch, pos], its RepeatLoss). A function of
+    (recipe, seed) only."""
+    rng = np.random.default_rng([seed, 1])  # the data's own stream, apart from the initialisation's
+    bos = len(WORDS)  # <|endoftext|>, after the words
+    for _ in range(recipe.max_steps):
+        period = int(rng.integers(recipe.min_period, recipe.max_period + 1))
+        prefix = int(rng.integers(0, recipe.max_prefix + 1))
+        gap = int(rng.integers(0, recipe.max_gap + 1)) if recipe.max_gap else 0
+        tokens = repeated_batch(rng, recipe.batch_size, period, prefix, len(WORDS), bos, gap, recipe.copies)
+        second_copy = 1 + prefix + period + gap  # where the first repeat starts; its second word on is copyable
+        yield tokens, RepeatLoss(tokens, second_copy, recipe.other_weight)
 
 
 def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), progress: bool | None = None,
@@ -140,21 +158,16 @@ def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), 
     from . import training
 
     tokenizer = induction_tokenizer()
-    model = training.new_model(recipe.config(), seed=seed, tokenizer=tokenizer, name=f"induction-seed{seed}")
+    model = training.new_model(recipe.config(), seed=seed, tokenizer=tokenizer, name=f"induction-seed{seed}",
+                               std=recipe.init_std)
     model.fast_path = False  # a model this small runs fastest on one thread, the textbook path
     opt = training.AdamW(model, lr=training.warmup_cosine(recipe.lr, recipe.warmup, recipe.warmup, recipe.lr),
                          betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
-    rng = np.random.default_rng([seed, 1])  # the data's own stream, apart from the initialisation's
-    n_words = tokenizer.n_vocab - 1  # every word but <|endoftext|>
     history, running = [], None
     bar = tqdm(total=recipe.max_steps, desc="induction", unit="step", dynamic_ncols=True,
                disable=None if progress is None else not progress)
     try:
-        for step in range(1, recipe.max_steps + 1):
-            period = int(rng.integers(recipe.min_period, recipe.max_period + 1))
-            prefix = int(rng.integers(0, recipe.max_prefix + 1))
-            tokens = repeated_batch(rng, recipe.batch_size, period, prefix, n_words, tokenizer.eot_token)
-            metric = RepeatLoss(tokens, period, recipe.other_weight)
+        for step, (tokens, metric) in enumerate(training_batches(recipe, seed), start=1):
             loss, grads = model.value_and_grad(tokens, metric=metric)
             training.clip_grad_norm(grads, recipe.grad_clip)
             lr = opt.step(grads)

@@ -77,6 +77,7 @@ class LocalHub:
         self._lock = threading.Lock()
         self._repos: dict[str, dict] = {}  # repo id -> {"refs": {branch: commit}, "commits": {commit: {file: bytes}}}
         self._denied: dict[str, tuple[int, str | None, str]] = {}  # repo id -> (status, X-Error-Code, message)
+        self._failing: dict[tuple[str, str], int] = {}  # (repo id, file name) -> the status it is answered with
         self._blobs: dict[str, bytes] = {}  # sha256 -> content, for the CDN
         self._breaks: dict[str, list] = {}  # sha256 -> [byte offset, transfers left to break (None: all)]
         self._requests: list[Request] = []
@@ -114,6 +115,11 @@ class LocalHub:
         or disabled repositories."""
         with self._lock:
             self._denied[repo_id] = (status, error_code, message)
+
+    def fail_file(self, repo_id: str, filename: str, status: int) -> None:
+        """Answer every request for this one file with ``status`` (e.g. 500), as a hub in trouble does."""
+        with self._lock:
+            self._failing[(repo_id, filename)] = status
 
     def break_transfer(self, blob_sha256: str, at: int, times: int | None = 1) -> None:
         """The next ``times`` downloads of this LFS blob (None: all of them) stop sending at byte ``at``
@@ -274,8 +280,12 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             denied = hub._denied.get(repo_id)
             repo = hub._repos.get(repo_id)
+            failing = hub._failing.get((repo_id, filename))
         if denied:
             self._error(denied[0], denied[1], denied[2], body)
+            return
+        if failing:
+            self._error(failing, None, "Internal Error - We're working hard to fix this as soon as possible!", body)
             return
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found", body)

@@ -4,7 +4,7 @@ corrupted activation to the clean one (finite differences, float64), with the ex
 import numpy as np
 import pytest
 
-from npgpt2 import patching
+from npgpt2.analysis import patching
 
 V = 50257
 

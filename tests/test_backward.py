@@ -424,3 +424,54 @@ def test_gradients_of_a_processed_model_are_those_of_the_arrays_it_uses(tiny_dir
         D = rng.standard_normal(W.shape)
         fd = (_with(processed, **{name: W + EPS * D}).loss(batch) - _with(processed, **{name: W - EPS * D}).loss(batch)) / (2 * EPS)
         _agree(float((G * D).sum()), fd, G, D, name)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
+def test_gradient_a_backward_hook_writes_at_masked_keys_goes_nowhere(model64, padded):
+    """Masked keys (later positions, padding) got no attention: as TransformerLens's masked_fill, the
+    backward pass gives them no gradient, whatever a backward hook on the scores writes there."""
+    tokens = np.random.default_rng(4).integers(0, 50257, (2, 7))
+    mask = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]]) if padded else None
+    _, cache = model64.run_with_cache(tokens, attention_mask=mask, names_filter="blocks.0.attn.hook_pattern")
+    masked = cache["blocks.0.attn.hook_pattern"] == 0  # [batch, head, query, key]: no attention given
+    seen = []
+
+    def unchanged(g, hook):
+        return g
+
+    def writes_at_masked_keys(g, hook):
+        seen.append(hook.name)
+        return np.where(masked, 1.0, g)
+
+    grads = {}
+    for fn in (unchanged, writes_at_masked_keys):
+        with model64.hooks(bwd_hooks=[("blocks.0.attn.hook_attn_scores", fn)]):
+            _, grads[fn.__name__] = model64.value_and_grad(tokens, attention_mask=mask)
+    assert seen == ["blocks.0.attn.hook_attn_scores"] and masked.sum() > 0
+    for (name, a), (_, b) in zip(named_parameters(grads["unchanged"]), named_parameters(grads["writes_at_masked_keys"])):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_a_backward_pass_started_inside_a_backward_hook_is_refused(model64):
+    """The hook stays registered for the inner pass, which would call it again, without end."""
+    tokens = np.random.default_rng(5).integers(0, 50257, (1, 6))
+    calls = []
+
+    def reentrant(g, hook):
+        calls.append(hook.name)
+        model64.value_and_grad(tokens)
+
+    with model64.hooks(bwd_hooks=[("blocks.1.hook_resid_mid", reentrant)]):
+        with pytest.raises(npgpt2.HookError, match="value_and_grad was called from inside a backward hook at "
+                                                   "blocks.1.hook_resid_mid"):
+            model64.value_and_grad(tokens)
+    assert calls == ["blocks.1.hook_resid_mid"]
+    loss, _ = model64.value_and_grad(tokens)  # outside any hook: as before
+    assert loss == pytest.approx(model64.loss(tokens), rel=1e-12)
+
+    def forward_inside(g, hook):  # a forward pass in a backward hook stays allowed
+        calls.append(float(model64(tokens).sum()))
+
+    with model64.hooks(bwd_hooks=[("blocks.1.hook_resid_mid", forward_inside)]):
+        model64.value_and_grad(tokens)
+    assert len(calls) == 2

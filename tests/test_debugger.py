@@ -216,11 +216,11 @@ def test_old_import_paths_still_work():
     import importlib
 
     for path, names in {
-        "npgpt2.patching": ["get_act_patch_resid_pre", "logit_diff_metric", "generic_activation_patch"],
-        "npgpt2.head_detector": ["detect_head", "induction_scores"],
-        "npgpt2.sae_training": ["train_sae", "activation_batches"],
-        "npgpt2.toy_models": ["train_toy_models"],
-        "npgpt2.optim": ["Adam"],
+        "npgpt2.analysis.patching": ["get_act_patch_resid_pre", "logit_diff_metric", "generic_activation_patch"],
+        "npgpt2.analysis.head_detector": ["detect_head", "induction_scores"],
+        "npgpt2.training.sae": ["train_sae", "activation_batches"],
+        "npgpt2.training.toy_models": ["train_toy_models"],
+        "npgpt2.training.optim": ["Adam"],
         "npgpt2.model": ["GPT2", "KeyValueCache", "HookPoint", "HookError", "InputError"],
         "npgpt2.cache": ["ActivationCache", "get_act_name"],
     }.items():

@@ -179,3 +179,30 @@ def test_docs_build_strictly_with_the_porting_guide_present(tmp_path):
     _build(str(tmp_path), tmp_path / "site")
     index = open(tmp_path / "site" / "index.html", encoding="utf-8").read()
     assert "Porting from TransformerLens" in index and "from-transformerlens/" in index
+
+
+def test_each_module_has_one_import_path():
+    """The modules that moved into npgpt2.analysis and npgpt2.training live there only: no second
+    name for the same module (the walkthroughs, docs and tests import them from where they are)."""
+    for old, new in {"npgpt2.patching": "npgpt2.analysis.patching", "npgpt2.head_detector": "npgpt2.analysis.head_detector",
+                     "npgpt2.optim": "npgpt2.training.optim", "npgpt2.sae_training": "npgpt2.training.sae",
+                     "npgpt2.toy_models": "npgpt2.training.toy_models"}.items():
+        file = os.path.join(ROOT, *old.split(".")) + ".py"
+        assert not os.path.exists(file), f"{old} still exists (the module is {new})"
+        assert importlib.import_module(new).__name__ == new
+    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True) + glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True):
+        if "/.git/" in path or path.endswith("test_docs.py"):
+            continue
+        text = open(path, encoding="utf-8").read()
+        old_import = re.search(r"npgpt2\.(patching|head_detector|optim|sae_training|toy_models)\b|from npgpt2 import [^\n]*\bpatching\b", text)
+        assert old_import is None, f"{path}: {old_import.group(0)}"
+
+
+def test_the_porting_guide_goes_by_one_name_and_tells_how_weights_are_written():
+    name = "Porting from TransformerLens"
+    guide = open(os.path.join(DOCS, "from-transformerlens.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert guide.startswith(f"# {name}\n") and f"[{name}](docs/from-transformerlens.md)" in readme
+    assert _docs_hooks().PORTING[0] == name
+    for text in (guide, open(os.path.join(DOCS, "getting-started.md"), encoding="utf-8").read()):
+        assert "set_weight(" in text and "assignment destination is read-only" not in text

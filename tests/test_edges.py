@@ -200,3 +200,39 @@ def test_processed_weights_give_the_same_scores(tiny_dir, model64, pair, method)
             .reset_index(drop=True) for m in (processed, model64))
     assert (a[key] == b[key]).all().all()
     np.testing.assert_allclose(a["score"], b["score"], rtol=0, atol=1e-12 * np.abs(b["score"]).max())
+
+
+def test_prompts_of_unequal_length_are_refused_not_padded(model):
+    """Padding would be read as tokens (no attention mask is taken): the metric at position -1 of
+    the shorter prompt would read a padding token."""
+    metric = metrics.logit_diff(" Mary", " John")
+    clean = ["When Mary and John went to the store, John gave a drink to", "Mary gave John a drink"]
+    corrupted = ["When Alice and Bob went to the store, Carl gave a drink to", "Alice gave Bob a drink"]
+    with pytest.raises(npgpt2.InputError, match=r"the clean prompts have different numbers of tokens \(5, 14\)"):
+        E.edge_attribution(model, clean, corrupted, metric)
+
+
+def test_faithfulness_of_identical_runs_is_refused(model64, pair):
+    clean, _, metric = pair
+    with pytest.raises(ValueError, match="the clean and corrupted runs give the same metric"):
+        E.circuit_faithfulness(model64, clean, clean, [], metric)
+
+
+def test_circuit_command_refuses_identical_prompts_before_the_work(tiny_dir, capsys, monkeypatch):
+    from npgpt2 import cli
+
+    monkeypatch.setattr(E, "edge_attribution", lambda *a, **k: pytest.fail("scored edges of identical prompts"))
+    text = "When Mary and John went to the store, John gave a drink to"
+    assert cli.main(["circuit", text, text, "-m", tiny_dir, "--answer", " Mary", "--wrong", " John"]) == 2
+    err = capsys.readouterr().err
+    assert "the clean and corrupted prompts are the same tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_circuit_command_prints_no_negative_zero(tiny_dir, capsys, monkeypatch):
+    from npgpt2 import cli
+
+    monkeypatch.setattr(E, "circuit_faithfulness", lambda *a, **k: -1e-5)
+    assert cli.main(["circuit", "When Mary and John went", "When Alice and Bob went", "-m", tiny_dir,
+                     "--answer", " Mary", "--wrong", " John", "--method", "eap", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "-0.000" not in out and "restores the clean logit difference): 0.000" in out

@@ -24,3 +24,35 @@ def test_dashboards_walkthrough(tmp_path, model):
     assert top["value"].iloc[0] == h.features["max"].max()
     # the two splits it compares were both harvested, and agree table for table
     assert r["same_split"] == {"features": True, "top": True, "examples": True, "histogram": True}
+
+
+def _notebooks_extra() -> set:
+    import re
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["notebooks"]
+    return {re.split(r"[<>=\[ ]", spec)[0].lower() for spec in extra}
+
+
+def test_the_notebooks_extra_has_what_the_lessons_and_the_docs_use():
+    """This lesson writes Parquet (pyarrow); the docs tell learners to run ``jupyter lab``
+    (jupyterlab); tqdm's bars in a notebook need ipywidgets (else every lesson warns)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    docs = " ".join(open(p, encoding="utf-8").read() for p in
+                    [os.path.join(root, "README.md")] + [os.path.join(root, "docs", n) for n in os.listdir(os.path.join(root, "docs")) if n.endswith(".md")])
+    needed = {"pyarrow", "ipywidgets"} | ({"jupyterlab"} if "jupyter lab" in docs else set())
+    assert needed <= _notebooks_extra(), needed - _notebooks_extra()
+
+
+def test_git_ignores_what_the_lesson_writes():
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    for path in ("examples/dashboards-output/harvest/manifest.json", "dashboards-output/site/index.html"):
+        proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=root)
+        assert proc.returncode == 0, f"git does not ignore {path}"

@@ -54,7 +54,7 @@ def test_finetune_then_eval_then_generate(tiny_dir, notes, tmp_path, capsys):
     state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
     losses = [h["loss"] for h in state["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" in stdout
+    assert f"training loss (each step's batches, nats/token) {losses[0]:.4f} -> {losses[-1]:.4f}" in stdout
     assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "merges.txt", "model.safetensors", "vocab.json"]
 
     trained = npgpt2.from_pretrained(out)
@@ -207,3 +207,115 @@ def test_grad_accum_steps_on_the_mean_of_its_micro_batches(tiny_dir):
     assert result.history[0]["loss"] == pytest.approx(expected_loss, rel=1e-13)
     for (name, a), (_, b) in zip(training.named_parameters(model.weights), training.named_parameters(reference.weights)):
         assert np.max(np.abs(a - b)) <= 1e-9 * np.max(np.abs(b)), name  # 1e-9: see test_training's accumulation
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(lr=float("inf")), "lr=inf: expected a finite number >= 0"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(grad_clip=-1.0), "grad_clip=-1.0"),
+    (dict(weight_decay=float("nan")), "weight_decay=nan"),
+    (dict(betas=(0.9, 1.5)), r"betas=\(0.9, 1.5\): expected two numbers in \[0, 1\)"),
+])
+def test_settings_that_would_train_to_nan_are_refused_before_a_step(tiny_dir, change, match):
+    from npgpt2.training.loop import FinetuneConfig
+
+    config = FinetuneConfig(steps=1, batch_size=1, seq_len=16, **change)
+    with pytest.raises(ValueError, match=match):
+        config.check(64)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(eval_every=-1), "eval_every=-1: expected a whole number of steps >= 0"),
+    (dict(checkpoint_every=-2), "checkpoint_every=-2"),
+])
+def test_run_options_that_would_mislead_are_refused(tiny_dir, change, match):
+    from npgpt2.training.loop import FinetuneConfig, RunOptions, finetune
+
+    model = npgpt2.from_pretrained(tiny_dir)
+    data = training.TokenDataset.from_texts([TEXT], model.tokenizer)
+    with pytest.raises(ValueError, match=match):
+        finetune(model, data, FinetuneConfig(steps=1, batch_size=1, seq_len=16, val_fraction=0),
+                 RunOptions(progress=False, **change))
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tiny_dir, tmp_path):
+    from npgpt2.training.loop import FinetuneConfig, RunOptions, finetune
+
+    model = npgpt2.from_pretrained(tiny_dir)
+    data = training.TokenDataset.from_texts([TEXT], model.tokenizer)
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    steps = []
+    with pytest.raises(ValueError, match="is a file: the trained model is written to a folder"):
+        finetune(model, data, FinetuneConfig(steps=2, batch_size=1, seq_len=16, val_fraction=0),
+                 RunOptions(out=str(out), progress=False, should_stop=lambda: steps.append(1) or False))
+    assert steps == []  # refused before the first step
+
+
+def test_perplexity_past_a_floats_range_is_inf_not_an_overflow(tiny_dir):
+    """A mean loss above ~709.8 nats has a perplexity no float holds: inf, with the loss still exact."""
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    b_U = np.zeros(model.cfg.d_vocab)
+    b_U[0] = 5000.0  # every prediction is token 0, with a margin of ~5000 nats
+    model.set_weight("b_U", None, b_U)
+    tokens = np.arange(1, 21)
+    result = training.perplexity(model, tokens)
+    assert result.loss == pytest.approx(model.loss(tokens), rel=1e-12) and result.loss > 4000
+    assert result.perplexity == np.inf
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_dir, notes, tmp_path_factory):
+    """A run stopped after 2 of 4 steps: OUT/checkpoint holds step 2."""
+    import shutil
+
+    out = str(tmp_path_factory.mktemp("interrupted") / "run")
+    assert cli.main(["finetune", notes, "-m", tiny_dir, "--steps", "4", "--out", out, "--checkpoint-every", "2",
+                     "--no-progress", *ARGS[:6]]) == 0
+    shutil.rmtree(os.path.join(out, "checkpoint"))
+    os.remove(os.path.join(out, "model.safetensors"))
+    assert cli.main(["finetune", notes, "-m", tiny_dir, "--steps", "2", "--out", out + "-2",
+                     "--no-progress", *ARGS[:6]]) == 0
+    shutil.copytree(os.path.join(out + "-2", "checkpoint"), os.path.join(out, "checkpoint"))
+    return out
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, str(tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (("optimizer.safetensors", "truncate"), ["optimizer.safetensors", "damaged"]),
+    (("optimizer.safetensors", "remove"), ["optimizer.safetensors", "missing"]),
+    (("trainer_state.json", "truncate"), ["trainer_state.json", "not valid JSON"]),
+    (("merges.txt", "truncate"), ["merges.txt"]),
+    (("model.safetensors", "truncate"), ["model.safetensors"]),
+])
+def test_a_damaged_checkpoint_on_resume_is_one_line_naming_the_file(interrupted_run, notes, tmp_path, capsys,
+                                                                   damage, fragments):
+    out = _copy_run(interrupted_run, tmp_path)
+    name, how = damage
+    path = os.path.join(out, "checkpoint", name)
+    if how == "remove":
+        os.remove(path)
+    else:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    code, _, err = in_process(capsys, "finetune", notes, "--out", out, "--resume", "--no-progress")
+    assert code == 2, err
+    one_line(err, *fragments)
+
+
+def test_resume_from_the_checkpoint_set_aside_by_a_stopped_save(interrupted_run, notes, tmp_path, capsys):
+    """A kill between the checkpoint save's two renames leaves only .checkpoint.old: resuming from
+    it works, and so do the saves after it (they used to read the tokenizer files it had deleted)."""
+    out = _copy_run(interrupted_run, tmp_path)
+    os.rename(os.path.join(out, "checkpoint"), os.path.join(out, ".checkpoint.old"))
+    code, stdout, err = in_process(capsys, "finetune", notes, "--out", out, "--resume", "--steps", "4",
+                                   "--checkpoint-every", "1", "--no-progress")
+    assert code == 0, err
+    assert "resuming" in err and "trained 4 steps" in stdout
+    state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
+    assert state["step"] == 4 and not os.path.exists(os.path.join(out, ".checkpoint.old"))

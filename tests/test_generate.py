@@ -191,6 +191,8 @@ def test_context_limit_stops_with_a_message(model):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_new_tokens=0), "max_new_tokens=0: expected a positive integer"),
     (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(temperature=float("nan")), "temperature=nan: expected 0 .greedy. or a positive finite number"),
+    (dict(temperature=float("inf"), do_sample=True), "temperature=inf"),
     (dict(top_p=0.0), r"top_p=0.0: expected a number in \(0, 1\]"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(top_k=0), "top_k=0: expected an integer >= 1"),

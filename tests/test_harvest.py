@@ -6,6 +6,7 @@ pass) and sort them in plain Python; the histogram is counted against the bin ed
 
 import json
 import math
+import re
 import os
 import sys
 import types
@@ -431,3 +432,34 @@ def test_one_batch_of_activations_at_a_time(model, monkeypatch):
         h = harvest(TEXTS, model, HOOK, shard_contexts=8, **KW)
     assert max(s[0] for s in seen) == KW["batch_size"] and sum(s[0] for s in seen) == h.manifest["n_contexts"]
     assert reached == set()  # nothing after blocks.1.mlp.hook_post was computed
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -0.5])
+def test_a_threshold_nothing_could_fire_above_is_refused(threshold):
+    """NaN compares false with everything: a harvest at threshold NaN would count no firing at all."""
+    from npgpt2.harvest.stats import StatsError
+
+    with pytest.raises(StatsError, match=f"threshold={threshold}: expected a finite number >= 0"):
+        FeatureStats.empty(3, threshold=threshold)
+
+
+@pytest.mark.parametrize("missing,kwargs,message", [
+    ("pyarrow", {}, "writing a harvest needs pyarrow: pip install 'npgpt2[harvest]'"),
+    ("distributed", {"workers": 2}, "harvesting on Dask needs distributed: pip install 'npgpt2[dask]'"),
+])
+def test_a_missing_optional_library_is_named_before_any_work(monkeypatch, tmp_path, missing, kwargs, message):
+    import builtins
+
+    import npgpt2.harvest.run as run
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kw):
+        if name == missing or name.startswith(missing + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    monkeypatch.setattr(run, "prepare", lambda *a, **k: pytest.fail("started the work first"))
+    with pytest.raises(HarvestError, match=re.escape(message)):
+        harvest(TEXTS, "gpt2", HOOK, out=str(tmp_path / "h"), **kwargs, **KW)

@@ -10,7 +10,7 @@ import pytest
 from npgpt2 import InputError, plot
 from npgpt2.analysis import (FactoredMatrix, ablate, ablation_hook, composition_frame, composition_scores,
                              ov_circuit, parse_component, qk_circuit, singular_directions)
-from npgpt2.head_detector import (detect_head, get_duplicate_token_head_detection_pattern,
+from npgpt2.analysis.head_detector import (detect_head, get_duplicate_token_head_detection_pattern,
                                   get_induction_head_detection_pattern, get_previous_token_head_detection_pattern,
                                   induction_scores, repeated_tokens)
 from npgpt2.testing import run_walkthrough

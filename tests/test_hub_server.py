@@ -368,3 +368,33 @@ def test_cli_download_errors_are_one_line_and_exit_2(hub, repo, answer, fragment
     assert len(lines) == 1 and lines[0].startswith("npgpt2 download: error: "), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], proc.stderr
+
+
+def test_a_server_error_on_the_weights_is_reported_as_such(online, tiny_dir, tmp_path):
+    """An HTTP 500 for model.safetensors is the hub's trouble, not a repository without safetensors."""
+    repo = "npgpt2-test/troubled"
+    online.add_revision(repo, tiny_dir)
+    online.fail_file(repo, "model.safetensors", 500)
+    with pytest.raises(ModelNotFoundError) as caught:
+        npgpt2.from_pretrained(repo, cache_dir=str(tmp_path / "hub"))
+    message = str(caught.value)
+    assert "500" in message and "has no model.safetensors" not in message, message
+    assert "\n" not in message
+
+
+def test_a_short_weights_file_is_caught_after_download_with_how_to_fetch_again(online, tiny_dir, tmp_path):
+    """The hub serves a weights file cut short, announcing that (short) size: the download completes,
+    and the header check says so at once, naming the cached files to delete."""
+    import shutil
+
+    short = shutil.copytree(tiny_dir, tmp_path / "short")
+    weights = short / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: os.path.getsize(weights) // 2])
+    repo = "npgpt2-test/short"
+    online.add_revision(repo, short)
+    with pytest.raises(DownloadError) as caught:
+        npgpt2.from_pretrained(repo, cache_dir=str(tmp_path / "hub"))
+    message = str(caught.value)
+    assert f"model.safetensors of {repo}@main is not a complete safetensors file" in message, message
+    assert "to download it again, delete" in message and str(tmp_path / "hub") in message
+    assert "\n" not in message

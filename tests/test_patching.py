@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from npgpt2 import InputError, patching
+from npgpt2 import InputError
+from npgpt2.analysis import patching
 from conftest import TINY
 
 L, H = TINY.n_layer, TINY.n_head
@@ -38,7 +39,7 @@ SHAPES = [
     (patching.get_act_patch_attn_head_k_by_pos, (L, 8, H)), (patching.get_act_patch_attn_head_v_by_pos, (L, 8, H)),
     (patching.get_act_patch_attn_head_pattern_by_pos, (L, H, 8)),
     (patching.get_act_patch_block_every, (3, L, 8)), (patching.get_act_patch_attn_head_all_pos_every, (5, L, H)),
-    (patching.get_act_patch_attn_head_by_pos_every, (4, L, 8, H)),
+    (patching.get_act_patch_attn_head_by_pos_every, (5, L, 8, H)),
 ]
 
 
@@ -46,6 +47,22 @@ SHAPES = [
 def test_transformerlens_names_and_shapes(model64, runs, fn, shape):
     clean, corrupted, _, clean_cache, metric = runs
     assert fn(model64, corrupted, clean_cache, metric).shape == shape
+
+
+def test_by_pos_every_stacks_transformerlens_five_sweeps_in_its_order(model64, runs):
+    """TransformerLens's get_act_patch_attn_head_by_pos_every: out, q, k, v, pattern (the pattern
+    sweep [layer, head, dest_pos] turned to [layer, pos, head]), so a port's reshape(5, -1) lines up."""
+    clean, corrupted, _, clean_cache, metric = runs
+    every = patching.get_act_patch_attn_head_by_pos_every(model64, corrupted, clean_cache, metric, progress=False)
+    singles = [f(model64, corrupted, clean_cache, metric, progress=False) for f in (
+        patching.get_act_patch_attn_head_out_by_pos, patching.get_act_patch_attn_head_q_by_pos,
+        patching.get_act_patch_attn_head_k_by_pos, patching.get_act_patch_attn_head_v_by_pos)]
+    pattern = patching.get_act_patch_attn_head_pattern_by_pos(model64, corrupted, clean_cache, metric, progress=False)
+    assert every.shape == (5, L, 8, H)
+    for i, single in enumerate(singles):
+        np.testing.assert_array_equal(every[i], single)
+    for layer, pos, head in [(0, 3, 1), (1, 5, 2), (1, 7, 3)]:
+        assert every[4, layer, pos, head] == pattern[layer, head, pos]
 
 
 @pytest.mark.parametrize("activation,axes,hook,index", [
@@ -111,3 +128,43 @@ def test_bad_input_is_named(model64, runs):
         patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "embed", ("layer",))
     with pytest.raises(ValueError, match=r"index_axis_names \('layer', 'head'\) do not fit activation 'resid_pre'"):
         patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "resid_pre", ("layer", "head"))
+
+
+def test_index_df_patches_the_rows_given_and_equals_the_full_sweep_there(model64, runs):
+    """TransformerLens's index_df: a subset of (layer, head) or (layer, pos, head) patches, one
+    metric per row, each equal to the full sweep's value at that index."""
+    import pandas as pd
+
+    clean, corrupted, _, clean_cache, metric = runs
+    full = patching.get_act_patch_attn_head_out_by_pos(model64, corrupted, clean_cache, metric, progress=False)
+    rows = pd.DataFrame({"layer": [1, 0, 1], "pos": [3, 3, 7], "head": [2, 0, 1]})
+    subset, index_df = patching.get_act_patch_attn_head_out_by_pos(model64, corrupted, clean_cache, metric, progress=False,
+                                                                   index_df=rows, return_index_df=True)
+    assert subset.shape == (3,)
+    for value, (l, p, h) in zip(subset, rows.itertuples(index=False)):
+        assert value == pytest.approx(full[l, p, h], abs=1e-12)
+        assert value == pytest.approx(naive(model64, corrupted, f"blocks.{l}.attn.hook_z", (slice(None), p, h),
+                                            clean_cache[f"blocks.{l}.attn.hook_z"], metric), abs=1e-10)
+    pd.testing.assert_frame_equal(index_df, rows)
+    heads = patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "z", progress=False,
+                                              index_df=pd.DataFrame({"layer": [0, 1], "head": [3, 1]}))
+    whole = patching.get_act_patch_attn_head_out_all_pos(model64, corrupted, clean_cache, metric, progress=False)
+    np.testing.assert_allclose(heads, [whole[0, 3], whole[1, 1]], atol=1e-12)
+    _, inferred = patching.get_act_patch_resid_pre(model64, corrupted, clean_cache, metric, progress=False,
+                                                   return_index_df=True)
+    assert list(inferred.columns) == ["layer", "pos"] and len(inferred) == L * 8 and tuple(inferred.iloc[9]) == (1, 1)
+    with pytest.raises(ValueError, match=r"index_df column 'head' holds 9: expected whole numbers 0..3"):
+        patching.generic_activation_patch(model64, corrupted, clean_cache, metric, "z",
+                                          index_df=pd.DataFrame({"layer": [0], "head": [9]}))
+
+
+def test_logit_diff_metric_takes_transformer_lens_answer_pairs(model64, runs):
+    """The demos keep answer_token_indices as [batch, 2] (right, wrong): one argument."""
+    clean, _, clean_logits, _, _ = runs
+    pairs = np.array([[7, 9], [8, 10]])
+    by_hand = np.mean([clean_logits[b, -1, pairs[b, 0]] - clean_logits[b, -1, pairs[b, 1]] for b in range(2)])
+    assert patching.logit_diff_metric(pairs)(clean_logits) == pytest.approx(by_hand, abs=1e-12)
+    np.testing.assert_array_equal(patching.logit_diff_metric(pairs).grad(clean_logits),
+                                  patching.logit_diff_metric([7, 8], [9, 10]).grad(clean_logits))
+    with pytest.raises(ValueError, match=r"answer_tokens of shape \(2, 3\) without wrong_tokens: expected \[batch, 2\]"):
+        patching.logit_diff_metric(np.zeros((2, 3), int))

@@ -69,6 +69,22 @@ def test_line_and_scatter(tmp_path):
         plot.scatter(xs[0], ys[0], text=["a", "b"])
 
 
+def test_scatter_facets_as_the_attribution_demo_draws_them(tmp_path):
+    """``scatter(y=act, x=attr, facet_col=0, facet_labels=[...])``: one panel per row of the stacked
+    sweeps (output, query, key, value, pattern), each drawing its own points."""
+    rng = np.random.default_rng(0)
+    attr, act = rng.normal(size=(5, 2, 4)), rng.normal(size=(5, 2, 4))  # [sweep, layer, head]
+    names = ["Output", "Query", "Key", "Value", "Pattern"]
+    fig = plot.scatter(y=act, x=attr, facet_col=0, facet_labels=names, xaxis="attribution",
+                       yaxis="activation patching", title="heads", path=tmp_path / "facets.png")
+    panels = fig.axes
+    assert [a.get_title() for a in panels] == names and fig._suptitle.get_text() == "heads"
+    for i, ax in enumerate(panels):
+        np.testing.assert_array_equal(ax.collections[0].get_offsets(), np.stack([attr[i].ravel(), act[i].ravel()], 1))
+    with pytest.raises(ValueError, match="4 facet_labels for 5 panels"):
+        plot.scatter(attr, act, facet_col=0, facet_labels=names[:4])
+
+
 def test_attention_patterns_flat_heads_and_batch(model, tmp_path):
     tokens = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
     _, cache = model.run_with_cache(tokens)

@@ -64,6 +64,9 @@ def test_attention_sinks_on_position_0(measured):
     _, _, s = measured
     assert s["attention_to_first"] > 0.6, f"mean attention on position 0 is {s['attention_to_first']:.2f}"
     assert s["sink_head_fraction"] >= 0.6, f"only {s['sink_head_fraction']:.0%} of heads are sinks"
+    # as in real GPT-2, after the first layer most heads put most of their attention on position 0
+    assert s["sink_heads_after_layer_0"] >= 0.6, \
+        f"only {s['sink_heads_after_layer_0']:.0%} of the heads after layer 0 are sinks"
     # what makes float32 softmax need its max shift
     assert s["max_score_to_first"] > FLOAT32_EXP_OVERFLOW, \
         f"largest score on position 0 is {s['max_score_to_first']:.1f}, below exp's float32 overflow"

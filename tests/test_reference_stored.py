@@ -8,10 +8,10 @@ float64:
   attention sinks scoring position 0 above 88.7, logits near -100): logits on 160 tokens, so
   npgpt2's blockwise attention runs three blocks of queries.
 
-Judged by ``npgpt2.parity.judge`` with transformers' float64 output as the reference: float32
-logits within 2.5x transformers' own float32 error, and every float32 row (one position's logits
-or residual, one query's attention) within 1e-5 of its scale (its largest |value|, at least 1);
-float64 within 1e-9 of each row's scale.
+Judged by ``npgpt2.parity.judge`` with transformers' float64 output as the reference: in float32,
+per row (one position's logits or residual, one query's attention), npgpt2's error over
+transformers' own float32 error (or over 4 float32 steps of the row's scale, if larger) at most 4
+at the 90th percentile of rows and 20 at the worst; float64 within 1e-9 of each row's scale.
 """
 
 import json
@@ -47,11 +47,9 @@ def compare(model, dtype):
     for l in range(n):
         for name, ours, key in ((f"resid_pre {l}", cache["resid_pre", l], "hidden"),
                                 (f"pattern {l}", cache["pattern", l], "attentions")):
-            assert_passes(judge(ours, REF[f"float64_{key}"][l], REF[f"float32_{key}"][l], dtype, name,
-                                ratio_judged=False))
+            assert_passes(judge(ours, REF[f"float64_{key}"][l], REF[f"float32_{key}"][l], dtype, name))
     ln_out = cache["ln_final.hook_normalized"] * model.weights.ln_final_w + model.weights.ln_final_b
-    assert_passes(judge(ln_out, REF["float64_hidden"][n], REF["float32_hidden"][n], dtype, "ln_final out",
-                        ratio_judged=False))
+    assert_passes(judge(ln_out, REF["float64_hidden"][n], REF["float32_hidden"][n], dtype, "ln_final out"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -120,40 +118,52 @@ def test_float32_attention_stays_finite_beyond_exp_overflow():
 
 # ------------------------------------------------------------------ the judge itself
 def _case(seed=0, shape=(3, 5, 40)):
+    """A float64 reference near -100 and a float32 result off by ~30 float32 steps of 100 per row."""
     rng = np.random.default_rng(seed)
     ref = rng.standard_normal(shape) * 30 - 100
-    hf32 = ref + rng.standard_normal(shape) * 1e-5
+    hf32 = ref + rng.standard_normal(shape) * 3e-4
     return ref, hf32
 
 
-def test_judge_passes_float32_within_its_bounds_and_reports_three_errors():
+def test_judge_passes_float32_within_its_bounds_and_reports_the_errors():
     ref, hf32 = _case()
-    ours = ref + (hf32 - ref) * 2.0  # twice transformers' error
+    ours = ref + (hf32 - ref) * 2.0  # twice transformers' error, in every row
     v = judge(ours, ref, hf32, "float32")
-    assert v.passed and v.dtype == "float32" and v.ratio == pytest.approx(2.0)
+    assert v.passed and v.dtype == "float32"
+    assert v.ratio_typical == pytest.approx(2.0) and v.ratio_worst == pytest.approx(2.0)
     assert v.error == pytest.approx(2 * np.abs(hf32 - ref).max())
-    assert v.transformers_error == pytest.approx(np.abs(hf32 - ref).max())
+    assert v.float32_error == pytest.approx(np.abs(hf32 - ref).max())
     assert "2.00" in v.line() and "pass" in v.line()
+    assert v.as_dict()["verdict"] == "pass" and v.as_dict()["ratio_worst"] == pytest.approx(2.0)
     assert judge(ours.astype(np.float32), ref, hf32).dtype == "float32"  # npgpt2's dtype by default
 
 
-def test_judge_fails_float32_beyond_the_ratio_and_says_by_how_much():
+def test_judge_fails_float32_beyond_the_ratio_at_the_percentile():
     ref, hf32 = _case()
-    v = judge(ref + (hf32 - ref) * 3.0, ref, hf32, "float32")
-    assert not v.passed and "3.00x transformers' float32 error" in v.reason
-    # reported but not judged
-    v = judge(ref + (hf32 - ref) * 3.0, ref, hf32, "float32", ratio_judged=False)
-    assert v.passed and v.ratio == pytest.approx(3.0) and "(3)" in v.line()
+    assert judge(ref + (hf32 - ref) * 3.9, ref, hf32, "float32").passed
+    v = judge(ref + (hf32 - ref) * 4.5, ref, hf32, "float32")
+    assert not v.passed and "ratio 4.50 at the 90th percentile of rows (limit 4)" in v.reason
+    assert v.as_dict()["verdict"] == "fail"
 
 
-def test_judge_fails_a_row_off_by_more_than_1e5_of_its_scale():
+def test_one_unlucky_row_does_not_fail_but_one_far_off_row_does():
     ref, hf32 = _case()
-    ours = ref.copy()
-    ours[1, 2, 7] += 2e-5 * np.abs(ref[1, 2]).max()
-    hf32 = ref + (hf32 - ref) * 100  # a sloppy yardstick must not excuse it
+    ours = hf32.copy()
+    ours[1, 2] = ref[1, 2] + (hf32[1, 2] - ref[1, 2]) * 15  # one row 15x worse: rounding luck
+    assert judge(ours, ref, hf32, "float32").passed
+    ours[1, 2] = ref[1, 2] + (hf32[1, 2] - ref[1, 2]) * 25  # 25x: beyond the worst row's limit
     v = judge(ours, ref, hf32, "float32")
-    assert not v.passed and v.worst_row == 1 * 5 + 2 and "row 7 off" in v.reason
-    assert v.row_error == pytest.approx(2e-5, rel=1e-6)
+    assert not v.passed and v.worst_row == 1 * 5 + 2 and "row 7 off by" in v.reason and "limit 20x" in v.reason
+
+
+def test_a_few_float32_steps_are_never_held_against_npgpt2():
+    """Where transformers' float32 result is exact by luck, npgpt2 may still be off by 4 steps."""
+    ref = np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32).astype(np.float64) * 100
+    scale = np.abs(ref).max(-1, keepdims=True)
+    step = scale * np.finfo(np.float32).eps
+    assert judge(ref + 3.9 * step * 4, ref, ref, "float32").passed  # 15.6 steps: ratio 3.9
+    v = judge(ref + 3.9 * step * 4.2, ref, ref, "float32")
+    assert not v.passed and v.ratio_typical == pytest.approx(4.095)
 
 
 def test_judge_fails_non_finite_output():
@@ -162,25 +172,42 @@ def test_judge_fails_non_finite_output():
     ours[2, 4, 0] = np.nan
     v = judge(ours, ref, hf32, "float32")
     assert not v.passed and "not finite" in v.reason and "row 14" in v.reason
+    assert v.as_dict()["error"] == "nan"  # JSON has no NaN
 
 
-def test_judge_float64_bound_is_relative_to_the_row_scale_or_one():
+def test_judge_float64_bound_is_relative_to_the_row_scale_or_the_unit():
     ref, hf32 = _case()
     scale = np.abs(ref).max(-1, keepdims=True)
     assert judge(ref + 0.9e-9 * scale, ref, hf32, "float64").passed
     v = judge(ref + 1.1e-9 * scale, ref, hf32, "float64")
-    assert not v.passed and v.row_limit == 1e-9
+    assert not v.passed and "limit 1e-09" in v.reason
     small = np.full((2, 3), 1e-3)  # rows of scale < 1: the bound is 1e-9 absolute
     assert judge(small + 0.9e-9, small, small, "float64").passed
     assert not judge(small + 1.1e-9, small, small, "float64").passed
+    # a gradient is measured against its own largest |value| (unit), not against 1
+    assert judge(small + 2e-12, small, small, "float64").passed
+    assert not judge(small + 2e-12, small, small, "float64", unit=1e-4).passed  # 2e-9 of the row's 1e-3
+
+
+def test_vectors_are_judged_entry_by_entry():
+    """A bias's gradient is one vector: each entry is a row, so the percentile is over its entries."""
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal(200)
+    hf32 = ref + rng.standard_normal(200) * 1e-5
+    ours = ref + (hf32 - ref) * 1.5
+    ours[7] = ref[7] + (hf32[7] - ref[7]) * 9
+    v = judge(ours, ref, hf32, "float32")
+    assert v.passed and v.worst_row == 7 and v.ratio_typical == pytest.approx(1.5)
 
 
 def test_judge_takes_prompts_of_different_lengths():
     a, a32 = _case(1, (1, 4, 40))
     b, b32 = _case(2, (1, 9, 40))
     worse = b.copy()
-    worse[0, 8, 3] = b32[0, 8, 3] + 5 * np.abs(a32 - a).max()
+    worse[0, 8, 3] = b32[0, 8, 3] + 50 * np.abs(b32 - b)[0, 8].max()
     v = judge([a32, worse], [a, b], [a32, b32], "float32")
-    assert v.worst_row == 4 + 8 and v.error == pytest.approx(np.abs(worse - b).max())
+    assert not v.passed and v.worst_row == 4 + 8 and v.error == pytest.approx(np.abs(worse - b).max())
     with pytest.raises(ValueError, match="shapes differ"):
         judge([a32], [b], [b32], "float32")
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        judge(a32, a, a32, "float16")

@@ -74,3 +74,42 @@ def test_cache_methods_match_transformer_lens(folder, processed):
     print(f"{'processed' if processed else 'unprocessed'}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     failing = {k: v for k, v in worst.items() if not v <= TOL}
     assert not failing, failing
+
+
+def guide_from_pretrained_options() -> dict:
+    """The keyword arguments of the porting guide's first ``npgpt2.from_pretrained`` call."""
+    import ast
+    import os
+    import re
+
+    guide = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "from-transformerlens.md")
+    with open(guide, encoding="utf-8") as f:
+        call = re.search(r"npgpt2\.from_pretrained\(.*?\)", f.read(), re.S).group(0)
+    return {k.arg: ast.literal_eval(k.value) for k in ast.parse(call).body[0].value.keywords}
+
+
+def test_the_guides_from_pretrained_gives_transformer_lens_processed_activations(folder):
+    """The porting guide's loading line gives what TransformerLens's default processing gives:
+    values, head outputs and per-head direct logit attribution, not only the logits."""
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    tok = transformers.GPT2TokenizerFast.from_pretrained(folder)
+    bridge = tl_bridge.TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=tok,
+                                                          dtype=torch.float32)
+    bridge.enable_compatibility_mode(disable_warnings=True)  # from_pretrained's processing
+    model = npgpt2.from_pretrained(folder, **guide_from_pretrained_options())
+    tokens = np.random.default_rng(6).integers(0, CFG.d_vocab, (2, 9))
+    with torch.no_grad():
+        tl_logits, tl_cache = bridge.run_with_cache(torch.from_numpy(tokens))
+    logits, cache = model.run_with_cache(tokens)
+    comparisons = {"logits": (logits, tl_logits)}
+    for layer in range(CFG.n_layer):
+        for name in ("v", "z"):
+            hook = f"blocks.{layer}.attn.hook_{name}"
+            comparisons[hook] = (cache[hook], tl_cache[hook])
+    comparisons["per-head logit attribution"] = (
+        cache.logit_attrs(cache.stack_head_results(pos_slice=-1), [17, 29], [31, 47], pos_slice=-1),
+        tl_cache.logit_attrs(tl_cache.stack_head_results(pos_slice=-1), torch.tensor([17, 29]),
+                             torch.tensor([31, 47]), pos_slice=-1))
+    worst = {name: float(np.abs(ours - as_np(theirs)).max()) for name, (ours, theirs) in comparisons.items()}
+    failing = {k: v for k, v in worst.items() if not v <= TOL}
+    assert not failing, failing

@@ -9,7 +9,7 @@ import pytest
 
 import npgpt2
 from npgpt2.sae import SAE, SAEError, active_latents, ce_loss_recovered, latent_logit_effect, run_with_sae, top_activating
-from npgpt2.sae_training import activation_batches, init_sae, resample_dead, sae_loss_and_grads, train_sae
+from npgpt2.training.sae import activation_batches, init_sae, resample_dead, sae_loss_and_grads, train_sae
 from npgpt2.testing import add_to_hub_cache
 from conftest import TINY
 
@@ -166,7 +166,7 @@ def test_training_on_model_activations_reduces_loss(model):
 
 
 def test_resampling_revives_dead_latents():
-    from npgpt2.optim import Adam
+    from npgpt2.training.optim import Adam
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 8))

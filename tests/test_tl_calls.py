@@ -259,7 +259,7 @@ def test_module_style_accessors(model):
     (lambda m: m.blocks[2], IndexError, r"0..1"),
     (lambda m: m.ln_final(np.zeros(3)), TypeError, "not callable"),
     (lambda m: setattr(m.blocks[0].attn, "W_Q", 0), AttributeError, "read-only"),
-    (lambda m: m.hook_dict["hook_embed"].add_hook(print), AttributeError, r"model.add_hook\('hook_embed'"),
+    (lambda m: m.hook_dict["hook_embed"].remove_hooks(), AttributeError, r"model.reset_hooks\(\) removes them"),
 ])
 def test_accessor_errors_name_the_real_thing(model, get, error, message):
     with pytest.raises(error, match=message):
@@ -359,3 +359,86 @@ def test_run_with_hooks_and_hooks_remove_only_their_own(model):
         assert seen == ["before", "during", "added inside"]
     finally:
         model.reset_hooks(including_permanent=True)
+
+
+# ------------------------------------------------------------------------------ cfg and its switches
+@pytest.mark.parametrize("name,hint", [("defualt_prepend_bos", "did you mean default_prepend_bos"),
+                                       ("use_atn_result", "did you mean use_attn_result"),
+                                       ("completely_unknown", "the settable ones are default_prepend_bos")])
+def test_unknown_cfg_names_raise_with_the_closest_name(tiny_dir, name, hint):
+    model = npgpt2.from_pretrained(tiny_dir)
+    with pytest.raises(AttributeError, match=hint):
+        setattr(model.cfg, name, True)
+    assert not hasattr(model.cfg, name)
+
+
+def test_cfg_device_is_cpu_and_only_cpu(tiny_dir):
+    model = npgpt2.from_pretrained(tiny_dir)
+    assert model.cfg.device == "cpu"
+    model.cfg.device = "cpu"
+    with pytest.raises(ValueError, match="device='cuda:0'.*only device is 'cpu'"):
+        model.cfg.device = "cuda:0"
+
+
+@pytest.mark.parametrize("switch", ["cfg", "set_use_attn_result"])
+def test_use_attn_result_puts_each_heads_output_in_a_default_cache(tiny_dir, tokens, switch):
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    _, before = model.run_with_cache(tokens)
+    assert "blocks.0.attn.hook_result" not in before.cache_dict
+    if switch == "cfg":
+        model.cfg.use_attn_result = True
+    else:
+        model.set_use_attn_result(True)
+    _, cache = model.run_with_cache(tokens)
+    for l in range(L):
+        # each head's z through its own slice of the output projection, summed by hand
+        W = model.weights.blocks[l].W_attn_out.reshape(H, Dh, D)
+        by_hand = np.einsum("bphd,hdm->bphm", cache["z", l], W)
+        np.testing.assert_allclose(cache.cache_dict[f"blocks.{l}.attn.hook_result"], by_hand, atol=1e-12)
+    with pytest.raises(ValueError, match="use_attn_result='yes': expected True or False"):
+        model.cfg.use_attn_result = "yes"
+
+
+def test_enable_compatibility_mode_processes_as_from_pretrained_does(tiny_dir, tokens):
+    model = npgpt2.from_pretrained(tiny_dir)
+    assert model.enable_compatibility_mode(disable_warnings=True) is model
+    loaded = npgpt2.from_pretrained(tiny_dir, fold_ln=True, center_writing_weights=True,
+                                    center_unembed=True, fold_value_biases=True)
+    assert model.processing == loaded.processing
+    for (name, ours), (_, theirs) in zip(model.weights.arrays(), loaded.weights.arrays()):
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    untouched = npgpt2.from_pretrained(tiny_dir)
+    untouched.enable_compatibility_mode(no_processing=True)
+    assert not any(untouched.processing.values())
+
+
+def test_hook_point_add_hook_as_in_transformer_lens(tiny_dir, tokens):
+    """The demos' ``model.blocks[l].attn.hook_pattern.add_hook(fn)``: a model-wide hook, as
+    model.add_hook gives, until reset_hooks()."""
+    model = npgpt2.from_pretrained(tiny_dir)
+    seen = []
+    model.blocks[1].attn.hook_pattern.add_hook(lambda pattern, hook: seen.append((hook.name, pattern.shape)))
+    model.hook_dict["blocks.0.hook_resid_post"].add_hook(lambda resid, hook: resid * 0, dir="fwd")
+    zeroed_logits = model(tokens)
+    assert seen == [("blocks.1.attn.hook_pattern", (2, H, 12, 12))]
+    model.reset_hooks()
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda resid, hook: resid * 0)]):
+        np.testing.assert_array_equal(model(tokens), zeroed_logits)
+    model(tokens)
+    assert len(seen) == 1  # the pattern hook went with reset_hooks
+    model.hook_dict["hook_embed"].add_perma_hook(lambda e, hook: seen.append("perma"))
+    model.reset_hooks()
+    model(tokens)
+    assert seen[-1] == "perma"
+    model.reset_hooks(including_permanent=True)
+
+
+def test_torch_style_calls_a_port_makes(model, tokens):
+    """model.to("cpu"), model.eval(), model.train() are no-ops returning the model (no device, no
+    dropout); another device names what to do; the cfg fields a port reads are GPT-2's."""
+    assert model.to("cpu") is model and model.eval() is model and model.train() is model
+    with pytest.raises(ValueError, match=r"model.to\('cuda'\): npgpt2 runs on the CPU"):
+        model.to("cuda")
+    cfg = model.cfg
+    assert (cfg.act_fn, cfg.d_vocab_out, cfg.positional_embedding_type, cfg.original_architecture) == \
+        ("gelu_new", TINY.vocab_size, "standard", "GPT2LMHeadModel")

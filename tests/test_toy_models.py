@@ -4,8 +4,8 @@ and an SAE recovering the toy model's features."""
 import numpy as np
 import pytest
 
-from npgpt2.sae_training import init_sae, train_sae
-from npgpt2.toy_models import generate_batch, loss_and_grads, train_toy_models
+from npgpt2.training.sae import init_sae, train_sae
+from npgpt2.training.toy_models import generate_batch, loss_and_grads, train_toy_models
 
 
 def test_gradients_match_finite_differences():

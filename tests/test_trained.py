@@ -181,3 +181,35 @@ def test_trained_model_shows_it(trained, check):
 def test_untrained_model_does_not(untrained, check):
     ok, measured = check(untrained)
     assert not ok, measured
+
+
+# ------------------------------------------------------------------------------ parity, trained
+# A trained model has magnitudes random ones lack (peaked attention, a sink on <|endoftext|>); the
+# parity judge must pass it as it passes random weights (needs torch and transformers).
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parity_with_transformers_on_the_trained_model(trained, dtype):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from npgpt2.parity import assert_parity
+
+    model = trained if dtype == "float32" else zoo.induction(dtype="float64", progress=False)
+    prompts = list(repeated(model, batch=2, period=10, prefix=3))
+    assert_parity(model, tokens=prompts, grad=True)
+
+
+def test_parity_command_passes_on_the_built_model(trained, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import json
+    import subprocess
+    import sys
+
+    folder = trained.files.source
+    text = "king queen cat dog tree king queen cat dog"
+    for dtype in ("float32", "float64"):
+        done = subprocess.run([sys.executable, "-m", "npgpt2", "parity", text, "-m", folder, "--dtype", dtype,
+                               "--grad", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        report = json.loads(done.stdout)
+        assert report["passed"] and report["grad"] and len(report["quantities"]) > 10

@@ -363,3 +363,106 @@ def test_adamw_with_blas_axpby_equals_numpy_passes(tiny_dir, monkeypatch, dtype,
         assert np.abs(fused[name] - plain[name]).max() <= tol * scale, name
         np.testing.assert_allclose(fused_opt.v[name], plain_opt.v[name], rtol=10 * tol, atol=1e-30, err_msg=name)
     assert max(np.abs(fused[n] - plain[n]).max() for n in fused) > 0  # they did take different passes
+
+
+def _saved_files(folder) -> dict:
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def test_a_killed_save_leaves_the_old_files_and_the_next_save_clears_its_staging(tiny_dir, tmp_path):
+    """SIGKILL in the middle of writing the weights: the folder keeps the previous save, whole; the
+    staging folder it left is deleted by the next save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = str(tmp_path / "ckpt")
+    before = _saved_files(npgpt2.from_pretrained(tiny_dir).save_pretrained(out))
+    script = (
+        "import sys, time, npgpt2, safetensors.numpy as s\n"
+        "def slow(tensors, path, metadata=None):\n"
+        "    open(path, 'wb').write(b'half a file'); print('writing', flush=True); time.sleep(60)\n"
+        "s.save_file = slow\n"
+        f"npgpt2.from_pretrained({str(tiny_dir)!r}).save_pretrained({out!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".ckpt.")]
+    assert left == [f".ckpt.tmp-{proc.pid}"]  # what the kill left
+    assert _saved_files(out) == before
+    model = npgpt2.from_pretrained(tiny_dir)
+    model.save_pretrained(out)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+
+
+def test_a_save_stopped_between_its_renames_is_put_back_by_the_next(tiny_dir, tmp_path, monkeypatch):
+    """Stopped after the old folder was set aside and before the new one arrived: the next save
+    restores nothing half-done, keeps what else the folder held, and never mixes two saves."""
+    import npgpt2.save as save
+
+    out = str(tmp_path / "run")
+    model = npgpt2.from_pretrained(tiny_dir)
+    model.save_pretrained(out)
+    os.makedirs(os.path.join(out, "checkpoint"))
+    open(os.path.join(out, "checkpoint", "trainer_state.json"), "w").write("{}")
+    real_rename, calls = os.rename, []
+
+    def stop_at_the_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(save.os, "rename", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(out)
+    monkeypatch.setattr(save.os, "rename", real_rename)
+    assert not os.path.exists(out)  # set aside, under .run.old-<pid>
+    monkeypatch.setattr(save, "_alive", lambda pid: False)  # as after the process died
+    save.recover(out)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert os.path.exists(os.path.join(out, "checkpoint", "trainer_state.json"))
+    training.AdamW(model, lr=1e-2).step(model.value_and_grad(random_batches(1)[0])[1])
+    model.save_pretrained(out)  # over a folder with a checkpoint in it: the checkpoint stays
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert np.array_equal(npgpt2.from_pretrained(out).W_E, model.W_E)
+
+
+def test_staging_files_of_older_killed_saves_are_cleared(tiny_dir, tmp_path):
+    """Earlier versions staged each file inside the folder (.model.safetensors.tmp-<pid>)."""
+    out = npgpt2.from_pretrained(tiny_dir).save_pretrained(tmp_path / "m")
+    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
+    open(os.path.join(out, f".model.safetensors.tmp-{dead}"), "wb").write(b"x" * 1000)
+    npgpt2.from_pretrained(tiny_dir).save_pretrained(out)
+    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+
+
+def test_accumulation_weights_micro_batches_of_different_lengths_by_their_predicted_tokens(tiny_dir):
+    """A micro-batch of 10 tokens predicts 9, one of 5 predicts 4: the accumulated loss is the mean
+    over the 13 predictions, as one right-padded batch of both (its mask counts the same 13)."""
+    rng = np.random.default_rng(8)
+    long, short = rng.integers(0, 50257, (1, 10)), rng.integers(0, 50257, (1, 5))
+    padded = np.concatenate([long, np.concatenate([short, np.zeros((1, 5), np.int64)], axis=1)])
+    mask = np.array([[1] * 10, [1] * 5 + [0] * 5])
+    loss_one, grads_one = fresh(tiny_dir).value_and_grad(padded, attention_mask=mask)
+    loss_acc, grads_acc = training.accumulate_grad(fresh(tiny_dir), [long, short])
+    assert loss_acc == pytest.approx(loss_one, rel=1e-12)
+    for (name, g), (_, h) in zip(training.named_parameters(grads_one), training.named_parameters(grads_acc)):
+        assert np.max(np.abs(g - h)) <= 1e-11 * np.max(np.abs(g)), name
+
+
+def test_a_save_over_another_keeps_none_of_its_files(tiny_dir, tmp_path):
+    """A word-vocabulary model saved over a GPT-2 one: the folder holds the new tokenizer's file only
+    (an old vocab.json left beside it would be read in its place), and what else was there stays."""
+    from npgpt2.tokenizer import WordTokenizer
+
+    model = npgpt2.from_pretrained(tiny_dir)
+    out = model.save_pretrained(tmp_path / "m")
+    os.makedirs(os.path.join(out, "checkpoint"))
+    npgpt2.GPT2(model.cfg, model.weights, WordTokenizer(["cat", "dog"])).save_pretrained(out)
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "model.safetensors", "tokenizer.json"]

@@ -137,3 +137,14 @@ def test_set_weight_of_every_layer_a_number_and_the_tied_unembedding(fresh, mode
 def test_set_weight_refuses_what_does_not_fit(fresh, call, match):
     with pytest.raises(WeightEditError, match=match):
         call(fresh)
+
+
+def test_set_weight_refuses_a_value_that_overflows_a_float32_model(tiny_dir):
+    """1e39 is finite in float64 but inf in float32: refused, and the weights stay as they were."""
+    model = npgpt2.from_pretrained(tiny_dir)  # float32
+    before = model.b_O.copy()
+    with pytest.raises(WeightEditError, match=r"value 1e\+39 overflows the model's float32 \(largest finite: 3.40282e\+38\)"):
+        model.set_weight("b_O", 0, np.full(64, 1e39))
+    np.testing.assert_array_equal(model.b_O, before)
+    model.set_weight("b_O", 0, 3e38)  # large, but a float32
+    assert np.isfinite(model.b_O).all()

@@ -11,8 +11,8 @@
     edge_attribution          EAP / EAP-IG scores for every edge; patch_edges, circuit_faithfulness,
                               greedy_circuit: exact evaluation of circuits
 
-    patching                  activation patching, TransformerLens's names (also ``npgpt2.patching``)
-    head_detector             head detection scores and induction (also ``npgpt2.head_detector``)
+    patching                  activation patching, TransformerLens's names
+    head_detector             head detection scores and induction
 """
 
 from .ablation import ablate, ablation_hook, parse_component

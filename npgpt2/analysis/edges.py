@@ -311,8 +311,14 @@ class _PerStep:
 def _check_pair(model, clean_tokens, corrupted_tokens):
     from ..inputs import InputError
 
-    clean, _ = model.tokens_and_mask(clean_tokens)
-    corrupted, _ = model.tokens_and_mask(corrupted_tokens)
+    clean, clean_mask = model.tokens_and_mask(clean_tokens)
+    corrupted, corrupted_mask = model.tokens_and_mask(corrupted_tokens)
+    for which, mask in (("clean", clean_mask), ("corrupted", corrupted_mask)):
+        if mask is not None and not np.all(mask):  # padded: the runs below take no mask
+            lengths = sorted(set(np.asarray(mask).sum(axis=1).tolist()))
+            raise InputError(f"the {which} prompts have different numbers of tokens ({', '.join(map(str, lengths))}): "
+                             "edges are scored without an attention mask, so padding would be read as "
+                             "tokens (and a metric at position -1 would read padding); give prompts of one length")
     if clean.shape != corrupted.shape:
         raise InputError(f"clean tokens {list(clean.shape)} and corrupted tokens {list(corrupted.shape)} must "
                          "have the same [batch, pos]")
@@ -428,6 +434,9 @@ def circuit_faithfulness(model, clean_tokens, corrupted_tokens, edges, metric) -
     circuit alone restores the clean behaviour, 0 when it does nothing."""
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
     clean_value, corrupted_value = float(metric(model(clean))), float(metric(model(corrupted)))
+    if clean_value == corrupted_value:
+        raise ValueError(f"the clean and corrupted runs give the same metric ({clean_value:.6g}): there is no "
+                         "difference for a circuit to restore, so faithfulness is undefined (are the prompts the same?)")
     return (patch_edges(model, clean, corrupted, edges, metric) - corrupted_value) / (clean_value - corrupted_value)
 
 

@@ -40,10 +40,17 @@ def _kind(activation: str) -> str:
     return "pattern" if activation == "pattern" else "head" if activation in ("z", "q", "k", "v") else "resid"
 
 
-def logit_diff_metric(answer_tokens, wrong_tokens, pos: int = -1) -> metrics.LogitDiff:
+def logit_diff_metric(answer_tokens, wrong_tokens=None, pos: int = -1) -> metrics.LogitDiff:
     """A metric: mean over the batch of logit[answer] - logit[wrong] at position ``pos``.
-    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all). Differentiable: it has
-    ``.grad(logits)`` (see ``npgpt2.metrics``)."""
+    ``answer_tokens``, ``wrong_tokens``: ids [batch] (or one id for all); or ``answer_tokens`` alone
+    as the TransformerLens demos hold them, [batch, 2]: each row the right token, then the wrong
+    one. Differentiable: it has ``.grad(logits)`` (see ``npgpt2.metrics``)."""
+    if wrong_tokens is None:
+        pairs = np.asarray(answer_tokens)
+        if pairs.ndim != 2 or pairs.shape[1] != 2:
+            raise ValueError(f"answer_tokens of shape {pairs.shape} without wrong_tokens: expected [batch, 2] "
+                             "(each row: the right token, then the wrong one), or give wrong_tokens")
+        answer_tokens, wrong_tokens = pairs[:, 0], pairs[:, 1]
     return metrics.LogitDiff(answer_tokens, wrong_tokens, pos)
 
 
@@ -64,12 +71,17 @@ def _check_runs(model, corrupted_tokens, clean_cache) -> np.ndarray:
 
 
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
-                             index_axis_names, corrupted_cache=None, max_batch: int | None = None,
-                             progress: bool = True) -> np.ndarray:
+                             index_axis_names=None, corrupted_cache=None, max_batch: int | None = None,
+                             progress: bool = True, index_df: pd.DataFrame | None = None,
+                             return_index_df: bool = False):
     """Patch ``activation_name`` from the clean run into the corrupted run at every index of the
     given axes and return the metric for each: an array [layer, <other axes>].
 
     index_axis_names: always "layer" first; ("layer",) alone patches the whole activation.
+    index_df: instead, the patches to make, one per row (TransformerLens's argument; it takes the
+        place of index_axis_names): columns named as axes, "layer" first, e.g. a few (layer, head)
+        pairs. The result is then 1-D, one metric per row, in the rows' order.
+    return_index_df: also return the patches as such a DataFrame: (result, index_df).
     activation_name: resid_pre, resid_mid, resid_post, attn_out, mlp_out (axes layer, pos);
         z, q, k, v (axes layer, head / layer, pos, head); pattern (layer, head_index /
         layer, head_index, dest_pos / layer, head_index, dest_pos, src_pos).
@@ -84,11 +96,9 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     tokens = _check_runs(model, corrupted_tokens, clean_cache)
     batch, n_pos = tokens.shape
     kind = _kind(activation_name)
-    axes = list(index_axis_names)
-    if axes[0] != "layer" or any((kind, a) not in _AXES for a in axes[1:]):
-        raise ValueError(f"index_axis_names {tuple(axes)} do not fit activation {activation_name!r}")
-    sizes = {"pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos, "head": model.cfg.n_head,
-             "head_index": model.cfg.n_head}
+    sizes = {"layer": model.cfg.n_layer, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
+             "head": model.cfg.n_head, "head_index": model.cfg.n_head}
+    patches, axes = _patches(index_axis_names, index_df, kind, activation_name, sizes)  # [(layer, (i, ...))]
     if corrupted_cache is None or any(f"blocks.{l}.hook_resid_pre" not in corrupted_cache
                                       for l in range(model.cfg.n_layer)):
         _, corrupted_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
@@ -96,15 +106,15 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         max_batch = max(1, int(256e6 // (n_pos * model.cfg.d_vocab * model.dtype.itemsize)))
     per_pass = max(1, max_batch // batch)  # variants per forward pass
 
-    out = np.zeros([model.cfg.n_layer] + [sizes[a] for a in axes[1:]])
-    for layer in tqdm(range(model.cfg.n_layer), desc=f"patching {activation_name}", disable=not progress,
+    values = np.zeros(len(patches))
+    for layer in tqdm(sorted({l for l, _ in patches}), desc=f"patching {activation_name}", disable=not progress,
                       leave=False):
         hook = f"blocks.{layer}.{_HOOKS[activation_name]}"
         clean = clean_cache[hook]
         start = corrupted_cache["resid_pre", layer]
-        indices = list(itertools.product(*[range(sizes[a]) for a in axes[1:]]))
-        for chunk_start in range(0, len(indices), per_pass):
-            chunk = indices[chunk_start : chunk_start + per_pass]
+        rows = [i for i, (l, _) in enumerate(patches) if l == layer]
+        for chunk_start in range(0, len(rows), per_pass):
+            chunk = [patches[i][1] for i in rows[chunk_start : chunk_start + per_pass]]
 
             def patch(act, hook_point, chunk=chunk):
                 act = act.copy().reshape(len(chunk), batch, *act.shape[1:])
@@ -117,9 +127,34 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
 
             logits = model.run_with_hooks(np.tile(start, (len(chunk), 1, 1)), fwd_hooks=[(hook, patch)],
                                           start_at_layer=layer)
-            for v, idx in enumerate(chunk):
-                out[(layer, *idx)] = patching_metric(logits[v * batch : (v + 1) * batch])
+            for v, row in enumerate(rows[chunk_start : chunk_start + per_pass]):
+                values[row] = patching_metric(logits[v * batch : (v + 1) * batch])
+    out = values if index_df is not None else values.reshape([sizes[a] for a in axes])
+    if return_index_df:
+        return out, pd.DataFrame([(l, *idx) for l, idx in patches], columns=axes)
     return out
+
+
+def _patches(index_axis_names, index_df, kind, activation_name, sizes):
+    """The patches to make, [(layer, (index along each further axis, ...))], and the axes' names:
+    every combination of ``index_axis_names`` (layer by layer), or the rows of ``index_df``."""
+    if index_axis_names is None and index_df is None:
+        raise ValueError("give index_axis_names (every combination) or index_df (one patch per row)")
+    axes = list(index_axis_names if index_df is None else index_df.columns)
+    if axes[0] != "layer" or any((kind, a) not in _AXES for a in axes[1:]):
+        given = "index_axis_names" if index_df is None else "index_df's columns"
+        raise ValueError(f"{given} {tuple(axes)} do not fit activation {activation_name!r}"
+                         f"{'' if axes[0] == 'layer' else ' (the first must be layer)'}")
+    if index_df is None:
+        return [(layer, idx) for layer in range(sizes["layer"])
+                for idx in itertools.product(*[range(sizes[a]) for a in axes[1:]])], axes
+    for a in axes:
+        values = index_df[a].to_numpy()
+        if not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or values.max() >= sizes[a]:
+            bad = values[(values < 0) | (values >= sizes[a])] if np.issubdtype(values.dtype, np.integer) else values
+            raise ValueError(f"index_df column {a!r} holds {bad[0].item()!r}: expected whole numbers 0..{sizes[a] - 1}")
+    rows = index_df.to_numpy()
+    return [(int(r[0]), tuple(int(i) for i in r[1:])) for r in rows], axes
 
 
 def _patcher(activation_name, index_axis_names, doc):
@@ -177,10 +212,14 @@ def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, 
 
 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
-    """Head output, q, k and v patched by (layer, pos, head): [4, layer, pos, head]."""
-    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
+    """Head output, q, k, v and pattern patched by (layer, pos, head): [5, layer, pos, head], in
+    TransformerLens's order. The pattern row is patched at each destination position (its sweep,
+    [layer, head_index, dest_pos], transposed to [layer, pos, head])."""
+    by_pos = [f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
         get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos,
-        get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)])
+        get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)]
+    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
+    return np.stack(by_pos + [pattern.transpose(0, 2, 1)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ the hook point (nothing after it is computed), and counted into ``FeatureStats``
 batch's activations exist at a time: memory is set by the statistics, not by the corpus.
 
 Shards are harvested in this process, or on a Dask cluster (cluster.py); their statistics merge
-exactly, so both give the same bits. With ``out=``, the merged statistics of the shards done so far are
+exactly, so both give the same bits when the forward passes do: with the same number of BLAS threads
+(OpenBLAS's multi-threaded products may round differently from its single-threaded ones, which can
+move a count at the threshold by one). With ``out=``, the merged statistics of the shards done so far are
 checkpointed, ``resume=True`` carries on from there, and the finished harvest is written as Parquet
 tables plus ``manifest.json`` (written last: a folder without it is not a finished harvest).
 """
@@ -224,11 +226,15 @@ class Harvest:
         return cls(manifest, **tables, folder=folder)
 
 
-def _write_parquet(df: pd.DataFrame, path: str) -> None:
+def _require_pyarrow() -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         raise HarvestError("writing a harvest needs pyarrow: pip install 'npgpt2[harvest]'") from None
+
+
+def _write_parquet(df: pd.DataFrame, path: str) -> None:
+    _require_pyarrow()
     tmp = path + ".tmp"
     df.to_parquet(tmp, index=False, engine="pyarrow")
     os.replace(tmp, path)
@@ -323,6 +329,12 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
     -> ``Harvest``
     """
     t0 = time.time()
+    if out is not None:  # the optional libraries the run will need, before any work
+        _require_pyarrow()
+    if workers is not None or scheduler is not None:
+        from .cluster import _distributed
+
+        _distributed()
     model, sae_obj, harvester, spec = prepare(model, hook, sae, features, ctx, top_k, per_band, threshold,
                                               include_bos, batch_size, shard_contexts, revision, dtype)
     corpus = open_corpus(corpus, text_field=text_field, split=split)

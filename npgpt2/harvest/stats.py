@@ -152,8 +152,8 @@ class FeatureStats:
     def empty(cls, n_features: int, top_k: int = 20, per_band: int = 5, threshold: float = 0.0) -> "FeatureStats":
         if top_k < 1 or per_band < 1:
             raise StatsError(f"top_k={top_k}, per_band={per_band}: expected at least 1 each")
-        if threshold < 0:
-            raise StatsError(f"threshold={threshold}: expected >= 0 (a feature fires above it)")
+        if not 0 <= threshold < np.inf:  # NaN fails too
+            raise StatsError(f"threshold={threshold}: expected a finite number >= 0 (a feature fires above it)")
         F, k, m = n_features, top_k, per_band
         return cls(top_k, per_band, float(threshold), 0, (), np.zeros(F, np.int64), np.zeros(F, np.int64),
                    np.zeros(F, np.int64), np.full(F, -np.inf, np.float32), np.full(F, np.inf, np.float32),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import threading
 from typing import Callable, Iterable
 
@@ -251,9 +252,15 @@ class AdamW:
 
     def load(self, path: str) -> None:
         """Read a state written by ``save``."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="numpy") as f:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: the checkpoint has no optimizer state to resume from")
+        try:
+            f = safe_open(path, framework="numpy")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is damaged (truncated?): {e}") from None
+        with f:
             meta = (f.metadata() or {}).get("npgpt2.adamw")
             if meta is None:
                 raise ValueError(f"{path} holds no AdamW state (no 'npgpt2.adamw' metadata)")

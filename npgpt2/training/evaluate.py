@@ -39,6 +39,14 @@ def sliding_windows(n: int, window: int, stride: int):
             break
 
 
+def _exp(loss: float) -> float:
+    """exp(loss), inf past what a float holds (a mean loss above ~709.8 nats)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def perplexity(model, tokens, window: int | None = None, stride: int | None = None) -> Perplexity:
     """Loss and perplexity of ``model`` on ``tokens`` (1-D ids, or a ``TokenDataset``)."""
     tokens = np.asarray(getattr(tokens, "tokens", tokens), dtype=np.int64).reshape(-1)
@@ -58,4 +66,4 @@ def perplexity(model, tokens, window: int | None = None, stride: int | None = No
         count += scored.size
         n_windows += 1
     loss = total / count
-    return Perplexity(loss, math.exp(loss), count, n_windows, window, stride)
+    return Perplexity(loss, _exp(loss), count, n_windows, window, stride)

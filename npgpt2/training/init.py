@@ -38,9 +38,12 @@ def init_state_dict(config: GPT2Config, seed: int = 0, std: float = 0.02) -> dic
     return state
 
 
-def new_model(config: GPT2Config, seed: int = 0, dtype: str = "float32", tokenizer=None, name: str = "untrained"):
-    """An untrained ``GPT2`` of this shape (GPT-2's BPE tokenizer unless one is given)."""
+def new_model(config: GPT2Config, seed: int = 0, dtype: str = "float32", tokenizer=None, name: str = "untrained",
+              std: float = 0.02):
+    """An untrained ``GPT2`` of this shape (GPT-2's BPE tokenizer unless one is given).
+    std: the weights' standard deviation (GPT-2's 0.02; TransformerLens starts small models at
+    0.8 / sqrt(d_model))."""
     from ..model import GPT2
 
-    weights = weights_from_state_dict(init_state_dict(config, seed), config, dtype=np.dtype(dtype))
+    weights = weights_from_state_dict(init_state_dict(config, seed, std), config, dtype=np.dtype(dtype))
     return GPT2(config, weights, tokenizer, name=name)

@@ -73,6 +73,12 @@ class FinetuneConfig:
             raise DataError(f"seq-len {self.seq_len}: expected 2..{n_ctx} (the model's n_ctx)")
         if not 0 <= self.val_fraction < 1:
             raise DataError(f"val-fraction {self.val_fraction}: expected 0 (none) or a fraction below 1")
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "warmup"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # NaN fails too
+                raise ValueError(f"{name}={value}: expected a finite number >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={tuple(self.betas)}: expected two numbers in [0, 1)")
         self.schedule_fn()
 
 
@@ -88,6 +94,16 @@ class RunOptions:
     progress: bool | None = None  # tqdm bar: None = when stderr is a terminal
     should_stop: Callable[[], bool] = lambda: False  # polled between steps (Ctrl-C)
     log: Callable[[str], None] = print
+
+    def check(self) -> None:
+        """Refuse what would fail or mislead only after training: negative intervals, an ``out``
+        that is a file."""
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected a whole number of steps >= 0 (0: at the end only)")
+        if self.out is not None and os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"out={self.out!r} is a file: the trained model is written to a folder")
 
 
 @dataclass
@@ -123,6 +139,7 @@ def finetune(model, data: TokenDataset, config: FinetuneConfig, options: RunOpti
     """
     options = options or RunOptions()
     config.check(model.cfg.n_ctx)
+    options.check()
     train, val = split_data(data, config)
     opt = AdamW(model, lr=config.schedule_fn(), betas=tuple(config.betas), eps=config.eps,
                 weight_decay=config.weight_decay)
@@ -238,9 +255,13 @@ def save_checkpoint(out: str, model, opt: AdamW, config: FinetuneConfig, result:
 
 
 def find_checkpoint(out: str) -> str:
-    """out/checkpoint (or the previous one, if a save stopped between its two renames)."""
-    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
-        folder = os.path.join(out, name)
+    """out/checkpoint. If a save stopped between its two renames, only the previous one is there,
+    as out/.checkpoint.old: it is put back in place first, so that nothing loaded from it (the
+    tokenizer's files) lives in a folder the next save deletes."""
+    final, old = _checkpoint_dir(out), os.path.join(out, f".{CHECKPOINT}.old")
+    if not os.path.exists(final) and os.path.isfile(os.path.join(old, "trainer_state.json")):
+        os.replace(old, final)
+    for folder in (final, old):
         if os.path.isfile(os.path.join(folder, "trainer_state.json")):
             return folder
     raise DataError(f"no checkpoint to resume in {out} (expected {_checkpoint_dir(out)}/trainer_state.json): "
@@ -248,8 +269,13 @@ def find_checkpoint(out: str) -> str:
 
 
 def _read_state(folder: str) -> dict:
-    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
-        return json.load(f)
+    path = os.path.join(folder, "trainer_state.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; "
+                            "start again without --resume") from None
 
 
 def load_checkpoint(out: str):
