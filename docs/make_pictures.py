@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     from npgpt2.analysis.edges import circuit_faithfulness, edge_attribution, greedy_circuit
 
     model = npgpt2.from_pretrained(args.model) if args.model else zoo.induction(progress=False)
+    record_path = os.path.join(args.model or "", "training.json")
+    if args.model and os.path.exists(record_path):  # a zoo build in a folder of its own: named as the zoo names it
+        with open(record_path, encoding="utf-8") as f:
+            model.name = f"induction-seed{json.load(f)['seed']}"
     name = model.name
     os.makedirs(args.out, exist_ok=True)
     out = lambda file: os.path.join(args.out, file)  # noqa: E731
