@@ -102,7 +102,8 @@ def heatmap(values, row_labels, col_labels, title: str = "", xlabel: str = "", y
         raise ValueError(f"values of shape {values.shape} do not match {len(row_labels)} row and "
                          f"{len(col_labels)} column labels")
     cols = [style.tick_label(c) for c in col_labels]
-    width = min(2.8 + max(0.5, 0.09 * max(map(len, cols), default=1)) * len(cols), 40)
+    # a column wide enough for a short annotation; long column labels are turned 45 degrees instead
+    width = min(2.8 + (0.62 if annotations is not None else 0.5) * len(cols), 40)
     height = min(max(3.4, 1.8 + 0.38 * len(row_labels) + 0.06 * max(map(len, cols), default=1)), 30)
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     scale = _signed_scale(values) if center else {"cmap": style.sequential_cmap(), "vmin": vmin, "vmax": vmax}

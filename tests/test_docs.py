@@ -119,17 +119,22 @@ def test_the_pictures_are_remade_from_the_trained_model(pictures):
         with open(path, "rb") as f:
             head = f.read(16)
         assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"<!DOCTYPE html>"), name
-    # the trained model has its circuit: the heads drawn are a previous-token head in layer 0 and an
-    # induction head in layer 1, both attending where their names say
-    assert record["model"].startswith("induction") and record["previous_token_head"].startswith("L0")
-    assert record["induction_head"].startswith("L1") and record["induction_score"] > 0.5
-    assert record["previous_token_score"] > 0.5
+    assert record["model"].startswith("induction")
     # every picture is shown by the docs, and the README shows at least one of them
     page = open(os.path.join(DOCS, "techniques", "pictures.md"), encoding="utf-8").read()
     assert all(f"../images/{name}" in page for name in script.PICTURES)
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     shown = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+)\)", readme)
     assert shown and all(os.path.exists(os.path.join(ROOT, s)) for s in shown)
+
+
+@pytest.mark.docs
+def test_the_pictures_show_the_induction_circuit(pictures):
+    """What the pictures page says they show: the heads drawn are a previous-token head in layer 0
+    and an induction head in layer 1, each attending where its name says on most of the prompt."""
+    _, _, record = pictures
+    assert record["previous_token_head"].startswith("L0") and record["previous_token_score"] > 0.5, record
+    assert record["induction_head"].startswith("L1") and record["induction_score"] > 0.5, record
 
 
 # ------------------------------------------------------------------------- the strict build
