@@ -119,7 +119,7 @@ show(circuit.head(15))
 faithfulness = circuit_faithfulness(model, clean, corrupted, circuit, metric)
 print(f"faithfulness of the circuit (every other edge corrupted): {faithfulness:.3f}")
 plot.circuit(circuit, path=os.path.join(OUT_DIR, "ioi_circuit.png") if OUT_DIR else None, n_head=model.cfg.n_head,
-             title=f"IOI, EAP-IG top {len(circuit)} edges, faithfulness {faithfulness:.2f}");
+             n_layer=model.cfg.n_layer, title=f"{model.name} · IOI, EAP-IG top {len(circuit)} edges, faithfulness {faithfulness:.2f}");
 
 # %% [markdown]
 # ## 4. Path patching into the logits

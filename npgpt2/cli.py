@@ -246,7 +246,7 @@ def cmd_saliency(args):
     if args.png:
         from .plot import saliency_plot
 
-        saliency_plot(df, path=args.png)
+        saliency_plot(df, path=args.png, metric=f"log P({model.tokenizer.token_str(target)!r})", model=model.name)
         print(f"wrote {args.png}")
 
 
@@ -277,15 +277,20 @@ def cmd_circuit(args):
         print(f"{row.upstream:<10} {row.downstream:<10} {row.input:<7} {row.score:>10.4f}")
     faithfulness = round(circuit_faithfulness(model, clean, corrupted, kept, metric), 3) + 0.0  # no "-0.000"
     print(f"faithfulness of this circuit (1 = restores the clean logit difference): {faithfulness:.3f}")
+    picture = dict(n_head=model.cfg.n_head, n_layer=model.cfg.n_layer, model=model.name,
+                   title=f"{model.name} \u00b7 {args.method}: top {len(kept)} edges")
     if args.png:
         from .plot import circuit
 
-        circuit(kept, path=args.png, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
+        circuit(kept, path=args.png, **picture)
         print(f"wrote {args.png}")
     if args.html:
         from .plot import circuit_html
 
-        circuit_html(kept, path=args.html, n_head=model.cfg.n_head, title=f"{args.method}: top {len(kept)} edges")
+        circuit_html(kept, path=args.html, prompts={"clean": args.clean, "corrupted": args.corrupted},
+                     metric=f"logit difference {args.answer!r} - {args.wrong!r}: clean {clean_value:.4f}, "
+                            f"corrupted {corrupted_value:.4f}",
+                     faithfulness=faithfulness, **picture)
         print(f"wrote {args.html} (opens offline)")
 
 
@@ -381,22 +386,22 @@ def cmd_lens(args):
     df = logit_lens(model, tokens, incl_mid=args.incl_mid)
     layers = list(df["layer"].cat.categories)
     tokens_str = df[df["layer_index"] == 0].sort_values("position")["token"].tolist()
-    cell = df.assign(cell=[f"{t!r} {p:.2f}" if not np.isnan(p) else f"{t!r}"
+    from .style import short_label
+
+    cell = df.assign(cell=[f"{short_label(t, 9)} {p:.2f}" if not np.isnan(p) else short_label(t, 9)
                            for t, p in zip(df["top_token"], df["next_prob"])])
     table = cell.pivot(index="layer", columns="position", values="cell").reindex(layers)
-    table.columns = [f"{p}:{t!r}" for p, t in enumerate(tokens_str)]
-    print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token)")
-    import pandas as pd
-
+    table.columns = [f"{p}:{short_label(t, 8)}" for p, t in enumerate(tokens_str)]
+    print(f"logit lens of {model.name}: cells are the top predicted token and P(actual next token); "
+          "\u2423 is a space")
     import shutil
 
     width = shutil.get_terminal_size().columns  # (COLUMNS, else the terminal's, else 80)
-    with pd.option_context("display.max_colwidth", 24):
-        print(table.to_string(line_width=width))  # the positions in blocks that fit the width
+    print(table.to_string(line_width=width))  # the positions in blocks that fit the width
     if args.png:
         from .plot import logit_lens_heatmap
 
-        logit_lens_heatmap(df, path=args.png)
+        logit_lens_heatmap(df, path=args.png, model=model.name)
         print(f"heatmap written to {args.png}")
 
 

@@ -5,11 +5,10 @@ Jupyter calls an object's ``_repr_html_()`` when it is the last expression of a 
 ``repr`` stays one line. Everything is self-contained: no scripts, styles or fonts from a network,
 so a notebook saved with its outputs shows the same offline.
 
-``AttentionView`` (made by ``npgpt2.plot.attention_view``) is the interactive one: the prompt's
-tokens in a row, and beside each other one panel per head. Hovering a token makes it the query:
-in every head's panel the tokens it attends to are shaded by the attention weight, and the head's
-grid marks that row. It renders inline (``_repr_html_``) and saves to a standalone page
-(``save(path)``).
+``AttentionView`` (made by ``npgpt2.plot.attention_view`` and ``attention_html``) is the interactive
+one: the prompt once, head thumbnails to pick from, the picked head's pattern large with the tokens
+on both axes; hovering reads a cell. It renders inline (``_repr_html_``) and saves to a standalone
+page (``save(path)``). Colours and token labels come from ``npgpt2.style``.
 """
 
 from __future__ import annotations
@@ -164,82 +163,129 @@ def harvest_html(h, n_top: int = 5) -> str:
 
 # --------------------------------------------------------------------------- the attention view
 _VIEW_CSS = """
-.npgpt2-attn { font-family: sans-serif; font-size: 13px; color: #222; }
-.npgpt2-attn .tokens { margin: 0.3em 0 0.6em; line-height: 2; }
-.npgpt2-attn .tok { display: inline-block; padding: 1px 3px; margin: 1px; border: 1px solid #ccc; border-radius: 3px;
-  white-space: pre; cursor: pointer; font-family: ui-monospace, Menlo, monospace; }
-.npgpt2-attn .tok.query { border-color: #d62728; box-shadow: 0 0 0 1px #d62728; }
-.npgpt2-attn .heads { display: flex; flex-wrap: wrap; gap: 1.2em; }
-.npgpt2-attn .head { max-width: 24em; }
-.npgpt2-attn .head h4 { margin: 0.2em 0; font-size: 1em; }
-.npgpt2-attn .strip { line-height: 1.9; margin-bottom: 0.4em; }
-.npgpt2-attn table.grid { border-collapse: collapse; }
-.npgpt2-attn table.grid td { width: 8px; height: 8px; padding: 0; border: 1px solid #f4f4f4; }
-.npgpt2-attn table.grid tr.query td { border-top: 1px solid #d62728; border-bottom: 1px solid #d62728; }
-.npgpt2-attn .info { min-height: 1.4em; font-family: ui-monospace, Menlo, monospace; }
+.npgpt2-attn { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; font-size: 13px; color: #222; }
+.npgpt2-attn .title { font-size: 15px; font-weight: 600; margin: 0.2em 0; }
+.npgpt2-attn .summary { margin: 0.2em 0 0.5em; color: #444; }
+.npgpt2-attn .prompt { margin: 0.3em 0 0.8em; line-height: 2.1; }
+.npgpt2-attn .tok, .npgpt2-attn th { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre; }
+.npgpt2-attn .tok { display: inline-block; padding: 0 3px; margin: 1px; border: 1px solid #ccc; border-radius: 3px; cursor: pointer; }
+.npgpt2-attn .tok.dest { outline: 2px solid #222; }
+.npgpt2-attn .tok.src { outline: 2px dashed #222; }
+.npgpt2-attn .layout { display: flex; gap: 20px; align-items: flex-start; flex-wrap: wrap; }
+.npgpt2-attn .thumbs { display: flex; flex-wrap: wrap; gap: 6px; max-width: 460px; align-content: flex-start; }
+.npgpt2-attn button.head { display: flex; flex-direction: column; align-items: center; gap: 2px; padding: 3px;
+  border: 2px solid transparent; border-radius: 4px; background: none; cursor: pointer; font: inherit; color: inherit; }
+.npgpt2-attn button.head:hover { border-color: #9ecae1; }
+.npgpt2-attn button.head.selected { border-color: #08519c; background: #eef4fb; }
+.npgpt2-attn button.head .name { font-size: 12px; font-weight: 600; }
+.npgpt2-attn .selected-name { font-size: 14px; font-weight: 600; margin: 0 0 4px; }
+.npgpt2-attn table.pattern { border-collapse: collapse; }
+.npgpt2-attn table.pattern td { padding: 0; border: 1px solid #fff; }
+.npgpt2-attn table.pattern th { font-weight: normal; font-size: 12px; padding: 0 5px; text-align: right; }
+.npgpt2-attn table.pattern th.key { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; padding: 5px 0; }
+.npgpt2-attn table.pattern th.on { background: #fde9a6; }
+.npgpt2-attn .axis { color: #555; font-size: 12px; margin: 2px 0; }
+.npgpt2-attn .info { min-height: 1.5em; margin: 0.5em 0; }
+.npgpt2-attn .info b { font-family: ui-monospace, Menlo, monospace; white-space: pre; font-weight: 600; }
+.npgpt2-attn .legend { color: #555; font-size: 12px; display: flex; align-items: center; gap: 6px; margin-top: 4px; }
+.npgpt2-attn .legend .bar { display: inline-block; width: 140px; height: 10px; border: 1px solid #ccc; }
 """
 
-# Runs once per view, on the element whose id it is given. Colours: white (0) to blue (1).
+# Runs once per view, on the element whose id it is given; colours from npgpt2.style (seq: 0..1).
 _VIEW_JS = """
 (function () {
   const root = document.getElementById(ROOT_ID);
   const D = JSON.parse(document.getElementById(ROOT_ID + "-data").textContent);
-  const n = D.tokens.length;
-  const shade = w => { const c = Math.round(255 * (1 - w)); return `rgb(${c}, ${c}, 255)`; };
-  const info = root.querySelector(".info");
-  const tokens = root.querySelector(".tokens");
-  const heads = root.querySelector(".heads");
-  const strips = [], grids = [];
-  function tokenSpan(i) {
-    const s = document.createElement("span");
-    s.className = "tok"; s.textContent = D.tokens[i]; s.dataset.pos = i;
-    s.title = "position " + i; return s;
+  const n = D.labels.length, P = D.patterns;
+  const info = root.querySelector(".info"), prompt = root.querySelector(".tokens");
+  const thumbs = root.querySelector(".thumbs"), table = root.querySelector("table.pattern");
+  const nameEl = root.querySelector(".selected-name");
+  let selected = 0, dest = n - 1;
+  const ink = w => (w > 0.55 ? "white" : "");
+  function describe(i) { return `position ${i}: ${JSON.stringify(D.tokens[i])}`; }
+  // the prompt, once: hover a token to make it the destination
+  const promptToks = [];
+  for (let i = 0; i < n; i++) {
+    const s = document.createElement("span"); s.className = "tok"; s.textContent = D.labels[i];
+    s.title = describe(i); s.dataset.pos = i;
+    s.onmouseover = () => { dest = i; shadePrompt(); read(i, null); };
+    prompt.appendChild(s); promptToks.push(s);
   }
+  // one thumbnail per head: a button titled with the head's name
+  const px = Math.max(1, Math.floor(84 / n)), buttons = [];
   D.heads.forEach((label, h) => {
-    const d = document.createElement("div"); d.className = "head"; d.dataset.head = label;
-    const title = document.createElement("h4"); title.textContent = label; d.appendChild(title);
-    const strip = document.createElement("div"); strip.className = "strip";
-    for (let j = 0; j < n; j++) strip.appendChild(tokenSpan(j));
-    d.appendChild(strip); strips.push(strip);
-    const t = document.createElement("table"); t.className = "grid";
-    for (let i = 0; i < n; i++) {
-      const r = t.insertRow();
-      for (let j = 0; j < n; j++) {
-        const c = r.insertCell(), w = D.patterns[h][i][j];
-        c.style.background = j > i ? "#fafafa" : shade(w);
-        c.title = `${label}: ${i} -> ${j}: ${w.toFixed(4)}`;
-        c.onmouseover = () => show(i);
-      }
+    const b = document.createElement("button"); b.type = "button"; b.className = "head";
+    b.dataset.head = label; b.title = label;
+    const t = document.createElement("span"); t.className = "name"; t.textContent = label; b.appendChild(t);
+    const c = document.createElement("canvas"); c.width = c.height = px * n;
+    const g = c.getContext("2d");
+    for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) {
+      g.fillStyle = j > i ? D.masked : seq(P[h][i][j]); g.fillRect(j * px, i * px, px, px);
     }
-    d.appendChild(t); grids.push(t); heads.appendChild(d);
+    b.appendChild(c); b.onclick = () => select(h); thumbs.appendChild(b); buttons.push(b);
   });
-  function show(q) {
-    tokens.querySelectorAll(".tok").forEach((s, j) => s.classList.toggle("query", j === q));
-    strips.forEach((strip, h) => strip.querySelectorAll(".tok").forEach((s, j) => {
-      s.style.background = j <= q ? shade(D.patterns[h][q][j]) : "transparent";
-      s.classList.toggle("query", j === q);
-    }));
-    grids.forEach(t => Array.from(t.rows).forEach((r, i) => r.classList.toggle("query", i === q)));
-    const best = D.heads.map((label, h) => {
-      let k = 0; for (let j = 1; j <= q; j++) if (D.patterns[h][q][j] > D.patterns[h][q][k]) k = j;
-      return `${label} -> ${k} ${JSON.stringify(D.tokens[k])} (${D.patterns[h][q][k].toFixed(2)})`;
-    });
-    info.textContent = `query ${q} ${JSON.stringify(D.tokens[q])}: ` + best.join("; ");
+  // the large pattern: destinations (queries) down, sources (keys) across
+  const cell = n > 48 ? 12 : n > 24 ? 18 : 24, keyHeads = [], queryHeads = [], cells = [];
+  const head = table.insertRow(); head.appendChild(document.createElement("th"));
+  for (let j = 0; j < n; j++) {
+    const th = document.createElement("th"); th.className = "key"; th.textContent = D.labels[j];
+    th.title = describe(j); head.appendChild(th); keyHeads.push(th);
   }
   for (let i = 0; i < n; i++) {
-    const s = tokenSpan(i); s.onmouseover = () => show(i); tokens.appendChild(s);
+    const r = table.insertRow(); const th = document.createElement("th"); th.className = "query";
+    th.textContent = D.labels[i]; th.title = describe(i); r.appendChild(th); queryHeads.push(th);
+    const row = [];
+    for (let j = 0; j < n; j++) {
+      const c = r.insertCell(); c.style.width = c.style.height = cell + "px";
+      c.onmouseover = () => { dest = i; shadePrompt(); read(i, j); }; row.push(c);
+    }
+    cells.push(row);
   }
-  show(n - 1);
+  function read(i, j) {
+    keyHeads.forEach((th, k) => th.classList.toggle("on", k === j));
+    queryHeads.forEach((th, k) => th.classList.toggle("on", k === i));
+    promptToks.forEach((s, k) => s.classList.toggle("src", k === j));
+    info.textContent = "";
+    const part = (text, bold) => { const e = document.createElement(bold ? "b" : "span"); e.textContent = text; info.appendChild(e); };
+    part(D.heads[selected] + ": destination " + i + " ");
+    part(D.labels[i], true);
+    if (j === null) { part(" (the prompt is shaded by its attention to each source)"); return; }
+    part(" \\u2190 source " + j + " "); part(D.labels[j], true);
+    part(j > i ? ": cannot attend to a later position" : ": attention weight " + P[selected][i][j].toFixed(4));
+  }
+  function shadePrompt() {
+    promptToks.forEach((s, j) => {
+      const w = j <= dest ? P[selected][dest][j] : null;
+      s.style.background = w === null ? "transparent" : seq(w); s.style.color = w === null ? "" : ink(w);
+      s.classList.toggle("dest", j === dest);
+    });
+  }
+  function select(h) {
+    selected = h;
+    buttons.forEach((b, k) => { b.classList.toggle("selected", k === h); b.setAttribute("aria-pressed", String(k === h)); });
+    nameEl.textContent = D.heads[h];
+    for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) {
+      const c = cells[i][j], w = P[h][i][j];
+      c.style.background = j > i ? D.masked : seq(w);
+      c.title = j > i ? `${D.heads[h]}: ${i} cannot attend to ${j}` : `${D.heads[h]}: ${i} \\u2190 ${j}: ${w.toFixed(4)}`;
+    }
+    shadePrompt();
+  }
+  select(0);
 })();
 """
 
 
 class AttentionView:
-    """Attention patterns to look at in a notebook or a browser: hover a token to see where it
-    attends, in every head at once. Made by ``npgpt2.plot.attention_view``.
+    """Attention patterns to look at in a notebook or a browser, in the spirit of CircuitsVis: the
+    prompt once, a grid of head thumbnails to pick from (the picked one marked), and the picked
+    head's pattern large, with the tokens on both axes (destinations down, sources across).
+    Hovering a cell reads its destination, source and weight; hovering a prompt token shades the
+    prompt by where it attends. Colours: the 0..1 map of ``npgpt2.style``. Made by
+    ``npgpt2.plot.attention_view`` and ``npgpt2.plot.attention_html``.
 
     patterns: [head, query_pos, key_pos] (one prompt); head_labels: one per head ("L1H3");
-    str_tokens: one string per position.
+    str_tokens: one string per position (shown with visible whitespace, ``style.token_label``).
     """
 
     def __init__(self, patterns: np.ndarray, str_tokens, head_labels, title: str = ""):
@@ -258,27 +304,40 @@ class AttentionView:
         return (f"AttentionView({len(self.head_labels)} heads: {', '.join(self.head_labels[:6])}"
                 f"{', ...' if len(self.head_labels) > 6 else ''}; {len(self.str_tokens)} tokens)")
 
-    def _fragment(self) -> str:
+    def _fragment(self, root: str | None = None) -> str:
+        """The view as an HTML fragment; ``root``, its element id (default: a fresh one, so that
+        views shown in one notebook never share an id)."""
+        from . import style
         from .plot import _script_json
 
-        root = "npgpt2-attn-" + uuid.uuid4().hex[:12]
-        data = _script_json({"tokens": self.str_tokens, "heads": self.head_labels,
+        root = root or "npgpt2-attn-" + uuid.uuid4().hex[:12]
+        data = _script_json({"tokens": self.str_tokens, "labels": [style.token_label(t) for t in self.str_tokens],
+                             "heads": self.head_labels, "masked": style.MASKED,
                              "patterns": np.round(self.patterns, 4).tolist()})
-        title = f"<b>{html.escape(self.title)}</b><br>" if self.title else ""
+        title = f'<div class="title">{html.escape(self.title)}</div>' if self.title else ""
+        n_head, n = len(self.head_labels), len(self.str_tokens)
+        gradient = ", ".join(style.SEQUENTIAL_STOPS)
         return (f'<div class="npgpt2-attn" id="{root}"><style>{_VIEW_CSS}</style>{title}'
-                f"<span>Hover a token: each head shades the tokens it attends to from there.</span>"
-                f'<div class="tokens"></div><div class="info"></div><div class="heads"></div></div>'
+                f'<p class="summary">{n_head} head{"s" if n_head != 1 else ""}, {n} tokens. Pick a head; hover a '
+                f"cell to read it, or a token of the prompt to see where it attends.</p>"
+                f'<div class="prompt">Prompt: <span class="tokens"></span></div>'
+                f'<div class="layout"><div class="thumbs"></div><div class="main"><div class="selected-name"></div>'
+                f'<div class="axis">rows: destination (query) \u00b7 columns: source (key)</div>'
+                f'<table class="pattern"></table>'
+                f'<div class="legend">0 <span class="bar" style="background: linear-gradient(to right, {gradient})">'
+                f"</span> 1 attention weight</div></div></div>"
+                f'<div class="info"></div></div>'
                 f'<script type="application/json" id="{root}-data">{data}</script>'
-                f"<script>{_VIEW_JS.replace('ROOT_ID', repr(root))}</script>")
+                f"<script>(function () {{\n{style.JS_COLOURS}{_VIEW_JS.replace('ROOT_ID', repr(root))}}})();</script>")
 
     def _repr_html_(self) -> str:
         return self._fragment()
 
     def to_html(self) -> str:
-        """A standalone HTML page (no network needed to open it)."""
+        """A standalone HTML page (no network needed to open it); the same page for the same view."""
         title = html.escape(self.title or "Attention patterns")
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>'
-                f"<body>{self._fragment()}</body></html>\n")
+                f'<body style="margin: 20px">{self._fragment("npgpt2-attn")}</body></html>\n')
 
     def save(self, path) -> str:
         """Write ``to_html()`` to ``path``; returns the path."""

@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from npgpt2 import SAE, plot
+from npgpt2 import SAE, plot, style
 from npgpt2.analysis import next_token_table, ov_circuit, prompt_token_probs
 from npgpt2.display import _CELL, harvest_html
 
-from browser import render, texts
+from browser import render, screenshot
 
 # Tokens a browser could mistake for markup, and one that would end a <script> element early.
 TRICKY = ["<|endoftext|>", "When", " a</script><b>", " &amp;", " <!--<script>", " Mary"]
@@ -24,21 +24,100 @@ def tricky_patterns(n_head=3, n=len(TRICKY), seed=0):
 
 
 def shade(w):
-    """The colour the pages give weight w, written out independently: white (0) to blue (1)."""
-    c = int(np.floor(255 * (1 - w) + 0.5))
-    return f"rgb({c}, {c}, 255)"
+    """The colour the pages give weight w: npgpt2.style's 0..1 map (checked against matplotlib's
+    colormap of the same stops in test_pictures)."""
+    return style.sequential_rgb(w)
 
 
-# ------------------------------------------------------------------------ the two defects
-def test_attention_page_shows_the_tokens_as_text_in_a_browser(tmp_path):
-    page = plot.attention_html(tricky_patterns(), TRICKY, 0, path=tmp_path / "p.html")
-    dom, _ = render(page)
-    labels = [t for t in texts(dom, "th") if t]
-    n = len(TRICKY)
-    # the enlarged head labels every row and column with "position:token", exactly as the token reads
-    assert labels[:n] == [f"{i}:{t}" for i, t in enumerate(TRICKY)]
-    assert labels[n:2 * n] == labels[:n]
-    assert not any("&lt;" in t or "&amp;amp;" in t for t in labels)
+def label(token):
+    """How a token reads on a page or a figure: spaces and newlines made visible."""
+    return token.replace(" ", "\u2423").replace("\n", "\u21b5")
+
+
+# ------------------------------------------------------------------- the attention view (HTML)
+PROBE = """
+const root = document.querySelector(".npgpt2-attn");
+const heads = () => Array.from(root.querySelectorAll("button.head"));
+const state = () => ({selected: heads().filter(b => b.classList.contains("selected")).map(b => b.querySelector(".name").textContent),
+    pressed: heads().filter(b => b.getAttribute("aria-pressed") === "true").length,
+    big: root.querySelector(".selected-name").textContent,
+    cells: Array.from(root.querySelectorAll("table.pattern tr")).slice(1).map(r => Array.from(r.cells).slice(1).map(c => c.style.background))});
+const overflow = Array.from(root.querySelectorAll("*")).filter(e => e.children.length === 0 && e.textContent &&
+    (e.scrollWidth > e.clientWidth + 1 || e.scrollHeight > e.clientHeight + 1) && e.clientWidth > 0).map(e => e.textContent);
+const first = state();
+heads()[CLICK].click();
+const second = state();
+root.querySelectorAll("table.pattern tr")[QUERY + 1].cells[KEY + 1].dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
+const prompt = Array.from(root.querySelectorAll(".tokens .tok"));
+return {titles: heads().map(b => b.querySelector(".name").textContent), first, second, overflow,
+        prompt: prompt.map(s => s.textContent), promptShade: prompt.map(s => s.style.background),
+        keys: Array.from(root.querySelectorAll("th.key")).map(t => t.textContent),
+        queries: Array.from(root.querySelectorAll("th.query")).map(t => t.textContent),
+        info: root.querySelector(".info").textContent, views: document.querySelectorAll(".npgpt2-attn").length};
+"""
+
+
+def probe(click, query, key):
+    return PROBE.replace("CLICK", str(click)).replace("QUERY", str(query)).replace("KEY", str(key))
+
+
+def expected_cells(p):
+    n = len(p)
+    masked = "rgb({}, {}, {})".format(*(int(style.MASKED[i:i + 2], 16) for i in (1, 3, 5)))
+    return [[shade(round(float(p[i, j]), 4)) if j <= i else masked for j in range(n)] for i in range(n)]
+
+
+def test_attention_view_picks_a_head_and_reads_a_cell(model):
+    text = "When John and Mary went to the shops, John gave"
+    _, c = model.run_with_cache(text)
+    tokens = model.to_str_tokens(text)
+    view = plot.attention_view(c, tokens, [(0, 1), (1, 3), (1, 0)], title="tiny · three heads")
+    assert repr(view).startswith("AttentionView(3 heads: L0H1, L1H3, L1H0")
+    page = view.to_html()
+    assert page.startswith("<!DOCTYPE html>") and not re.search(r"(src|href)\s*=|https?://|@import", page)
+    q, k = 6, 2
+    _, r = render(page, probe(1, q, k))
+    assert r["titles"] == ["L0H1", "L1H3", "L1H0"]  # every head panel titled
+    assert r["first"]["selected"] == ["L0H1"] == [r["first"]["big"]] and r["first"]["pressed"] == 1
+    assert r["second"]["selected"] == ["L1H3"] == [r["second"]["big"]] and r["second"]["pressed"] == 1
+    assert r["first"]["cells"] == expected_cells(c["pattern", 0][0, 1])
+    assert r["second"]["cells"] == expected_cells(c["pattern", 1][0, 3])  # the large pattern is the picked head's
+    # the prompt is shown once; tokens label both axes of the large pattern
+    assert r["prompt"] == r["keys"] == r["queries"] == [label(t) for t in tokens]
+    w = float(c["pattern", 1][0, 3, q, k])
+    assert r["info"] == (f"L1H3: destination {q} {label(tokens[q])} \u2190 source {k} {label(tokens[k])}: "
+                         f"attention weight {round(w, 4):.4f}")
+    # hovering made position q the destination: the prompt is shaded by its attention
+    assert r["promptShade"][: q + 1] == [shade(round(float(c["pattern", 1][0, 3, q, j]), 4)) for j in range(q + 1)]
+    assert set(r["promptShade"][q + 1:]) == {"transparent"}
+    assert not r["overflow"], r["overflow"]
+    screenshot(page, "attention-view-tiny")
+
+
+def test_attention_html_of_a_layer_keeps_tricky_tokens(tmp_path):
+    p = tricky_patterns(n_head=12)
+    page = plot.attention_html(p, TRICKY, 3, path=tmp_path / "p.html", model="tiny")
+    assert (tmp_path / "p.html").read_text(encoding="utf-8") == page
+    _, r = render(page, probe(11, 5, 1))
+    assert r["titles"] == [f"L3H{h}" for h in range(12)] and r["second"]["selected"] == ["L3H11"]
+    assert r["keys"] == [label(t) for t in TRICKY] and not any("&lt;" in t or "&amp;amp;" in t for t in r["keys"])
+    assert r["second"]["cells"] == expected_cells(p[11]) and not r["overflow"], r["overflow"]
+    screenshot(page, "attention-html-12-heads")
+    with pytest.raises(ValueError, match=r"pattern must be \[head, 6, 6\]"):
+        plot.attention_html(p[:, :5], TRICKY, 0)
+
+
+def test_attention_views_inline_are_independent():
+    p = tricky_patterns()
+    first = plot.attention_view(p, TRICKY)
+    second = plot.attention_view(p[::-1], TRICKY, heads=[0, 2])
+    page = f"<!DOCTYPE html><html><body>{first._repr_html_()}{second._repr_html_()}</body></html>"
+    _, r = render(page, probe(2, 3, 0))  # probes the first view; the second's script ran too, without clashing
+    assert r["views"] == 2 and r["titles"] == ["H0", "H1", "H2"] and r["second"]["cells"] == expected_cells(p[2])
+    with pytest.raises(ValueError, match=r"patterns must be \[head, 6, 6\]"):
+        plot.attention_view(p[:, :5], TRICKY)
+    with pytest.raises(ValueError, match="heads is needed with a cache"):
+        plot.attention_view({0: p[None]}, TRICKY)
 
 
 def _panel_texts(ax, renderer):
@@ -66,59 +145,6 @@ def test_attention_pattern_panels_do_not_overlap(model, n_heads):
                 assert not box_a.overlaps(image_b), f"{text_a!r} of {a.get_title()} is drawn over {b.get_title()}"
                 for text_b, box_b in _panel_texts(b, r):
                     assert not box_a.overlaps(box_b), f"{text_a!r} ({a.get_title()}) over {text_b!r} ({b.get_title()})"
-
-
-# ----------------------------------------------------------------------- the attention view
-PROBE = """
-const root = document.querySelector(".npgpt2-attn");
-const toks = Array.from(root.querySelectorAll(".tokens .tok"));
-const strips = () => Array.from(root.querySelectorAll(".head")).map(h =>
-    Array.from(h.querySelectorAll(".strip .tok")).map(s => s.style.background));
-const handlers = toks.map(s => typeof s.onmouseover === "function");
-const before = strips();
-toks[QUERY].dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
-return {tokens: toks.map(s => s.textContent), handlers, before, after: strips(),
-        heads: Array.from(root.querySelectorAll(".head h4")).map(h => h.textContent),
-        query: toks.map(s => s.classList.contains("query")),
-        info: root.querySelector(".info").textContent,
-        views: document.querySelectorAll(".npgpt2-attn").length};
-"""
-
-
-def test_attention_view_hover_shows_where_a_token_attends(model, tmp_path):
-    text = "When John and Mary went to the shops, John gave"
-    _, c = model.run_with_cache(text)
-    tokens = model.to_str_tokens(text)
-    view = plot.attention_view(c, tokens, [(0, 1), (1, 3)])
-    assert repr(view).startswith("AttentionView(2 heads: L0H1, L1H3")
-    path = view.save(tmp_path / "view.html")
-    page = open(path, encoding="utf-8").read()
-    assert page.startswith("<!DOCTYPE html>") and not re.search(r"(src|href)\s*=|https?://|@import", page)
-    q = 5
-    dom, r = render(page, PROBE.replace("QUERY", str(q)))
-    assert r["tokens"] == tokens and all(r["handlers"]) and r["heads"] == ["L0H1", "L1H3"]
-    assert r["query"] == [j == q for j in range(len(tokens))]
-    for h, (layer, head) in enumerate([(0, 1), (1, 3)]):
-        p = c["pattern", layer][0, head]
-        expected = [shade(round(float(p[q, j]), 4)) if j <= q else "transparent" for j in range(len(tokens))]
-        assert r["after"][h] == expected  # the hovered token's row of this head's pattern
-        assert r["before"][h] != r["after"][h]  # before: the last token's row
-        best = int(np.argmax(p[q, : q + 1]))
-        assert f"L{layer}H{head} -> {best} " in r["info"]
-
-
-def test_attention_view_inline_views_are_independent_and_keep_tricky_tokens():
-    p = tricky_patterns()
-    first = plot.attention_view(p, TRICKY)
-    second = plot.attention_view(p[::-1], TRICKY, heads=[0, 2])
-    page = f"<!DOCTYPE html><html><body>{first._repr_html_()}{second._repr_html_()}</body></html>"
-    _, r = render(page, PROBE.replace("QUERY", "3"))  # probes the first view
-    assert r["views"] == 2 and r["tokens"] == TRICKY and r["heads"] == ["H0", "H1", "H2"]
-    assert r["after"][1] == [shade(round(float(p[1, 3, j]), 4)) if j <= 3 else "transparent" for j in range(len(TRICKY))]
-    with pytest.raises(ValueError, match=r"patterns must be \[head, 6, 6\]"):
-        plot.attention_view(p[:, :5], TRICKY)
-    with pytest.raises(ValueError, match="heads is needed with a cache"):
-        plot.attention_view({0: p[None]}, TRICKY)
 
 
 # -------------------------------------------------------------------------- rich reprs

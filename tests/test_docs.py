@@ -80,6 +80,63 @@ def test_the_porting_guide_is_in_the_navigation_only_when_its_file_is_there(tmp_
     assert hooks.nav_with_porting_guide(listed, str(tmp_path)) == listed
 
 
+# ------------------------------------------------------------------------- the pictures
+@pytest.fixture(scope="module")
+def pictures():
+    """docs/make_pictures.py run afresh into docs/images, as CI's documentation step does before the
+    site is built. The trained induction model comes from the user's own cache (``$HF_HOME/npgpt2-zoo``,
+    not the tests' private one), where it is built once and then reused, as the script does when run
+    by hand."""
+    pytest.importorskip("matplotlib")
+    import json
+    import time
+
+    started = time.time()
+    images = os.path.join(DOCS, "images")
+    from conftest import REAL_HF_HUB_CACHE
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HOME=os.path.dirname(REAL_HF_HUB_CACHE))
+    out = subprocess.run([sys.executable, os.path.join(DOCS, "make_pictures.py"), "--out", images],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(os.path.join(images, "pictures.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    return started, images, record
+
+
+@pytest.mark.docs
+def test_the_pictures_are_remade_from_the_trained_model(pictures):
+    started, images, record = pictures
+    spec = importlib.util.spec_from_file_location("make_pictures", os.path.join(DOCS, "make_pictures.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert sorted(record["files"]) == sorted(script.PICTURES)
+    for name in script.PICTURES:
+        path = os.path.join(images, name)
+        assert os.path.getmtime(path) >= started - 1, f"{name} was not written by this run"
+        assert os.path.getsize(path) == record["files"][name]
+        with open(path, "rb") as f:
+            head = f.read(16)
+        assert head.startswith(b"\x89PNG" if name.endswith(".png") else b"<!DOCTYPE html>"), name
+    assert record["model"].startswith("induction")
+    # every picture is shown by the docs, and the README shows at least one of them
+    page = open(os.path.join(DOCS, "techniques", "pictures.md"), encoding="utf-8").read()
+    assert all(f"../images/{name}" in page for name in script.PICTURES)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    shown = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+)\)", readme)
+    assert shown and all(os.path.exists(os.path.join(ROOT, s)) for s in shown)
+
+
+@pytest.mark.docs
+def test_the_pictures_show_the_induction_circuit(pictures):
+    """What the pictures page says they show: the heads drawn are a previous-token head in layer 0
+    and an induction head in layer 1, each attending where its name says on most of the prompt."""
+    _, _, record = pictures
+    assert record["previous_token_head"].startswith("L0") and record["previous_token_score"] > 0.5, record
+    assert record["induction_head"].startswith("L1") and record["induction_score"] > 0.5, record
+
+
 # ------------------------------------------------------------------------- the strict build
 def _build(root, site):
     pytest.importorskip("mkdocs")
@@ -99,8 +156,14 @@ def _table_names(page_html):
 
 
 @pytest.mark.docs
-def test_docs_build_strictly_and_the_hook_table_is_the_models(tmp_path, model):
+def test_docs_build_strictly_and_the_hook_table_is_the_models(tmp_path, model, pictures):
     _build(ROOT, tmp_path / "site")
+    built = open(tmp_path / "site" / "techniques" / "pictures" / "index.html", encoding="utf-8").read()
+    for image in re.findall(r'<img[^>]+src="([^"]+)"', built):  # the page's pictures are in the site
+        assert (tmp_path / "site" / "techniques" / "pictures" / image).resolve().exists(), image
+    assert (tmp_path / "site" / "images" / "circuit.html").exists()
+    css = open(tmp_path / "site" / "stylesheets" / "extra.css", encoding="utf-8").read()
+    assert "overflow-x: auto" in css  # code blocks scroll instead of being cut
     names = _table_names(open(tmp_path / "site" / "hook-points" / "index.html", encoding="utf-8").read())
     n_layer = model.cfg.n_layer
     per_block = [n for n in names if "{l}" in n]

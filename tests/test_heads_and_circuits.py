@@ -202,7 +202,7 @@ def test_attention_pictures(model, tmp_path):
     assert (tmp_path / "layer1.html").read_text() == page
     assert page.startswith("<!DOCTYPE html>") and page.count("<script") == 2
     assert not re.search(r"(src|href)\s*=|https?://|@import", page)  # nothing fetched from anywhere
-    data = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
+    data = re.search(r'<script type="application/json" id="[^"]+">(.*?)</script>', page, re.S).group(1)
     import json
 
     payload = json.loads(data)  # script content is raw text: no HTML entities to undo

@@ -31,7 +31,7 @@ def test_imshow_labels_batch_and_facets(tmp_path):
                       title="patched", path=tmp_path / "im.png", renderer="png")
     assert (tmp_path / "im.png").stat().st_size > 1000
     ax, bar = fig.axes  # the heatmap and its colour bar
-    assert ticks(ax) == tokens and ticks(ax, "y") == ["L0", "L1", "L2"]
+    assert ticks(ax) == ["The", "\u2423cat", "\u2423sat", "\u2423down"] and ticks(ax, "y") == ["L0", "L1", "L2"]
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("position", "layer", "patched")
     np.testing.assert_array_equal(ax.images[0].get_array(), values[1])
     lo, hi = ax.images[0].get_clim()
@@ -93,8 +93,10 @@ def test_attention_patterns_flat_heads_and_batch(model, tmp_path):
     fig = plot.attention_patterns(cache, str_tokens, [1, n_head + 3, (0, 2)], batch=1, path=tmp_path / "a.png")
     panels = [a for a in fig.axes if a.images]
     assert [a.get_title() for a in panels] == ["L0H1", "L1H3", "L0H2"]
-    np.testing.assert_array_equal(panels[1].images[0].get_array(), cache["pattern", 1][1, 3])
-    assert ticks(panels[0]) == [f"{i}:{t!r}" for i, t in enumerate(str_tokens[1])]
+    drawn = panels[1].images[0].get_array()  # the pattern, with the cells above the diagonal masked
+    np.testing.assert_array_equal(drawn.filled(np.nan)[np.tril_indices(4)], cache["pattern", 1][1, 3][np.tril_indices(4)])
+    assert np.ma.getmaskarray(drawn)[np.triu_indices(4, 1)].all()
+    assert ticks(panels[0]) == [t.replace(" ", "\u2423") for t in str_tokens[1]]
     fig = plot.attention_patterns({0: cache["pattern", 0]}, str_tokens[0], 2)  # one flat index, a dict
     assert [a.get_title() for a in fig.axes if a.images] == ["L0H2"]
     page = plot.attention_html(cache["pattern", 1], str_tokens, 1, batch=1)

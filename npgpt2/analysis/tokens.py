@@ -23,12 +23,14 @@ def _entropy(logp: np.ndarray) -> np.ndarray:
 
 
 def prob_css(p) -> str:
-    """The CSS that colours a table cell by a probability: white at 0 to blue at 1 (the attention
-    view's scale); empty for a missing value."""
+    """The CSS that colours a table cell by a probability: the 0..1 map of ``npgpt2.style`` (the
+    attention view's), text in black or white to read on it; empty for a missing value."""
+    from .. import style
+
     if p is None or pd.isna(p):
         return ""
-    c = round(255 * (1 - min(max(float(p), 0.0), 1.0)))
-    return f"background-color: rgb({c}, {c}, 255); color: {'white' if p > 0.6 else 'black'}"
+    colour = style.sequential_rgb(p)
+    return f"background-color: {colour}; color: {style.text_colour_on(colour)}"
 
 
 def style_probs(df: pd.DataFrame, columns=None, digits: int = 3):

@@ -6,8 +6,11 @@ filtered). A feature's page shows its statistics, its histogram (firing values, 
 as an inline SVG), its direct effect on the logits (top promoted / suppressed tokens), its top
 contexts and a sample of contexts from each activation band, with the quantiles of the firing
 distribution each band covers. In a context the activating token is outlined and every token is
-shaded by the feature's activation on it: those neighbouring activations are computed again here
-with the harvest's model (the harvest keeps one value per example).
+shaded by the feature's activation on it (the diverging map of ``npgpt2.style``: blue positive, on
+the scale of the feature's max), and the contexts are aligned on the activating token, as in
+SAE-Vis and Neuronpedia: those neighbouring activations are computed again here with the harvest's
+model (the harvest keeps one value per example). Every activation on a page is written with the
+same number of decimals.
 
 Everything (CSS, JS, SVG) is inside the pages: they open from disk with no network.
 """
@@ -20,6 +23,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from .. import style
 from .run import Harvest, HarvestError, Harvester, _load_model, _load_sae
 from .stats import N_BANDS, band_range
 
@@ -159,55 +163,88 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 h1{font-size:22px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
 th{cursor:pointer;background:#f4f4f4;user-select:none} td.l,th.l{text-align:left}
-.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;line-height:1.9;white-space:pre-wrap}
-.tok{border-radius:2px;padding:1px 0} .hot{outline:2px solid #c00;font-weight:bold}
-.val{display:inline-block;width:70px;color:#555;font-size:12px} .muted{color:#777;font-size:12px}
+table.contexts td{border:none;padding:1px 0;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;
+  white-space:pre;line-height:1.7}
+table.contexts td.left{text-align:right} table.contexts td.right{text-align:left}
+table.contexts td.at{text-align:center;padding:1px 1px}
+table.contexts td.val{color:#555;padding-right:14px;font-family:system-ui,sans-serif;font-size:12px}
+table.contexts td.where{color:#777;font-size:11px;padding-left:14px;font-family:system-ui,sans-serif}
+.tok{border-radius:2px;padding:1px 0} .hot{outline:2px solid #222;font-weight:bold}
+.muted{color:#777;font-size:12px}
 .grid{display:flex;gap:40px;flex-wrap:wrap} input{font-size:14px;padding:4px 8px;margin:8px 0}
 a{color:#1756a9}
 """
 
 
+def _decimals(vmax: float) -> int:
+    """Decimals that give a page's largest activation three significant digits (0 to 4)."""
+    if not vmax > 0 or not np.isfinite(vmax):
+        return 3
+    return int(np.clip(2 - np.floor(np.log10(vmax)), 0, 4))
+
+
 def _shade(v: float, vmax: float) -> str:
-    a = 0.0 if not vmax > 0 or not v > 0 else min(1.0, float(v) / float(vmax))
-    return f"background:rgba(255,110,0,{a:.3f})"
+    """A token's background: its activation on the diverging map, scaled to the feature's max."""
+    if not np.isfinite(v) or v == 0:
+        return "background:transparent"
+    colour = style.diverging_rgb(v, vmax)
+    return f"background:{colour};color:{style.text_colour_on(colour)}"
 
 
 def _tok_text(model, t: int) -> str:
-    s = model.tokenizer.token_str(int(t))
-    return html.escape(s.replace("\n", "\u21b5"))
+    return html.escape(style.token_label(model.tokenizer.token_str(int(t))))
 
 
-def _context_html(model, tokens, acts, position, vmax, before, after) -> str:
+def _context_cells(model, tokens, acts, position, vmax, before, after, fmt) -> str:
+    """Three cells: the tokens before the activating one (right-aligned), it, and those after, so
+    that a table of contexts lines up on the activating token."""
     lo, hi = max(0, position - before), min(len(tokens), position + after + 1)
     spans = []
     for p in range(lo, hi):
-        v = float(acts[p]) if acts is not None else (np.nan)
+        v = float(acts[p]) if acts is not None else np.nan
         cls = "tok hot" if p == position else "tok"
-        title = html.escape(f"{model.tokenizer.token_str(int(tokens[p]))!r} pos {p}: {v:.4g}")
+        title = html.escape(f"{model.tokenizer.token_str(int(tokens[p]))!r} pos {p}: {fmt(v)}")
         spans.append(f'<span class="{cls}" style="{_shade(v, vmax)}" title="{title}">{_tok_text(model, tokens[p])}</span>')
-    return "".join(spans)
+    at = position - lo
+    return (f'<td class="left">{"".join(spans[:at])}</td><td class="at">{spans[at]}</td>'
+            f'<td class="right">{"".join(spans[at + 1:])}</td>')
 
 
-def _histogram_svg(hist: pd.DataFrame, threshold: float) -> str:
+def _histogram_svg(hist: pd.DataFrame, threshold: float, fmt) -> str:
+    """The firing activations' histogram: bars on a log-scaled activation axis (quarter-octave bins,
+    a labelled tick every octave) against a count axis with ticks."""
     firing = hist[hist["lo"] >= 0].sort_values("bin")
     if firing.empty:
         return '<p class="muted">no positive activations</p>'
-    W, H, pad = 620, 180, 30
+    W, H, left, right, top_pad, bottom = 640, 210, 56, 16, 14, 46
     counts = firing["count"].to_numpy()
     n = len(counts)
-    bw = (W - 2 * pad) / n
+    bw = (W - left - right) / n
     top = counts.max()
-    bars = []
+    plot_h = H - top_pad - bottom
+    parts = [f'<line x1="{left}" y1="{H - bottom}" x2="{W - right}" y2="{H - bottom}" stroke="#555"/>',
+             f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{H - bottom}" stroke="#555"/>']
     for i, (c, lo, hi) in enumerate(zip(counts, firing["lo"], firing["hi"])):
-        bh = (H - 2 * pad) * c / top
-        bars.append(f'<rect class="bar" x="{pad + i * bw:.1f}" y="{H - pad - bh:.1f}" width="{max(bw - 1, 1):.1f}" '
-                    f'height="{bh:.1f}" fill="#e8740c"><title>[{lo:.4g}, {hi:.4g}): {int(c)}</title></rect>')
-    labels = (f'<text x="{pad}" y="{H - 8}" font-size="11">{firing["lo"].iloc[0]:.3g}</text>'
-              f'<text x="{W - pad}" y="{H - 8}" font-size="11" text-anchor="end">{firing["hi"].iloc[-1]:.3g}</text>'
-              f'<text x="{W / 2}" y="{H - 8}" font-size="11" text-anchor="middle">activation (log scale, '
-              f'quarter-octave bins)</text><text x="{pad}" y="14" font-size="11">{int(top)} tokens</text>')
-    return (f'<svg id="histogram" width="{W}" height="{H}">'
-            f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="#999"/>{"".join(bars)}{labels}</svg>')
+        bh = plot_h * c / top
+        parts.append(f'<rect class="bar" x="{left + i * bw:.1f}" y="{H - bottom - bh:.1f}" width="{max(bw - 1, 1):.1f}" '
+                     f'height="{bh:.1f}" fill="{style.POSITIVE}"><title>[{fmt(lo)}, {fmt(hi)}): {int(c):,} tokens</title></rect>')
+    step = max(1, int(np.ceil(n / 8)))  # at most ~8 labelled ticks on the activation axis
+    for i in list(range(0, n, step)) + [n]:
+        x = left + i * bw
+        value = firing["lo"].iloc[i] if i < n else firing["hi"].iloc[-1]
+        parts.append(f'<line x1="{x:.1f}" y1="{H - bottom}" x2="{x:.1f}" y2="{H - bottom + 4}" stroke="#555"/>'
+                     f'<text class="xtick" x="{x:.1f}" y="{H - bottom + 16}" font-size="11" text-anchor="middle">'
+                     f"{fmt(value)}</text>")
+    for frac in (0, 0.5, 1):
+        y = H - bottom - plot_h * frac
+        parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#555"/>'
+                     f'<text class="ytick" x="{left - 7}" y="{y + 4:.1f}" font-size="11" text-anchor="end">'
+                     f"{int(round(top * frac)):,}</text>")
+    parts.append(f'<text x="{(left + W - right) / 2:.0f}" y="{H - 8}" font-size="12" text-anchor="middle">'
+                 "activation (log scale, quarter-octave bins)</text>"
+                 f'<text x="14" y="{top_pad + plot_h / 2:.0f}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top_pad + plot_h / 2:.0f})">tokens</text>')
+    return f'<svg id="histogram" width="{W}" height="{H}">{"".join(parts)}</svg>'
 
 
 def _band_quantiles(hist: pd.DataFrame, threshold: float) -> dict:
@@ -226,6 +263,11 @@ def _band_quantiles(hist: pd.DataFrame, threshold: float) -> dict:
 def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, after):
     man = h.manifest
     vmax = float(st["max"])
+    decimals = _decimals(vmax)
+
+    def fmt(v):
+        return "-" if v != v else f"{v:.{decimals}f}"
+
     worst = 0.0
 
     def ctx_row(row, cls):
@@ -234,9 +276,9 @@ def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, 
         a = acts.get(c)
         if a is not None:
             worst = max(worst, abs(float(a[p]) - v))
-        return (f'<div class="{cls}" data-context="{c}" data-position="{p}"><span class="val">{v:.4g}</span>'
-                f'<span class="ctx">{_context_html(model, h.context_tokens(c), a, p, vmax, before, after)}</span>'
-                f' <span class="muted">ctx {c} pos {p}</span></div>')
+        return (f'<tr class="{cls}" data-context="{c}" data-position="{p}"><td class="val">{fmt(v)}</td>'
+                f"{_context_cells(model, h.context_tokens(c), a, p, vmax, before, after, fmt)}"
+                f'<td class="where">ctx {c} pos {p}</td></tr>')
 
     kind = "latent" if man["feature_kind"] == "latent" else "neuron"
     parts = [f"<h1>{html.escape(man['hook'])} {kind} {fid}</h1>",
@@ -245,9 +287,9 @@ def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, 
              '<table id="stats">' + "".join(
                  f'<tr><td class="l">{k}</td><td>{v}</td></tr>' for k, v in [
                      ("density", f"{st['density']:.4%}"), ("firing tokens", f"{int(st['fire_count']):,}"),
-                     ("mean when firing", f"{st['mean_firing']:.4g}"), ("mean", f"{st['mean']:.4g}"),
-                     ("max", f"{st['max']:.4g}"), ("min", f"{st['min']:.4g}")]) + "</table>",
-             "<h2>Histogram of firing activations</h2>", _histogram_svg(hist, man["threshold"])]
+                     ("mean when firing", fmt(st['mean_firing'])), ("mean", fmt(st['mean'])),
+                     ("max", fmt(st['max'])), ("min", fmt(st['min']))]) + "</table>",
+             "<h2>Histogram of firing activations</h2>", _histogram_svg(hist, man["threshold"], fmt)]
     if effect is not None:
         cells = []
         for title, rows in effect.groupby("direction", sort=False):
@@ -256,7 +298,8 @@ def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, 
             cells.append(f'<div><b>{title}</b><table>{body}</table></div>')
         parts += ["<h2>Direct logit effect</h2>", f'<div class="grid">{"".join(cells)}</div>']
     parts.append(f"<h2>Top {len(top)} activations</h2>")
-    parts += [ctx_row(r, "top-row") for _, r in top.sort_values("rank").iterrows()] or ['<p class="muted">never fired</p>']
+    rows = [ctx_row(r, "top-row") for _, r in top.sort_values("rank").iterrows()]
+    parts.append(f'<table class="contexts">{"".join(rows)}</table>' if rows else '<p class="muted">never fired</p>')
     quantiles = _band_quantiles(hist, man["threshold"])
     if len(examples):
         parts.append("<h2>Activation bands</h2><p class=\"muted\">Each band is an octave of activation values; the "
@@ -264,9 +307,10 @@ def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, 
         for band, group in sorted(examples.groupby("band"), key=lambda kv: -kv[0]):
             lo, hi = band_range(int(band))
             share, q0, q1 = quantiles.get(int(band), (np.nan, np.nan, np.nan))
-            parts.append(f'<h3 class="band">[{lo:.4g}, {hi:.4g}): {share:.1%} of firing tokens, '
+            parts.append(f'<h3 class="band">[{fmt(lo)}, {fmt(hi)}): {share:.1%} of firing tokens, '
                          f'quantiles {q0:.2f}–{q1:.2f}</h3>')
-            parts += [ctx_row(r, "band-row") for _, r in group.sort_values("rank").iterrows()]
+            rows = [ctx_row(r, "band-row") for _, r in group.sort_values("rank").iterrows()]
+            parts.append(f'<table class="contexts">{"".join(rows)}</table>')
     page = _page(f"{man['hook']} {kind} {fid}", "".join(parts), "")
     return page, worst
 
@@ -274,13 +318,14 @@ def _feature_page(h, model, fid, st, top, examples, hist, effect, acts, before, 
 def _index_page(h: Harvest, with_pages: set) -> str:
     man = h.manifest
     rows = []
+    d = _decimals(float(h.features["max"].max()) if len(h.features) else 1.0)  # one precision for the table
     for r in h.features.itertuples(index=False):
         fid = int(r.feature)
         name = f'<a href="feature-{fid}.html">{fid}</a>' if fid in with_pages else str(fid)
         rows.append(f'<tr class="feature-row" data-feature="{fid}" data-density="{r.density:.9g}" '
                     f'data-fire="{int(r.fire_count)}" data-mean="{0 if np.isnan(r.mean_firing) else r.mean_firing:.9g}" '
                     f'data-max="{r.max:.9g}"><td class="l">{name}</td><td>{r.density:.4%}</td><td>{int(r.fire_count):,}</td>'
-                    f'<td>{"" if np.isnan(r.mean_firing) else f"{r.mean_firing:.4g}"}</td><td>{r.max:.4g}</td></tr>')
+                    f'<td>{"" if np.isnan(r.mean_firing) else f"{r.mean_firing:.{d}f}"}</td><td>{r.max:.{d}f}</td></tr>')
     info = (f"{html.escape(str(man['model_name']))} · {html.escape(man['hook'])}"
             + (f" · SAE {html.escape(str(man['sae']['release']))}" if man.get("sae") else "")
             + f" · {man['n_features']} {man['feature_kind']}s · {man['tokens_seen']:,} tokens · "
