@@ -3,8 +3,8 @@
     python docs/make_pictures.py                 # writes docs/images/
     python docs/make_pictures.py --model FOLDER  # another checkpoint folder (e.g. one `npgpt2 zoo build` wrote)
 
-The model is ``npgpt2.zoo.induction()``: a 2-layer GPT-2 trained here on random words whose second
-half repeats the first, with a previous-token head in layer 0 and an induction head in layer 1
+The model is ``npgpt2.zoo.induction()``: a 2-layer GPT-2 trained here to copy runs of words recalled
+from earlier in its context, with previous-token heads in layer 0 and induction heads in layer 1
 (built on first use, then cached). The prompt is such a sequence; the heads drawn are the ones
 that score highest as previous-token and induction heads on it, found here, not named by hand.
 
