@@ -262,12 +262,13 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         nll = ops.cross_entropy(logits[:, :-1], tokens[:, 1:])  # [batch, pos - 1]
         if mask is not None:
             mask = np.asarray(mask)
-            nll = np.where((mask[:, 1:] > 0) & (mask[:, :-1] > 0), nll, np.nan)  # [batch, pos - 1], NaN at padding
+            real = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)  # [batch, pos - 1]: predictions of a real token from one
+            if not per_token and not real.any():  # every prediction masked: a mean of nothing
+                raise InputError("the loss has no target to average over: attention_mask leaves no two "
+                                 "consecutive real tokens in any row")
+            nll = np.where(real, nll, np.nan)  # [batch, pos - 1], NaN at padding
         if per_token:
             return nll
-        if np.isnan(nll).all():  # every prediction masked: a mean of nothing
-            raise InputError("the loss has no target to average over: attention_mask leaves no two "
-                             "consecutive real tokens in any row")
         return float(np.nanmean(nll))
 
     # ------------------------------------------------------------------------------------------

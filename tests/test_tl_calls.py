@@ -392,7 +392,7 @@ def test_use_attn_result_puts_each_heads_output_in_a_default_cache(tiny_dir, tok
     _, cache = model.run_with_cache(tokens)
     for l in range(L):
         # each head's z through its own slice of the output projection, summed by hand
-        W = model.weights.blocks[l].W_attn_out.reshape(H, Dh, D)
+        W = model.weights.blocks[l].W_O.reshape(H, Dh, D)
         by_hand = np.einsum("bphd,hdm->bphm", cache["z", l], W)
         np.testing.assert_allclose(cache.cache_dict[f"blocks.{l}.attn.hook_result"], by_hand, atol=1e-12)
     with pytest.raises(ValueError, match="use_attn_result='yes': expected True or False"):
