@@ -1,13 +1,15 @@
 """Small GPT-2s with a real circuit, trained here by npgpt2's own training code.
 
 Real GPT-2 weights are a download away; these are not. ``induction()`` is a 2-layer GPT-2 (attention
-and MLP blocks, layer norms, learned positions) with a vocabulary of 300 English words, trained on
-sequences of random words whose second half repeats the first. Nothing in it is set by hand: the
-circuit that solves the task, a previous-token head in layer 0 whose output the keys of an induction
-head in layer 1 read (K-composition), forms during training, after a plateau, as in Olsson et al.
-(2022), "In-context learning and induction heads".
+and MLP blocks, layer norms, learned positions) with a vocabulary of 300 English words, trained to
+copy runs of words recalled from earlier in its context, each run at its own distance from where it
+came from (``recall_batch``). Nothing in it is set by hand: the circuit that solves the task,
+previous-token heads in layer 0 whose output the keys of induction heads in layer 1 read
+(K-composition), forms during training, after a plateau, as in Olsson et al. (2022), "In-context
+learning and induction heads". On the classic task (random words, then the same words again,
+``repeated_batch``), which it never saw as such, it copies the repeat.
 
-    model = npgpt2.zoo.induction()              # built once (about a minute on 2 cores), then cached
+    model = npgpt2.zoo.induction()              # built once (900 steps for seed 0), then cached
     model.to_str_tokens("cat dog tree cat dog") # [' cat', ' dog', ' tree', ' cat', ' dog']
 
 The build is a function of the seed and the recipe only: the same seed gives the same weights, bit for
@@ -247,7 +249,7 @@ def build_induction(out: str | None = None, seed: int = 0, recipe: InductionReci
 
 
 def induction(seed: int = 0, dtype: str = "float32", progress: bool | None = None, **load_kwargs):
-    """The trained induction model: loaded from the cache, or built there first (about a minute).
+    """The trained induction model: loaded from the cache, or built there first (900 steps for seed 0).
 
     seed: which build (each seed trains its own). dtype and ``load_kwargs`` (``fold_ln=True``, ...)
     go to ``npgpt2.from_pretrained``. ``model.files.source`` is the folder.

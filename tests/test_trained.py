@@ -5,7 +5,7 @@ the untrained model of the same shape (the recipe's initialisation, same seed), 
 a check that passes on noise proves nothing.
 
 The checks run on the classic task, random words then the same words again, which the model was not
-trained on as such (see ``npgpt2.zoo``). The model is built once per test session (about a minute on
+trained on as such (see ``npgpt2.zoo``). The model is built once per test session (900 steps; a minute or more on
 2 cores; ``pytest -m trained``).
 """
 
