@@ -27,14 +27,7 @@ TOKENS = ["<|endoftext|>", "When", " John", " and", "\n", " \u4e2d"]
 LABELS = ["<|endoftext|>", "When", "\u2423John", "\u2423and", "\u21b5", "\u2423\\u4e2d"]
 
 
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
-
-
-def ticks(ax, axis="x"):
-    return [t.get_text() for t in (ax.get_xticklabels() if axis == "x" else ax.get_yticklabels())]
+from figures import close_figures, ticks  # noqa: E402,F401  (close_figures: autouse)
 
 
 def colourbars(fig):

@@ -14,14 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from npgpt2 import plot  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def close_figures():
-    yield
-    plt.close("all")
-
-
-def ticks(ax, axis="x"):
-    return [t.get_text() for t in (ax.get_xticklabels() if axis == "x" else ax.get_yticklabels())]
+from figures import close_figures, ticks  # noqa: E402,F401  (close_figures: autouse)
 
 
 def test_imshow_labels_batch_and_facets(tmp_path):
