@@ -81,6 +81,11 @@ def main():
     print(f"recipe: {dataclasses.asdict(recipe)}")
 
     data = batches(recipe, seed=0, n=args.steps)
+    npgpt2_steps(recipe, data[:30])  # warm-up: the first steps of a process allocate and fault in its memory
+    try:
+        torch_steps(recipe, data[:30])
+    except ImportError:
+        pass
     ours = npgpt2_steps(recipe, data)
     try:
         theirs = torch_steps(recipe, data)
