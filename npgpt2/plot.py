@@ -239,7 +239,7 @@ def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: st
         if row.input in ("q", "k", "v"):
             ax.text(x0 + 0.8 * (x1 - x0), y0 + 0.8 * (y1 - y0), row.input, fontsize=NOTE_SIZE, ha="center",
                     va="center", zorder=4, bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": colour, "lw": 0.6})
-    for name in names:
+    for name in sorted(names):  # a fixed order: the same drawing every run
         x, y = where(name)
         ax.scatter([x], [y], s=150, color="white", edgecolor="black", zorder=3, linewidths=1.2)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=NOTE_SIZE,
@@ -285,7 +285,9 @@ def circuit_html(edges: pd.DataFrame, path=None, n_head: int | None = None, titl
     plt = _pyplot()
     fig = circuit(edges, n_head=n_head, title=title, n_layer=n_layer, model=model)
     svg = io.StringIO()
-    fig.savefig(svg, format="svg")
+    plt = _pyplot()
+    with plt.rc_context({"svg.hashsalt": "npgpt2"}):  # the same ids, and no date, for the same figure: a page that does not change unless its content does
+        fig.savefig(svg, format="svg", metadata={"Date": None})
     plt.close(fig)
     svg_text = svg.getvalue()
     svg_text = svg_text[svg_text.index("<svg"):]  # the element alone, without the XML prologue
