@@ -60,10 +60,6 @@ def _zoo_model(name: str, **kwargs):
 def cmd_zoo(args):
     from . import zoo
 
-    if args.seed < 0:
-        raise CLIError(f"--seed {args.seed}: expected a non-negative integer")
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out} is a file: expected a folder (new or existing)")
     recipe = zoo.InductionRecipe()
     if args.max_steps is not None:
         recipe = dataclasses.replace(recipe, max_steps=args.max_steps)
@@ -674,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build"], help="build: train the model and save it in the hub's layout")
     p.add_argument("name", choices=list(ZOO_MODELS), help="which model")
     p.add_argument("--out", "-o", help="folder to write it into (default: the cache that --model zoo:NAME reads)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="initialisation and data seed (default: 0)")
     p.add_argument("--max-steps", type=_positive_int,
                    help="stop after this many steps even if the loss has not reached its target (default: 4000)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

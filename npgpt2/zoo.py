@@ -98,12 +98,17 @@ def induction_tokenizer() -> WordTokenizer:
     return WordTokenizer(WORDS)
 
 
+def _distinct_words(rng: np.random.Generator, batch: int, n_words: int, k: int) -> np.ndarray:
+    """[batch, k] word ids, distinct within each row (a random permutation's first k)."""
+    return np.argsort(rng.random((batch, n_words)), axis=1)[:, :k]
+
+
 def repeated_batch(rng: np.random.Generator, batch: int, period: int, prefix: int, n_words: int,
                    bos: int) -> np.ndarray:
     """The classic induction task: [batch, 1 + prefix + 2 * period] rows of <|endoftext|>, ``prefix``
     random words, ``period`` random words, then the ``period`` words again. The words of a row are
     distinct, so every word of the repeat has one earlier occurrence to look back to."""
-    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :prefix + period]  # [batch, prefix + period], distinct
+    words = _distinct_words(rng, batch, n_words, prefix + period)  # [batch, prefix + period]
     return np.concatenate([np.full((batch, 1), bos), words, words[:, prefix:]], axis=1).astype(np.int64)
 
 
@@ -116,7 +121,7 @@ def recall_batch(rng: np.random.Generator, batch: int, memory: int, recalled: in
 
     Every run lies at its own distance from where it came from, so only what the words are says
     where to look: the current word's earlier occurrence, and the word after it."""
-    words = np.argsort(rng.random((batch, n_words)), axis=1)[:, :memory]  # [batch, memory], distinct
+    words = _distinct_words(rng, batch, n_words, memory)  # [batch, memory]
     rows = np.arange(batch)[:, None]
     runs, copyable = [], [np.zeros((batch, memory + 1), dtype=bool)]  # predictions from <|endoftext|> and the memory
     total = 0
@@ -131,40 +136,24 @@ def recall_batch(rng: np.random.Generator, batch: int, memory: int, recalled: in
     return tokens, copyable
 
 
-class CopyLoss(metrics.Loss):
-    """The training loss: the mean next-word loss of the copyable predictions (``copyable``
-    [batch, pos - 1], True where the next word can be known from an earlier occurrence of the current
-    one), the others left out; ``copy_loss`` keeps its last value."""
-
-    def __init__(self, tokens, copyable: np.ndarray):
-        self.copyable = np.asarray(copyable, dtype=bool)  # [batch, pos - 1]
-        super().__init__(tokens, weights=self.copyable.astype(np.float64))
-        self.copy_loss = float("nan")
-
-    def value_and_grad(self, logits, out=None):
-        value, d_logits = super().value_and_grad(logits, out=out)
-        self.copy_loss = value
-        return value, d_logits
-
-
 def training_batches(recipe: InductionRecipe, seed: int):
-    """The recipe's batches, one per step: (tokens [batch, pos], its CopyLoss). A function of
-    (recipe, seed) only."""
+    """The recipe's batches, one per step: (tokens [batch, pos], their loss: the mean next-word loss of
+    the copyable predictions alone, ``recall_batch``'s mask as the weights). A function of (recipe,
+    seed) only."""
     rng = np.random.default_rng([seed, 1])  # the data's own stream, apart from the initialisation's
     bos = len(WORDS)  # <|endoftext|>, after the words
     for _ in range(recipe.max_steps):
         memory = int(rng.integers(recipe.min_memory, recipe.max_memory + 1))
         tokens, copyable = recall_batch(rng, recipe.batch_size, memory, recipe.recalled, len(WORDS), bos,
                                         recipe.max_run)
-        yield tokens, CopyLoss(tokens, copyable)
+        yield tokens, metrics.Loss(tokens, weights=copyable)
 
 
 def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), progress: bool | None = None,
                     log=None):
     """Train the induction model from GPT-2's initialisation scheme (``init_std``). -> (model, history)
 
-    history: one dict per step: step, loss (the training loss), copy_loss (the copyable words' loss,
-    nats), lr. Deterministic given (seed, recipe) on one machine. progress: a tqdm bar (None: when
+    history: one dict per step: step, loss (the copyable words' loss, nats), lr. Deterministic given (seed, recipe) on one machine. progress: a tqdm bar (None: when
     stderr is a terminal).
     """
     from tqdm.auto import tqdm
@@ -185,13 +174,13 @@ def train_induction(seed: int = 0, recipe: InductionRecipe = InductionRecipe(), 
             loss, grads = model.value_and_grad(tokens, metric=metric)
             training.clip_grad_norm(grads, recipe.grad_clip)
             lr = opt.step(grads)
-            history.append({"step": step, "loss": loss, "copy_loss": metric.copy_loss, "lr": lr})
-            running = metric.copy_loss if running is None else 0.95 * running + 0.05 * metric.copy_loss
+            history.append({"step": step, "loss": loss, "lr": lr})
+            running = loss if running is None else 0.95 * running + 0.05 * loss
             bar.update(1)
             if step % recipe.check_every == 0:
                 bar.set_postfix(copy_loss=f"{running:.3f}")
                 if log is not None and progress is False:
-                    log(f"step {step}: loss {loss:.3f}, copyable words' loss {running:.3f}")
+                    log(f"step {step}: copyable words' loss {running:.3f} (running mean)")
                 if running < recipe.target_loss:
                     break
     finally:
@@ -223,20 +212,20 @@ def build_induction(out: str | None = None, seed: int = 0, recipe: InductionReci
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: expected a non-negative integer")
     folder = os.fspath(out) if out is not None else cache_folder(seed, recipe)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise FileExistsError(f"--out {folder} is a file: expected a folder (new or existing)")
+    if os.path.exists(folder) and not os.path.isdir(folder):  # (before the training, not after it)
+        raise ValueError(f"--out {folder} is a file: expected a folder (new or existing)")
     t0 = time.perf_counter()
     model, history = train_induction(seed, recipe, progress, log)
     seconds = time.perf_counter() - t0
     staging = f"{folder}.tmp-{os.getpid()}"  # complete before it takes the folder's name
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    tail = [h["copy_loss"] for h in history[-recipe.check_every:]]
+    tail = [h["loss"] for h in history[-recipe.check_every:]]
     record = {"model": "induction", "seed": int(seed), "recipe": dataclasses.asdict(recipe),
               "recipe_fingerprint": recipe.fingerprint(), "steps": len(history),
               "final_copy_loss": float(np.mean(tail)), "build_seconds": round(seconds, 1),
               "weights_sha256": weights_sha256(staging),
-              "copy_loss_every_50_steps": [round(h["copy_loss"], 4) for h in history[::50]]}
+              "copy_loss_every_50_steps": [round(h["loss"], 4) for h in history[::50]]}
     with open(os.path.join(staging, "training.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     if os.path.isdir(folder):
