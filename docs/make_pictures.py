@@ -110,8 +110,12 @@ def main(argv=None) -> int:
     others = [w for w in range(n_words) if w not in set(tokens[0].tolist())]
     corrupted[0, 1 + prefix:start] = others[: period]
     metric = metrics.logit_diff(answer, wrong)
-    edges = greedy_circuit(edge_attribution(model, tokens, corrupted, metric), 12)
-    faithfulness = circuit_faithfulness(model, tokens, corrupted, edges, metric)
+    scores = edge_attribution(model, tokens, corrupted, metric, method="eap-ig")
+    for size in range(10, len(scores) + 10, 10):  # the smallest circuit, in steps of 10 edges, that does the task
+        edges = greedy_circuit(scores, size)
+        faithfulness = circuit_faithfulness(model, tokens, corrupted, edges, metric)
+        if faithfulness >= 0.8:
+            break
     picture = dict(n_head=model.cfg.n_head, n_layer=model.cfg.n_layer, model=name)
     fig = plot.circuit(edges, path=out("circuit.png"), **picture)
     keep("circuit.png", fig)
