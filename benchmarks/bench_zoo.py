@@ -32,7 +32,6 @@ def batches(recipe, seed: int, n: int):
 
 def npgpt2_steps(recipe, data):
     model = training.new_model(recipe.config(), seed=0, tokenizer=zoo.induction_tokenizer())
-    model.fast_path = False  # as the build runs it
     opt = training.AdamW(model, lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     times = []
     for tokens, metric in data:

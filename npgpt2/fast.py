@@ -267,46 +267,61 @@ def _kept(normalized, scale, rows) -> dict:
 
 def _attention(model, ws: _Workspace, a, pos: int, tasks: range) -> None:
     """Causal attention of the (batch row, head) ``tasks`` of a layer whose q|k|v are in ``a.qkv``:
-    writes their z into a.z. Heads of one batch row go together, [heads, queries, d_head] at a
-    time (``_head_batches``): with short sequences, one NumPy call for several small heads costs
-    less than one each. Every head's arithmetic is the same either way."""
-    n_head = model.cfg.n_head
-    d_model = a.z.shape[1]
-    d_head = d_model // n_head
-    for b, heads in _head_batches(tasks, n_head, pos):
-        rows, cols = slice(b * pos, (b + 1) * pos), slice(heads.start * d_head, heads.stop * d_head)
-        tasks_here = slice(b * n_head + heads.start, b * n_head + heads.stop)
-
-        def by_head(x):  # [pos, len(heads) * d_head] -> [heads, pos, d_head] (a view)
-            return x[rows, cols].reshape(pos, len(heads), d_head).transpose(1, 0, 2)
-
-        q, k, v, z = by_head(a.qkv), by_head(a.qkv[:, d_model:]), by_head(a.qkv[:, 2 * d_model:]), by_head(a.z)
+    writes their z into a.z. Heads go together, [batch rows, heads, queries, d_head] at a time
+    (``_head_batches``): with short sequences, one NumPy call for many small heads costs less than
+    one each. Every head's arithmetic is the same either way."""
+    for group, tasks_here, by_head in _head_views(model, a, pos, tasks):
+        q, k, v, z = by_head(a.qkv, 0), by_head(a.qkv, 1), by_head(a.qkv, 2), by_head(a.z, 0)
         for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
             if a.pattern is None:  # one block's scores at a time, in the workspace
                 scores = ws.scores[tasks_here, : (stop - start) * stop]
             else:  # kept for the backward pass
                 scores = a.pattern[tasks_here, end - (stop - start) * stop: end]
-            scores = scores.reshape(len(heads), stop - start, stop)  # [heads, block, stop]
-            np.matmul(q[:, start:stop] / math.sqrt(d_head), k[:, :stop].transpose(0, 2, 1), out=scores)
+            scores = scores.reshape(*group, stop - start, stop)  # [rows, heads, block, stop]
+            np.matmul(q[..., start:stop, :] / math.sqrt(q.shape[-1]), k[..., :stop, :].swapaxes(-1, -2), out=scores)
             scores += ops.causal_mask(stop - start, stop, scores.dtype)
             ops.softmax(scores, out=scores)  # the pattern, in place
-            np.matmul(scores, v[:, :stop], out=z[:, start:stop])
+            np.matmul(scores, v[..., :stop, :], out=z[..., start:stop, :])
+
+
+def _head_views(model, a, pos: int, tasks: range):
+    """For each piece of ``tasks`` that ``_head_batches`` makes: ((batch rows, heads), the slice of
+    tasks it covers, and ``by_head(x, part)``, which views part ``part`` (0, 1, 2 for q, k, v) of
+    an [rows, parts * d_model] array as [batch rows, heads, pos, d_head])."""
+    n_head = model.cfg.n_head
+    d_model = model.cfg.n_embd
+    d_head = d_model // n_head
+    for batch_rows, heads in _head_batches(tasks, n_head, pos):
+        rows = slice(batch_rows.start * pos, batch_rows.stop * pos)
+        tasks_here = slice(batch_rows.start * n_head + heads.start, (batch_rows.stop - 1) * n_head + heads.stop)
+
+        def by_head(x, part, rows=rows, heads=heads):  # a view, no copy
+            cols = slice(part * d_model + heads.start * d_head, part * d_model + heads.stop * d_head)
+            return x[rows, cols].reshape(len(batch_rows), pos, len(heads), d_head).transpose(0, 2, 1, 3)
+
+        yield (len(batch_rows), len(heads)), tasks_here, by_head
 
 
 HEAD_BATCH_ELEMENTS = 1 << 17  # heads go together while their scores of a block of queries are no more
 
 
 def _head_batches(tasks: range, n_head: int, pos: int):
-    """``tasks`` (batch row x n_head + head) as (batch row, range of heads) pieces of one batch row
-    each, of as many heads as keep a block of queries' scores within ``HEAD_BATCH_ELEMENTS``
-    (several at 128 tokens, one at 1024)."""
-    per_batch = max(1, HEAD_BATCH_ELEMENTS // (min(pos, QUERY_BLOCK) * pos))
+    """``tasks`` (batch row x n_head + head) as (range of batch rows, range of heads) pieces whose
+    scores for a block of queries stay within ``HEAD_BATCH_ELEMENTS``: several whole batch rows
+    when all their heads fit (short sequences), else part of one batch row's heads (several heads
+    at 128 tokens, one at 1024)."""
+    most = max(1, HEAD_BATCH_ELEMENTS // (min(pos, QUERY_BLOCK) * pos))  # heads in one piece
     task = tasks.start
     while task < tasks.stop:
         b, h = divmod(task, n_head)
-        stop = min(tasks.stop - b * n_head, n_head, h + per_batch)
-        yield b, range(h, stop)
-        task = b * n_head + stop
+        whole_rows = min(most // n_head, (tasks.stop - task) // n_head) if h == 0 else 0
+        if whole_rows >= 1:
+            yield range(b, b + whole_rows), range(n_head)
+            task += whole_rows * n_head
+        else:
+            stop = min(tasks.stop - b * n_head, n_head, h + most)
+            yield range(b, b + 1), range(h, stop)
+            task = b * n_head + stop
 
 
 @lru_cache(maxsize=8)
@@ -378,7 +393,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
 
             with worker_pool() as run:
                 run(mlp_rows, tiles)
-                run(lambda heads: [_attention_backward(model, ws, a, pos, task) for task in heads], head_groups)
+                run(lambda tasks: _attention_backward(model, ws, a, pos, tasks), head_groups)
                 jobs = [lambda tile=tile: attn_rows(tile) for tile in tiles]
                 if param_grads:  # the weights' gradients, beside the rows (they read what the rows leave alone)
                     products = {  # d W = input^T @ d output, summed over the rows
@@ -405,29 +420,26 @@ def _slices(n: int, size: int = 384) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _attention_backward(model, ws: _Workspace, a, pos: int, task: int) -> None:
-    """``_attention`` of one (batch row, head), backwards (as ops.causal_attention_backward): from
-    its d_z in ws.z and what the tape keeps in ``a`` (its pattern too), writes its d_q, d_k, d_v
-    into ws.qkv."""
-    n_head = model.cfg.n_head
-    d_model = a.z.shape[1]
-    d_head = d_model // n_head
-    b, h = divmod(task, n_head)
-    rows, cols = slice(b * pos, (b + 1) * pos), slice(h * d_head, (h + 1) * d_head)
-    q, z, d_z = a.qkv[rows, cols], a.z[rows, cols], ws.z[rows, cols]  # [pos, d_head]
-    k, v = a.qkv[rows, d_model:][:, cols], a.qkv[rows, 2 * d_model:][:, cols]  # [pos, d_head]
-    d_q = ws.qkv[rows, cols]  # [pos, d_head] (views into d_q | d_k | d_v)
-    d_k, d_v = ws.qkv[rows, d_model:][:, cols], ws.qkv[rows, 2 * d_model:][:, cols]
-    d_k[...] = 0  # keys and values collect from every block of queries that sees them
-    d_v[...] = 0
-    for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
-        pattern = a.pattern[task, end - (stop - start) * stop: end].reshape(stop - start, stop)  # [block, stop]
-        d_v[:stop] += pattern.T @ d_z[start:stop]  # z = pattern @ v
-        d_scores = ws.d_scores[task, : (stop - start) * stop].reshape(stop - start, stop)
-        np.matmul(d_z[start:stop], v[:stop].T, out=d_scores)  # d_pattern
-        d_scores -= (d_z[start:stop] * z[start:stop]).sum(axis=-1, keepdims=True)  # softmax backward:
-        d_scores *= pattern  # pattern * (d_pattern - sum(pattern * d_pattern)), that sum being d_z . z
-        # scores = (q / sqrt(d_head)) @ k.T
-        np.matmul(d_scores, k[:stop], out=d_q[start:stop])
-        d_q[start:stop] /= math.sqrt(d_head)
-        d_k[:stop] += d_scores.T @ (q[start:stop] / math.sqrt(d_head))
+def _attention_backward(model, ws: _Workspace, a, pos: int, tasks: range) -> None:
+    """``_attention`` of the (batch row, head) ``tasks``, backwards (as ops.causal_attention_backward),
+    in the same pieces: from their d_z in ws.z and what the tape keeps in ``a`` (the patterns too),
+    writes their d_q, d_k, d_v into ws.qkv."""
+    for group, tasks_here, by_head in _head_views(model, a, pos, tasks):
+        q, k, v, z = by_head(a.qkv, 0), by_head(a.qkv, 1), by_head(a.qkv, 2), by_head(a.z, 0)
+        d_z = by_head(ws.z, 0)  # [rows, heads, pos, d_head]
+        d_q, d_k, d_v = by_head(ws.qkv, 0), by_head(ws.qkv, 1), by_head(ws.qkv, 2)  # views into d_q | d_k | d_v
+        d_k[...] = 0  # keys and values collect from every block of queries that sees them
+        d_v[...] = 0
+        root = math.sqrt(q.shape[-1])
+        for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
+            pattern = a.pattern[tasks_here, end - (stop - start) * stop: end].reshape(*group, stop - start, stop)
+            d_v[..., :stop, :] += pattern.swapaxes(-1, -2) @ d_z[..., start:stop, :]  # z = pattern @ v
+            d_scores = ws.d_scores[tasks_here, : (stop - start) * stop].reshape(*group, stop - start, stop)
+            np.matmul(d_z[..., start:stop, :], v[..., :stop, :].swapaxes(-1, -2), out=d_scores)  # d_pattern
+            # softmax backward: pattern * (d_pattern - sum(pattern * d_pattern)), that sum being d_z . z
+            d_scores -= (d_z[..., start:stop, :] * z[..., start:stop, :]).sum(axis=-1, keepdims=True)
+            d_scores *= pattern
+            # scores = (q / sqrt(d_head)) @ k.T
+            np.matmul(d_scores, k[..., :stop, :], out=d_q[..., start:stop, :])
+            d_q[..., start:stop, :] /= root
+            d_k[..., :stop, :] += d_scores.swapaxes(-1, -2) @ (q[..., start:stop, :] / root)

@@ -69,7 +69,8 @@ MUTANTS = [
         Edit("npgpt2.ops.softmax_backward", "(d_out - (d_out * out).sum(axis=axis, keepdims=True))", "d_out"),
         Edit("npgpt2.ops.causal_attention_backward", "d_scores -= row_sums", "d_scores -= 0"),
         Edit("npgpt2.fast._attention_backward",
-             "d_scores -= (d_z[start:stop] * z[start:stop]).sum(axis=-1, keepdims=True)", "d_scores -= 0")), grad=True),
+             "d_scores -= (d_z[..., start:stop, :] * z[..., start:stop, :]).sum(axis=-1, keepdims=True)",
+             "d_scores -= 0")), grad=True),
     Mutant("tied embedding's gradient without the unembedding's part", (
         Edit("npgpt2.backward.backward", "d_W_E = d_W_U.T if tied else np.zeros_like(w.W_E)",
              "d_W_E = np.zeros_like(w.W_E)"),), grad=True),
@@ -79,8 +80,8 @@ MUTANTS = [
              "d_k_heads = d_scores.swapaxes(-1, -2) @ q_heads"),
         Edit("npgpt2.ops.causal_attention_backward", "d_k[:, :, :visible] += d_scores.swapaxes(-1, -2) @ q_blk",
              "d_k[:, :, :visible] += d_scores.swapaxes(-1, -2) @ q_blk * math.sqrt(q.shape[-1])"),
-        Edit("npgpt2.fast._attention_backward", "d_k[:stop] += d_scores.T @ (q[start:stop] / math.sqrt(d_head))",
-             "d_k[:stop] += d_scores.T @ q[start:stop]")), grad=True),
+        Edit("npgpt2.fast._attention_backward", "d_k[..., :stop, :] += d_scores.swapaxes(-1, -2) @ (q[..., start:stop, :] / root)",
+             "d_k[..., :stop, :] += d_scores.swapaxes(-1, -2) @ q[..., start:stop, :]")), grad=True),
 ]
 FORWARD = [m for m in MUTANTS if not m.grad]
 GRADIENT = [m for m in MUTANTS if m.grad]

@@ -54,19 +54,24 @@ def test_fast_path_equals_the_textbook_blocks(models, shape, monkeypatch):
         assert_close(fast_logits, plain, rel=tol, what=f"{dtype} logits {shape}")
 
 
-@pytest.mark.parametrize("elements", [1, 1 << 14])
-def test_heads_taken_together_or_apart_give_the_same_numbers(models, elements, monkeypatch):
-    # attention takes a batch row's heads together while a block's scores stay within
-    # HEAD_BATCH_ELEMENTS: one head at a time (1), or 3 then 1 of the 4 heads at 70 tokens (1 << 14)
+@pytest.mark.parametrize("elements, pieces", [
+    (1, [(1, 1), (1, 1)]),  # one head at a time
+    (1 << 14, [(1, 3), (1, 1)]),  # 3 then 1 of a batch row's 4 heads at 70 tokens
+    (1 << 16, [(3, 4)]),  # all three batch rows' heads at once (13 heads' scores fit)
+])
+def test_heads_taken_together_or_apart_give_the_same_numbers(models, elements, pieces, monkeypatch):
+    # attention takes heads together while a block's scores stay within HEAD_BATCH_ELEMENTS:
+    # part of a batch row's heads, or several whole batch rows
     tokens = np.random.default_rng(11).integers(0, V, (3, 70))
     m = models["float64"]
-    together = m(tokens)
     monkeypatch.setattr(fast, "HEAD_BATCH_ELEMENTS", elements)
-    assert [len(h) for _, h in fast._head_batches(range(0, 8), 4, 70)][:2] == \
-        ([1, 1] if elements == 1 else [3, 1])
-    apart = m(tokens)
-    assert_close(apart, together, rel=1e-12, what=f"heads batched within {elements} elements")
-    assert_close(apart, _plain(m, tokens), rel=1e-12, what="against the textbook blocks")
+    assert [(len(b), len(h)) for b, h in fast._head_batches(range(0, 12), 4, 70)][:len(pieces)] == pieces
+    logits = m(tokens)
+    assert_close(logits, _plain(m, tokens), rel=1e-12, what=f"heads batched within {elements} elements")
+    value, grads = _grads(m, tokens)  # and backwards, in the same pieces
+    plain_value, plain = _grads(m, tokens, fast_path=False)
+    assert value == pytest.approx(plain_value, rel=1e-12)
+    _assert_same_grads(grads, plain, 1e-12, f"gradients, heads batched within {elements} elements")
 
 
 def test_fast_path_with_layer_ranges_and_loss(models):
