@@ -278,7 +278,7 @@ def _attention(model, ws: _Workspace, a, pos: int, tasks: range) -> None:
             else:  # kept for the backward pass
                 scores = a.pattern[tasks_here, end - (stop - start) * stop: end]
             scores = scores.reshape(*group, stop - start, stop)  # [rows, heads, block, stop]
-            np.matmul(q[..., start:stop, :] / math.sqrt(q.shape[-1]), k[..., :stop, :].swapaxes(-1, -2), out=scores)
+            np.matmul(q[..., start:stop, :] / math.sqrt(model.cfg.d_head), k[..., :stop, :].swapaxes(-1, -2), out=scores)
             scores += ops.causal_mask(stop - start, stop, scores.dtype)
             ops.softmax(scores, out=scores)  # the pattern, in place
             np.matmul(scores, v[..., :stop, :], out=z[..., start:stop, :])
@@ -430,7 +430,7 @@ def _attention_backward(model, ws: _Workspace, a, pos: int, tasks: range) -> Non
         d_q, d_k, d_v = by_head(ws.qkv, 0), by_head(ws.qkv, 1), by_head(ws.qkv, 2)  # views into d_q | d_k | d_v
         d_k[...] = 0  # keys and values collect from every block of queries that sees them
         d_v[...] = 0
-        root = math.sqrt(q.shape[-1])
+        root = math.sqrt(model.cfg.d_head)
         for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
             pattern = a.pattern[tasks_here, end - (stop - start) * stop: end].reshape(*group, stop - start, stop)
             d_v[..., :stop, :] += pattern.swapaxes(-1, -2) @ d_z[..., start:stop, :]  # z = pattern @ v

@@ -48,7 +48,7 @@ MUTANTS = [
     Mutant("attention scaled by sqrt(d_model), not sqrt(d_head)", (
         Edit("npgpt2.model.GPT2._attention", "math.sqrt(self.cfg.d_head)", "math.sqrt(self.cfg.d_model)"),
         Edit("npgpt2.model.GPT2._attention_by_blocks", "math.sqrt(self.cfg.d_head)", "math.sqrt(self.cfg.d_model)"),
-        Edit("npgpt2.fast._attention", "math.sqrt(d_head)", "math.sqrt(d_model)"))),
+        Edit("npgpt2.fast._attention", "math.sqrt(model.cfg.d_head)", "math.sqrt(model.cfg.d_model)"))),
     Mutant("positions off by one under left padding (counted from 1)", (
         Edit("npgpt2.inputs.position_ids", "np.maximum(np.cumsum(keys_mask, axis=1) - 1, 0)",
              "np.cumsum(keys_mask, axis=1)"),)),
