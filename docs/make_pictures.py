@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import npgpt2
     from npgpt2 import metrics, plot, zoo
     from npgpt2.analysis import direct_logit_attribution, logit_lens, token_saliency
-    from npgpt2.analysis.edges import circuit_faithfulness, edge_attribution, greedy_circuit
+    from npgpt2.analysis.edges import edge_attribution, smallest_circuit
 
     model = npgpt2.from_pretrained(args.model) if args.model else zoo.induction(progress=False)
     record_path = os.path.join(args.model or "", "training.json")
@@ -111,11 +111,8 @@ def main(argv=None) -> int:
     corrupted[0, 1 + prefix:start] = others[: period]
     metric = metrics.logit_diff(answer, wrong)
     scores = edge_attribution(model, tokens, corrupted, metric, method="eap-ig")
-    for size in range(10, len(scores) + 10, 10):  # the smallest circuit, in steps of 10 edges, that does the task
-        edges = greedy_circuit(scores, size)
-        faithfulness = circuit_faithfulness(model, tokens, corrupted, edges, metric)
-        if faithfulness >= 0.8:
-            break
+    edges, curve = smallest_circuit(model, tokens, corrupted, scores, metric)  # in steps of 10 edges, to 0.8
+    faithfulness = float(curve["faithfulness"].iloc[-1])
     picture = dict(n_head=model.cfg.n_head, n_layer=model.cfg.n_layer, model=name)
     fig = plot.circuit(edges, path=out("circuit.png"), **picture)
     keep("circuit.png", fig)

@@ -118,6 +118,26 @@ def repeated_batch(rng: np.random.Generator, batch: int, period: int, prefix: in
     return np.concatenate([np.full((batch, 1), bos), words, words[:, prefix:]], axis=1).astype(np.int64)
 
 
+def repeat_pair(rng: np.random.Generator, batch: int, period: int, prefix: int, cut: int, n_words: int,
+                bos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A clean and a corrupted run of the classic task, for patching and circuits:
+    (clean [batch, pos], corrupted [batch, pos], answers [batch]), pos = 1 + prefix + period + cut.
+
+    Clean rows are ``repeated_batch``'s, cut ``cut`` words into the repeat, so their next word is known
+    from the first copy (``answers``). Corrupted rows have other words in the first copy (words the
+    row does not use), so nothing earlier says what comes next; everything else is the same."""
+    if not 1 <= cut < period:
+        raise ValueError(f"cut={cut!r}: expected 1 <= cut < period ({period})")
+    clean = repeated_batch(rng, batch, period, prefix, n_words, bos)
+    first = slice(1 + prefix, 1 + prefix + period)
+    corrupted = clean.copy()
+    for row, words in zip(corrupted, clean):
+        unused = np.setdiff1d(np.arange(n_words), words)
+        row[first] = rng.choice(unused, period, replace=False)
+    end = 1 + prefix + period + cut
+    return clean[:, :end], corrupted[:, :end], clean[:, end]
+
+
 def recall_batch(rng: np.random.Generator, batch: int, memory: int, recalled: int, n_words: int, bos: int,
                  max_run: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``memory`` distinct random words, then runs of neighbouring words taken from them again

@@ -88,6 +88,31 @@ def test_greedy_circuit_prunes_what_no_longer_reaches_the_logits():
     assert set(map(tuple, kept[["upstream", "downstream"]].to_numpy())) == {("L1H0", "logits"), ("embed", "L1H0")}
 
 
+@pytest.mark.parametrize("target", [0.5, 0.9, 10.0])
+def test_smallest_circuit_is_the_first_size_that_reaches_the_target(model64, pair, target):
+    clean, corrupted, metric = pair
+    scores = E.edge_attribution(model64, clean, corrupted, metric)
+    circuit, curve = E.smallest_circuit(model64, clean, corrupted, scores, metric, target=target, step=7)
+    sizes = list(curve["top_edges"])
+    assert sizes == [min(7 * (i + 1), len(scores)) for i in range(len(sizes))]
+    for size, faithfulness in zip(sizes, curve["faithfulness"]):  # each size evaluated exactly
+        again = E.circuit_faithfulness(model64, clean, corrupted, E.greedy_circuit(scores, size), metric)
+        assert faithfulness == pytest.approx(again, rel=1e-12, abs=1e-12)
+    assert (curve["faithfulness"].iloc[:-1] < target).all()  # none before the last reached it
+    if curve["faithfulness"].iloc[-1] >= target:
+        assert len(circuit) == curve["edges"].iloc[-1]
+    else:  # no size reached it (10.0): every edge was tried
+        assert sizes[-1] == len(scores) and len(circuit) == curve["edges"].iloc[-1]
+
+
+@pytest.mark.parametrize("bad, match", [({"step": 0}, "step=0"), ({"target": float("nan")}, "target=nan")])
+def test_smallest_circuit_refuses_bad_arguments(model64, pair, bad, match):
+    clean, corrupted, metric = pair
+    scores = E.edge_attribution(model64, clean, corrupted, metric)
+    with pytest.raises(ValueError, match=match):
+        E.smallest_circuit(model64, clean, corrupted, scores, metric, **bad)
+
+
 def test_path_patching_into_the_logits_is_the_direct_effect(model64, pair):
     from by_hand import layer_norm
 

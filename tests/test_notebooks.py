@@ -57,7 +57,7 @@ def kernel_env(monkeypatch):
 def test_there_are_walkthroughs():
     names = {os.path.basename(p) for p in WALKTHROUGHS}
     assert {"token_tables.py", "forward_pass.py", "ioi.py", "induction.py", "superposition.py", "sae.py",
-            "backprop.py", "ioi_circuit.py", "dashboards.py", "finetune.py"} <= names
+            "backprop.py", "ioi_circuit.py", "induction_circuit.py", "dashboards.py", "finetune.py"} <= names
 
 
 @pytest.mark.parametrize("path", WALKTHROUGHS, ids=os.path.basename)

@@ -66,6 +66,20 @@ def test_repeated_batch_repeats_distinct_words_after_a_prefix():
         assert len(set(row[1:11])) == 10 and row[1:].max() < 299
 
 
+def test_repeat_pair_differs_only_in_the_first_copy():
+    clean, corrupted, answers = zoo.repeat_pair(np.random.default_rng(1), batch=4, period=8, prefix=2, cut=3,
+                                                n_words=299, bos=299)
+    assert clean.shape == corrupted.shape == (4, 1 + 2 + 8 + 3) and answers.shape == (4,)
+    first = slice(3, 11)
+    assert (clean[:, :3] == corrupted[:, :3]).all() and (clean[:, 11:] == corrupted[:, 11:]).all()
+    for c, x, answer in zip(clean, corrupted, answers):
+        assert (c[11:] == c[3:6]).all() and answer == c[6]  # the repeat so far, and the word it copies next
+        assert not set(x[first]) & set(c[1:])  # the corrupted copy shares no word with the clean row
+        assert answer not in x  # nothing in the corrupted row says what comes next
+    with pytest.raises(ValueError, match="cut=8"):
+        zoo.repeat_pair(np.random.default_rng(1), 2, period=8, prefix=2, cut=8, n_words=299, bos=299)
+
+
 def test_build_is_a_function_of_the_seed(tmp_path):
     a = zoo.build_induction(tmp_path / "a", seed=3, recipe=SHORT, progress=False)
     b = zoo.build_induction(tmp_path / "b", seed=3, recipe=SHORT, progress=False)

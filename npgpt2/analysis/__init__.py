@@ -9,7 +9,7 @@
     composition_scores        Q/K/V composition between heads of different layers
     token_saliency            gradient x input and integrated gradients over the prompt's tokens
     edge_attribution          EAP / EAP-IG scores for every edge; patch_edges, circuit_faithfulness,
-                              greedy_circuit: exact evaluation of circuits
+                              greedy_circuit, smallest_circuit: exact evaluation of circuits
 
     patching                  activation patching, TransformerLens's names
     head_detector             head detection scores and induction
@@ -19,7 +19,7 @@ from .ablation import ablate, ablation_hook, parse_component
 from .attribution import direct_logit_attribution
 from .circuits import (FactoredMatrix, composition_frame, composition_scores, ov_circuit, qk_circuit,
                        singular_directions)
-from .edges import circuit_faithfulness, edge_attribution, graph_edges, greedy_circuit, patch_edges
+from .edges import circuit_faithfulness, edge_attribution, graph_edges, greedy_circuit, patch_edges, smallest_circuit
 from .lens import logit_lens
 from .saliency import token_saliency
 from .tokens import next_token_table, prompt_token_probs
@@ -27,4 +27,4 @@ from .tokens import next_token_table, prompt_token_probs
 __all__ = ["FactoredMatrix", "ablate", "ablation_hook", "composition_frame", "composition_scores",
            "direct_logit_attribution", "logit_lens", "next_token_table", "ov_circuit", "parse_component",
            "prompt_token_probs", "qk_circuit", "singular_directions", "token_saliency", "edge_attribution",
-           "graph_edges", "patch_edges", "circuit_faithfulness", "greedy_circuit"]
+           "graph_edges", "patch_edges", "circuit_faithfulness", "greedy_circuit", "smallest_circuit"]

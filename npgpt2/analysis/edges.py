@@ -457,6 +457,28 @@ def greedy_circuit(scores: pd.DataFrame, n_edges: int) -> pd.DataFrame:
         kept = pruned
 
 
+def smallest_circuit(model, clean_tokens, corrupted_tokens, scores: pd.DataFrame, metric, target: float = 0.8,
+                     step: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The smallest ``greedy_circuit`` of ``scores`` (``edge_attribution``'s table), trying the top
+    ``step``, 2 ``step``, ... edges, whose exact ``circuit_faithfulness`` reaches ``target``.
+    -> (edges: ``greedy_circuit``'s table of the first size that reaches it, or of every edge when
+    none does; curve: one row per size tried, columns top_edges, edges (after pruning), faithfulness)
+
+    A circuit found by attribution is a hypothesis; its faithfulness, exact, is the finding."""
+    if not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step={step!r}: expected a positive number of edges")
+    if not np.isfinite(target):
+        raise ValueError(f"target={target!r}: expected a finite faithfulness, such as 0.8")
+    rows = []
+    for size in range(step, len(scores) + step, step):
+        edges = greedy_circuit(scores, min(size, len(scores)))
+        faithfulness = circuit_faithfulness(model, clean_tokens, corrupted_tokens, edges, metric)
+        rows.append({"top_edges": min(size, len(scores)), "edges": len(edges), "faithfulness": faithfulness})
+        if faithfulness >= target:
+            break
+    return edges, pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # Path patching
 # ----------------------------------------------------------------------------------------------
