@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import fast, ops
+from . import fast, memory, ops
 
 if TYPE_CHECKING:
     from .kv_cache import KeyValueCache
@@ -143,6 +143,7 @@ class TokenInput:
             scores_mask = scores_mask if padding is None else scores_mask + padding
         quick = (self.fast_path and run.idle() and past_kv is None and padding is None
                  and implementation == "blockwise" and fast.pays(shape))
+        memory.check(self, run, shape[0], shape[1], offset + shape[1])  # before anything large is made
         return Call(tokens, mask, resid, positions, start, stop, past_kv, scores_mask, padding, eager, quick)
 
     def to_tokens(self, input, prepend_bos: bool | None = None, return_mask: bool = False,
