@@ -453,11 +453,9 @@ class Inspector:
                 for i in active]
 
     # ---------------------------------------------------------------------------- circuit
-    def circuit(self, body, progress=None) -> dict:
-        """EAP-IG scores of every edge between the corrupted and the clean prompt, the top ``top``
-        (default 300) by |score|; the page thresholds them. ``progress(done, total)`` is called as
-        the forward passes go, and may raise ``Cancelled`` to stop the work."""
-        p, logits, _ = self._prompt(body)
+    def check_circuit(self, body) -> tuple[Prompt, int, int]:
+        """A circuit request checked (before any work): (prompt, ig_steps, top)."""
+        p = Prompt(self.model, body)
         if p.corrupted is None:
             raise InspectError("the circuit needs a corrupted prompt (with as many tokens as the prompt): "
                                "EAP-IG scores edges by what changes between the two")
@@ -467,6 +465,14 @@ class Inspector:
             raise InspectError(f"ig_steps={steps}: expected 1..100")
         if top < 1:
             raise InspectError(f"top={top}: expected a positive number of edges")
+        return p, steps, top
+
+    def circuit(self, body, progress=None) -> dict:
+        """EAP-IG scores of every edge between the corrupted and the clean prompt, the top ``top``
+        (default 300) by |score|; the page thresholds them. ``progress(done, total)`` is called as
+        the forward passes go, and may raise ``Cancelled`` to stop the work."""
+        p, steps, top = self.check_circuit(body)
+        p.choose_metric(self.model, self.runs.get(p.tokens)[0])
         hooks = []
         if progress is not None:
             n = self.model.cfg.n_layer

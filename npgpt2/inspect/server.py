@@ -71,9 +71,9 @@ class Job:
         self.result, self.error, self.cancel = None, None, threading.Event()
 
     def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
         if self.cancel.is_set():
             raise Cancelled()
-        self.done, self.total = done, total
 
     def as_dict(self, job_id: str) -> dict:
         return {"id": job_id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
@@ -260,9 +260,7 @@ class JobsHandler(Base):
         kind = body.get("kind")
         if kind not in JOBS:
             raise InspectError(f"kind={kind!r}: expected one of {', '.join(JOBS)}")
-        from .api import Prompt
-
-        Prompt(self.app.inspector.model, body)  # a bad request fails now, not in the job
+        getattr(self.app.inspector, "check_" + kind)(body)  # a bad request fails now, not in the job
         job_id, job = str(next(self.app.ids)), Job(kind)
         with self.app._lock:
             finished = [k for k, j in self.app.jobs.items() if j.state != "running"]
