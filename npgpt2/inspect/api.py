@@ -173,6 +173,13 @@ def _stats(a: np.ndarray) -> dict:
             "min": float(finite.min()), "max": float(finite.max())}
 
 
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest values along the last axis, largest first: [..., k]."""
+    part = np.argpartition(-values, k - 1, axis=-1)[..., :k]
+    order = np.argsort(-np.take_along_axis(values, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1)
+
+
 def _hook_doc(name: str) -> str:
     """What a hook point holds (``npgpt2.hooks.HOOK_POINTS``), with its shape."""
     general = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
@@ -216,7 +223,7 @@ class Inspector:
         """The top tokens after the last position: token, id, probability, logit."""
         last = logits[0, -1].astype(np.float64)
         logp = ops.log_softmax(last)
-        top = np.argsort(-last, kind="stable")[:TOP_K]
+        top = _top(last, TOP_K)
         return [{"token": self.model.tokenizer.token_str(t), "id": int(t), "prob": float(np.exp(logp[t])),
                  "logit": float(last[t])} for t in top]
 
@@ -253,7 +260,7 @@ class Inspector:
         normed = cache.apply_ln_to_stack(resid[None], None, recompute_ln=True)[0]  # the lens: the final LN
         w = self.model.weights
         lens = ops.log_softmax(ops.linear(normed, w.W_U, w.b_U)[0].astype(np.float64))  # [pos, d_vocab]
-        top = np.argsort(-lens, axis=-1, kind="stable")[:, :LENS_TOP]
+        top = _top(lens, LENS_TOP)
         tok = self.model.tokenizer.token_str
         ids = p.tokens[0]
         positions = []
