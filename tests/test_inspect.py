@@ -646,3 +646,100 @@ def test_page_circuit_with_progress_and_threshold(browser, server):
     snap(page, "circuit")
     assert page.errors == []
     page.close()
+
+
+# ----------------------------------------------------------------------------------- harvest, SAE, command
+def test_harvest_pages_are_served_with_the_token(model, tmp_path, browser):
+    pytest.importorskip("pyarrow", reason="the harvest writes Parquet (pip install -e '.[test]')")
+    from npgpt2.harvest import harvest
+    from test_harvest import HOOK, KW, TEXTS
+
+    h = harvest(TEXTS, model, HOOK, out=str(tmp_path / "h"), shard_contexts=8, **KW)
+    s = Server(model, port=0, harvest=h).start_in_thread()
+    try:
+        status, info = call(s, "GET", "/api/info")
+        assert status == 200 and info["harvest"]["hook"] == HOOK
+        fired = int(h.features[h.features["fire_count"] > 0]["feature"].iloc[0])
+        status, page = call(s, "GET", f"/harvest/feature-{fired}.html")
+        assert status == 200 and f"<title>{HOOK} neuron {fired}</title>" in page.decode()
+        status, index = call(s, "GET", "/harvest/index.html")
+        assert status == 200 and f"feature-{fired}.html" in index.decode()
+        assert call(s, "GET", f"/harvest/feature-{fired}.html", token=False)[0] == 401
+        missing = int(h.features["feature"].max()) + 1
+        status, body = call(s, "GET", f"/harvest/feature-{missing}.html")
+        assert status == 404 and f"feature {missing} is not in the harvest" in body["error"]
+        page = open_page(browser, s)  # the page's Dashboards tab shows the index, the cookie letting it in
+        assert page.is_visible("#tab-dashboards")
+        view(page, "dashboards")
+        page.frame_locator("#dashboards").locator(f"a[href='feature-{fired}.html']").first.wait_for()
+        snap(page, "dashboards")
+        assert page.errors == []
+        page.close()
+    finally:
+        s.stop()
+
+
+def test_an_sae_latent_is_ablated_along_its_decoder_direction(model):
+    from npgpt2.sae import SAE
+
+    rng = np.random.default_rng(0)
+    d, n = model.cfg.d_model, 32
+    sae = SAE(W_enc=rng.standard_normal((d, n)).astype(np.float32) * 0.3, b_enc=np.full(n, 0.1, np.float32),
+              W_dec=rng.standard_normal((n, d)).astype(np.float32) * 0.3, b_dec=np.zeros(d, np.float32),
+              hook_name="blocks.1.hook_resid_pre")
+    inspector = Inspector(model, sae=sae)
+    tokens = tokens_of(model, CLEAN)
+    _, cache = model.run_with_cache(tokens)
+    f = np.maximum(cache["blocks.1.hook_resid_pre"] @ sae.W_enc + sae.b_enc, 0)  # [1, pos, n]
+    latent = int(f[0].sum(0).argmax())  # the busiest latent on this prompt
+
+    def hook(act, point):  # the latent's activation to 0: its decoder direction removed where it fired
+        return act - f[..., latent, None] * sae.W_dec[latent]
+
+    expected = metric_by_hand(model, model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", hook)]))
+    r = inspector.intervene({**REQUEST, "interventions": [{"component": f"S{latent}", "method": "zero"}]})
+    assert r["after"] == pytest.approx(expected, abs=1e-4) and abs(r["change"]) > 1e-4
+    rows = {row["component"]: row for row in inspector.components({**REQUEST, "method": "zero"})["rows"]}
+    assert rows[f"S{latent}"]["type"] == "latent" and rows[f"S{latent}"]["direct"] is None
+    with pytest.raises(ValueError, match=f"latent {n} is out of range 0..{n - 1}"):
+        inspector.intervene({**REQUEST, "interventions": [{"component": f"S{n}"}]})
+
+
+def test_the_command_prints_a_url_that_answers(tiny_dir):
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt2", "inspect", "-m", tiny_dir, "--port", "0", "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().startswith("npgpt2 inspect:")
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and "/?token=" in url, url
+        port = int(url.split(":")[2].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/api/info?token=" + url.split("token=")[1], headers={"Host": f"127.0.0.1:{port}"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["n_layer"] == 2
+        conn.request("GET", "/api/info", headers={"Host": f"127.0.0.1:{port}"})
+        assert conn.getresponse().status == 401
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_command_says_when_the_port_is_taken(tiny_dir, capsys):
+    import socket
+
+    from npgpt2 import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["inspect", "-m", tiny_dir, "--port", str(port), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port 0" in err

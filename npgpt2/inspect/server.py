@@ -100,8 +100,9 @@ class App:
     # ------------------------------------------------------------------------ harvest pages
     def harvest_page(self, name: str) -> bytes:
         """index.html or feature-N.html of the harvest's dashboard, made on first request with the
-        dashboard's own code (``npgpt2.harvest.dashboard``) and the inspector's model."""
-        from ..harvest.dashboard import build_dashboard
+        dashboard's own code (``npgpt2.harvest.dashboard``) and the inspector's model. The index
+        links every feature that fired; a feature's page is made when it is first asked for."""
+        from ..harvest.dashboard import _index_page, build_dashboard
 
         h = self.harvest
         with self._lock:
@@ -110,16 +111,16 @@ class App:
             if self._harvest_dir is None:
                 self._harvest_dir = tempfile.mkdtemp(prefix="npgpt2-inspect-harvest-")
         if name == "index.html":
-            features = None
+            fired = h.features[h.features["fire_count"] > 0]["feature"]
+            page = _index_page(h, {int(f) for f in fired}).encode()
         else:
             fid = int(name[len("feature-"):-len(".html")])
             if fid not in set(h.features["feature"].tolist()):
                 raise InspectError(f"feature {fid} is not in the harvest", status=404)
-            features = [fid]
-        build_dashboard(h, self._harvest_dir, features=features, model=self.inspector.model, sae=self.inspector.sae,
-                        progress=False)
-        with open(os.path.join(self._harvest_dir, name), "rb") as f:
-            page = f.read()
+            build_dashboard(h, self._harvest_dir, features=[fid], model=self.inspector.model, sae=self.inspector.sae,
+                            progress=False)
+            with open(os.path.join(self._harvest_dir, name), "rb") as f:
+                page = f.read()
         with self._lock:
             self._harvest_pages[name] = page
         return page
