@@ -88,6 +88,11 @@ def pictures():
     not the tests' private one), where it is built once and then reused, as the script does when run
     by hand."""
     pytest.importorskip("matplotlib")
+    return _run_docs_script("make_pictures.py", "pictures.json")
+
+
+def _run_docs_script(script: str, record: str):
+    """Run docs/<script> --out docs/images; -> (when it started, the images folder, its record)."""
     import json
     import time
 
@@ -97,12 +102,11 @@ def pictures():
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HOME=os.path.dirname(REAL_HF_HUB_CACHE))
-    out = subprocess.run([sys.executable, os.path.join(DOCS, "make_pictures.py"), "--out", images],
+    out = subprocess.run([sys.executable, os.path.join(DOCS, script), "--out", images],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    with open(os.path.join(images, "pictures.json"), encoding="utf-8") as f:
-        record = json.load(f)
-    return started, images, record
+    with open(os.path.join(images, record), encoding="utf-8") as f:
+        return started, images, json.load(f)
 
 
 @pytest.mark.docs
@@ -146,21 +150,7 @@ def screenshots():
 
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    import json
-    import time
-
-    started = time.time()
-    images = os.path.join(DOCS, "images")
-    from conftest import REAL_HF_HUB_CACHE
-
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HOME=os.path.dirname(REAL_HF_HUB_CACHE))
-    out = subprocess.run([sys.executable, os.path.join(DOCS, "make_screenshots.py"), "--out", images],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    with open(os.path.join(images, "inspect-screenshots.json"), encoding="utf-8") as f:
-        record = json.load(f)
-    return started, images, record
+    return _run_docs_script("make_screenshots.py", "inspect-screenshots.json")
 
 
 @pytest.mark.docs

@@ -318,6 +318,11 @@ def test_layer_and_attention_read_the_cache(server, model):
     status, d = post(server, "layer", depth=1)
     assert status == 200 and d["label"] == "after block 0"
     assert [p["norm"] for p in d["positions"]] == pytest.approx(np.linalg.norm(cache["resid_pre", 1][0], axis=-1).tolist(), rel=1e-5)
+    x = cache["resid_pre", 1][0].astype(np.float64)  # the lens by hand: the final layer norm, the unembedding
+    w = model.weights
+    normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + model.cfg.eps) * w.ln_final_w + w.ln_final_b
+    lens = normed @ model.W_U
+    assert [p["top"][0]["token"] for p in d["positions"]] == [model.tokenizer.token_str(t) for t in lens.argmax(-1)]
     names = [h["name"] for h in d["hooks"]]
     assert names[0] == "blocks.0.hook_resid_pre" and "blocks.0.attn.hook_pattern" in names
     pattern = cache["blocks.0.attn.hook_pattern"]
@@ -495,6 +500,14 @@ def view(page, name):
     page.wait_for_function("!document.body.classList.contains('busy')")
 
 
+def choose_head(page, layer, head):
+    """The attention view, the layer chosen and drawn, then the head."""
+    view(page, "attention")
+    page.select_option("#attn-layer", str(layer))
+    page.wait_for_function(f"document.querySelector('#head-grid .head span').textContent === 'L{layer}H0'")
+    page.click(f"#head-grid .head[data-head='{head}']")
+
+
 def test_page_type_a_prompt_and_see_its_tokens(browser, server, model):
     page = open_page(browser, server)
     analyse(page)
@@ -514,10 +527,7 @@ def test_page_type_a_prompt_and_see_its_tokens(browser, server, model):
 def test_page_choose_a_head_and_see_its_pattern(browser, server, model):
     page = open_page(browser, server)
     analyse(page)
-    view(page, "attention")
-    page.select_option("#attn-layer", "1")
-    page.wait_for_function("document.querySelector('#head-grid .head span').textContent === 'L1H0'")
-    page.click("#head-grid .head[data-head='2']")
+    choose_head(page, 1, 2)
     n = tokens_of(model, CLEAN).shape[1]
     assert page.locator("#pattern .cell").count() == n * n
     assert page.locator("#pattern .key").all_inner_texts()[2] == "\u2423Mary"
@@ -534,10 +544,7 @@ def test_page_choose_a_head_and_see_its_pattern(browser, server, model):
 def test_page_ablate_a_head_and_read_the_change_run_with_hooks_gives(browser, server, model):
     page = open_page(browser, server)
     analyse(page)
-    view(page, "attention")
-    page.select_option("#attn-layer", "1")
-    page.wait_for_function("document.querySelector('#head-grid .head span').textContent === 'L1H0'")
-    page.click("#head-grid .head[data-head='2']")
+    choose_head(page, 1, 2)
     page.click("#ablate-head")
     page.wait_for_selector("#int-change")
     tokens = tokens_of(model, CLEAN)

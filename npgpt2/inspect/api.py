@@ -251,15 +251,18 @@ class Inspector:
         top tokens there and the residual stream's norm; and every hook point of the block that
         ends there (the embeddings' at 0, the final layer norm's at the last depth) with its shape
         and summary statistics."""
-        p, _, cache = self._prompt(body)
+        p, logits, cache = self._prompt(body)
         n = self.model.cfg.n_layer
         depth = _field(body, "depth", int, default=n)
         if not 0 <= depth <= n:
             raise InspectError(f"depth={depth} is out of range: 0 (the embeddings) .. {n} (after the last block)")
         resid = cache["resid_pre", depth] if depth < n else cache["resid_post", n - 1]  # [1, pos, d_model]
-        normed = cache.apply_ln_to_stack(resid[None], None, recompute_ln=True)[0]  # the lens: the final LN
-        w = self.model.weights
-        lens = ops.log_softmax(ops.linear(normed, w.W_U, w.b_U)[0].astype(np.float64))  # [pos, d_vocab]
+        if depth == n:  # the lens after the last block is the model's own output
+            lens_logits = logits
+        else:  # the residual stream through the final layer norm (its own scale) and the unembedding
+            normed = cache.apply_ln_to_stack(resid[None], None, recompute_ln=True)[0]
+            lens_logits = ops.linear(normed, self.model.weights.W_U, self.model.weights.b_U)
+        lens = ops.log_softmax(lens_logits[0].astype(np.float64))  # [pos, d_vocab]
         top = _top(lens, LENS_TOP)
         tok = self.model.tokenizer.token_str
         ids = p.tokens[0]
