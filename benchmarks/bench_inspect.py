@@ -88,9 +88,9 @@ def main(argv=None):
     corrupted = model.to_tokens(CORRUPTED, prepend_bos=True)
 
     def analysis(both_new=False):
-        runs._runs.clear()  # the prompt is new to the server
-        if not both_new:
-            runs.get(corrupted)  # (the corrupted prompt's run, made when it was typed)
+        runs.forget(tokens)  # the prompt is new to the server; the corrupted prompt's run is there from
+        if both_new:         # before (made when it was typed), unless both are new
+            runs.forget(corrupted)
         request(server, "/api/analyse", body)
         request(server, "/api/layer", {**body, "depth": model.cfg.n_layer})
         _, cache = runs.get(tokens)

@@ -151,6 +151,11 @@ class _Runs:
     def __init__(self, model, size: int = 8):
         self.model, self.size, self._runs, self._lock = model, size, OrderedDict(), threading.Lock()
 
+    def forget(self, tokens: np.ndarray) -> None:
+        """Drop the run of ``tokens`` [1, pos], if kept."""
+        with self._lock:
+            self._runs.pop(tokens.tobytes(), None)
+
     def get(self, tokens: np.ndarray):
         """(logits [1, pos, d_vocab], ActivationCache) of ``tokens`` [1, pos]."""
         key = tokens.tobytes()
