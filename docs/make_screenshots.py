@@ -97,6 +97,7 @@ def main(argv=None) -> int:
             page.select_option("#attn-layer", str(layer))
             page.wait_for_function(f"document.querySelector('#head-grid .head span').textContent === 'L{layer}H0'")
             page.click(f"#head-grid .head[data-head='{head}']")
+            page.wait_for_function(f"document.querySelector('#head-title').textContent.startsWith('{name}:') && " + idle)
             q = len(tokens) - 2  # the last query of the prompt: it should look one past the earlier copy of its word
             k = q - period + 1
             page.hover(f"#pattern .cell[data-q='{q}'][data-k='{k}']")

@@ -157,6 +157,7 @@ def test_bad_fields_get_a_400_naming_them_and_the_server_goes_on(server, fields,
     ("layer", {"depth": 3}, "depth=3 is out of range"),
     ("layer", {"depth": True}, "not a boolean"),
     ("attention", {"layer": -1}, "layer=-1 is out of range"),
+    ("attention", {"head": 4}, "head=4 is out of range 0..3"),
     ("components", {"method": "resample"}, "method='resample'"),
     ("frobnicate", {}, "no API action 'frobnicate'"),
 ])
@@ -331,8 +332,28 @@ def test_layer_and_attention_read_the_cache(server, model):
     # the lens at the last depth is the model's own prediction
     status, last = post(server, "layer", depth=2)
     assert last["positions"][-1]["top"][0]["token"] == model.tokenizer.token_str(int(model(tokens)[0, -1].argmax()))
-    status, a = post(server, "attention", layer=1)
-    assert status == 200 and np.allclose(a["patterns"], cache["pattern", 1][0], atol=5e-5)
+    status, a = post(server, "attention", layer=1, head=3)
+    assert status == 200 and np.allclose(a["pattern"], cache["pattern", 1][0, 3], atol=5e-5)
+    assert np.allclose(a["thumbs"], cache["pattern", 1][0], atol=5e-4)  # a short prompt: every position its own
+
+
+def test_a_long_prompts_thumbnails_are_block_means(server, model):
+    from npgpt2.inspect.api import THUMB
+
+    prompt = " ".join(["the cat sat on the mat and looked at the dog"] * 5)
+    tokens = tokens_of(model, prompt)
+    n = tokens.shape[1]
+    assert THUMB < n <= model.cfg.n_ctx
+    status, a = post(server, "attention", prompt=prompt, corrupted="", layer=0, head=1)
+    _, cache = model.run_with_cache(tokens)
+    pattern = cache["pattern", 0][0]
+    block = [j * THUMB // n for j in range(n)]  # each position's block, by hand
+    expected = np.zeros((model.cfg.n_head, THUMB, THUMB))
+    for q in range(n):
+        for k in range(n):
+            expected[:, block[q], block[k]] += pattern[:, q, k] / (block.count(block[q]) * block.count(block[k]))
+    assert status == 200 and np.array(a["thumbs"]).shape == (model.cfg.n_head, THUMB, THUMB)
+    assert np.allclose(a["thumbs"], expected, atol=5e-4) and np.array(a["pattern"]).shape == (n, n)
 
 
 def test_two_clients_at_once_get_their_own_answers(server, model):
@@ -506,6 +527,8 @@ def choose_head(page, layer, head):
     page.select_option("#attn-layer", str(layer))
     page.wait_for_function(f"document.querySelector('#head-grid .head span').textContent === 'L{layer}H0'")
     page.click(f"#head-grid .head[data-head='{head}']")
+    page.wait_for_function(f"document.querySelector('#head-title').textContent.startsWith('L{layer}H{head}:') && "
+                           "!document.body.classList.contains('busy')")
 
 
 def test_page_type_a_prompt_and_see_its_tokens(browser, server, model):
@@ -538,6 +561,26 @@ def test_page_choose_a_head_and_see_its_pattern(browser, server, model):
     assert "L1H2" in page.inner_text("#head-title")
     snap(page, "attention")
     assert page.errors == []
+    page.close()
+
+
+def test_page_a_long_prompts_pattern_is_a_canvas_that_reads_under_the_pointer(browser, server, model):
+    prompt = " ".join(["the cat sat on the mat and looked at the dog"] * 5)
+    page = open_page(browser, server)
+    analyse(page, prompt=prompt, target="", distractor="", corrupted="")
+    choose_head(page, 0, 1)
+    box = page.locator("#pattern canvas").bounding_box()
+    n = tokens_of(model, prompt).shape[1]
+    q, k = n - 1, n - 12  # the pointer in the middle of that cell
+    page.mouse.move(box["x"] + (k + 0.5) * box["width"] / n, box["y"] + (q + 0.5) * box["height"] / n)
+    _, cache = model.run_with_cache(tokens_of(model, prompt))
+    assert page.inner_text("#attn-readout").startswith(f"query {q} ")
+    from npgpt2.style import token_label
+
+    key = token_label(model.to_str_tokens(tokens_of(model, prompt))[k])
+    assert page.inner_text("#attn-readout").endswith(f"key {k} {key}: {cache['pattern', 0][0, 1, q, k]:.4f}")
+    assert page.locator("#pattern .cell").count() == 0 and page.errors == []
+    snap(page, "attention-long")
     page.close()
 
 

@@ -38,6 +38,7 @@ from ..inputs import InputError
 
 TOP_K = 10  # rows of the next-token table
 LENS_TOP = 3  # logit-lens tokens per position
+THUMB = 48  # the most positions a head's thumbnail pattern has
 METHODS = ("zero", "mean", "patch")
 _LATENT = re.compile(r"S(\d+)")  # an SAE latent: S<id>
 
@@ -291,14 +292,24 @@ class Inspector:
 
     # ---------------------------------------------------------------------------- attention
     def attention(self, body) -> dict:
-        """Every head's pattern in one layer: [head, query_pos, key_pos], rounded to 4 decimals."""
+        """One layer's attention: ``thumbs``, every head's pattern at most THUMB x THUMB (the mean of
+        each block of query and key positions when the prompt is longer) [head, q, k]; and
+        ``pattern``, head ``head``'s whole pattern [query_pos, key_pos]; rounded to 4 decimals."""
         p, _, cache = self._prompt(body)
         layer = _field(body, "layer", int, default=0)
+        head = _field(body, "head", int, default=0)
         if not 0 <= layer < self.model.cfg.n_layer:
             raise InspectError(f"layer={layer} is out of range 0..{self.model.cfg.n_layer - 1}")
-        pattern = cache["pattern", layer][0]
-        return {"layer": layer, "tokens": [self.model.tokenizer.token_str(t) for t in p.tokens[0]],
-                "patterns": _round(pattern)}
+        if not 0 <= head < self.model.cfg.n_head:
+            raise InspectError(f"head={head} is out of range 0..{self.model.cfg.n_head - 1}")
+        pattern = cache["pattern", layer][0]  # [head, q, k]
+        n = pattern.shape[-1]
+        bins = np.arange(n) * min(n, THUMB) // n  # each position's block
+        starts, counts = np.flatnonzero(np.diff(bins, prepend=-1)), np.bincount(bins)
+        summed = np.add.reduceat(np.add.reduceat(pattern.astype(np.float64), starts, axis=1), starts, axis=2)
+        thumbs = summed / (counts[:, None] * counts[None, :])  # [head, block, block]
+        return {"layer": layer, "head": head, "tokens": [self.model.tokenizer.token_str(t) for t in p.tokens[0]],
+                "thumbs": _round(thumbs, 3), "pattern": _round(pattern[head])}
 
     # ---------------------------------------------------------------------------- interventions
     def _references(self, p: Prompt, cache, method: str, names) -> dict:

@@ -123,34 +123,46 @@ async function loadLayer() {
 }
 
 // ------------------------------------------------------------------------------ attention
-async function loadAttention() {
+async function loadAttention(head) {
   const layer = Number($("attn-layer").value);
-  const d = await api("/api/attention", { ...state.request, layer });
-  state.attention = d;
+  if (head === undefined) head = state.head !== null && state.head < state.info.n_head ? state.head : 0;
+  const d = await api("/api/attention", { ...state.request, layer, head });
+  state.attention = d; state.head = d.head;
   const grid = $("head-grid");
-  grid.replaceChildren(...d.patterns.map((p, h) => {
+  grid.replaceChildren(...d.thumbs.map((p, h) => {
     const canvas = el("canvas", { width: 72, height: 72, class: "thumb", title: `L${layer}H${h}` });
-    drawThumb(canvas, p);
-    return el("button", { type: "button", class: "head" + (state.head === h ? " chosen" : ""), "data-head": h,
-                          onclick: () => chooseHead(h) }, canvas, el("span", { text: `L${layer}H${h}` }));
+    drawPattern(canvas, p);
+    return el("button", { type: "button", class: "head" + (d.head === h ? " chosen" : ""), "data-head": h,
+                          onclick: () => guarded(() => loadAttention(h)) }, canvas, el("span", { text: `L${layer}H${h}` }));
   }));
-  chooseHead(state.head !== null && state.head < d.patterns.length ? state.head : 0);
+  showPattern();
 }
-function drawThumb(canvas, p) {
+function drawPattern(canvas, p) {
   const ctx = canvas.getContext("2d"), n = p.length, s = canvas.width / n;
   for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
     ctx.fillStyle = k > q ? "#ececec" : seq(p[q][k]);
     ctx.fillRect(k * s, q * s, Math.ceil(s), Math.ceil(s));
   }
 }
-function chooseHead(h) {
-  const d = state.attention; state.head = h;
-  for (const b of document.querySelectorAll("#head-grid .head")) b.classList.toggle("chosen", Number(b.dataset.head) === h);
-  const name = `L${d.layer}H${h}`, tokens = d.tokens, p = d.patterns[h], n = tokens.length;
+const GRID_LIMIT = 48;  // longer prompts: the large pattern is drawn on a canvas, without token labels
+function showPattern() {
+  const d = state.attention, h = d.head, name = `L${d.layer}H${h}`, tokens = d.tokens, p = d.pattern, n = tokens.length;
   $("head-title").textContent = `${name}: each row a query position, each column the key it attends to`;
   const ablate = $("ablate-head"); ablate.hidden = false; ablate.textContent = `Zero-ablate ${name}`;
   ablate.onclick = () => addIntervention(name, "zero");
   const box = $("pattern");
+  const readout = (q, k) => {
+    $("attn-readout").textContent = k > q ? `query ${q} ${label(tokens[q])} cannot see key ${k} (the future)` :
+      `query ${q} ${label(tokens[q])} \u2192 key ${k} ${label(tokens[k])}: ${p[q][k].toFixed(DIGITS)}`;
+  };
+  if (n > GRID_LIMIT) {
+    const size = Math.min(Math.max(8 * n, 512), 1024), canvas = el("canvas", { width: size, height: size, class: "large" });
+    drawPattern(canvas, p);
+    canvas.onmousemove = e => readout(Math.floor(e.offsetY / size * n), Math.floor(e.offsetX / size * n));
+    box.style.gridTemplateColumns = "";
+    box.replaceChildren(canvas);
+    return;
+  }
   box.style.gridTemplateColumns = `max-content repeat(${n}, 1.6em)`;
   const cells = [el("div", { class: "corner" })];
   for (let k = 0; k < n; k++) cells.push(el("div", { class: "key tok", text: label(tokens[k]) }));
@@ -163,12 +175,7 @@ function chooseHead(h) {
     }
   }
   box.replaceChildren(...cells);
-  box.onmouseover = e => {
-    const c = e.target.closest(".cell"); if (!c) return;
-    const q = Number(c.dataset.q), k = Number(c.dataset.k);
-    $("attn-readout").textContent = k > q ? `query ${q} ${label(tokens[q])} cannot see key ${k} (the future)` :
-      `query ${q} ${label(tokens[q])} \u2192 key ${k} ${label(tokens[k])}: ${p[q][k].toFixed(DIGITS)}`;
-  };
+  box.onmouseover = e => { const c = e.target.closest(".cell"); if (c) readout(Number(c.dataset.q), Number(c.dataset.k)); };
 }
 
 // ------------------------------------------------------------------------------ components
@@ -298,7 +305,7 @@ async function start() {
   $("depth").addEventListener("input", () => guarded(loadLayer));
   $("depth-prev").addEventListener("click", () => { $("depth").stepDown(); guarded(loadLayer); });
   $("depth-next").addEventListener("click", () => { $("depth").stepUp(); guarded(loadLayer); });
-  $("attn-layer").addEventListener("change", () => guarded(loadAttention));
+  $("attn-layer").addEventListener("change", () => guarded(() => loadAttention()));
   $("rank").addEventListener("click", () => guarded(loadComponents));
   $("int-add").addEventListener("click", () => { const c = $("int-component").value.trim(); if (c) addIntervention(c, $("int-method").value); });
   $("int-clear").addEventListener("click", () => { state.interventions = []; guarded(runInterventions); });
