@@ -569,10 +569,11 @@ def test_page_a_long_prompts_pattern_is_a_canvas_that_reads_under_the_pointer(br
     page = open_page(browser, server)
     analyse(page, prompt=prompt, target="", distractor="", corrupted="")
     choose_head(page, 0, 1)
-    box = page.locator("#pattern canvas").bounding_box()
+    canvas = page.locator("#pattern canvas")
+    box = canvas.bounding_box()
     n = tokens_of(model, prompt).shape[1]
     q, k = n - 1, n - 12  # the pointer in the middle of that cell
-    page.mouse.move(box["x"] + (k + 0.5) * box["width"] / n, box["y"] + (q + 0.5) * box["height"] / n)
+    canvas.hover(position={"x": (k + 0.5) * box["width"] / n, "y": (q + 0.5) * box["height"] / n})
     _, cache = model.run_with_cache(tokens_of(model, prompt))
     assert page.inner_text("#attn-readout").startswith(f"query {q} ")
     from npgpt2.style import token_label
