@@ -215,6 +215,9 @@ def test_zero_ablating_a_head_changes_the_metric_as_run_with_hooks_does(server, 
     assert status == 200
     assert r["before"] == pytest.approx(before, abs=1e-5) and r["after"] == pytest.approx(after, abs=1e-5)
     assert r["change"] == pytest.approx(after - before, abs=1e-5) and abs(after - before) > 1e-3
+    clean = model(tokens)[0, -1].astype(np.float64)
+    first = r["next_tokens"][0]
+    assert first["prob_before"] == pytest.approx(np.exp(clean[first["id"]] - np.log(np.exp(clean).sum())), rel=1e-5)
 
 
 def test_patching_from_the_corrupted_prompt_as_run_with_hooks_does(server, model):

@@ -225,13 +225,20 @@ class Inspector:
         p.choose_metric(self.model, logits)
         return p, logits, cache
 
-    def _next_tokens(self, logits: np.ndarray) -> list[dict]:
-        """The top tokens after the last position: token, id, probability, logit."""
+    def _next_tokens(self, logits: np.ndarray, before: np.ndarray | None = None) -> list[dict]:
+        """The top tokens after the last position: token, id, probability, logit; with ``before``
+        (the logits without the interventions) also each token's probability there."""
         last = logits[0, -1].astype(np.float64)
         logp = ops.log_softmax(last)
-        top = _top(last, TOP_K)
-        return [{"token": self.model.tokenizer.token_str(t), "id": int(t), "prob": float(np.exp(logp[t])),
-                 "logit": float(last[t])} for t in top]
+        old = None if before is None else np.exp(ops.log_softmax(before[0, -1].astype(np.float64)))
+        rows = []
+        for t in _top(last, TOP_K):
+            row = {"token": self.model.tokenizer.token_str(t), "id": int(t), "prob": float(np.exp(logp[t])),
+                   "logit": float(last[t])}
+            if old is not None:
+                row["prob_before"] = float(old[t])
+            rows.append(row)
+        return rows
 
     # ---------------------------------------------------------------------------- analyse
     def analyse(self, body) -> dict:
@@ -402,7 +409,7 @@ class Inspector:
         new_logits = self.model.run_with_hooks(p.tokens, fwd_hooks=self._hooks(p, cache, parsed)) if parsed else logits
         after = p.metric(new_logits)
         return {"metric_name": p.metric_name, "before": before, "after": after, "change": after - before,
-                "next_tokens": self._next_tokens(new_logits),
+                "next_tokens": self._next_tokens(new_logits, before=logits),
                 "interventions": [{"component": c, "method": m} for c, m in parsed]}
 
     # ---------------------------------------------------------------------------- components

@@ -71,10 +71,13 @@ async function analyse() {
   await refresh(state.view || "prompt");
 }
 function nextTokenTable(table, rows) {
-  table.replaceChildren(el("tr", {}, el("th", { text: "token" }), el("th", { text: "probability" }), el("th", { text: "logit" })));
+  const before = rows.length && rows[0].prob_before !== undefined;
+  table.replaceChildren(el("tr", {}, el("th", { text: "token" }), el("th", { text: "probability" }),
+    ...(before ? [el("th", { text: "without them" })] : []), el("th", { text: "logit" })));
   for (const r of rows) {
     table.append(el("tr", {}, el("td", { class: "tok", text: label(r.token) }),
                     shade(el("td", { class: "num", text: r.prob.toFixed(DIGITS) }), seq(r.prob)),
+                    ...(before ? [shade(el("td", { class: "num", text: r.prob_before.toFixed(DIGITS) }), seq(r.prob_before))] : []),
                     el("td", { class: "num", text: r.logit.toFixed(2) })));
   }
 }
