@@ -17,6 +17,9 @@ on 127.0.0.1) with its JSON answer:
                         /api/info and drawn its controls                                      < 1 s
 
     python benchmarks/bench_inspect.py [--repeats 5]
+
+On a machine others share, OPENBLAS_NUM_THREADS=1 in the environment gives steadier ratios (two
+BLAS threads fighting for busy cores slow the small products of a 20-token forward pass many times).
 """
 
 from __future__ import annotations
