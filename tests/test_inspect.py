@@ -275,6 +275,15 @@ def test_estimated_total_effects_are_the_metrics_slope_times_the_change(model64)
         slope = (scaled(name, index, 1 + eps) - scaled(name, index, 1 - eps)) / (2 * eps)  # d metric / d scale
         assert rows[component]["total"] == pytest.approx(-slope, rel=1e-5, abs=1e-7), component
     assert c["method"] == "zero" and len(rows) == 2 * (4 + 1) + 2 * model64.cfg.d_mlp
+    # an MLP layer's direct effect is its neurons' and its b_out's, the latter put through the final
+    # layer norm (its scale frozen) onto the logit difference by hand
+    _, cache = model64.run_with_cache(tokens)
+    w = model64.weights
+    direction = (model64.W_U[:, model64.to_single_token(" Mary")] - model64.W_U[:, model64.to_single_token(" John")])
+    b_out = w.blocks[0].b_out
+    bias = float(((b_out - b_out.mean()) / cache["ln_final.hook_scale"][0, -1]) @ (direction * w.ln_final_w))
+    neurons = sum(r["direct"] for r in c["rows"] if r["component"].startswith("L0N"))
+    assert rows["mlp0"]["direct"] == pytest.approx(neurons + bias, rel=1e-9, abs=1e-9)
 
 
 def test_patch_estimates_are_first_order_in_the_change(model64):

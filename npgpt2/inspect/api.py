@@ -440,9 +440,10 @@ class Inspector:
         refs = self._references(p, cache, method, names)
         total = {"z": patching._attribution(self.model, refs, grads, "z", ("layer", "head")),  # [layer, head]
                  "mlp_out": patching._attribution(self.model, refs, grads, "mlp_out", ("layer",))}  # [layer]
-        by = "neuron" if neurons else "head"
-        direct = attribution.direct_logit_attribution(self.model, cache, p.tokens, p.target, p.distractor, by=by)
-        direct = dict(zip(direct["component"], direct["attribution"]))
+        direct = {}  # heads and MLP layers (an MLP's output with its b_out); each neuron (post x W_out)
+        for by in ("head", "neuron") if neurons else ("head",):
+            frame = attribution.direct_logit_attribution(self.model, cache, p.tokens, p.target, p.distractor, by=by)
+            direct.update(zip(frame["component"], frame["attribution"]))
         rows = []
         for l in range(n_layer):
             for h in range(n_head):
@@ -450,8 +451,7 @@ class Inspector:
                              "direct": float(direct[f"L{l}H{h}"]), "total": float(total["z"][l, h])})
             mlp = f"{l}_mlp_out"
             rows.append({"component": f"mlp{l}", "type": "mlp", "layer": l,
-                         "direct": float(direct[mlp]) if mlp in direct else
-                         float(sum(v for k, v in direct.items() if k.startswith(f"L{l}N"))),
+                         "direct": float(direct[mlp]),
                          "total": float(total["mlp_out"][l])})
         if neurons:
             for l in range(n_layer):
