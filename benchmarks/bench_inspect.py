@@ -29,10 +29,7 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import time
-
-import numpy as np
 
 import npgpt2
 from npgpt2.analysis import direct_logit_attribution

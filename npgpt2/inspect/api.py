@@ -14,7 +14,7 @@ a request.
 
     Inspector.analyse(request)      tokens, next-token table, each token's loss, the metric
     Inspector.layer(request)        one depth of the forward: logit lens, residual norms, hook points
-    Inspector.attention(request)    every head's pattern of one layer
+    Inspector.attention(request)    a layer's heads as thumbnails, one head's whole pattern
     Inspector.components(request)   heads, MLP layers (neurons, SAE latents) by direct and estimated
                                     total effect (attribution patching)
     Inspector.intervene(request)    the metric and next-token table with components ablated or patched
@@ -109,7 +109,6 @@ class Prompt:
         if self.distractor is not None and self.target is None:
             raise InspectError(f"distractor={distractor!r} without a target: the metric is logit[target] - "
                                "logit[distractor]; give a target too")
-        self.key = (self.text, self.prepend_bos)
 
     def choose_metric(self, model, logits: np.ndarray) -> None:
         """Set ``metric`` and ``metric_name`` (the top next token when no target was given)."""

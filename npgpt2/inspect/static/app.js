@@ -121,7 +121,7 @@ async function loadLayer() {
     const doc = el("tr", { class: "doc", hidden: "" }, el("td", { colspan: 6, text: h.doc }));
     hooks.append(el("tr", { class: "clickable", onclick: () => { doc.hidden = !doc.hidden; } },
       el("td", { class: "mono", text: h.name }), el("td", { class: "mono", text: `[${h.shape.join(", ")}]` }),
-      ...["mean", "std", "min", "max"].map(k => el("td", { class: "num", text: h[k].toFixed(4) }))), doc);
+      ...["mean", "std", "min", "max"].map(k => el("td", { class: "num", text: h[k].toFixed(4).replace(/^-(0\.0+)$/, "$1") }))), doc);
   }
 }
 
