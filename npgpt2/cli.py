@@ -6,6 +6,7 @@
     npgpt2 step "The cat sat"
     npgpt2 saliency "The Eiffel Tower is in the city of" --target " Paris"
     npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png
+    npgpt2 inspect -m zoo:induction
     npgpt2 info
     npgpt2 download gpt2-medium
     npgpt2 parity --model gpt2
@@ -145,6 +146,43 @@ def cmd_step(args):
     top = model.tokenizer.token_str(int(logits[0, -1].argmax()))
     print(f"npgpt2 step: the forward pass ran to the end: logits of shape {list(logits.shape)} "
           f"[batch, pos, d_vocab]; the most likely next token is {top!r}")
+
+
+# ----------------------------------------------------------------------------------- inspect
+def cmd_inspect(args):
+    try:  # before the model loads: the extra may be missing
+        import tornado  # noqa: F401
+    except ImportError:
+        raise CLIError("npgpt2 inspect needs the web server tornado: pip install 'npgpt2[inspect]'") from None
+    harvest = None
+    if args.harvest is not None:
+        from .harvest import Harvest
+
+        if not os.path.isdir(args.harvest):
+            raise CLIError(f"--harvest {args.harvest!r} is not a folder; expected one written by npgpt2 harvest")
+        harvest = Harvest.load(args.harvest)
+    sae = None
+    if args.sae is not None:
+        from .harvest.run import _load_sae
+
+        sae, _ = _load_sae(args.sae)
+    from .inspect.server import Server
+
+    try:
+        server = Server(_load(args), port=args.port, ip=args.ip, sae=sae, harvest=harvest)
+    except OSError as e:
+        raise CLIError(f"cannot listen on {args.ip or '127.0.0.1'}:{args.port}: {e.strerror or e} "
+                       "(another program may use that port: try --port 0 for a free one)") from None
+    print(f"npgpt2 inspect: {server.inspector.model.name} at\n    {server.url}\n"
+          "(Ctrl-C stops it; the token in the URL is what lets a browser in)", flush=True)
+    if not args.no_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        print("npgpt2 inspect: stopped", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- trace
@@ -655,6 +693,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also draw the circuit to this file (PNG or SVG; needs matplotlib)")
     p.add_argument("--html", help="also write a self-contained HTML page: the picture and the edges' table")
     p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
+
+    p = add("inspect", cmd_inspect, "look inside the model in the browser: a local, offline page (prompt and "
+            "metric, logit lens by layer, attention, components ranked, interventions, EAP-IG circuit; needs "
+            "the inspect extra)", "npgpt2 inspect -m zoo:induction --port 8765")
+    model_args(p, dtype=True)
+    p.add_argument("--port", type=_non_negative_int, default=8765, help="port to listen on; 0: a free one (default: 8765)")
+    p.add_argument("--ip", help="address to listen on (default: 127.0.0.1, loopback only; another address also "
+                                "accepts any Host header: the token is then the only guard)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL, do not open a browser")
+    p.add_argument("--harvest", help="a folder written by npgpt2 harvest: its neuron or latent dashboards in the page")
+    p.add_argument("--sae", help="RELEASE:SAE_ID: its latents as components to rank and intervene on")
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
             'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')

@@ -88,6 +88,11 @@ def pictures():
     not the tests' private one), where it is built once and then reused, as the script does when run
     by hand."""
     pytest.importorskip("matplotlib")
+    return _run_docs_script("make_pictures.py", "pictures.json")
+
+
+def _run_docs_script(script: str, record: str):
+    """Run docs/<script> --out docs/images; -> (when it started, the images folder, its record)."""
     import json
     import time
 
@@ -97,12 +102,11 @@ def pictures():
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HOME=os.path.dirname(REAL_HF_HUB_CACHE))
-    out = subprocess.run([sys.executable, os.path.join(DOCS, "make_pictures.py"), "--out", images],
+    out = subprocess.run([sys.executable, os.path.join(DOCS, script), "--out", images],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    with open(os.path.join(images, "pictures.json"), encoding="utf-8") as f:
-        record = json.load(f)
-    return started, images, record
+    with open(os.path.join(images, record), encoding="utf-8") as f:
+        return started, images, json.load(f)
 
 
 @pytest.mark.docs
@@ -135,6 +139,46 @@ def test_the_pictures_show_the_induction_circuit(pictures):
     _, _, record = pictures
     assert record["previous_token_head"].startswith("L0") and record["previous_token_score"] > 0.5, record
     assert record["induction_head"].startswith("L1") and record["induction_score"] > 0.5, record
+
+
+@pytest.fixture(scope="module")
+def screenshots():
+    """docs/make_screenshots.py run afresh into docs/images (npgpt2 inspect on the induction model,
+    driven in Chromium), as the documentation step does before the site is built; the model from the
+    user's own zoo cache, as for the pictures."""
+    from browser import CHROMIUM
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return _run_docs_script("make_screenshots.py", "inspect-screenshots.json")
+
+
+@pytest.mark.docs
+def test_the_inspectors_screenshots_are_remade_and_shown(screenshots):
+    started, images, record = screenshots
+    spec = importlib.util.spec_from_file_location("make_screenshots", os.path.join(DOCS, "make_screenshots.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert sorted(record["files"]) == sorted(script.SHOTS)
+    page = open(os.path.join(DOCS, "inspect.md"), encoding="utf-8").read()
+    for name in script.SHOTS:
+        path = os.path.join(images, name)
+        assert os.path.getmtime(path) >= started - 1, f"{name} was not written by this run"
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        assert f"images/{name}" in page
+
+
+@pytest.mark.docs
+def test_the_inspector_page_shows_what_the_docs_say(screenshots):
+    """The head shown is an induction head of layer 1 that looks one past the earlier copy of the
+    word; zero-ablating it alone moves the metric by less than a tenth (the others copy too)."""
+    _, _, record = screenshots
+    assert record["induction_head"].startswith("L1") and record["induction_score"] > 0.5, record
+    assert float(record["shown"]["attention"].rsplit(": ", 1)[1]) > 0.5, record
+    metric = float(record["shown"]["metric"])
+    change = float(record["shown"]["ablation"].rsplit("change ", 1)[1])
+    assert metric > 0 and abs(change) < 0.1 * metric, record
 
 
 # ------------------------------------------------------------------------- the strict build
