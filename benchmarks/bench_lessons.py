@@ -10,10 +10,13 @@ induction model) keeps it. Output folders go to the temporary folder.
 Prints each lesson's wall time (kernel start included) and its slowest cells, each with the CPU
 time the kernel spent on it (all its threads). Target: every lesson <= 60 s on 2 cores. On a
 machine shared with other work the wall times grow with the load average (printed beside each
-lesson); the CPU times much less: a cell whose products use both cores takes about half its CPU
-time on a quiet 2-core machine, a single-threaded cell about all of it.
+lesson). With ``--threads 1`` the kernel runs NumPy's products on one thread: its CPU time then
+hardly depends on what else the machine runs (a busy machine delays the kernel, it does not make
+it work more), and it bounds from above what the lesson takes on a quiet machine of the same CPU
+with two cores, which can only be faster. (With two BLAS threads on a busy machine the CPU time
+grows too: OpenBLAS's threads spin while they wait for each other.)
 
-    python benchmarks/bench_lessons.py [ioi dashboards ...] [--cells 3]
+    python benchmarks/bench_lessons.py [ioi dashboards ...] [--cells 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -90,9 +93,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="lessons to run (file names without .py); default: all")
     parser.add_argument("--cells", type=int, default=3, help="slowest cells to print per lesson")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for the kernel's BLAS (default: BLAS's own choice, every core)")
     args = parser.parse_args()
+    if args.threads is not None:  # read by OpenBLAS (and OpenMP) when the kernel imports numpy
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.threads)
 
     print(describe_machine())
+    print(f"kernel BLAS threads: {args.threads or 'default'}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     gpt2_small = gpt2_small_folder()
     # the kernel imports this checkout's npgpt2

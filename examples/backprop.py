@@ -27,7 +27,7 @@
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small random model stands in when it is not cached
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-IG_STEPS_SALIENCY = 64  # integrated gradients' steps from the baseline to the prompt
+IG_STEPS_SALIENCY = 32  # integrated gradients' steps from the baseline to the prompt (the check below warns if too few)
 
 # %%
 import math
