@@ -112,8 +112,10 @@ def main():
         with tempfile.TemporaryDirectory(prefix=f"npgpt2-lesson-{name}-") as workdir:
             seconds, cpu, cells = run(path, parameters(path, gpt2_small, os.path.join(workdir, "out")), workdir)
         load = os.getloadavg()[0]
-        verdict = "ok" if seconds <= TARGET else "OVER"
-        print(f"\n{name}: {seconds:.1f} s ({verdict}; target <= {TARGET:.0f} s); kernel CPU {cpu:.1f} s; "
+        # on one thread the CPU time is the bound that holds whatever the load; else the wall time
+        judged, by = (cpu, "its one-thread CPU time") if args.threads == 1 else (seconds, "its wall time")
+        verdict = f"{'ok' if judged <= TARGET else 'OVER'} by {by}"
+        print(f"\n{name}: {seconds:.1f} s; kernel CPU {cpu:.1f} s ({verdict}, target <= {TARGET:.0f} s); "
               f"{len(cells)} code cells; load average {load:.2f}", flush=True)
         for wall, cell_cpu, cell in sorted(cells, key=lambda c: -c[0])[: args.cells]:
             print(f"  {wall:7.1f} s (CPU {cell_cpu:6.1f} s)  {first_line(cell)}", flush=True)
@@ -121,7 +123,9 @@ def main():
     print("\n| lesson | wall s | kernel CPU s | load average |\n| --- | --- | --- | --- |")
     for name, seconds, cpu, load in rows:
         print(f"| {name} | {seconds:.1f} | {cpu:.1f} | {load:.2f} |")
-    print(f"total {sum(r[1] for r in rows):.0f} s; {sum(r[1] > TARGET for r in rows)} over {TARGET:.0f} s")
+    judged = [r[2] if args.threads == 1 else r[1] for r in rows]
+    print(f"total {sum(r[1] for r in rows):.0f} s; {sum(j > TARGET for j in judged)} over {TARGET:.0f} s "
+          f"({'one-thread CPU time' if args.threads == 1 else 'wall time'})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@
 # 160 short documents about places, numbers, code and animals, about 6,400 tokens. That is small
 # for a harvest (real ones read millions of tokens), so that the lesson runs in about a minute on
 # a laptop at GPT-2 small's size; every step below is the same at any size.
+#
+# *Run time: about 35 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small random model stands in when it is not cached
@@ -158,7 +161,7 @@ show(h)
 # So a harvest cut into small shards equals one cut into large ones, table for table, bit for bit:
 
 # %%
-part = dict(ctx=CTX, tokens=min(TOKENS, 24 * CTX), top_k=10, per_band=4, progress=False)
+part = dict(ctx=CTX, tokens=min(TOKENS, 24 * CTX), top_k=10, per_band=4)
 a = harvest(corpus, model, hook, shard_contexts=8, **part)
 b = harvest(corpus, model, hook, shard_contexts=24, **part)
 same = {t: getattr(a, t).equals(getattr(b, t)) for t in ("features", "top", "examples", "histogram")}

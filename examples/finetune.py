@@ -24,6 +24,9 @@
 # *untrained* GPT-2 (GPT-2's initialisation, 2 layers, d_model 64; learning rate 1e-2). That one
 # starts knowing nothing, at a loss of ln(50257) = 10.8 nats per token (a uniform guess over the
 # vocabulary), and learns the rhyme by heart in a few seconds.
+#
+# *Run time: about 50 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small untrained GPT-2 stands in when it is not cached

@@ -27,6 +27,9 @@
 #
 # With the real `gpt2` cached the famous heads appear (name movers 9.9, 9.6, 10.0). On the small
 # random model every table has the same shape and meaning but noise in it.
+#
+# *Run time: about 30 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small random model stands in when it is not cached

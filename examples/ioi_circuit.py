@@ -30,6 +30,9 @@
 #
 # The clean prompts are the IOI set; the corrupted ones put three new names in the three places
 # ("When Alice and Bob went to the shops, Carl gave the bag to"), so there is no name to copy.
+#
+# *Run time: about 40 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small random model stands in when it is not cached
@@ -141,7 +144,8 @@ plot.circuit(circuit, path=os.path.join(OUT_DIR, "ioi_circuit.png") if OUT_DIR e
 # %%
 into_logits = scores[(scores["downstream"] == "logits") & scores["upstream"].str.match(r"L\d+H\d+$")]
 candidates = into_logits.reindex(into_logits["score"].abs().sort_values(ascending=False).index).head(12)
-direct = path_patch_heads(model, clean, corrupted, metric, "logits", heads=list(candidates["upstream"]))  # [layer, head]
+direct = path_patch_heads(model, clean, corrupted, metric, "logits",
+                          heads=list(candidates["upstream"]))  # [layer, head], NaN for the heads not checked
 effect = (direct - clean_value) / (corrupted_value - clean_value)  # 1 = all of the behaviour lost
 checked = pd.DataFrame({"head": candidates["upstream"].to_numpy(), "eap_ig_score": candidates["score"].to_numpy()})
 checked["share_lost"] = [effect[int(n[1:n.index("H")]), int(n[n.index("H") + 1:])] for n in checked["head"]]
