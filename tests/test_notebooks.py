@@ -63,3 +63,16 @@ def test_walkthrough_runs_as_a_notebook(path, tiny_dir, tmp_path, kernel_env):
         assert any("Harvest of blocks.1.mlp.hook_post" in h for h in outputs(nb, "text/html"))
     if name in ("token_tables.py", "ioi.py", "induction.py", "superposition.py"):
         assert outputs(nb, "image/png"), f"{name} drew no figure inline"
+
+
+def test_parameters_go_after_the_parameters_cell_and_need_one(tmp_path):
+    from npgpt2.testing import walkthrough_notebook
+
+    nb = walkthrough_notebook(os.path.join(ROOT, "examples", "induction.py"), {"SEQ_LEN": 7})
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    marker = next(i for i, t in enumerate(tags) if "parameters" in t)
+    assert "injected-parameters" in tags[marker + 1] and nb.cells[marker + 1].source == "SEQ_LEN = 7"
+    plain = tmp_path / "plain.py"
+    plain.write_text("# %%\nx = 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no parameters cell"):
+        walkthrough_notebook(str(plain), {"x": 2})
