@@ -148,7 +148,7 @@ direct = path_patch_heads(model, clean, corrupted, metric, "logits",
                           heads=list(candidates["upstream"]))  # [layer, head], NaN for the heads not checked
 effect = (direct - clean_value) / (corrupted_value - clean_value)  # 1 = all of the behaviour lost
 checked = pd.DataFrame({"head": candidates["upstream"].to_numpy(), "eap_ig_score": candidates["score"].to_numpy()})
-checked["share_lost"] = [effect[int(n[1:n.index("H")]), int(n[n.index("H") + 1:])] for n in checked["head"]]
+checked["share_lost"] = [effect[l, h] for l, h in (map(int, name[1:].split("H")) for name in checked["head"])]
 print("the heads EAP-IG ranks highest into the logits, and the share of the logit difference lost when only "
       "their direct path is corrupted:")
 show(checked.sort_values("share_lost", key=np.abs, ascending=False).head(8))
