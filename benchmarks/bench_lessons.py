@@ -96,11 +96,10 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for the kernel's BLAS (default: BLAS's own choice, every core)")
     args = parser.parse_args()
+    print(describe_machine())  # (before the threads below are set: they are the kernel's)
     if args.threads is not None:  # read by OpenBLAS (and OpenMP) when the kernel imports numpy
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(args.threads)
-
-    print(describe_machine())
     print(f"kernel BLAS threads: {args.threads or 'default'}")
     print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     gpt2_small = gpt2_small_folder()
