@@ -19,14 +19,18 @@
 # The same loop, with progress bars, checkpoints and `--resume`, is `npgpt2 finetune` (see the
 # documentation's training page, `docs/techniques/training.md`).
 #
-# It runs on the real gpt2 when it is cached (learning rate 1e-4), and otherwise on a small
+# It runs on the real gpt2 when it is cached (learning rate 1e-4; 12 steps, since a step of GPT-2
+# small, 124M parameters, takes seconds in NumPy on a laptop), and otherwise on a small
 # *untrained* GPT-2 (GPT-2's initialisation, 2 layers, d_model 64; learning rate 1e-2). That one
 # starts knowing nothing, at a loss of ln(50257) = 10.8 nats per token (a uniform guess over the
 # vocabulary), and learns the rhyme by heart in a few seconds.
+#
+# *Run time: about 50 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small untrained GPT-2 stands in when it is not cached
-TRAIN_STEPS = 40  # optimizer steps
+TRAIN_STEPS = None  # optimizer steps; None: 40 for the small untrained model, 12 for a pretrained one
 BATCH_SIZE = 4  # windows per batch
 SEQ_LEN = 48  # tokens per window (at most the model's n_ctx)
 LR = None  # peak learning rate; None: 1e-4 for a pretrained model, 1e-2 for the untrained one
@@ -38,6 +42,7 @@ import importlib.util
 import tempfile
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import npgpt2
 from npgpt2 import GPT2Config, OfflineError, plot, training
@@ -53,16 +58,16 @@ PROMPT = "Twinkle, twinkle, little star,\nHow I"
 
 
 def load(name):
-    """(model, default learning rate): ``name`` as given (a loaded model), or cached, or else a
-    small untrained GPT-2."""
+    """(model, default learning rate, default steps): ``name`` as given (a loaded model), or cached,
+    or else a small untrained GPT-2."""
     if isinstance(name, GPT2):
-        return name, 1e-4
+        return name, 1e-4, 12
     try:
-        return npgpt2.from_pretrained(name, local_files_only=True), 1e-4
+        return npgpt2.from_pretrained(name, local_files_only=True), 1e-4, 12
     except OfflineError:
         print(f"({name} is not cached: training a small untrained GPT-2 instead; `npgpt2 download {name}` "
               "fetches the real one)\n")
-        return training.new_model(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_ctx=64), seed=0), 1e-2
+        return training.new_model(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_ctx=64), seed=0), 1e-2, 40
 
 
 def sample(model, n=24):
@@ -70,8 +75,9 @@ def sample(model, n=24):
     return model.generate(PROMPT, max_new_tokens=n)[len(PROMPT):]
 
 
-model, default_lr = load(MODEL)
+model, default_lr, default_steps = load(MODEL)
 lr = LR if LR is not None else default_lr
+n_steps = TRAIN_STEPS if TRAIN_STEPS is not None else default_steps
 show(model)
 
 # %% [markdown]
@@ -94,7 +100,7 @@ data = training.TokenDataset.from_texts([TEXT] * 12, model.tokenizer)
 train, val = data.split(0.1)
 seq_len = min(SEQ_LEN, model.cfg.n_ctx, len(train))
 print(f"{len(data)} tokens: {len(train)} for training, {len(val)} held out; "
-      f"{TRAIN_STEPS} steps of {BATCH_SIZE} x {seq_len} tokens")
+      f"{n_steps} steps of {BATCH_SIZE} x {seq_len} tokens")
 first = train.batch(0, BATCH_SIZE, seq_len, seed=0)  # [batch, seq_len] int64
 print(f"batch 0: shape {list(first.shape)}; its first window begins {model.to_string(first[0, :8])!r}")
 assert np.array_equal(first, next(train.batches(BATCH_SIZE, seq_len, seed=0)))  # the same batch, both ways
@@ -145,8 +151,8 @@ print(f"  {PROMPT!r} -> {sample_before!r}")
 # the last steps settle rather than jump around.
 
 # %%
-warmup = TRAIN_STEPS // 10
-schedule = training.warmup_cosine(lr, warmup=warmup, total=TRAIN_STEPS)
+warmup = n_steps // 10
+schedule = training.warmup_cosine(lr, warmup=warmup, total=n_steps)
 opt = training.AdamW(model, lr=schedule, betas=(0.9, 0.95), weight_decay=0.1)
 decayed = sorted(opt.decayed)
 kept = [n for n in opt.params if n not in opt.decayed]
@@ -154,7 +160,7 @@ n_decayed = sum(opt.params[n].size for n in decayed)
 print(f"weight decay on {len(decayed)} matrices ({n_decayed:,} numbers), e.g. {decayed[:3]}")
 print(f"no decay on {len(kept)} biases and gains ({model.n_params() - n_decayed:,} numbers), e.g. {kept[:3]}")
 print("\nlearning rate by step:", ", ".join(f"{t + 1}: {schedule(t):.2g}"
-                                            for t in sorted({0, 1, warmup, TRAIN_STEPS // 2, TRAIN_STEPS - 1})))
+                                            for t in sorted({0, 1, warmup, n_steps // 2, n_steps - 1})))
 
 # %% [markdown]
 # ## One training step, and the second one redone by hand
@@ -212,9 +218,10 @@ for n in names:
 # knows English and has probably seen this rhyme, it starts low and falls further.
 
 # %%
-for step, batch in zip(range(3, TRAIN_STEPS + 1), train.batches(BATCH_SIZE, seq_len, seed=0, start=2)):
+for step, batch in zip(tqdm(range(3, n_steps + 1), desc="training", unit="step", leave=False),
+                       train.batches(BATCH_SIZE, seq_len, seed=0, start=2)):
     loss, norm, used_lr, _ = train_step(batch)
-    if step % max(1, TRAIN_STEPS // 10) == 0 or step == TRAIN_STEPS:
+    if step % max(1, n_steps // 10) == 0 or step == n_steps:
         print(f"step {step:>4}  loss {loss:6.3f}  lr {used_lr:.2e}  {'#' * int(round(loss * 4))}")
 plot.line(losses, x=np.arange(1, len(losses) + 1), xaxis="step", yaxis="training loss (nats)",
           title=f"{model.name}: fine-tuning on the rhyme");
@@ -248,8 +255,9 @@ folder = model.save_pretrained(OUT_DIR or tempfile.mkdtemp(prefix="finetuned-gpt
 tokens = model.to_tokens(PROMPT)
 reloaded = npgpt2.from_pretrained(folder)
 reload_error = float(np.abs(reloaded(tokens) - model(tokens)).max())
+reloaded_sample = sample(reloaded)
 print(f"saved to {folder}; npgpt2 reloads it: largest logit difference {reload_error:.1e}, "
-      f"sample {'the same' if sample(reloaded) == sample_after else 'DIFFERENT'}")
+      f"sample {'the same' if reloaded_sample == sample_after else 'DIFFERENT'}")
 
 transformers_error = None
 if COMPARE_WITH_TRANSFORMERS and importlib.util.find_spec("transformers"):
@@ -265,7 +273,7 @@ if COMPARE_WITH_TRANSFORMERS and importlib.util.find_spec("transformers"):
 
 results = {"losses": losses, "val_before": before.loss, "val_after": after.loss, "sample_before": sample_before,
            "sample_after": sample_after, "by_hand_errors": by_hand_errors, "reload_error": reload_error,
-           "reloaded_sample": sample(reloaded), "transformers_error": transformers_error, "folder": folder}
+           "reloaded_sample": reloaded_sample, "transformers_error": transformers_error, "folder": folder}
 
 # %% [markdown]
 # ## How this is checked against torch

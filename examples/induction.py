@@ -30,6 +30,9 @@
 # are in layer 0 and induction heads in layer 1. With `MODEL = "gpt2"` (when cached) the induction
 # heads are 5.1, 5.5, 6.9, 7.2, 7.10 and the strongest previous-token head is 4.11. A small random
 # model has none: its tables show what the measurements look like when there is nothing to find.
+#
+# *Run time: about 5 s on a 2-core machine (the first run also trains the zoo's model, about a
+# minute; `benchmarks/bench_lessons.py` measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "zoo:induction"  # "zoo:induction", a hub name or a local folder; a small random model stands in for one not cached

@@ -29,6 +29,9 @@
 # the local Hugging Face cache, the lesson loads both. Otherwise it trains an SAE on a small random
 # model on the spot, which also shows the training loop (activations streamed from the model,
 # Adam, a unit-norm decoder, dead latents resampled).
+#
+# *Run time: about 25 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = None  # None: gpt2 with the published SAE if both are cached, else a small random model; or a hub name / folder
@@ -94,7 +97,7 @@ if sae is None:
     hook = f"blocks.{model.cfg.n_layer - 1}.hook_resid_pre"
     stream = activation_batches(model, CORPUS * 8, hook, batch_size=256, buffer_size=2048, prepend_bos=True)
     sae, log = train_sae(stream, d_sae=8 * model.cfg.d_model, l1_coeff=1e-3, lr=1e-3, resample_every=50,
-                         hook_name=hook, progress=False)
+                         hook_name=hook)
     sae.cfg.update(prepend_bos=True, model_processing={"center_writing_weights": True}, training_log=log.to_dict("list"))
     show(log.tail(3))
     plot.sae_training_curves(log, path=os.path.join(OUT_DIR, "sae_training.png") if OUT_DIR else None);

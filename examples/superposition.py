@@ -27,6 +27,8 @@
 #    superposed, which is the idea behind using SAEs on real models (`sae.py`).
 #
 # Everything trains here in seconds, with gradients written by hand in NumPy.
+#
+# *Run time: about 30 s on a 2-core machine (`benchmarks/bench_lessons.py` measures every lesson).*
 
 # %% tags=["parameters"]
 STEPS = 3000  # training steps of each toy model
@@ -56,7 +58,7 @@ if OUT_DIR:
 # collide, and the model stores all five, as a **pentagon**.
 
 # %%
-five, _ = train_toy_models(5, 2, sparsity=(0.0, 0.7, 0.9), steps=STEPS, batch=512, restarts=4, seed=0)
+five, _ = train_toy_models(5, 2, sparsity=(0.0, 0.7, 0.9), steps=STEPS, batch=512, restarts=4, seed=0, progress=True)
 show(pd.DataFrame(five.feature_norms(), index=[f"sparsity {s}" for s in five.sparsity],
                   columns=[f"||W_{i}||" for i in range(5)]).round(2))
 W = five.W[-1]  # [2, 5] at sparsity 0.9
@@ -81,7 +83,8 @@ plot.toy_model_geometry(five, path=os.path.join(OUT_DIR, "five_in_two.png") if O
 # features, the more are stored and the fewer dimensions each gets.
 
 # %%
-twenty, _ = train_toy_models(20, 5, sparsity=(0.0, 0.5, 0.8, 0.9, 0.95, 0.99), steps=STEPS, batch=512, seed=0)
+twenty, _ = train_toy_models(20, 5, sparsity=(0.0, 0.5, 0.8, 0.9, 0.95, 0.99), steps=STEPS, batch=512, seed=0,
+                             progress=True)
 show(twenty.table().round(3))
 plot.toy_model_geometry(twenty, path=os.path.join(OUT_DIR, "twenty_in_five.png") if OUT_DIR else None);
 
@@ -95,7 +98,8 @@ plot.toy_model_geometry(twenty, path=os.path.join(OUT_DIR, "twenty_in_five.png")
 # If it works, some of its decoder rows point along the toy model's eight feature directions.
 
 # %%
-toy, _ = train_toy_models(8, 4, sparsity=(0.95,), importance=np.ones(8), steps=STEPS, batch=512, restarts=2, seed=0)
+toy, _ = train_toy_models(8, 4, sparsity=(0.95,), importance=np.ones(8), steps=STEPS, batch=512, restarts=2, seed=0,
+                          progress=True)
 rng = np.random.default_rng(1)
 
 
@@ -106,7 +110,7 @@ def hidden():
 
 
 sae, log = train_sae(hidden(), d_sae=16, l1_coeff=3e-2, lr=3e-3, n_steps=SAE_STEPS, resample_every=1000,
-                     init=init_sae(4, 16, 0), progress=False)
+                     init=init_sae(4, 16, 0))
 features = toy.W[0] / np.linalg.norm(toy.W[0], axis=0)  # [4, 8] unit feature directions
 cos = sae.W_dec @ features  # [16 latents, 8 features]
 print("best cosine between each true feature and a decoder row:", np.round(cos.max(0), 3).tolist())

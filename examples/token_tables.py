@@ -29,6 +29,9 @@
 # and otherwise on a small random model whose tables have the same shape and meaning but noise in
 # them. Run it as a notebook (`jupytext --to ipynb examples/token_tables.py`) or as a script
 # (`python examples/token_tables.py`).
+#
+# *Run time: about 10 s on a 2-core machine at GPT-2 small's size (`benchmarks/bench_lessons.py`
+# measures every lesson).*
 
 # %% tags=["parameters"]
 MODEL = "gpt2"  # a hub name or a local folder; a small random model stands in when it is not cached

@@ -395,3 +395,33 @@ def run_walkthrough(path, **parameters) -> dict:
     namespace = {"__name__": "__main__", "__file__": str(path), "__parameters__": parameters}
     exec(compile(source, str(path), "exec"), namespace)  # noqa: S102 (the project's own examples)
     return namespace
+
+
+def walkthrough_notebook(path, parameters: dict | None = None):
+    """A walkthrough as a Jupyter notebook (an ``nbformat`` object): jupytext turns the
+    percent-format script into one, and ``parameters`` go into a cell after its parameters cell,
+    values written with ``repr`` (as papermill injects them). Needs the ``notebooks`` extra."""
+    import jupytext
+    import nbformat
+
+    nb = jupytext.read(path)
+    marker = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
+    if parameters and marker is None:
+        raise ValueError(f"{path} has no parameters cell ({PARAMETERS_CELL!r}) to inject {sorted(parameters)} after")
+    if parameters:
+        source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+        nb.cells.insert(marker + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    return nb
+
+
+def run_walkthrough_notebook(path, parameters: dict | None = None, workdir=None, timeout: int = 600):
+    """Run a walkthrough as a notebook (``walkthrough_notebook``) with nbclient, in an ipykernel
+    kernel started in ``workdir`` (default: the current folder); returns the executed notebook.
+    Raises on the first failing cell."""
+    import nbclient
+
+    nb = walkthrough_notebook(path, parameters)
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                     resources={"metadata": {"path": str(workdir or os.getcwd())}})
+    client.execute()
+    return nb

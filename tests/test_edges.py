@@ -146,6 +146,18 @@ def test_path_patching_into_one_value_input_changes_only_that_head(model64, pair
     assert sweep[0, 1] == pytest.approx(value) and np.isnan(sweep[1]).all()
 
 
+def test_path_patching_chosen_heads_is_the_sweep_at_those_heads(model64, pair):
+    clean, corrupted, metric = pair
+    every = E.path_patch_heads(model64, clean, corrupted, metric, "logits", progress=False)
+    chosen = E.path_patch_heads(model64, clean, corrupted, metric, "logits", heads=["L1H3", (0, 2)], progress=False)
+    assert chosen[1, 3] == every[1, 3] and chosen[0, 2] == every[0, 2]
+    assert chosen[1, 3] == E.path_patch(model64, clean, corrupted, metric, "L1H3", "logits")
+    assert np.isnan(np.delete(chosen.ravel(), [1 * 4 + 3, 0 * 4 + 2])).all()  # the heads not asked for
+    for bad in ("L2H0", (0, 4), "mlp0"):
+        with pytest.raises(ValueError, match=r"head .* is not in the model: .*layer 0\.\.1, head 0\.\.3"):
+            E.path_patch_heads(model64, clean, corrupted, metric, "logits", heads=[bad], progress=False)
+
+
 def test_circuit_command_and_picture(tiny_dir, model, capsys, tmp_path):
     from npgpt2 import cli
 

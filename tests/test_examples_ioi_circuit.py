@@ -6,7 +6,7 @@ import numpy as np
 
 import npgpt2
 from npgpt2 import metrics
-from npgpt2.analysis.edges import circuit_faithfulness
+from npgpt2.analysis.edges import circuit_faithfulness, path_patch
 from npgpt2.testing import run_walkthrough
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -26,4 +26,12 @@ def test_ioi_circuit_walkthrough(tiny_dir, tmp_path):
     again = circuit_faithfulness(model, model.to_tokens(clean), model.to_tokens(corrupted), r["circuit"], metric)
     np.testing.assert_allclose(r["faithfulness"], again)
     assert r["path_patching"].shape == (2, 4) and np.isfinite(r["path_patching"]).all()
+    # the heads checked by path patching are those EAP-IG scores highest into the logits, and each
+    # one's share lost is that of its own path patch
+    into_logits = r["scores"][(r["scores"]["downstream"] == "logits") & (r["scores"]["upstream"] != "embed")
+                              & ~r["scores"]["upstream"].str.startswith("mlp")]
+    assert set(r["path_checked"]["head"]) == set(into_logits["upstream"])  # 8 heads, fewer than 12: all
+    head = r["path_checked"].iloc[0]
+    value = path_patch(model, model.to_tokens(clean), model.to_tokens(corrupted), metric, head["head"], "logits")
+    np.testing.assert_allclose(head["share_lost"], (value - r["clean"]) / (r["corrupted"] - r["clean"]), rtol=1e-12)
     assert (tmp_path / "ioi_circuit.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,13 +9,12 @@ import os
 
 import pytest
 
-from npgpt2.testing import walkthrough_parameters
+from npgpt2.testing import run_walkthrough_notebook, walkthrough_parameters
 
 pytestmark = pytest.mark.notebooks
 jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
-import nbformat  # noqa: E402  (comes with jupytext and nbclient)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WALKTHROUGHS = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "*.py"))
@@ -23,21 +22,6 @@ WALKTHROUGHS = sorted(p for p in glob.glob(os.path.join(ROOT, "examples", "*.py"
 # Small settings so that each notebook runs in seconds on the synthetic model
 FAST = {"STEPS": 300, "SAE_STEPS": 300, "SEQ_LEN": 20, "TOP": 20, "IG_STEPS": 2, "IG_STEPS_SALIENCY": 16,
         "TOKENS": 3000, "PAGES": 4}
-
-
-def execute(path, parameters, workdir):
-    """Run the walkthrough at ``path`` as a notebook with ``parameters`` injected after its
-    parameters cell; returns the executed notebook (nbclient raises on the first failing cell)."""
-    nb = jupytext.read(path)
-    marker = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
-    if marker is not None and parameters:
-        source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-        cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-        nb.cells.insert(marker + 1, cell)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(workdir)}})
-    client.execute()
-    return nb
 
 
 def outputs(nb, kind):
@@ -64,7 +48,7 @@ def test_there_are_walkthroughs():
 def test_walkthrough_runs_as_a_notebook(path, tiny_dir, tmp_path, kernel_env):
     known = walkthrough_parameters(path) if '# %% tags=["parameters"]' in open(path, encoding="utf-8").read() else {}
     wanted = {"MODEL": str(tiny_dir), "OUT_DIR": str(tmp_path / "out"), **FAST}
-    nb = execute(path, {k: v for k, v in wanted.items() if k in known}, tmp_path)
+    nb = run_walkthrough_notebook(path, {k: v for k, v in wanted.items() if k in known}, tmp_path)
     prose = [c for c in nb.cells if c.cell_type == "markdown"]
     assert len(prose) >= 4 and sum(len(c.source) for c in prose) > 1500  # a lesson, not only code
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
@@ -79,3 +63,16 @@ def test_walkthrough_runs_as_a_notebook(path, tiny_dir, tmp_path, kernel_env):
         assert any("Harvest of blocks.1.mlp.hook_post" in h for h in outputs(nb, "text/html"))
     if name in ("token_tables.py", "ioi.py", "induction.py", "superposition.py"):
         assert outputs(nb, "image/png"), f"{name} drew no figure inline"
+
+
+def test_parameters_go_after_the_parameters_cell_and_need_one(tmp_path):
+    from npgpt2.testing import walkthrough_notebook
+
+    nb = walkthrough_notebook(os.path.join(ROOT, "examples", "induction.py"), {"SEQ_LEN": 7})
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    marker = next(i for i, t in enumerate(tags) if "parameters" in t)
+    assert "injected-parameters" in tags[marker + 1] and nb.cells[marker + 1].source == "SEQ_LEN = 7"
+    plain = tmp_path / "plain.py"
+    plain.write_text("# %%\nx = 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no parameters cell"):
+        walkthrough_notebook(str(plain), {"x": 2})

@@ -64,9 +64,14 @@ def _reads(node: tuple[str, int], target: tuple[str, str, int]) -> bool:
 
 def graph_edges(cfg) -> pd.DataFrame:
     """Every edge of the graph: columns upstream, downstream, input (q, k, v, mlp or logits)."""
-    nodes, inputs = _nodes(cfg), _inputs(cfg)
-    rows = [(u[0], d[0], d[1]) for d in inputs for u in nodes if _reads(u, d)]
-    return pd.DataFrame(rows, columns=["upstream", "downstream", "input"])
+    return pd.DataFrame(list(_edge_list(cfg.n_layer, cfg.n_head)), columns=["upstream", "downstream", "input"])
+
+
+@lru_cache(maxsize=8)
+def _edge_list(n_layer: int, n_head: int) -> tuple[tuple[str, str, str], ...]:
+    """Every edge (upstream, downstream, input), downstream inputs in the forward pass's order."""
+    size = SimpleNamespace(n_layer=n_layer, n_head=n_head)
+    return tuple((u[0], d[0], d[1]) for d in _inputs(size) for u in _nodes(size) if _reads(u, d))
 
 
 def _edge_mask(cfg) -> np.ndarray:
@@ -417,16 +422,31 @@ def patch_edges(model, clean_tokens, corrupted_tokens, edges, metric, keep: str 
     if keep not in ("circuit", "rest"):
         raise ValueError(f"keep={keep!r}: expected 'circuit' or 'rest'")
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
-    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_is_output_hook)
-    outputs = dict(zip([n for n, _ in _nodes(model.cfg)], _node_outputs(model, corrupted_cache)))
     given = {tuple(e) for e in (edges[["upstream", "downstream", "input"]].itertuples(index=False)
                                 if isinstance(edges, pd.DataFrame) else edges)}
-    every = set(graph_edges(model.cfg).itertuples(index=False, name=None))
+    every = _edge_set(model.cfg.n_layer, model.cfg.n_head)
     unknown = given - every
     if unknown:
         raise ValueError(f"not edges of this model's graph: {sorted(unknown)[:3]}")
     corrupted_edges = every - given if keep == "circuit" else given
-    return float(metric(run_with_edge_values(model, clean, {e: outputs[e[0]] for e in corrupted_edges})))
+    return _run_with_corrupted_edges(model, clean, _corrupted_outputs(model, corrupted), corrupted_edges, metric)
+
+
+@lru_cache(maxsize=8)
+def _edge_set(n_layer: int, n_head: int) -> frozenset:
+    """Every edge of the graph, as a set."""
+    return frozenset(_edge_list(n_layer, n_head))
+
+
+def _corrupted_outputs(model, corrupted) -> dict[str, np.ndarray]:
+    """What each node writes into the residual stream in the corrupted run: {node name: [batch, pos, d_model]}."""
+    _, corrupted_cache = model.run_with_cache(corrupted, names_filter=_is_output_hook)
+    return dict(zip([n for n, _ in _nodes(model.cfg)], _node_outputs(model, corrupted_cache)))
+
+
+def _run_with_corrupted_edges(model, clean, outputs, edges, metric) -> float:
+    """The metric of the clean run with ``edges`` carrying the corrupted run's ``outputs``."""
+    return float(metric(run_with_edge_values(model, clean, {e: outputs[e[0]] for e in edges})))
 
 
 def circuit_faithfulness(model, clean_tokens, corrupted_tokens, edges, metric) -> float:
@@ -513,26 +533,47 @@ def path_patch(model, clean_tokens, corrupted_tokens, metric, senders, receivers
     carry the change: the paths are the direct edges.
     """
     senders = [senders] if isinstance(senders, str) else list(senders)
+    return patch_edges(model, clean_tokens, corrupted_tokens, _path_edges(model, senders, receivers), metric,
+                       keep="rest")
+
+
+def _path_edges(model, senders, receivers) -> list[tuple[str, str, str]]:
+    """The edges from ``senders`` into ``receivers`` that exist (``path_patch``'s arguments)."""
     nodes = dict(_nodes(model.cfg))
     unknown = [s for s in senders if s not in nodes]
     if unknown:
         raise ValueError(f"unknown sender {unknown[0]!r}: expected 'embed', 'L{{l}}H{{h}}' or 'mlp{{l}}'")
     layers = {name: layer for name, kind, layer in _inputs(model.cfg)}
-    edges = [(s, r, kind) for s in senders for r, kind in _receiver_inputs(model, receivers)
-             if _reads((s, nodes[s]), (r, kind, layers[r]))]
-    return patch_edges(model, clean_tokens, corrupted_tokens, edges, metric, keep="rest")
+    return [(s, r, kind) for s in senders for r, kind in _receiver_inputs(model, receivers)
+            if _reads((s, nodes[s]), (r, kind, layers[r]))]
 
 
-def path_patch_heads(model, clean_tokens, corrupted_tokens, metric, receivers, progress: bool = True) -> np.ndarray:
+def path_patch_heads(model, clean_tokens, corrupted_tokens, metric, receivers, heads=None,
+                     progress: bool = True) -> np.ndarray:
     """``path_patch`` from each single head into ``receivers``: [layer, head] of metric values, NaN for
-    heads that come too late to reach them (the IOI paper's sender sweep)."""
+    heads that come too late to reach them (the IOI paper's sender sweep).
+
+    heads: the senders to patch, as names ("L9H9") or (layer, head) pairs; default every head. The
+    others are NaN. Each costs a forward pass (the corrupted run is made once for all of them).
+    """
     from tqdm.auto import tqdm
 
-    out = np.full((model.cfg.n_layer, model.cfg.n_head), np.nan)
-    inputs = _receiver_inputs(model, receivers)
-    layers = {name: layer for name, kind, layer in _inputs(model.cfg)}
-    for l in tqdm(range(model.cfg.n_layer), desc="path patching", disable=not progress, leave=False):
-        for h in range(model.cfg.n_head):
-            if any(_reads((f"L{l}H{h}", l), (r, kind, layers[r])) for r, kind in inputs):
-                out[l, h] = path_patch(model, clean_tokens, corrupted_tokens, metric, f"L{l}H{h}", inputs)
+    cfg = model.cfg
+    heads = None if heads is None else list(heads)
+    every = [(l, h) for l in range(cfg.n_layer) for h in range(cfg.n_head)]
+    names = {f"L{l}H{h}": (l, h) for l, h in every}
+    chosen = every if heads is None else [names.get(f"L{head[0]}H{head[1]}" if isinstance(head, tuple) else head)
+                                          for head in heads]
+    if None in chosen:
+        bad = heads[chosen.index(None)]
+        raise ValueError(f"head {bad!r} is not in the model: expected a name 'L{{layer}}H{{head}}' or a "
+                         f"(layer, head) pair, layer 0..{cfg.n_layer - 1}, head 0..{cfg.n_head - 1}")
+    clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    edges = {(l, h): _path_edges(model, [f"L{l}H{h}"], receivers) for l, h in chosen}
+    out = np.full((cfg.n_layer, cfg.n_head), np.nan)
+    outputs = _corrupted_outputs(model, corrupted) if any(edges.values()) else None
+    for (l, h), head_edges in tqdm(edges.items(), desc="path patching", disable=not progress, leave=False):
+        if head_edges:
+            out[l, h] = _run_with_corrupted_edges(model, clean, outputs, head_edges, metric)
     return out
+
