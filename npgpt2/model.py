@@ -15,7 +15,7 @@ TransformerLens's names (``W_E``, ``W_pos``, ``W_qkv``/``b_qkv`` for W_Q, W_K, W
 The whole of GPT-2 without hooks, caches or checks fits on one screen: ``npgpt2/reference.py``.
 ``npgpt2.step_through(model, "The cat sat")`` opens this file in the debugger; see docs/forward-pass.md.
 
-Attention has two implementations that give the same numbers:
+Attention has two implementations that give the same numbers (to rounding):
 
 * ``"eager"``: the textbook ``pattern = softmax(q k^T / sqrt(d_head) + mask)``, ``z = pattern v``,
   every intermediate bound to a name. Used whenever a hook function is set on the scores or the
@@ -23,6 +23,11 @@ Attention has two implementations that give the same numbers:
 * ``"blockwise"`` (the default otherwise): ``ops.causal_attention``, a block of queries at a time
   against only the keys it may see: about half the arithmetic and a block-sized working set (with
   the whole scores and pattern made too when the cache keeps them).
+
+When nobody looks inside, fast.py runs the blocks instead. The products here (``fast.linear``) and
+the blockwise attention (``fast.attention``) are cut into the pieces fast.py uses, so a call with a
+cache or hooks gives the plain call's logits bit for bit (the eager path: within rounding, about
+1e-6 of the logits in float32).
 """
 
 from __future__ import annotations
@@ -189,7 +194,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         Each head scores its queries against its keys, q . k / sqrt(d_head), -inf for a key a query
         may not see (later, or padding); the softmax of a query's scores weighs the values it sums
         into z; W_O maps the heads' z, side by side, back into the residual stream."""
-        qkv = ops.linear(x, w.W_qkv, w.b_qkv).reshape(*x.shape[:2], 3, self.cfg.n_head, self.cfg.d_head)  # [batch, pos, 3, head, d_head]
+        qkv = fast.linear(x, w.W_qkv, w.b_qkv).reshape(*x.shape[:2], 3, self.cfg.n_head, self.cfg.d_head)  # [batch, pos, 3, head, d_head]
         q = run(f"blocks.{l}.attn.hook_q", qkv[:, :, 0])  # [batch, pos, head, d_head]
         k = run(f"blocks.{l}.attn.hook_k", qkv[:, :, 1])  # [batch, pos, head, d_head]
         v = run(f"blocks.{l}.attn.hook_v", qkv[:, :, 2])  # [batch, pos, head, d_head]
@@ -213,7 +218,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             result = (z_rows @ W_O).reshape(n_head, batch, pos, -1).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
             result = run(f"blocks.{l}.attn.hook_result", result)  # [batch, pos, head, d_model]
             return result.sum(axis=2) + w.b_O  # [batch, pos, d_model]
-        return ops.linear(z.reshape(*z.shape[:2], -1), w.W_O, w.b_O)  # [batch, pos, d_model]: concat(z) @ W_O + b_O
+        return fast.linear(z.reshape(*z.shape[:2], -1), w.W_O, w.b_O)  # [batch, pos, d_model]: concat(z) @ W_O + b_O
 
     def _attention_by_blocks(self, run: Run, l: int, q, k, v, call: Call) -> np.ndarray:
         """``_attention``'s scores, pattern and z, a block of queries at a time against only the keys
@@ -224,22 +229,22 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
         names = f"blocks.{l}.attn.hook_attn_scores", f"blocks.{l}.attn.hook_pattern"
         if not run.wants(*names):
-            return ops.causal_attention(q, k, v, padding=call.padding)
-        scores, pattern, z = ops.causal_attention_kept(q, k, v, padding=call.padding)  # kept, not changed
+            return fast.attention(q, k, v, padding=call.padding)
+        scores, pattern, z = fast.attention(q, k, v, padding=call.padding, kept=True)  # kept, not changed
         run(names[0], scores)  # [batch, head, query_pos, key_pos]
         run(names[1], pattern)  # [batch, head, query_pos, key_pos]
         return z
 
     def _mlp(self, run: Run, l: int, w: BlockWeights, x: np.ndarray) -> np.ndarray:
         """The feed-forward layer of block ``l``.  [batch, pos, d_model] -> [batch, pos, d_model]"""
-        pre = run(f"blocks.{l}.mlp.hook_pre", ops.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
+        pre = run(f"blocks.{l}.mlp.hook_pre", fast.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
         post = run(f"blocks.{l}.mlp.hook_post", ops.gelu_new(pre))  # [batch, pos, d_mlp]
-        return ops.linear(post, w.W_out, w.b_out)  # [batch, pos, d_model]
+        return fast.linear(post, w.W_out, w.b_out)  # [batch, pos, d_model]
 
     def _unembed(self, run: Run, resid: np.ndarray) -> np.ndarray:
         """Final layer norm, then the unembedding.  [batch, pos, d_model] -> [batch, pos, d_vocab]"""
         normalized = self._layer_norm(run, "ln_final.", resid, self.weights.ln_final_w, self.weights.ln_final_b)  # [batch, pos, d_model]
-        return ops.linear(normalized, self.weights.W_U, self.weights.b_U)  # [batch, pos, d_vocab]
+        return fast.linear(normalized, self.weights.W_U, self.weights.b_U, by="columns")  # [batch, pos, d_vocab]
 
     # ``model.unembed(resid)`` (final layer norm, then the unembedding) is in accessors.py, where
     # ``model.unembed`` also shows ``W_U`` and ``b_U`` as TransformerLens's module does.
