@@ -109,7 +109,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     def forward(self, input, return_type: str | None = "logits", *, attention_mask=None,
                 past_kv: KeyValueCache | None = None, start_at_layer: int | None = None,
                 stop_at_layer: int | None = None, tokens=None, prepend_bos: bool | None = None,
-                padding_side: str | None = None):
+                padding_side: str | None = None, loss_per_token: bool = False):
         """Run GPT-2.
 
         input: text, a list of texts (padded, see ``to_tokens``), or token ids [batch, pos]
@@ -117,6 +117,8 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             [batch, pos, d_model], and ``tokens`` supplies the ids for the loss.
         return_type: "logits" -> [batch, pos, d_vocab]; "loss" -> scalar; "both" -> (logits, loss);
             None -> nothing (run for the hooks' sake).
+        loss_per_token: the loss of each prediction instead of their mean, [batch, pos - 1]
+            (TransformerLens's keyword), NaN where the target or the token before it is padding.
         attention_mask: [batch, pos] 1 for real tokens, 0 for padding. Taken from the tokenizer when
             ``input`` is a list of texts. Padding keys get no attention, positions count from each
             row's first real token, and the loss skips padding: a left-padded prompt's real
@@ -128,12 +130,13 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         start_at_layer / stop_at_layer: run blocks [start, stop) only. With ``stop_at_layer`` the
             residual stream leaving the last block run is returned, [batch, pos, d_model].
         """
-        return self._forward(self._new_run(), input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
+        return self._forward(self._new_run(), input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side, loss_per_token)
 
     __call__ = forward
 
     def _forward(self, run: Run, input, return_type="logits", attention_mask=None, past_kv=None,
-                 start_at_layer=None, stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None):
+                 start_at_layer=None, stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None,
+                 loss_per_token=False):
         """``forward``, with this call's run state ``run`` (hooks.Run: the hooks it fires, what it keeps).
 
         Everything that is not maths happens on the first line (``_prepare_call``, inputs.py): the
@@ -158,7 +161,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             return None
         if call.tokens is None:
             raise InputError("the loss needs token ids: pass tokens=... together with start_at_layer")
-        loss = self._loss_from_logits(logits, call.tokens, call.attention_mask, per_token=False)  # a float
+        loss = self._loss_from_logits(logits, call.tokens, call.attention_mask, per_token=loss_per_token)  # a float, or [batch, pos - 1]
         if return_type == "loss":
             return loss
         if return_type == "both":
