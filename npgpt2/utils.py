@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .hooks import get_act_name  # noqa: F401  (utils.get_act_name, as in TransformerLens)
+from .names import get_act_name  # noqa: F401  (utils.get_act_name, as in TransformerLens)
 
 __all__ = ["get_act_name", "get_corner", "get_device", "lm_accuracy", "lm_cross_entropy_loss",
            "remove_batch_dim", "test_prompt", "to_numpy", "transpose"]
