@@ -37,6 +37,7 @@ import math
 import numpy as np
 
 from . import fast, ops
+from . import generate as sampling  # the sampling loop (it calls the model; the model does not call back)
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
@@ -50,7 +51,7 @@ ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
 
 
 class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors):
-    """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)``.
+    """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)`` (loading.py).
 
     ``cfg`` holds the shape, ``weights`` the arrays (GPT-2's own layout), ``tokenizer`` the BPE.
     Hooks and caching come from ``HookedModel`` (hooks.py), gradients from ``Differentiable``
@@ -71,13 +72,6 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         self.processing = {"fold_ln": False, "center_writing_weights": False,
                            "center_unembed": False, "fold_value_biases": False, "refactor_factored_attn_matrices": False}
         self._init_hooks()
-
-    @classmethod
-    def from_pretrained(cls, name: str = "gpt2", **kwargs) -> "GPT2":
-        """See ``npgpt2.from_pretrained``."""
-        from .loading import from_pretrained
-
-        return from_pretrained(name, **kwargs)
 
     @property
     def attn_implementation(self) -> str:
@@ -284,15 +278,11 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     # ------------------------------------------------------------------------------------------
     def generate(self, input, max_new_tokens: int = 20, **kwargs):
         """Continue a prompt; see ``npgpt2.generate.generate``."""
-        from .generate import generate
-
-        return generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
+        return sampling.generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
 
     def generate_stream(self, input, max_new_tokens: int = 20, **kwargs):
         """Yield new tokens as they are produced; see ``npgpt2.generate.generate_stream``."""
-        from .generate import generate_stream
-
-        return generate_stream(self, input, max_new_tokens=max_new_tokens, **kwargs)
+        return sampling.generate_stream(self, input, max_new_tokens=max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # Weights
