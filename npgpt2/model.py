@@ -219,8 +219,9 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
 
     def _attention_by_blocks(self, run: Run, l: int, q, k, v, call: Call) -> np.ndarray:
         """``_attention``'s scores, pattern and z, a block of queries at a time against only the keys
-        they may see (``ops.causal_attention``): the same numbers, about half the arithmetic and a
-        block-sized working set. The scores and pattern are made whole only when someone keeps them.
+        they may see (``ops.causal_attention``, its heads shared out as fast.py shares them:
+        ``fast.attention``): the same numbers, about half the arithmetic and a block-sized working
+        set. The scores and pattern are made whole only when someone keeps them.
         q [batch, pos, head, d_head]; k, v [batch, key_pos, head, d_head] -> z [batch, head, query_pos, d_head]"""
         q = q.transpose(0, 2, 1, 3) / math.sqrt(self.cfg.d_head)  # [batch, head, query_pos, d_head]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
