@@ -278,7 +278,7 @@ def test_induction_circuit_walkthrough_finds_the_circuit(trained, tmp_path):
 
 
 def test_plain_call_cache_and_hooks_give_the_same_bits(trained):
-    # 8 x 29 rows: the fast path's size; every way of running it must give the same float32 bits
+    # 16 x 29 rows: the fast path's size; every way of running it must give the same float32 bits
     tokens = np.concatenate([repeated(trained, batch=8, seed=s) for s in (1, 2)])
     plain = trained(tokens)
     cached, _ = trained.run_with_cache(tokens)
