@@ -40,6 +40,23 @@ _ABSENT = {
 }
 
 
+# torch / TransformerLens model names a port reaches for, and what to use instead
+_GRADIENTS = "gradients come from npgpt2.value_and_grad(model, metric, input) (or run_with_cache(..., incl_bwd=True)), returned, never stored"
+_TORCH_NAMES = {
+    "cuda": "npgpt2 runs on the CPU with NumPy (model.to('cpu') and model.cpu() return the model)",
+    "half": "npgpt2 computes in float32 or float64: npgpt2.from_pretrained(name, dtype='float64')",
+    "bfloat16": "npgpt2 computes in float32 or float64: npgpt2.from_pretrained(name, dtype='float64')",
+    "double": "load in float64: npgpt2.from_pretrained(name, dtype='float64')",
+    "float": "models load in float32 unless asked: npgpt2.from_pretrained(name, dtype='float32')",
+    "parameters": "the arrays are model.weights.arrays() (GPT-2's layout) or model.state_dict() (TransformerLens's names)",
+    "named_parameters": "model.state_dict().items() gives (TransformerLens name, array)",
+    "zero_grad": _GRADIENTS, "requires_grad_": _GRADIENTS,
+    "mod_dict": "npgpt2 has no modules: model.hook_dict holds the hook points, model.blocks[l] the weights by TransformerLens's names",
+    "set_tokenizer": "pass tokenizer= when building GPT2(cfg, weights, tokenizer); from_pretrained reads the checkpoint's own",
+    "device": "npgpt2 runs on the CPU: model.cfg.device is 'cpu'",
+}
+
+
 class _Module:
     """A read-only stand-in for one TransformerLens module: its weights and hook points by name."""
 
@@ -232,15 +249,43 @@ class ModuleAccessors:
                                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
 
-    def to(self, device_or_dtype, print_details: bool = False):
+    def to(self, device_or_dtype=None, print_details: bool = False, *, dtype=None, device=None):
         """TransformerLens's ``model.to("cpu")``: npgpt2 runs on the CPU with NumPy, so "cpu" returns
         the model; another device is an error. For another dtype, load again with
         ``npgpt2.from_pretrained(name, dtype="float64")``."""
-        name = str(device_or_dtype)
+        if dtype is not None:
+            raise ValueError(f"model.to(dtype={dtype!r}): npgpt2 does not convert a loaded model; load it in the "
+                             "dtype you want, npgpt2.from_pretrained(name, dtype='float64')")
+        name = str(device if device_or_dtype is None else device_or_dtype)
         if name.split(":")[0] != "cpu":
             raise ValueError(f"model.to({name!r}): npgpt2 runs on the CPU with NumPy; the only device is 'cpu' "
                              "(for float64, load with npgpt2.from_pretrained(..., dtype='float64'))")
         return self
+
+    def cpu(self):
+        """torch's ``model.cpu()``: npgpt2 is on the CPU already; returns the model."""
+        return self
+
+    def set_use_split_qkv_input(self, use: bool) -> None:
+        """TransformerLens's switch for hook_q_input/k/v: npgpt2 has none, so only False is taken
+        (True says which hook points to use instead)."""
+        self.cfg.use_split_qkv_input = use
+
+    def set_use_attn_in(self, use: bool) -> None:
+        """TransformerLens's switch for hook_attn_in: only False is taken (see ``set_use_split_qkv_input``)."""
+        self.cfg.use_attn_in = use
+
+    def set_use_hook_mlp_in(self, use: bool) -> None:
+        """TransformerLens's switch for hook_mlp_in: only False is taken (see ``set_use_split_qkv_input``)."""
+        self.cfg.use_hook_mlp_in = use
+
+    def __getattr__(self, name: str):  # only for names that are not there
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property):  # a property that raised AttributeError itself: let it say why
+            return prop.fget(self)
+        if name in _TORCH_NAMES:
+            raise AttributeError(f"{type(self).__name__} has no {name!r}: {_TORCH_NAMES[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def eval(self):
         """TransformerLens's (torch's) ``model.eval()``: GPT-2 has no dropout here, so nothing changes;

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from . import ops
-from .hooks import get_act_name  # noqa: F401  (TransformerLens users import it from here too)
+from .names import get_act_name  # noqa: F401  (TransformerLens users import it from here too)
 
 
 class ActivationCache:

@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("generate", cmd_generate, "continue a prompt, streaming the new text as it is produced",
             'npgpt2 generate "Alan Turing theorized that computers would one day become" -n 40')
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to continue")
     model_args(p)
     p.add_argument("-n", "--max-new-tokens", dest="n", type=_positive_int, default=40,
                    help="how many tokens to add (default: 40)")
@@ -637,14 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tokens", cmd_tokens, "show how a text is split into tokens: ids and strings side by side",
             'npgpt2 tokens "Hello, my dog is cute"')
-    p.add_argument("text")
+    p.add_argument("text", help="the text to tokenize")
     model_args(p)
     p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
 
     p = add("trace", cmd_trace,
             "walk the forward pass: every hook point in order with its shape and statistics",
             "npgpt2 trace \"The dog\" --layer 0 --names '*attn*'")
-    p.add_argument("text")
+    p.add_argument("text", help="the prompt to run")
     model_args(p, dtype=True)
     p.add_argument("--layer", "-l", type=int, help="only this block's hook points")
     p.add_argument("--names", help="only hook points matching this glob, e.g. '*hook_pattern'")
@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("saliency", cmd_saliency, "which prompt tokens a prediction leans on: gradient x input or "
             "integrated gradients over the token embeddings",
             "npgpt2 saliency \"The Eiffel Tower is in the city of\" --target \" Paris\"")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt whose next-token prediction is explained")
     model_args(p, dtype=True)
     p.add_argument("--target", help="the token explained (default: the model's top prediction)")
     p.add_argument("--method", choices=["grad_x_input", "integrated_gradients"], default="integrated_gradients",
@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("step", cmd_step,
             "step through the forward pass in the Python debugger, the maths only (hooks, checks, "
             "NumPy skipped)", 'npgpt2 step "The cat sat" --model gpt2 --break attention')
-    p.add_argument("text", nargs="?", default="The cat sat")
+    p.add_argument("text", nargs="?", default="The cat sat", help="the prompt to run (default: The cat sat)")
     p.add_argument("--break", "-b", dest="breaks", action="append", default=[], metavar="PART",
                    help="start at a part of the forward pass: embed, block, layer_norm, attention, mlp, "
                         "unembed, or one layer's, '3 attention' (repeatable; `c` goes on to the next)")
@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(EAP / EAP-IG), keep the top ones and check how much of the behaviour they carry",
             'npgpt2 circuit "When Mary and John went to the store, John gave a drink to" '
             '"When Alice and Bob went to the store, Carl gave a drink to" --answer " Mary" --wrong " John"')
-    p.add_argument("clean")
+    p.add_argument("clean", help="the prompt whose behaviour the circuit should carry")
     p.add_argument("corrupted", help="a prompt with the same number of tokens")
     model_args(p, dtype=True)
     p.add_argument("--answer", required=True, help="the token the clean prompt should predict, e.g. ' Mary'")
@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("lens", cmd_lens, "the logit lens: the prediction read off the residual stream after each layer",
             'npgpt2 lens "The Eiffel Tower is in the city of" --png lens.png')
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt to read the residual stream of")
     model_args(p, dtype=True)
     p.add_argument("--png", help="also draw the layer x position heatmap to this file (needs matplotlib)")
     p.add_argument("--incl-mid", action="store_true", help="also read between attention and MLP")
@@ -739,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
             "npgpt2 parity --model gpt2 --dtype float64 --grad")
     p.add_argument("text", nargs="?", help="prompt to compare on (default: three example sentences)")
     model_args(p, dtype=True)
-    p.add_argument("--prepend-bos", action="store_true")
+    p.add_argument("--prepend-bos", action="store_true", help=BOS_HELP)
     p.add_argument("--grad", action="store_true",
                    help="also every parameter gradient (value_and_grad) and activation gradient "
                         "(run_with_cache(incl_bwd=True)) of the loss, against torch autograd")

@@ -41,6 +41,27 @@ class ConfigError(ValueError):
 # the fields that are settings rather than shape: assignable on a made config
 SETTINGS = ("default_prepend_bos", "use_attn_result")
 
+# TransformerLens switches for hook points npgpt2 does not have: False (the only value) reads and
+# sets; True is refused, saying where the same activation is
+SWITCHES_NOT_HERE = {
+    "use_split_qkv_input": "npgpt2 has no hook_q_input/hook_k_input/hook_v_input: q, k and v all read "
+                           "blocks.{l}.ln1.hook_normalized (times ln1.w plus ln1.b); hook blocks.{l}.attn.hook_q/k/v instead",
+    "use_attn_in": "npgpt2 has no hook_attn_in: attention reads blocks.{l}.ln1.hook_normalized (times ln1.w "
+                   "plus ln1.b), the layer norm of blocks.{l}.hook_resid_pre",
+    "use_hook_mlp_in": "npgpt2 has no hook_mlp_in: the MLP reads blocks.{l}.ln2.hook_normalized (times ln2.w "
+                       "plus ln2.b), the layer norm of blocks.{l}.hook_resid_mid",
+    "use_hook_tokens": "npgpt2 has no hook_tokens: pass the tokens you want (model.to_tokens gives them)",
+}
+
+# TransformerLens config fields whose value npgpt2 keeps on the model, not on its config
+KEPT_ELSEWHERE = {
+    "dtype": "the model's dtype is model.dtype (load with npgpt2.from_pretrained(name, dtype='float64') for float64)",
+    "model_name": "the name the model was loaded by is model.name",
+    "tokenizer_name": "the tokenizer is model.tokenizer (GPT-2's BPE, shipped with npgpt2); the checkpoint's name is model.name",
+    "n_params": "model.n_params() counts the parameters",
+    "seed": "npgpt2 models are loaded, not initialised at random; npgpt2.training.new_model(cfg, seed=...) makes a new one",
+}
+
 
 @dataclass
 class GPT2Config:
@@ -69,6 +90,10 @@ class GPT2Config:
         elif name == "device":
             self._check_device(value)
             return
+        elif name in SWITCHES_NOT_HERE:
+            if value is not False:
+                raise ConfigError(f"{name}={value!r}: {SWITCHES_NOT_HERE[name]}")
+            return
         elif name in self.__dict__ or isinstance(getattr(type(self), name, None), property):
             raise AttributeError(f"GPT2Config.{name} cannot be changed (the weights have this shape); "
                                  f"only {' and '.join(SETTINGS)} can")  # the shape is fixed once made
@@ -76,10 +101,21 @@ class GPT2Config:
             raise AttributeError(self._unknown(name))
         object.__setattr__(self, name, value)
 
+    def __getattr__(self, name):  # only for names that are not there
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in KEPT_ELSEWHERE:
+            raise AttributeError(f"GPT2Config has no {name!r}: {KEPT_ELSEWHERE[name]}")
+        close = difflib.get_close_matches(name, self._known(), n=3, cutoff=0.6)
+        raise AttributeError(f"GPT2Config has no field {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+    def _known(self) -> list[str]:
+        """Every field and property name."""
+        return [f.name for f in fields(self)] + [n for n, v in vars(type(self)).items() if isinstance(v, property)]
+
     def _unknown(self, name: str) -> str:
         """Why ``name`` cannot be set: no such field (with the closest names)."""
-        known = [f.name for f in fields(self)] + [n for n, v in vars(type(self)).items() if isinstance(v, property)]
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, self._known(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; the settable ones are {', '.join(SETTINGS)}"
         return f"GPT2Config has no setting {name!r}{hint}"
 
@@ -161,6 +197,25 @@ class GPT2Config:
     def original_architecture(self) -> str:
         """The Hugging Face class of this layout (TransformerLens's field)."""
         return "GPT2LMHeadModel"
+
+    # GPT-2's architecture in TransformerLens's config fields (read-only facts)
+    @property
+    def normalization_type(self) -> str:
+        """Layer norm with gain and bias: "LN" (as TransformerLens 4 reports, folded or not)."""
+        return "LN"
+
+    attn_only = parallel_attn_mlp = gated_mlp = final_rms = property(
+        lambda self: False, doc="False: GPT-2 has MLPs, runs attention then the MLP, ungated, with layer norms")
+    n_key_value_heads = rotary_dim = property(lambda self: None, doc="None: every head has its own keys; no rotary embedding")
+    tokenizer_prepends_bos = property(lambda self: False, doc="False: GPT-2's tokenizer adds no BOS itself")
+
+    @property
+    def attention_dir(self) -> str:
+        """Each position attends to itself and earlier ones: "causal"."""
+        return "causal"
+
+    use_split_qkv_input = use_attn_in = use_hook_mlp_in = use_hook_tokens = property(
+        lambda self: False, doc="TransformerLens switches for hook points npgpt2 has not (see SWITCHES_NOT_HERE): False")
 
     @property
     def eps(self) -> float:

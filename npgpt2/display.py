@@ -14,6 +14,7 @@ page (``save(path)``). Colours and token labels come from ``npgpt2.style``.
 from __future__ import annotations
 
 import html
+import json
 import os
 import uuid
 
@@ -276,6 +277,15 @@ _VIEW_JS = """
 """
 
 
+def _script_json(obj) -> str:
+    """JSON to put inside a ``<script>`` element. Script content is raw text: the browser never
+    unescapes entities in it, so the JSON is not HTML-escaped (``&lt;`` would stay ``&lt;``). Only
+    what could end the element or change how it is parsed is escaped, in JSON's own syntax, which
+    ``JSON.parse`` reads back unchanged: ``</`` (as in ``</script>``) becomes ``<\\/`` and ``<!--``
+    becomes ``\\u003c!--``."""
+    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "\\u003c!--")
+
+
 class AttentionView:
     """Attention patterns to look at in a notebook or a browser, in the spirit of CircuitsVis: the
     prompt once, a grid of head thumbnails to pick from (the picked one marked), and the picked
@@ -308,8 +318,6 @@ class AttentionView:
         """The view as an HTML fragment; ``root``, its element id (default: a fresh one, so that
         views shown in one notebook never share an id)."""
         from . import style
-        from .plot import _script_json
-
         root = root or "npgpt2-attn-" + uuid.uuid4().hex[:12]
         data = _script_json({"tokens": self.str_tokens, "labels": [style.token_label(t) for t in self.str_tokens],
                              "heads": self.head_labels, "masked": style.MASKED,

@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from .utils import get_corner
+
 
 class FactoredMatrix:
     """A @ B without forming it. A: [..., ldim, mdim], B: [..., mdim, rdim].
@@ -194,8 +196,6 @@ class FactoredMatrix:
 
     def get_corner(self, k: int = 3) -> np.ndarray:
         """The top-left k x k corner of AB (of every leading item), formed from k rows and columns only."""
-        from .utils import get_corner
-
         return get_corner(self.A[..., :k, :] @ self.B[..., :, :k], k)
 
     def __repr__(self):

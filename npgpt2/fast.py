@@ -2,8 +2,10 @@
 
 Read model.py to learn GPT-2; this file only rearranges the same arithmetic. The model runs it in
 place of its loop over ``_block`` when nobody looks inside: no hook, no cache, no gradient, no
-key/value cache, and blockwise attention (``model.fast_path = False`` turns it off). The tests
-compare the two (float32 within 1e-5, float64 within 1e-12).
+key/value cache, and blockwise attention (``model.fast_path = False`` turns it off). The two give
+the same bits: model.py computes its products (``linear``) and its blockwise attention
+(``attention``) in the pieces used here, because BLAS rounds a row of a product differently
+depending on the rows beside it and on its thread count.
 
 What changes, and why it is faster:
 
@@ -46,7 +48,7 @@ from .threads import get_num_threads, worker_pool
 
 MIN_ROWS = 128  # fewer rows (batch x position) than this: the textbook blocks are as fast or faster
 TILE = 256  # the most rows of the residual stream in a tile
-QUERY_BLOCK = 128  # queries per attention block
+QUERY_BLOCK = ops.QUERY_BLOCK  # queries per attention block (as model.py's blockwise attention)
 VOCAB_BLOCK = 2048  # columns of the unembedding per task
 
 
@@ -173,7 +175,6 @@ def unembed(model, resid: np.ndarray, hook=None) -> np.ndarray:
     *lead, d_model = resid.shape
     x = resid.reshape(-1, d_model)  # [rows, d_model]
     normalized = np.empty_like(x)  # the layer norm's output
-    logits = np.empty((x.shape[0], w.W_U.shape[1]), x.dtype)  # [rows, d_vocab]
     eps = model.cfg.layer_norm_epsilon
     kept = hook is not None and hook.save
     if kept:
@@ -185,14 +186,71 @@ def unembed(model, resid: np.ndarray, hook=None) -> np.ndarray:
         ops.layer_norm(x[rows], w.ln_final_w, w.ln_final_b, eps, out=normalized[rows],
                        normalized=norm_kept[rows] if kept else None, scale=scale_kept[rows] if kept else None)
 
-    def product(c0):
-        cols = slice(c0, c0 + VOCAB_BLOCK)
-        ops.linear(normalized, w.W_U[:, cols], None if w.b_U is None else w.b_U[cols], out=logits[:, cols])
-
     with worker_pool() as run:
         run(norm, _tiles(x.shape[0]))
-        run(product, range(0, logits.shape[1], VOCAB_BLOCK))
-    return logits.reshape(*lead, -1)
+    return linear(normalized, w.W_U, w.b_U, by="columns").reshape(*lead, -1)
+
+
+def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = "rows") -> np.ndarray:
+    """x @ W + b computed as the fast path computes it, for the textbook path (model.py) to give the
+    same bits: ``ops.linear`` on pieces, each on a thread of the pool with BLAS on one thread.
+    x [..., n_in], W [n_in, n_out], b [n_out] -> [..., n_out]
+
+    BLAS rounds a row of a product differently depending on the rows around it and on its own
+    thread count, so a call with hooks, doing each product whole, would differ in the last bits from
+    one without. by="rows": x's rows in the tiles ``blocks`` uses (``_tiles``); by="columns": W's
+    columns in blocks of ``VOCAB_BLOCK``, all rows at once, as ``unembed`` does. Below
+    ``MIN_ROWS`` rows the fast path is not taken, and this is ``ops.linear``.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
+    if not pays((1, rows.shape[0])):
+        return ops.linear(x, W, b)
+    out = np.empty((rows.shape[0], W.shape[1]), np.result_type(x, W))  # [rows, n_out]
+    if by == "rows":
+        pieces = [(r, slice(None)) for r in _tiles(rows.shape[0])]
+    elif by == "columns":
+        pieces = [(slice(None), slice(c, c + VOCAB_BLOCK)) for c in range(0, W.shape[1], VOCAB_BLOCK)]
+    else:
+        raise ValueError(f"by={by!r}: expected 'rows' or 'columns'")
+
+    def product(piece):
+        r, c = piece
+        ops.linear(rows[r], W[:, c], None if b is None else b[c], out=out[r, c])
+
+    with worker_pool() as run:
+        run(product, pieces)
+    return out.reshape(*x.shape[:-1], W.shape[1])
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray | None = None, kept: bool = False):
+    """``ops.causal_attention`` (``kept``: ``ops.causal_attention_kept``) computed as the fast path
+    computes it, for the textbook path (model.py) to give the same bits: the heads in the pieces
+    ``_head_batches`` makes, each on a thread of the pool, BLAS on one thread. Arguments and results as theirs: q [batch, head,
+    query_pos, d_head] (divided by sqrt(d_head)), k, v [batch, head, key_pos, d_head] -> z
+    [batch, head, query_pos, d_head] (``kept``: (scores, pattern, z), scores and pattern [batch,
+    head, query_pos, key_pos]). Below ``MIN_ROWS`` rows: ``ops.causal_attention(_kept)`` itself."""
+    batch, n_head, pos = q.shape[:3]
+    whole = ops.causal_attention_kept if kept else ops.causal_attention
+    if not pays((batch, pos)):
+        return whole(q, k, v, padding=padding)
+    z = np.empty(q.shape, np.result_type(q, v))
+    if kept:
+        scores = np.empty(q.shape[:3] + (k.shape[2],), np.result_type(q, k))
+        pattern = np.empty_like(scores)
+    pieces = [piece for group in _head_groups(batch * n_head) for piece in _head_batches(group, n_head, pos)]
+
+    def heads(piece):
+        rows, hs = piece  # (range of batch rows, range of heads)
+        at = (slice(rows.start, rows.stop), slice(hs.start, hs.stop))
+        result = whole(q[at], k[at], v[at], padding=None if padding is None else padding[rows.start:rows.stop])
+        if kept:
+            scores[at], pattern[at], z[at] = result
+        else:
+            z[at] = result
+
+    with worker_pool() as run:
+        run(heads, pieces)
+    return (scores, pattern, z) if kept else z
 
 
 def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from . import ops
 from .inputs import InputError, check_mask, is_text
 from .kv_cache import KeyValueCache
-from .model import GPT2
+
+if TYPE_CHECKING:  # the model calls this module, not the other way round
+    from .model import GPT2
 
 
 class ContextLimitWarning(UserWarning):

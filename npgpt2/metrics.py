@@ -249,7 +249,7 @@ def logits_read_by(metric, batch: int):
 def check_metric(metric):
     """A metric usable for gradients, or a ``TypeError`` naming what it lacks."""
     if not callable(metric) or not callable(getattr(metric, "grad", None)):
-        missing = "a grad(logits) method" if callable(metric) else "__call__ and grad(logits)"
+        missing = "grad(logits) method" if callable(metric) else "__call__ and grad(logits)"
         raise TypeError(f"the metric {metric!r} has no {missing}: gradients need d metric / d logits. "
                         "Use one of npgpt2.metrics (loss, logit_diff, logprob, prob, normalized) or "
                         "give your object a grad(logits) returning an array shaped like the logits")

@@ -15,7 +15,7 @@ TransformerLens's names (``W_E``, ``W_pos``, ``W_qkv``/``b_qkv`` for W_Q, W_K, W
 The whole of GPT-2 without hooks, caches or checks fits on one screen: ``npgpt2/reference.py``.
 ``npgpt2.step_through(model, "The cat sat")`` opens this file in the debugger; see docs/forward-pass.md.
 
-Attention has two implementations that give the same numbers:
+Attention has two implementations that give the same numbers (to rounding):
 
 * ``"eager"``: the textbook ``pattern = softmax(q k^T / sqrt(d_head) + mask)``, ``z = pattern v``,
   every intermediate bound to a name. Used whenever a hook function is set on the scores or the
@@ -23,6 +23,11 @@ Attention has two implementations that give the same numbers:
 * ``"blockwise"`` (the default otherwise): ``ops.causal_attention``, a block of queries at a time
   against only the keys it may see: about half the arithmetic and a block-sized working set (with
   the whole scores and pattern made too when the cache keeps them).
+
+When nobody looks inside, fast.py runs the blocks instead. The products here (``fast.linear``) and
+the blockwise attention (``fast.attention``) are cut into the pieces fast.py uses, so a call with a
+cache or hooks gives the plain call's logits bit for bit (the eager path: within rounding, about
+1e-6 of the logits in float32).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import math
 import numpy as np
 
 from . import fast, ops
+from . import generate as sampling  # the sampling loop (it calls the model; the model does not call back)
 from .backward import Differentiable
 from .config import GPT2Config
 from .hooks import HookedModel, HookError, HookPoint, Run  # noqa: F401  (HookError, HookPoint: old import path)
@@ -45,7 +51,7 @@ ATTN_IMPLEMENTATIONS = ("blockwise", "eager")
 
 
 class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors):
-    """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)``.
+    """GPT-2 in NumPy. Build one with ``npgpt2.from_pretrained(name)`` (loading.py).
 
     ``cfg`` holds the shape, ``weights`` the arrays (GPT-2's own layout), ``tokenizer`` the BPE.
     Hooks and caching come from ``HookedModel`` (hooks.py), gradients from ``Differentiable``
@@ -66,13 +72,6 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         self.processing = {"fold_ln": False, "center_writing_weights": False,
                            "center_unembed": False, "fold_value_biases": False, "refactor_factored_attn_matrices": False}
         self._init_hooks()
-
-    @classmethod
-    def from_pretrained(cls, name: str = "gpt2", **kwargs) -> "GPT2":
-        """See ``npgpt2.from_pretrained``."""
-        from .loading import from_pretrained
-
-        return from_pretrained(name, **kwargs)
 
     @property
     def attn_implementation(self) -> str:
@@ -104,7 +103,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     def forward(self, input, return_type: str | None = "logits", *, attention_mask=None,
                 past_kv: KeyValueCache | None = None, start_at_layer: int | None = None,
                 stop_at_layer: int | None = None, tokens=None, prepend_bos: bool | None = None,
-                padding_side: str | None = None):
+                padding_side: str | None = None, loss_per_token: bool = False):
         """Run GPT-2.
 
         input: text, a list of texts (padded, see ``to_tokens``), or token ids [batch, pos]
@@ -112,6 +111,8 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             [batch, pos, d_model], and ``tokens`` supplies the ids for the loss.
         return_type: "logits" -> [batch, pos, d_vocab]; "loss" -> scalar; "both" -> (logits, loss);
             None -> nothing (run for the hooks' sake).
+        loss_per_token: the loss of each prediction instead of their mean, [batch, pos - 1]
+            (TransformerLens's keyword), NaN where the target or the token before it is padding.
         attention_mask: [batch, pos] 1 for real tokens, 0 for padding. Taken from the tokenizer when
             ``input`` is a list of texts. Padding keys get no attention, positions count from each
             row's first real token, and the loss skips padding: a left-padded prompt's real
@@ -123,12 +124,13 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         start_at_layer / stop_at_layer: run blocks [start, stop) only. With ``stop_at_layer`` the
             residual stream leaving the last block run is returned, [batch, pos, d_model].
         """
-        return self._forward(self._new_run(), input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
+        return self._forward(self._new_run(), input, return_type, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side, loss_per_token)
 
     __call__ = forward
 
     def _forward(self, run: Run, input, return_type="logits", attention_mask=None, past_kv=None,
-                 start_at_layer=None, stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None):
+                 start_at_layer=None, stop_at_layer=None, tokens=None, prepend_bos=None, padding_side=None,
+                 loss_per_token=False):
         """``forward``, with this call's run state ``run`` (hooks.Run: the hooks it fires, what it keeps).
 
         Everything that is not maths happens on the first line (``_prepare_call``, inputs.py): the
@@ -153,7 +155,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             return None
         if call.tokens is None:
             raise InputError("the loss needs token ids: pass tokens=... together with start_at_layer")
-        loss = self._loss_from_logits(logits, call.tokens, call.attention_mask, per_token=False)  # a float
+        loss = self._loss_from_logits(logits, call.tokens, call.attention_mask, per_token=loss_per_token)  # a float, or [batch, pos - 1]
         if return_type == "loss":
             return loss
         if return_type == "both":
@@ -189,7 +191,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         Each head scores its queries against its keys, q . k / sqrt(d_head), -inf for a key a query
         may not see (later, or padding); the softmax of a query's scores weighs the values it sums
         into z; W_O maps the heads' z, side by side, back into the residual stream."""
-        qkv = ops.linear(x, w.W_qkv, w.b_qkv).reshape(*x.shape[:2], 3, self.cfg.n_head, self.cfg.d_head)  # [batch, pos, 3, head, d_head]
+        qkv = fast.linear(x, w.W_qkv, w.b_qkv).reshape(*x.shape[:2], 3, self.cfg.n_head, self.cfg.d_head)  # [batch, pos, 3, head, d_head]
         q = run(f"blocks.{l}.attn.hook_q", qkv[:, :, 0])  # [batch, pos, head, d_head]
         k = run(f"blocks.{l}.attn.hook_k", qkv[:, :, 1])  # [batch, pos, head, d_head]
         v = run(f"blocks.{l}.attn.hook_v", qkv[:, :, 2])  # [batch, pos, head, d_head]
@@ -213,33 +215,34 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             result = (z_rows @ W_O).reshape(n_head, batch, pos, -1).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
             result = run(f"blocks.{l}.attn.hook_result", result)  # [batch, pos, head, d_model]
             return result.sum(axis=2) + w.b_O  # [batch, pos, d_model]
-        return ops.linear(z.reshape(*z.shape[:2], -1), w.W_O, w.b_O)  # [batch, pos, d_model]: concat(z) @ W_O + b_O
+        return fast.linear(z.reshape(*z.shape[:2], -1), w.W_O, w.b_O)  # [batch, pos, d_model]: concat(z) @ W_O + b_O
 
     def _attention_by_blocks(self, run: Run, l: int, q, k, v, call: Call) -> np.ndarray:
         """``_attention``'s scores, pattern and z, a block of queries at a time against only the keys
-        they may see (``ops.causal_attention``): the same numbers, about half the arithmetic and a
-        block-sized working set. The scores and pattern are made whole only when someone keeps them.
+        they may see (``ops.causal_attention``, its heads shared out as fast.py shares them:
+        ``fast.attention``): the same numbers, about half the arithmetic and a block-sized working
+        set. The scores and pattern are made whole only when someone keeps them.
         q [batch, pos, head, d_head]; k, v [batch, key_pos, head, d_head] -> z [batch, head, query_pos, d_head]"""
         q = q.transpose(0, 2, 1, 3) / math.sqrt(self.cfg.d_head)  # [batch, head, query_pos, d_head]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
         names = f"blocks.{l}.attn.hook_attn_scores", f"blocks.{l}.attn.hook_pattern"
         if not run.wants(*names):
-            return ops.causal_attention(q, k, v, padding=call.padding)
-        scores, pattern, z = ops.causal_attention_kept(q, k, v, padding=call.padding)  # kept, not changed
+            return fast.attention(q, k, v, padding=call.padding)
+        scores, pattern, z = fast.attention(q, k, v, padding=call.padding, kept=True)  # kept, not changed
         run(names[0], scores)  # [batch, head, query_pos, key_pos]
         run(names[1], pattern)  # [batch, head, query_pos, key_pos]
         return z
 
     def _mlp(self, run: Run, l: int, w: BlockWeights, x: np.ndarray) -> np.ndarray:
         """The feed-forward layer of block ``l``.  [batch, pos, d_model] -> [batch, pos, d_model]"""
-        pre = run(f"blocks.{l}.mlp.hook_pre", ops.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
+        pre = run(f"blocks.{l}.mlp.hook_pre", fast.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
         post = run(f"blocks.{l}.mlp.hook_post", ops.gelu_new(pre))  # [batch, pos, d_mlp]
-        return ops.linear(post, w.W_out, w.b_out)  # [batch, pos, d_model]
+        return fast.linear(post, w.W_out, w.b_out)  # [batch, pos, d_model]
 
     def _unembed(self, run: Run, resid: np.ndarray) -> np.ndarray:
         """Final layer norm, then the unembedding.  [batch, pos, d_model] -> [batch, pos, d_vocab]"""
         normalized = self._layer_norm(run, "ln_final.", resid, self.weights.ln_final_w, self.weights.ln_final_b)  # [batch, pos, d_model]
-        return ops.linear(normalized, self.weights.W_U, self.weights.b_U)  # [batch, pos, d_vocab]
+        return fast.linear(normalized, self.weights.W_U, self.weights.b_U, by="columns")  # [batch, pos, d_vocab]
 
     # ``model.unembed(resid)`` (final layer norm, then the unembedding) is in accessors.py, where
     # ``model.unembed`` also shows ``W_U`` and ``b_U`` as TransformerLens's module does.
@@ -276,15 +279,11 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     # ------------------------------------------------------------------------------------------
     def generate(self, input, max_new_tokens: int = 20, **kwargs):
         """Continue a prompt; see ``npgpt2.generate.generate``."""
-        from .generate import generate
-
-        return generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
+        return sampling.generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
 
     def generate_stream(self, input, max_new_tokens: int = 20, **kwargs):
         """Yield new tokens as they are produced; see ``npgpt2.generate.generate_stream``."""
-        from .generate import generate_stream
-
-        return generate_stream(self, input, max_new_tokens=max_new_tokens, **kwargs)
+        return sampling.generate_stream(self, input, max_new_tokens=max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # Weights

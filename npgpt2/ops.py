@@ -268,6 +268,11 @@ def embedding_backward(d_embed: np.ndarray, tokens: np.ndarray, n_vocab: int, ou
     return d_W_E
 
 
+# Queries per block of the blockwise attention (here and in fast.py): a query's scores are summed
+# over the keys its block sees, so one block size everywhere gives one set of bits everywhere.
+QUERY_BLOCK = 128
+
+
 @lru_cache(maxsize=16)
 def causal_mask(n_query: int, n_key: int, dtype) -> np.ndarray:
     """Additive causal mask: 0 where query i may see key j, -inf where j lies in its future.
@@ -280,7 +285,7 @@ def causal_mask(n_query: int, n_key: int, dtype) -> np.ndarray:
     return mask
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64,
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = QUERY_BLOCK,
                      padding: np.ndarray | None = None) -> np.ndarray:
     """softmax(q k^T + causal_mask) v, a block of queries at a time, never forming the whole
     [query_pos, key_pos] score matrix.
@@ -311,7 +316,7 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 6
     return z
 
 
-def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = 64,
+def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: int = QUERY_BLOCK,
                           padding: np.ndarray | None = None):
     """``causal_attention`` that also hands back the whole scores and pattern, for a cache that keeps
     them: -> (scores, pattern, z), scores and pattern [batch, head, query_pos, key_pos] as the eager
@@ -343,7 +348,7 @@ def causal_attention_kept(q: np.ndarray, k: np.ndarray, v: np.ndarray, block: in
 
 
 def causal_attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                              z: np.ndarray, block: int = 64, padding: np.ndarray | None = None):
+                              z: np.ndarray, block: int = QUERY_BLOCK, padding: np.ndarray | None = None):
     """Gradients of ``causal_attention``, recomputing each block's pattern instead of storing it.
     d_z, z [batch, head, query_pos, d_head] (z: the forward's output); q (already divided by
     sqrt(d_head)), k, v, padding as in the forward.  -> (d_q, d_k, d_v), shaped as q, k, v

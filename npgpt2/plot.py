@@ -405,17 +405,6 @@ def attention_view(patterns, str_tokens, heads=None, batch: int = 0, title: str 
     return AttentionView(np.stack(stack), str_tokens, labels, title=title)
 
 
-def _script_json(obj) -> str:
-    """JSON to put inside a ``<script>`` element. Script content is raw text: the browser never
-    unescapes entities in it, so the JSON is not HTML-escaped (``&lt;`` would stay ``&lt;``). Only
-    what could end the element or change how it is parsed is escaped, in JSON's own syntax, which
-    ``JSON.parse`` reads back unchanged: ``</`` (as in ``</script>``) becomes ``<\\/`` and ``<!--``
-    becomes ``\\u003c!--``."""
-    import json
-
-    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "\\u003c!--")
-
-
 def attention_html(pattern: np.ndarray, str_tokens, layer: int, path=None, title: str | None = None,
                    batch: int | None = None, model: str = "") -> str:
     """A self-contained page of every head of one layer: the ``AttentionView`` (head thumbnails to

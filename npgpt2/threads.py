@@ -13,12 +13,13 @@ The default is the number of threads BLAS uses when npgpt2 is imported (OpenBLAS
 OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS; usually one per core). The tiles do not
 depend on the number of threads, so every setting gives the same numbers, bit for bit.
 
-BLAS's thread count belongs to the whole process, not to a thread: while a fast call in one thread
-holds BLAS at one thread, a call on the textbook path in another thread (one with hooks or a cache,
-``value_and_grad``) computes its products with that one thread too, and its float32 results can
-differ in the last bits (about 1e-6 relative) from the same call run alone. For results that are the
-same bit for bit whatever runs beside them, use ``npgpt2.set_num_threads(1)``: BLAS then stays at
-one thread throughout.
+BLAS's thread count belongs to the whole process, not to a thread. The forward pass's products
+from ``fast.MIN_ROWS`` rows up, on either path, run on the pool with BLAS at one thread whatever
+else runs (``fast.linear``, ``fast.attention``). Other products (inputs of fewer rows, the backward
+pass of a call with hooks) take BLAS as they find it: while a fast call in one thread holds BLAS at
+one thread, they compute with that one thread too, and their float32 results can differ in the last
+bits (about 1e-6 relative) from the same call run alone. For results that are the same bit for bit
+whatever runs beside them, use ``npgpt2.set_num_threads(1)``: BLAS then stays at one thread throughout.
 
 BLAS's thread count is set through its own C function (``openblas_set_num_threads`` or
 ``MKL_Set_Num_Threads``), found among the libraries this process has loaded. Where no known BLAS is

@@ -83,7 +83,119 @@ def _encoding_future(vocab_path: str, merges_path: str) -> Future:
     return future
 
 
-class Tokenizer:
+class TransformersNames:
+    """The names of a Hugging Face tokenizer that code written for TransformerLens reaches for
+    (``model.tokenizer.eos_token_id``, ``model.tokenizer(texts, padding=True)["input_ids"]`` ...),
+    on top of a tokenizer's ``encode``, ``decode``, ``eot_token``, ``n_vocab`` and ``_token_strings``.
+
+    GPT-2 has one special token, ``<|endoftext|>``: it is the BOS, the EOS and the padding. Calling
+    the tokenizer does what Hugging Face's GPT-2 tokenizer does: no BOS is added (TransformerLens's
+    own tokenizer adds one; ``model.to_tokens(texts, prepend_bos=True)`` gives its tokens).
+    """
+
+    eos_token = bos_token = pad_token = unk_token = ENDOFTEXT
+
+    @property
+    def eos_token_id(self) -> int:
+        """The id of ``<|endoftext|>`` (50256 for GPT-2)."""
+        return self.eot_token
+
+    bos_token_id = pad_token_id = unk_token_id = eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids (Hugging Face's name for ``n_vocab``)."""
+        return self.n_vocab
+
+    def __len__(self) -> int:
+        return self.n_vocab
+
+    @property
+    def padding_side(self) -> str:
+        """Where ``tokenizer(texts, padding=True)`` pads: always "right". npgpt2 takes the side per
+        call instead (``model.to_tokens(texts, padding_side="left")``), so it cannot be set here."""
+        return "right"
+
+    @padding_side.setter
+    def padding_side(self, value) -> None:
+        raise AttributeError(f"tokenizer.padding_side = {value!r}: npgpt2 takes the padding side per call, e.g. "
+                             f"model.to_tokens(texts, padding_side={value!r}), model(texts, padding_side={value!r}); "
+                             "generate pads on the left by itself")
+
+    def convert_ids_to_tokens(self, ids):
+        """Token ids -> their strings as Hugging Face writes them (GPT-2's BPE: "Ġworld" for " world").
+        An int -> a str; a list or array [n] -> a list of str."""
+        strings = self._token_strings()
+        if np.ndim(ids) == 0:
+            return strings[self._check_id(ids)]
+        return [strings[self._check_id(i)] for i in np.asarray(ids).reshape(-1)]
+
+    def convert_tokens_to_ids(self, tokens):
+        """``convert_ids_to_tokens`` undone: a str -> an int; a list of str -> a list of int."""
+        index = self._token_index()
+        def one(token):
+            if token not in index:
+                raise TokenizerError(f"token {token!r} is not in this vocabulary (write a leading space as 'Ġ' "
+                                     "in GPT-2's BPE, or use tokenizer.encode(text))")
+            return index[token]
+        return one(tokens) if isinstance(tokens, str) else [one(t) for t in tokens]
+
+    def batch_decode(self, sequences) -> list[str]:
+        """Rows of token ids [batch, pos] -> one text each."""
+        return [self.decode(row) for row in sequences]
+
+    def __call__(self, text, padding=False, return_tensors=None, return_attention_mask: bool = True):
+        """Hugging Face's call: text (or a list of texts) -> {"input_ids", "attention_mask"} (also as
+        attributes). One text: lists [pos]; several: lists of lists, or with ``padding=True``
+        ("longest") padded on the right with ``<|endoftext|>`` and mask 0. ``return_tensors="np"``:
+        int64 arrays [batch, pos] (needs equal lengths or ``padding``). No BOS is added."""
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: npgpt2 works with NumPy arrays; pass "
+                             "return_tensors='np' (or use model.to_tokens(texts), which pads and returns them)")
+        if padding not in (False, True, "longest", "do_not_pad"):
+            raise ValueError(f"padding={padding!r}: expected True / 'longest' (pad to the longest text) or False")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("the tokenizer takes a str or a list of str")
+        ids = [self.encode(t) for t in texts]
+        masks = [[1] * len(row) for row in ids]
+        if padding in (True, "longest"):
+            longest = max(map(len, ids), default=0)
+            masks = [m + [0] * (longest - len(m)) for m in masks]
+            ids = [row + [self.eot_token] * (longest - len(row)) for row in ids]
+        if return_tensors == "np":
+            if len({len(row) for row in ids}) > 1:
+                raise ValueError("texts of different lengths make no array: pass padding=True")
+            ids, masks = np.array(ids, dtype=np.int64).reshape(len(ids), -1), np.array(masks, dtype=np.int64).reshape(len(ids), -1)
+        elif single:
+            ids, masks = ids[0], masks[0]
+        out = Encoded(input_ids=ids)
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        return out
+
+    def _check_id(self, token_id) -> int:
+        token_id = int(token_id)
+        if not 0 <= token_id < self.n_vocab:
+            raise TokenizerError(f"token id {token_id} is out of range for a vocabulary of {self.n_vocab}")
+        return token_id
+
+    def _token_index(self) -> dict:
+        return {s: i for i, s in enumerate(self._token_strings())}
+
+
+class Encoded(dict):
+    """What calling a tokenizer returns: a dict whose keys are attributes too (``.input_ids``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{name!r}: the tokenizer returned {', '.join(self)}") from None
+
+
+class Tokenizer(TransformersNames):
     """Text <-> token ids. ``<|endoftext|>`` in text is read as the special token 50256, as
     Hugging Face's GPT2Tokenizer does."""
 
@@ -131,6 +243,19 @@ class Tokenizer:
         """One token's bytes (part of a character, for some tokens)."""
         return self.encoding.decode_single_token_bytes(int(token_id))
 
+    def _token_strings(self) -> list[str]:
+        """Each id's string in vocab.json (GPT-2's byte-to-unicode form: "Ġworld"), ``<|endoftext|>`` last."""
+        if getattr(self, "_strings", None) is None:
+            with open(self.vocab_path, encoding="utf-8") as f:
+                vocab = json.load(f)
+            strings = [""] * self.n_vocab
+            for token, i in vocab.items():
+                if 0 <= i < len(strings):
+                    strings[i] = token
+            strings[self.eot_token] = ENDOFTEXT
+            self._strings = strings
+        return self._strings
+
     def file_writers(self) -> dict:
         """{file name: write(path)}: the files a saved checkpoint holds for this tokenizer."""
         return {"vocab.json": lambda path: shutil.copyfile(self.vocab_path, path),
@@ -141,7 +266,7 @@ class TokenizerError(ValueError):
     """Text the tokenizer has no tokens for, or a tokenizer file it cannot read."""
 
 
-class WordTokenizer:
+class WordTokenizer(TransformersNames):
     """A vocabulary of whole words: text is split at white space and each word is one token.
 
     words: the vocabulary in id order; ``<|endoftext|>`` is added as the last id when it is not there
@@ -238,3 +363,7 @@ class WordTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.token_str(token_id).encode("utf-8")
+
+    def _token_strings(self) -> list[str]:
+        """The words, as Hugging Face's WordLevel tokenizer names its tokens (no space in front)."""
+        return list(self.words)

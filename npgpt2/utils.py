@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .hooks import get_act_name  # noqa: F401  (utils.get_act_name, as in TransformerLens)
+from .names import get_act_name  # noqa: F401  (utils.get_act_name, as in TransformerLens)
 
 __all__ = ["get_act_name", "get_corner", "get_device", "lm_accuracy", "lm_cross_entropy_loss",
            "remove_batch_dim", "test_prompt", "to_numpy", "transpose"]
@@ -34,10 +34,9 @@ def to_numpy(x) -> np.ndarray:
 
 
 def get_corner(x, n: int = 3):
-    """The top-left corner of every axis: ``x[:n, :n, ...]`` (a FactoredMatrix forms only its corner)."""
-    from .factored_matrix import FactoredMatrix
-
-    if isinstance(x, FactoredMatrix):
+    """The top-left corner of every axis: ``x[:n, :n, ...]`` (a FactoredMatrix forms only its corner:
+    anything with its own ``get_corner`` is asked for it)."""
+    if not isinstance(x, np.ndarray) and callable(getattr(x, "get_corner", None)):
         return x.get_corner(n)
     x = np.asarray(x)
     return x[tuple(slice(n) for _ in range(x.ndim))]

@@ -197,6 +197,91 @@ class WeightViews:
         self.weights = dataclasses.replace(w, blocks=blocks)
 
 
+    def state_dict(self) -> dict:
+        """The parameters under TransformerLens's names (its ``HookedTransformer.state_dict()``,
+        TransformerBridge's ``tl_parameters()``), in its order, as plain arrays (copies):
+        "embed.W_E" [d_vocab, d_model], "pos_embed.W_pos" [n_ctx, d_model]; per layer l
+        "blocks.{l}.attn.W_Q" / W_K / W_V [head, d_model, d_head], "...attn.W_O" [head, d_head, d_model],
+        "...attn.b_Q" / b_K / b_V [head, d_head], "...attn.b_O" [d_model], "...mlp.W_in" [d_model, d_mlp],
+        "...mlp.W_out" [d_mlp, d_model], "...mlp.b_in" [d_mlp], "...mlp.b_out" [d_model],
+        "...ln1.w" / ln1.b / ln2.w / ln2.b [d_model]; "ln_final.w" / "ln_final.b" [d_model];
+        "unembed.W_U" [d_model, d_vocab], "unembed.b_U" [d_vocab]. A folded layer norm (fold_ln) shows
+        gain 1 and bias 0, as in TransformerLens. ``load_state_dict`` writes them back."""
+        return {key: np.array(get()) for key, get, _ in self._parameter_slots()}
+
+    tl_parameters = state_dict
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        """Write parameters given under ``state_dict``'s TransformerLens names (shapes as there),
+        through ``set_weight``'s checks. ``strict``: every parameter of the model must be given."""
+        slots = {key: put for key, _, put in self._parameter_slots()}
+        unknown = [k for k in state_dict if k not in slots]
+        if unknown:
+            bridge = [k for k in unknown if k.endswith((".weight", ".bias"))]
+            hint = ("; those are TransformerBridge's module names: npgpt2 takes TransformerLens's "
+                    "(its tl_parameters(): embed.W_E, blocks.0.attn.W_Q, ...)") if bridge else ""
+            raise WeightEditError(f"load_state_dict: {len(unknown)} names this model has no parameter for: "
+                                  f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}{hint}")
+        missing = [k for k in slots if k not in state_dict]
+        if strict and missing:
+            raise WeightEditError(f"load_state_dict: {len(missing)} parameters missing: {', '.join(missing[:5])}"
+                                  f"{' ...' if len(missing) > 5 else ''} (strict=False loads the others)")
+        per_layer: dict[str, dict[int, np.ndarray]] = {}  # one set_weight per name when all layers come
+        for key, value in state_dict.items():
+            name, layer = slots[key](value)
+            if name is not None:
+                per_layer.setdefault(name, {})[layer] = value
+        for name, layers in per_layer.items():
+            if len(layers) == self.cfg.n_layer:
+                self.set_weight(name, None, np.stack([np.asarray(layers[l]) for l in range(self.cfg.n_layer)]))
+            else:
+                for l, value in layers.items():
+                    self.set_weight(name, l, value)
+
+    def _parameter_slots(self):
+        """(TransformerLens name, read(), write(value)) of every parameter, in TransformerLens's order.
+        write returns (name, layer) for a per-layer ``set_weight`` name (stacked by the caller) or
+        (None, None) once it has written the value itself."""
+        def whole(name):
+            return (lambda: getattr(self, name)), (lambda v: (self.set_weight(name, None, v), (None, None))[1])
+
+        def layer(name, l):
+            return (lambda: getattr(self, name)[l]), (lambda v: (name, l))
+
+        def norm(field, l=None):
+            folded_value = 1.0 if field.endswith("_w") else 0.0  # a folded layer norm: gain 1, bias 0
+
+            def get():
+                value = getattr(self.weights if l is None else self.weights.blocks[l], field)
+                return np.full(self.cfg.d_model, folded_value, self.dtype) if value is None else value
+
+            def put(value):
+                where = f"ln_final.{field[-1]}" if l is None else f"blocks.{l}.{field[:3]}.{field[-1]}"
+                value = _checked_value(where, value, get().shape, self.dtype)
+                if getattr(self.weights if l is None else self.weights.blocks[l], field) is None:
+                    if not (value == folded_value).all():
+                        raise WeightEditError(f"load_state_dict: {where} must be {folded_value:g} everywhere: this "
+                                              "model's layer norms are folded into the next weights (fold_ln); load "
+                                              "into a model loaded without fold_ln")
+                    return None, None
+                if l is None:
+                    self.weights = dataclasses.replace(self.weights, **{field: value})
+                else:
+                    blocks = list(self.weights.blocks)
+                    blocks[l] = dataclasses.replace(blocks[l], **{field: value})
+                    self.weights = dataclasses.replace(self.weights, blocks=blocks)
+                return None, None
+            return get, put
+
+        slots = [("embed.W_E", *whole("W_E")), ("pos_embed.W_pos", *whole("W_pos"))]
+        for l in range(self.cfg.n_layer):
+            slots += [(f"blocks.{l}.attn.{n}", *layer(n, l)) for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")]
+            slots += [(f"blocks.{l}.mlp.{n}", *layer(n, l)) for n in ("W_in", "W_out", "b_in", "b_out")]
+            slots += [(f"blocks.{l}.{f[:3]}.{f[-1]}", *norm(f, l)) for f in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")]
+        slots += [(f"ln_final.{f[-1]}", *norm(f)) for f in ("ln_final_w", "ln_final_b")]
+        return slots + [("unembed.W_U", *whole("W_U")), ("unembed.b_U", *whole("b_U"))]
+
+
 def _check_index(i, n: int, what: str, name: str) -> int:
     if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
         raise WeightEditError(f"set_weight({name!r}): {what}={i!r} is out of range for {n} {what}s")

@@ -284,3 +284,33 @@ def test_bad_input_is_named(model, bad, match):
 def test_bad_return_type(model, tokens):
     with pytest.raises(ValueError, match="return_type='probs'"):
         model(tokens, return_type="probs")
+
+
+@pytest.fixture(scope="module")
+def model_many_rows():
+    # 600 rows (batch 3 x 200 positions): the fast path's size, four row tiles, two blocks of queries
+    from npgpt2.testing import synthetic_model
+
+    return synthetic_model(n_layer=3, n_head=4, n_embd=128, n_ctx=256, seed=5)
+
+
+@pytest.mark.parametrize("which", ["tokens", "padded texts"])
+def test_plain_call_cache_and_hooks_give_the_same_bits(model_many_rows, which):
+    # A metric built from one call and evaluated on another must see the same numbers: a plain call
+    # (fast.py when large enough), run_with_cache and run_with_hooks with a hook that changes
+    # nothing must agree to the last bit, in float32.
+    m = model_many_rows
+    if which == "tokens":
+        inputs = np.random.default_rng(0).integers(0, V, (3, 200)), {}
+    else:
+        long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+        inputs = [long_text, "a short one", long_text[:300]], {"padding_side": "left"}
+    x, kwargs = inputs
+    plain = m(x, **kwargs)
+    assert plain.dtype == np.float32 and np.abs(plain).max() > 1
+    cached, cache = m.run_with_cache(x, **kwargs)
+    hooked = m.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: None)], **kwargs)
+    np.testing.assert_array_equal(cached, plain)
+    np.testing.assert_array_equal(hooked, plain)
+    # and the cache holds what the plain call computed on the way
+    np.testing.assert_array_equal(cache["blocks.2.hook_resid_post"], m(x, stop_at_layer=3, **kwargs))

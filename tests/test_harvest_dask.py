@@ -89,7 +89,7 @@ def test_one_worker_and_an_existing_two_worker_cluster_match_in_process(in_proce
 def test_three_shards_in_another_order_on_the_cluster(in_process, tiny_dir, client2):
     from npgpt2.harvest import iter_shards, open_corpus
     from npgpt2.harvest.cluster import harvest_on_cluster
-    from npgpt2.harvest.run import prepare
+    from npgpt2.harvest.run import build_harvester, harvest_shard, prepare
     from npgpt2.harvest.stats import FeatureStats
 
     model, _, harvester, spec = prepare(str(tiny_dir), HOOK, None, None, KW["ctx"], KW["top_k"], KW["per_band"],
@@ -98,7 +98,7 @@ def test_three_shards_in_another_order_on_the_cluster(in_process, tiny_dir, clie
     assert len(shards) == 3
     state = [FeatureStats.empty(harvester.n_features, KW["top_k"], KW["per_band"])]
     harvest_on_cluster(client2, spec, None, [shards[2], shards[0], shards[1]],
-                       lambda stats, n, last: state.append(state.pop().merge(stats)))
+                       lambda stats, n, last: state.append(state.pop().merge(stats)), build_harvester, harvest_shard)
     merged = state[0]
     assert merged.shards == (0, 1, 2)
     for name, table in (("features", merged.features_table()), ("top", merged.top_table()),

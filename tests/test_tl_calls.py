@@ -3,6 +3,7 @@ npgpt2.utils, module-style accessors, hook contexts and permanent hooks. Checked
 computed directly (dense products, brute-force losses) and hand-written names; the same calls are
 compared with TransformerLens itself in test_reference_tl_calls.py."""
 
+import dataclasses
 import io
 from contextlib import redirect_stdout
 
@@ -12,6 +13,7 @@ import pytest
 import npgpt2
 from npgpt2 import FactoredMatrix, utils
 from npgpt2.hooks import get_act_name
+from npgpt2.views import WeightEditError
 
 from conftest import TINY
 
@@ -442,3 +444,66 @@ def test_torch_style_calls_a_port_makes(model, tokens):
     cfg = model.cfg
     assert (cfg.act_fn, cfg.d_vocab_out, cfg.positional_embedding_type, cfg.original_architecture) == \
         ("gelu_new", TINY.vocab_size, "standard", "GPT2LMHeadModel")
+
+
+def test_state_dict_round_trip_and_load_checks(tiny_dir):
+    import npgpt2
+
+    model = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    tokens = np.random.default_rng(2).integers(0, model.cfg.d_vocab, (2, 7))
+    before = model(tokens)
+    state = model.state_dict()
+    assert state["blocks.1.attn.W_Q"].shape == (model.cfg.n_heads, model.cfg.d_model, model.cfg.d_head)
+    state["blocks.1.attn.W_Q"][2] *= 3.0  # a copy: nothing changes until it is loaded
+    state["blocks.0.ln2.w"] = state["blocks.0.ln2.w"] * 0.5
+    np.testing.assert_array_equal(model(tokens), before)
+    model.load_state_dict(state)
+    # the same edits made another way: set_weight, and the layer norm's gain halved by hand
+    other = npgpt2.from_pretrained(tiny_dir, dtype="float64")
+    other.set_weight("W_Q", 1, other.W_Q[1, 2] * 3.0, head=2)
+    halved = dataclasses.replace(other.weights.blocks[0], ln2_w=other.weights.blocks[0].ln2_w * 0.5)
+    other.weights = dataclasses.replace(other.weights, blocks=[halved, *other.weights.blocks[1:]])
+    np.testing.assert_allclose(model(tokens), other(tokens), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(model(tokens), before)
+
+    with pytest.raises(WeightEditError, match="TransformerBridge's module names"):
+        model.load_state_dict({"embed.weight": state["embed.W_E"]})
+    with pytest.raises(WeightEditError, match="parameters missing: .*strict=False"):
+        model.load_state_dict({"embed.W_E": state["embed.W_E"]})
+    model.load_state_dict({"unembed.b_U": np.zeros(model.cfg.d_vocab)}, strict=False)
+    folded = npgpt2.from_pretrained(tiny_dir, dtype="float64", fold_ln=True)
+    assert (folded.state_dict()["blocks.0.ln1.w"] == 1).all()
+    folded.load_state_dict(folded.state_dict())  # its own (gain 1, bias 0) loads
+    with pytest.raises(WeightEditError, match="folded"):
+        folded.load_state_dict(state)
+
+
+def test_loss_per_token_is_the_mean_loss_spread_out(model):
+    texts = ["The cat sat on the mat", "Hi there"]
+    per_token = model(texts, return_type="loss", loss_per_token=True)
+    assert per_token.shape == (2, model.to_tokens(texts).shape[1] - 1)
+    assert np.isnan(per_token[1, -1]) and not np.isnan(per_token[0]).any()  # padding: NaN
+    assert np.nanmean(per_token) == pytest.approx(model(texts, return_type="loss"), rel=1e-6)
+    np.testing.assert_allclose(per_token, model.loss(texts, per_token=True), rtol=1e-6)
+
+
+def test_torch_and_transformer_lens_names_say_what_to_use(model):
+    assert model.cpu() is model and model.to(device="cpu") is model
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        model.to(dtype="float64")
+    for name, words in (("cuda", "CPU"), ("parameters", "state_dict"), ("zero_grad", "value_and_grad"),
+                        ("mod_dict", "hook_dict")):
+        with pytest.raises(AttributeError, match=words):
+            getattr(model, name)
+    with pytest.raises(AttributeError, match="no attribute 'W_QQ'"):
+        model.W_QQ
+    with pytest.raises(AttributeError, match="model.dtype"):
+        model.cfg.dtype
+    with pytest.raises(AttributeError, match="did you mean d_model"):
+        model.cfg.d_modle
+    assert model.cfg.normalization_type == "LN" and model.cfg.use_hook_mlp_in is False
+    model.set_use_hook_mlp_in(False)
+    with pytest.raises(npgpt2.ConfigError, match="ln2.hook_normalized"):
+        model.set_use_hook_mlp_in(True)
+    with pytest.raises(npgpt2.ConfigError, match="hook_q"):
+        model.cfg.use_split_qkv_input = True

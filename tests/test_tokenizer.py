@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,46 @@ def test_checkpoint_tokenizer_files_are_used(tiny_dir):
     m = npgpt2.from_pretrained(tiny_dir)
     assert m.tokenizer.vocab_path.startswith(str(tiny_dir))
     assert m.to_tokens("The dog")[0].tolist() == [464, 3290]
+
+
+def test_hugging_face_names_give_its_tokenizers_answers():
+    # what a port from TransformerLens reads off model.tokenizer, against transformers' GPT-2
+    # tokenizer built from the same files (pad set to <|endoftext|>, as TransformerLens sets it)
+    transformers = pytest.importorskip("transformers")
+    from npgpt2.tokenizer import bundled_files
+
+    vocab, merges = bundled_files()
+    hf = transformers.GPT2TokenizerFast.from_pretrained(os.path.dirname(vocab))
+    assert hf.vocab_size == 50257 and hf.eos_token_id == 50256  # the files were read
+    hf.pad_token = hf.eos_token
+    tok = Tokenizer()
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id", "vocab_size", "eos_token", "bos_token",
+                 "pad_token", "padding_side"):
+        assert getattr(tok, name) == getattr(hf, name), name
+    assert len(tok) == len(hf) == 50257
+    ids = [15496, 995, 50256, 0, 1849, 50255]
+    assert tok.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    assert tok.convert_ids_to_tokens(995) == hf.convert_ids_to_tokens(995) == "Ġworld"
+    strings = hf.convert_ids_to_tokens(ids)
+    assert tok.convert_tokens_to_ids(strings) == ids and tok.convert_tokens_to_ids("Ġworld") == 995
+    assert tok.batch_decode([[15496, 995], [31373]]) == hf.batch_decode([[15496, 995], [31373]])
+    texts = ["Hello world, and more", "Hi"]
+    assert dict(tok("Hello world")) == dict(hf("Hello world"))
+    assert tok(texts).input_ids == hf(texts)["input_ids"]
+    ours, theirs = tok(texts, padding=True, return_tensors="np"), hf(texts, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    np.testing.assert_array_equal(ours.attention_mask, theirs["attention_mask"])
+
+
+def test_hugging_face_names_that_npgpt2_does_otherwise_say_what_to_do():
+    tok = Tokenizer()
+    with pytest.raises(AttributeError, match=r"padding_side='left'"):
+        tok.padding_side = "left"
+    with pytest.raises(ValueError, match="return_tensors='np'"):
+        tok(["a", "b"], return_tensors="pt")
+    with pytest.raises(ValueError, match="padding=True"):
+        tok(["a b c", "d"], return_tensors="np")
+    with pytest.raises(npgpt2.tokenizer.TokenizerError, match="50257"):
+        tok.convert_ids_to_tokens([50257])
+    with pytest.raises(npgpt2.tokenizer.TokenizerError, match="'world_x'.*Ġ"):
+        tok.convert_tokens_to_ids("world_x")

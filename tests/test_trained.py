@@ -275,3 +275,13 @@ def test_induction_circuit_walkthrough_finds_the_circuit(trained, tmp_path):
     undone, total = r["path_patching"], r["clean"] - r["corrupted"]
     assert undone["k"] > 0.2 * total and max(undone["q"], undone["v"]) < undone["k"] / 2, undone
     assert (tmp_path / "induction_circuit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plain_call_cache_and_hooks_give_the_same_bits(trained):
+    # 16 x 29 rows: the fast path's size; every way of running it must give the same float32 bits
+    tokens = np.concatenate([repeated(trained, batch=8, seed=s) for s in (1, 2)])
+    plain = trained(tokens)
+    cached, _ = trained.run_with_cache(tokens)
+    hooked = trained.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: None)])
+    np.testing.assert_array_equal(cached, plain)
+    np.testing.assert_array_equal(hooked, plain)

@@ -19,7 +19,7 @@ import os
 from collections import deque
 from itertools import islice
 
-from .run import HarvestError
+from .corpus import HarvestError
 
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _HARVESTERS: dict = {}  # in a worker process: the model + SAE of each spec, loaded once
@@ -98,34 +98,31 @@ def _set_blas_threads(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- tasks
-def _harvester(spec, sae):
-    from .run import Harvester, _load_model, _load_sae
-
+def _harvester(spec, sae, build):
+    """On a worker: the harvester of ``spec`` (``build(spec, sae)``), made once and kept."""
     key = (spec.model, spec.revision, spec.dtype, spec.processing, spec.hook, spec.sae, spec.features,
            spec.include_bos, None if sae is None else id(sae))
     if key not in _HARVESTERS:
         _HARVESTERS.clear()  # one model at a time per worker
-        model = _load_model(spec.model, spec.revision, spec.dtype, spec.processing)
-        if spec.sae is not None:
-            sae, _ = _load_sae(spec.sae)
-        _HARVESTERS[key] = Harvester(model, spec.hook, sae, spec.features, spec.include_bos)
+        _HARVESTERS[key] = build(spec, sae)
     return _HARVESTERS[key]
 
 
-def harvest_task(spec, sae, shard):
-    """On a worker: one shard -> its ``FeatureStats``."""
-    from .run import harvest_shard
-
-    return harvest_shard(_harvester(spec, sae), shard, spec)
+def harvest_task(spec, sae, shard, build, run_shard):
+    """On a worker: one shard -> its ``FeatureStats``, by ``run_shard(harvester, shard, spec)`` with
+    the worker's harvester from ``build(spec, sae)`` (run.py's, handed over with the task)."""
+    return run_shard(_harvester(spec, sae, build), shard, spec)
 
 
 def merge_task(a, b):
     return a.merge(b)
 
 
-def harvest_on_cluster(client, spec, sae, shards, counted, waves_ahead: int = 2) -> None:
+def harvest_on_cluster(client, spec, sae, shards, counted, build, run_shard, waves_ahead: int = 2) -> None:
     """Harvest ``shards`` on the cluster; ``counted(stats, n_contexts, last_shard_index)`` receives
-    each wave's merged statistics on the driver."""
+    each wave's merged statistics on the driver. ``build(spec, sae)`` makes a worker's harvester and
+    ``run_shard(harvester, shard, spec)`` harvests a shard (run.py's ``build_harvester`` and
+    ``harvest_shard``: passed in, as this module sits below run.py)."""
     n_workers = max(1, len(client.scheduler_info()["workers"]))
     wave_size = 2 * n_workers
     sae_data = client.scatter(sae, broadcast=True) if sae is not None else None
@@ -135,7 +132,7 @@ def harvest_on_cluster(client, spec, sae, shards, counted, waves_ahead: int = 2)
     def submit_wave() -> bool:
         futures, sizes = [], []
         for shard in islice(shards, wave_size):
-            futures.append(client.submit(harvest_task, spec, sae_data, shard, pure=False, retries=3))
+            futures.append(client.submit(harvest_task, spec, sae_data, shard, build, run_shard, pure=False, retries=3))
             sizes.append((shard.index, len(shard.tokens)))
         if not futures:
             return False

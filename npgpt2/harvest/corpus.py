@@ -35,6 +35,11 @@ class CorpusError(ValueError):
     """A corpus that does not exist, holds nothing, or cannot be read."""
 
 
+class HarvestError(ValueError):
+    """Bad arguments to a harvest, or an output folder that does not fit the run asked for (raised by
+    run.py and cluster.py; defined here, below both)."""
+
+
 @dataclass
 class Corpus:
     """Where the documents come from. ``kind`` is "text", "folder", "texts", "tokens" or "hf"."""

@@ -26,16 +26,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from .corpus import Corpus, CorpusError, Shard, fingerprint, iter_shards, open_corpus, read_contexts
+from .corpus import Corpus, CorpusError, HarvestError, Shard, fingerprint, iter_shards, open_corpus, read_contexts
 from .stats import HIST_HI, HIST_LO, PER_OCTAVE, FeatureStats
 
 FORMAT = "npgpt2-harvest/1"
 TABLES = ("features", "top", "examples", "histogram", "contexts")
 _NOT_PER_TOKEN = ("attn.hook_attn_scores", "attn.hook_pattern")
-
-
-class HarvestError(ValueError):
-    """Bad arguments to a harvest, or an output folder that does not fit the run asked for."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +237,15 @@ def _write_parquet(df: pd.DataFrame, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- the run
+def build_harvester(spec: HarvestSpec, sae=None) -> Harvester:
+    """The harvester ``spec`` describes, its model (and SAE, unless given) loaded here: what a Dask
+    worker runs (cluster.py)."""
+    model = _load_model(spec.model, spec.revision, spec.dtype, spec.processing)
+    if spec.sae is not None:
+        sae, _ = _load_sae(spec.sae)
+    return Harvester(model, spec.hook, sae, spec.features, spec.include_bos)
+
+
 def _load_model(model, revision, dtype, processing):
     from ..loading import from_pretrained
 
@@ -409,7 +414,8 @@ def harvest(corpus, model="gpt2", hook: str | None = None, sae=None, *, features
         else:
             from .cluster import harvest_on_cluster
 
-            harvest_on_cluster(client_, spec, sae_obj if spec.sae is None else None, todo(), counted)
+            harvest_on_cluster(client_, spec, sae_obj if spec.sae is None else None, todo(), counted,
+                               build_harvester, harvest_shard)
             mode = f"dask ({len(client_.scheduler_info()['workers'])} workers)"
     bar.close()
     if out is not None:
