@@ -30,7 +30,7 @@ from .inputs import is_text
 
 # module-name patterns pdb never stops in (see pdb.Pdb's ``skip``)
 MACHINERY = ("npgpt2.hooks", "npgpt2.inputs", "npgpt2.tokenizer", "npgpt2.kv_cache", "npgpt2.config",
-             "npgpt2.cache", "npgpt2.ops", "npgpt2.fast", "npgpt2.threads", "numpy", "numpy.*", "tiktoken",
+             "npgpt2.cache", "npgpt2.ops", "npgpt2.fast", "npgpt2.threads", "npgpt2.memory", "numpy", "numpy.*", "tiktoken",
              "tiktoken.*", "concurrent.*", "threading", "contextlib", "contextvars", "functools", "re", "difflib",
              "warnings", "typing")
 

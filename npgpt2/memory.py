@@ -78,15 +78,23 @@ def _kind(name: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
 
 
-def _elements(cfg, kind: str, batch: int, pos: int, key_pos: int) -> int:
+def _elements(dims: dict, kind: str, batch: int, pos: int, key_pos: int) -> int:
     """Elements of one activation of hook point kind ``kind`` (hooks.HOOK_POINTS' shapes)."""
-    spec = _SPECS[kind]
-    sizes = {"batch": batch, "pos": pos, "query_pos": pos, "key_pos": key_pos, "head": cfg.n_head,
-             "d_head": cfg.d_head, "d_model": cfg.d_model, "d_mlp": cfg.d_mlp, "1": 1}
+    sizes = {"batch": batch, "pos": pos, "query_pos": pos, "key_pos": key_pos, "1": 1, **dims}
     n = 1
-    for axis in spec.shape.strip("[]").split(","):
+    for axis in _SPECS[kind].shape.strip("[]").split(","):
         n *= sizes[axis.strip()]
     return n
+
+
+def _dims(model) -> dict:
+    """The model's sizes, read off its weights (plain attributes: the check runs inside every forward
+    pass, and the debugger should not stop in a property on the way)."""
+    W_E = model.weights.W_E  # [d_vocab, d_model]
+    n_head = model.cfg.n_head
+    return {"d_vocab": W_E.shape[0], "d_model": W_E.shape[1], "head": n_head, "d_head": W_E.shape[1] // n_head,
+            "d_mlp": model.weights.blocks[0].W_in.shape[1], "n_layer": len(model.weights.blocks),
+            "itemsize": W_E.dtype.itemsize}
 
 
 def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_grads: bool = False,
@@ -97,8 +105,8 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
     (``keep_grad``), the weights' gradients (``param_grads``), and the forward's working arrays (the
     residual stream, one layer's largest intermediates, the logits and their gradient).
     key_pos: keys each query may see (with a key/value cache, more than ``pos``)."""
-    cfg = model.cfg
-    itemsize = model.dtype.itemsize
+    dims = _dims(model)
+    itemsize = dims["itemsize"]
     key_pos = pos if key_pos is None else key_pos
     by_kind: dict[str, int] = {}
     parts = {}
@@ -109,7 +117,7 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
             kind = _kind(name)
             if name in skip or (kind in _ON_REQUEST and part.startswith("activations saved")):
                 continue  # (kept already; or, like hook_result, made only when someone asks for it)
-            n = _elements(cfg, kind, batch, pos, key_pos) * itemsize
+            n = _elements(dims, kind, batch, pos, key_pos) * itemsize
             if half_patterns and kind.endswith(("hook_pattern", "hook_attn_scores")):
                 n //= 2
             total += n
@@ -125,9 +133,9 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
         unique = {a.__array_interface__["data"][0]: a.size for _, a in model.weights.arrays()}  # (W_U: W_E.T)
         parts["the weights' gradients"] = sum(unique.values()) * itemsize
     rows = batch * pos
-    working = rows * cfg.d_vocab * (2 if save else 1)  # the logits (and their gradient)
-    working += rows * (4 * cfg.d_model + 2 * cfg.d_mlp)  # residual stream, a layer's intermediates
-    working += batch * cfg.n_head * min(pos, 128) * key_pos  # one block of queries' scores
+    working = rows * dims["d_vocab"] * (2 if save else 1)  # the logits (and their gradient)
+    working += rows * (4 * dims["d_model"] + 2 * dims["d_mlp"])  # residual stream, a layer's intermediates
+    working += batch * dims["head"] * min(pos, 128) * key_pos  # one block of queries' scores
     parts["working arrays"] = working * itemsize
     largest = sorted(by_kind.items(), key=lambda kv: -kv[1])
     return Estimate(parts, largest)

@@ -36,7 +36,7 @@ counted, tokenizer_lines, found = [], [], {}
 def local(frame, event, arg):
     if event == "line" and "scores" not in found:
         name = os.path.basename(frame.f_code.co_filename)
-        if name not in ("hooks.py", "inputs.py", "tokenizer.py", "fast.py"):  # hook dispatch, input handling,
+        if name not in ("hooks.py", "inputs.py", "tokenizer.py", "fast.py", "memory.py"):  # hook dispatch, input handling,
             # and how a product is cut into pieces (fast.linear; the debugger does not stop there either)
             counted.append(f"{name}:{frame.f_lineno}")
         if "scores" in frame.f_locals:

@@ -212,6 +212,7 @@ class Inspector:
 
     # ---------------------------------------------------------------------------- info
     def info(self) -> dict:
+        """The model's name and shape, for the page's header and its checks."""
         c = self.model.cfg
         return {"model": self.model.name, "n_layer": c.n_layer, "n_head": c.n_head, "d_model": c.d_model,
                 "d_mlp": c.d_mlp, "n_ctx": c.n_ctx, "d_vocab": c.d_vocab,

@@ -71,11 +71,13 @@ class Job:
         self.result, self.error, self.cancel = None, None, threading.Event()
 
     def progress(self, done: int, total: int) -> None:
+        """Record progress (``done`` of ``total`` steps); raise Cancelled once the job was cancelled."""
         self.done, self.total = done, total
         if self.cancel.is_set():
             raise Cancelled()
 
     def as_dict(self, job_id: str) -> dict:
+        """The job as the API reports it: id, kind, state, done, total, result, error."""
         return {"id": job_id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
                 "result": self.result, "error": self.error}
 
@@ -95,6 +97,7 @@ class App:
         self._lock = threading.Lock()
 
     def hosts(self) -> set[str]:
+        """The Host header values a request may carry: the loopback names with this server's port."""
         return {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
 
     # ------------------------------------------------------------------------ harvest pages
@@ -132,6 +135,7 @@ class Base(tornado.web.RequestHandler):
     app: App
 
     def initialize(self, app: App):
+        """tornado's per-request set-up: the handler reads the shared ``App``."""
         self.app = app
 
     def set_default_headers(self):
@@ -158,6 +162,7 @@ class Base(tornado.web.RequestHandler):
         return auth[len("token "):].strip() if auth.startswith("token ") else None
 
     def cookie_name(self) -> str:
+        """The cookie holding the token, one per port (two inspectors on one machine keep theirs apart)."""
         return f"npgpt2-inspect-{self.app.port}"
 
     def write_error(self, status_code, **kwargs):
@@ -178,10 +183,12 @@ class Base(tornado.web.RequestHandler):
         super()._handle_request_exception(e)
 
     def reply(self, data) -> None:
+        """Finish the request with ``data`` as JSON (NaN refused: every number must be finite)."""
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps(data, allow_nan=False, default=_jsonable))
 
     def body(self) -> dict:
+        """The request's JSON object; a 4xx InspectError for another Content-Type or malformed JSON."""
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip()
         if ctype != "application/json":
             raise InspectError(f"Content-Type {ctype or 'none'!r}: the API takes application/json", 415)
@@ -220,6 +227,7 @@ class PageHandler(Base):
     """The page itself; a valid token in the URL also sets the cookie the page's files are fetched with."""
 
     def get(self):
+        """The page; a token in the URL also sets the token cookie, so the page's own requests carry it."""
         if self.get_query_argument("token", None):
             self.set_cookie(self.cookie_name(), self.app.token, httponly=True, samesite="Strict")
         content, ctype = self.app.files["index.html"]
@@ -229,6 +237,7 @@ class PageHandler(Base):
 
 class StaticHandler(Base):
     def get(self, name):
+        """One of the page's files, from those read at start (never a path the client names)."""
         if name not in self.app.files:
             raise InspectError(f"no static file {name!r}", 404)
         content, ctype = self.app.files[name]
@@ -238,6 +247,7 @@ class StaticHandler(Base):
 
 class InfoHandler(Base):
     def get(self):
+        """The model's shape and name, and the harvest's hook when one is served."""
         info = self.app.inspector.info()
         info["harvest"] = None if self.app.harvest is None else {
             "hook": self.app.harvest.manifest["hook"], "n_features": len(self.app.harvest.features)}
@@ -246,6 +256,7 @@ class InfoHandler(Base):
 
 class ActionHandler(Base):
     async def post(self, action):
+        """Run one API action (``ACTIONS``) on the request's JSON, off the event loop."""
         if action not in ACTIONS:
             raise InspectError(f"no API action {action!r}; expected one of {', '.join(ACTIONS)}", 404)
         body = self.body()
@@ -257,6 +268,7 @@ class JobsHandler(Base):
     progress and (when done) result; DELETE /api/jobs/ID: cancel."""
 
     async def post(self, job_id=None):
+        """Start a long job (``JOBS``, e.g. the EAP-IG circuit); returns its id at once."""
         body = self.body()
         kind = body.get("kind")
         if kind not in JOBS:
@@ -278,12 +290,14 @@ class JobsHandler(Base):
         return job
 
     def get(self, job_id=None):
+        """Every job, or one: its state, progress and, when done, its result."""
         if job_id is None:
             self.reply([j.as_dict(k) for k, j in self.app.jobs.items()])
             return
         self.reply(self._job(job_id).as_dict(job_id))
 
     def delete(self, job_id=None):
+        """Cancel a job: it stops at its next progress report."""
         job = self._job(job_id)
         job.cancel.set()
         self.reply(job.as_dict(job_id))
@@ -304,6 +318,7 @@ def _run_job(inspector: Inspector, job: Job, body: dict) -> None:
 
 class HarvestHandler(Base):
     async def get(self, name):
+        """A page of the harvest's dashboards (its index, or one feature's), made when asked for."""
         if self.app.harvest is None:
             raise InspectError("no harvest: start npgpt2 inspect with --harvest FOLDER", 404)
         page = await self.work(self.app.harvest_page, name)
@@ -318,6 +333,7 @@ class NotFound(Base):
 
 
 def make_app(app: App) -> tornado.web.Application:
+    """The tornado application: the page, its static files, the API, the jobs and the harvest pages."""
     args = {"app": app}
     return tornado.web.Application([
         (r"/", PageHandler, args),
@@ -386,6 +402,7 @@ class Server:
         return self
 
     def stop(self) -> None:
+        """Stop serving and end the server's event loop (from any thread)."""
         if self._loop is not None:
             def shut():
                 self._server.stop()
