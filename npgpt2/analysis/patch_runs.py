@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -123,6 +124,33 @@ def first_changed_positions(clean_cache, corrupted, runs) -> np.ndarray:
     return out
 
 
+def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
+    """How ``patched_values`` will run ``runs``: the corrupted run once (its logits, and the
+    activations, keys and values the patched runs read), each run's first changed position and
+    the batches."""
+    batch, n_pos = tokens.shape
+    cfg = model.cfg
+    first_layer = min((layer for _, layer, _ in runs), default=0)
+    names = {f"blocks.{layer}.{block_hook(a)}" for a, layer, _ in runs}
+    names |= {f"blocks.{l}.{h}" for l in range(first_layer, cfg.n_layer)
+              for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
+    corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
+    reads = _reads(metric, batch, n_pos, cfg.d_vocab)
+    starts = first_changed_positions(clean_cache, corrupted, runs)
+    live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (runs[i][1], starts[i]))
+    chunks = _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, model.dtype.itemsize, reads is None)
+    return Plan(corrupted_logits, corrupted, reads, starts, chunks)
+
+
+@dataclass
+class Plan:
+    corrupted_logits: np.ndarray  # [batch, pos, d_vocab]
+    corrupted: object  # the corrupted run's ActivationCache
+    reads: "_Reads | None"  # the logits the metric reads (None: all)
+    starts: np.ndarray  # [runs]: each run's first changed position, -1 for a run that changes nothing
+    chunks: list  # [[run, ...], ...]: the batched passes, each of one layer, from its first run's start
+
+
 def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, progress=True,
                    desc="patching") -> np.ndarray:
     """The metric of each patched run: runs [(activation, layer, index)] -> values [len(runs)].
@@ -133,27 +161,17 @@ def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, pr
     see ``run_bytes``)."""
     from tqdm.auto import tqdm
 
-    batch, n_pos = tokens.shape
-    cfg = model.cfg
-    layers = sorted({layer for _, layer, _ in runs})
-    names = {f"blocks.{layer}.{block_hook(a)}" for a, layer, _ in runs}
-    names |= {f"blocks.{l}.{h}" for l in range(min(layers, default=0), cfg.n_layer)
-              for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
-    corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
-    reads = _reads(metric, batch, n_pos, cfg.d_vocab)
-    starts = first_changed_positions(clean_cache, corrupted, runs)
+    p = plan(model, tokens, clean_cache, metric, runs, chunk_size)
     values = np.empty(len(runs))
-    live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (runs[i][1], starts[i]))
-    chunks = _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, model.dtype.itemsize, reads is None)
     with tqdm(total=len(runs), desc=desc, disable=not progress, leave=False) as bar:
-        bar.update(len(runs) - len(live))
-        for chunk in chunks:
-            for i, value in zip(chunk, _run_chunk(model, [runs[i] for i in chunk], int(starts[chunk[0]]),
-                                                  clean_cache, corrupted, corrupted_logits, metric, reads)):
+        bar.update(int((p.starts < 0).sum()))
+        for chunk in p.chunks:
+            for i, value in zip(chunk, _run_chunk(model, [runs[i] for i in chunk], int(p.starts[chunk[0]]),
+                                                  clean_cache, p.corrupted, p.corrupted_logits, metric, p.reads)):
                 values[i] = value
             bar.update(len(chunk))
-    if len(live) < len(runs):  # the patches that change nothing score the corrupted run
-        values[starts < 0] = float(metric(corrupted_logits))
+    if (p.starts < 0).any():  # the patches that change nothing score the corrupted run
+        values[p.starts < 0] = float(metric(p.corrupted_logits))
     return values
 
 

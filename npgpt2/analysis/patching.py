@@ -86,10 +86,12 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     activation_name: resid_pre, resid_mid, resid_post, attn_out, mlp_out (axes layer, pos);
         z, q, k, v (axes layer, head / layer, pos, head); pattern (layer, head_index /
         layer, head_index, dest_pos / layer, head_index, dest_pos, src_pos).
-    chunk_size: most patched runs stacked into one forward pass. Default: enough runs for about
-        ``TARGET_ROWS`` rows (prompt batch x recomputed positions) per pass, fewer if their
-        working memory (``_run_bytes``: the rows' activations at d_model and d_mlp, the attention
-        scores, the logits unless the metric says which it reads) would pass ``_memory_budget()``
+    chunk_size: most patched runs stacked into one forward pass. Default: from the prompt batch,
+        the positions a run recomputes, the model's widths and the memory available: enough runs
+        for about ``patch_runs.TARGET_ROWS`` (512) rows (prompt copies x recomputed positions) per
+        pass, fewer if their working memory (``patch_runs.run_bytes``: each row's activations at
+        d_model and d_mlp, the attention scores over every position, the keys and values, and
+        every logit unless the metric says which it reads) would pass ``patch_runs.memory_budget()``
         (an eighth of the memory available, at most 1 GB).
     max_batch: the same bound counted in prompt copies (chunk_size = max_batch // batch), the
         older spelling.
@@ -97,7 +99,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
         prompts once itself (it needs their logits, keys and values).
     progress: show a progress bar over the patched runs.
 
-    How it runs (the numbers are those of one full forward pass per patch, see ``_patched_values``):
+    How it runs (the numbers are those of one full forward pass per patch; ``patch_runs``):
     a patch that copies values equal to the corrupted run's changes nothing and scores the
     corrupted run; each other patch's run starts at its layer from the corrupted residual stream
     and recomputes only the positions from the first one it changes (attention is causal: the
@@ -110,6 +112,12 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     return out
 
 
+def axis_sizes(model, n_pos: int) -> dict:
+    """The length of each axis a sweep may index, for prompts of ``n_pos`` tokens."""
+    return {"layer": model.cfg.n_layer, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
+            "head": model.cfg.n_head, "head_index": model.cfg.n_head}
+
+
 def _sweeps(model, corrupted_tokens, clean_cache, patching_metric, specs, max_batch=None, progress=True,
             index_df=None, return_index_df=False, chunk_size=None, corrupted_cache=None):
     """Several sweeps at once (``generic_activation_patch`` for each (activation, index_axis_names)
@@ -119,22 +127,12 @@ def _sweeps(model, corrupted_tokens, clean_cache, patching_metric, specs, max_ba
             raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
     tokens = _check_runs(model, corrupted_tokens, clean_cache)
     batch, n_pos = tokens.shape
-    sizes = {"layer": model.cfg.n_layer, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
-             "head": model.cfg.n_head, "head_index": model.cfg.n_head}
+    sizes = axis_sizes(model, n_pos)
     if max_batch is not None and chunk_size is None:
         chunk_size = max(1, max_batch // batch)
     if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}: expected a whole number of patched runs >= 1")
-    runs, layouts = [], []  # every patched run: (activation, layer, index into the activation)
-    for activation_name, index_axis_names in specs:
-        kind = _kind(activation_name)
-        patches, axes = _patches(index_axis_names, index_df, kind, activation_name, sizes)  # [(layer, (i, ...))]
-        for layer, idx in patches:
-            where = [slice(None)] * _NDIM[kind]
-            for axis_name, i in zip(axes[1:], idx):
-                where[_AXES[(kind, axis_name)]] = i
-            runs.append((activation_name, layer, tuple(where)))
-        layouts.append((len(patches), axes, patches))
+    runs, layouts = patched_runs(specs, index_df, sizes)
     desc = f"patching {specs[0][0]}" if len(specs) == 1 else f"patching {', '.join(a for a, _ in specs)}"
     values = patch_runs.patched_values(model, tokens, clean_cache, patching_metric, runs, chunk_size, progress, desc)
     results, first = [], 0
@@ -146,6 +144,22 @@ def _sweeps(model, corrupted_tokens, clean_cache, patching_metric, specs, max_ba
             out = (out, pd.DataFrame([(l, *idx) for l, idx in patches], columns=axes))
         results.append(out)
     return results
+
+
+def patched_runs(specs, index_df, sizes):
+    """The patched runs of sweeps ``specs`` [(activation, index_axis_names)]: ([(activation, layer,
+    index into the activation [batch, ...])], [(runs of each sweep, its axes, its patches)])."""
+    runs, layouts = [], []
+    for activation_name, index_axis_names in specs:
+        kind = _kind(activation_name)
+        patches, axes = _patches(index_axis_names, index_df, kind, activation_name, sizes)  # [(layer, (i, ...))]
+        for layer, idx in patches:
+            where = [slice(None)] * _NDIM[kind]
+            for axis_name, i in zip(axes[1:], idx):
+                where[_AXES[(kind, axis_name)]] = i
+            runs.append((activation_name, layer, tuple(where)))
+        layouts.append((len(patches), axes, patches))
+    return runs, layouts
 
 
 def _patches(index_axis_names, index_df, kind, activation_name, sizes):
