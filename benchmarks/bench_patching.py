@@ -18,6 +18,7 @@ every-head sweep is 10,800 of them (minutes).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import time
 
@@ -99,11 +100,11 @@ def main(argv=None):
     ap.add_argument("--folder", help="reuse a checkpoint folder (written if missing)")
     args = ap.parse_args(argv)
     import torch
-    import transformer_lens
+
     import transformer_lens.patching as tl_patching
 
     print(describe_machine())
-    print(f"load average {os.getloadavg()[0]:.2f} at the start; transformer_lens {transformer_lens.__version__}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the start; transformer_lens {importlib.metadata.version('transformer_lens')}")
     folder = gpt2_small_folder(args.folder)
     model = npgpt2.from_pretrained(folder)
     bridge = transformer_lens_bridge(folder)
