@@ -184,3 +184,20 @@ def test_the_shortcuts_are_taken(model64, runs):
     starts = patch_runs.first_changed_positions(clean_cache, corrupted_cache, runs_)
     # layer 0's residual stream differs only at the corrupted positions 3, 4, 5, 6
     assert starts.tolist() == [-1, -1, -1, 3, 4, 5, 6, -1, 6, 3]
+
+
+def test_hooks_on_the_model_see_every_position(model64, runs, reference):
+    """A hook of the model's own (here: position 6 of layer 1's residual stream zeroed) fires in
+    every patched run at the position it names: the sweep then recomputes every position."""
+    corrupted, clean_cache, metrics = runs
+
+    def zero_position_6(act, hook):
+        act = act.copy()
+        act[:, 6] = 0
+        return act
+
+    with model64.hooks([("blocks.1.hook_resid_pre", zero_position_6)]):
+        result = patching.get_act_patch_resid_pre(model64, corrupted, clean_cache, metrics["logit_diff"], progress=False)
+        expected = one_at_a_time(model64, corrupted, clean_cache, metrics["logit_diff"], "resid_pre")
+    np.testing.assert_allclose(result, expected, rtol=0, atol=TOL)
+    assert np.abs(expected - reference("resid_pre")).max() > 1e-3  # the hook matters

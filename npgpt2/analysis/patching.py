@@ -3,12 +3,12 @@ and measure how much of the clean behaviour comes back.
 
 The functions carry TransformerLens's names, argument order and output shapes
 (``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric)`` -> [layer, pos]),
-so code from the TransformerLens demos ports by changing an import. Two things differ underneath:
-
-* a patch at layer l starts the forward pass at layer l, from the corrupted run's cached residual
-  stream, instead of recomputing the layers before it (they are unchanged by a patch at l);
-* many patches run as one batch: each variant is a copy of the corrupted prompts, patched at its
-  own place.
+so code from the TransformerLens demos ports by changing an import; ``index_df`` cuts a sweep down
+to the patches given. Each value is what one forward pass with that one patch gives, but the
+sweeps run far less (patch_runs.py): a patch that copies the corrupted run's own values is not
+run; the others start at the patched layer and at the first position they change (the corrupted
+run's residual stream, keys and values before it), compute only the logits the metric reads
+(``Metric.logits_read``), and go through the model's blocks many at once.
 
 ``patching_metric(logits) -> float`` sees logits [batch, pos, d_vocab] of the corrupted prompts.
 ``logit_diff_metric`` and ``normalized_metric`` build the usual ones.
