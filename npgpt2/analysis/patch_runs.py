@@ -146,6 +146,8 @@ def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
 
 @dataclass
 class Plan:
+    """What ``plan`` decided: the corrupted run, and which runs go in which batch."""
+
     corrupted_logits: np.ndarray  # [batch, pos, d_vocab]
     corrupted: object  # the corrupted run's ActivationCache
     reads: "_Reads | None"  # the logits the metric reads (None: all)
