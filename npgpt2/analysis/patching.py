@@ -3,12 +3,12 @@ and measure how much of the clean behaviour comes back.
 
 The functions carry TransformerLens's names, argument order and output shapes
 (``get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric)`` -> [layer, pos]),
-so code from the TransformerLens demos ports by changing an import. Two things differ underneath:
-
-* a patch at layer l starts the forward pass at layer l, from the corrupted run's cached residual
-  stream, instead of recomputing the layers before it (they are unchanged by a patch at l);
-* many patches run as one batch: each variant is a copy of the corrupted prompts, patched at its
-  own place.
+so code from the TransformerLens demos ports by changing an import; ``index_df`` cuts a sweep down
+to the patches given. Each value is what one forward pass with that one patch gives, but the
+sweeps run far less (patch_runs.py): a patch that copies the corrupted run's own values is not
+run; the others start at the patched layer and at the first position they change (the corrupted
+run's residual stream, keys and values before it), compute only the logits the metric reads
+(``Metric.logits_read``), and go through the model's blocks many at once.
 
 ``patching_metric(logits) -> float`` sees logits [batch, pos, d_vocab] of the corrupted prompts.
 ``logit_diff_metric`` and ``normalized_metric`` build the usual ones.
@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics
+from . import patch_runs
 from ..hooks import block_hook
 from ..inputs import InputError
 
@@ -36,8 +37,8 @@ _AXES = {
 }
 
 
-def _kind(activation: str) -> str:
-    return "pattern" if activation == "pattern" else "head" if activation in ("z", "q", "k", "v") else "resid"
+_kind = patch_runs.kind
+_NDIM = {"resid": 3, "head": 4, "pattern": 4}  # axes of each kind of activation, the batch's first
 
 
 def logit_diff_metric(answer_tokens, wrong_tokens=None, pos: int = -1) -> metrics.LogitDiff:
@@ -73,7 +74,7 @@ def _check_runs(model, corrupted_tokens, clean_cache) -> np.ndarray:
 def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, activation_name: str,
                              index_axis_names=None, corrupted_cache=None, max_batch: int | None = None,
                              progress: bool = True, index_df: pd.DataFrame | None = None,
-                             return_index_df: bool = False):
+                             return_index_df: bool = False, chunk_size: int | None = None):
     """Patch ``activation_name`` from the clean run into the corrupted run at every index of the
     given axes and return the metric for each: an array [layer, <other axes>].
 
@@ -85,54 +86,80 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     activation_name: resid_pre, resid_mid, resid_post, attn_out, mlp_out (axes layer, pos);
         z, q, k, v (axes layer, head / layer, pos, head); pattern (layer, head_index /
         layer, head_index, dest_pos / layer, head_index, dest_pos, src_pos).
-    corrupted_cache: the corrupted run's cache if you have it (only its resid_pre is read).
-    max_batch: most prompt copies in one forward pass (default: what keeps the logits <= 256 MB).
-    progress: show a progress bar over the layers.
-    """
-    from tqdm.auto import tqdm
+    chunk_size: most patched runs stacked into one forward pass. Default: from the prompt batch,
+        the positions a run recomputes, the model's widths and the memory available: enough runs
+        for about ``patch_runs.TARGET_ROWS`` (512) rows (prompt copies x recomputed positions) per
+        pass, fewer if their working memory (``patch_runs.run_bytes``: each row's activations at
+        d_model and d_mlp, the attention scores over every position, the keys and values, and
+        every logit unless the metric says which it reads) would pass ``patch_runs.memory_budget()``
+        (an eighth of the memory available, at most 1 GB).
+    max_batch: the same bound counted in prompt copies (chunk_size = max_batch // batch), the
+        older spelling.
+    corrupted_cache: accepted for TransformerLens's signature; the sweep runs the corrupted
+        prompts once itself (it needs their logits, keys and values).
+    progress: show a progress bar over the patched runs.
 
-    if activation_name not in _HOOKS:
-        raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
+    How it runs (the numbers are those of one full forward pass per patch; ``patch_runs``):
+    a patch that copies values equal to the corrupted run's changes nothing and scores the
+    corrupted run; each other patch's run starts at its layer from the corrupted residual stream
+    and recomputes only the positions from the first one it changes (attention is causal: the
+    earlier positions keep the corrupted run's activations, keys and values); several runs go
+    in one batch.
+    """
+    (out,) = _sweeps(model, corrupted_tokens, clean_cache, patching_metric, [(activation_name, index_axis_names)],
+                     max_batch=max_batch, progress=progress, index_df=index_df, return_index_df=return_index_df,
+                     chunk_size=chunk_size)
+    return out
+
+
+def axis_sizes(model, n_pos: int) -> dict:
+    """The length of each axis a sweep may index, for prompts of ``n_pos`` tokens."""
+    return {"layer": model.cfg.n_layer, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
+            "head": model.cfg.n_head, "head_index": model.cfg.n_head}
+
+
+def _sweeps(model, corrupted_tokens, clean_cache, patching_metric, specs, max_batch=None, progress=True,
+            index_df=None, return_index_df=False, chunk_size=None, corrupted_cache=None):
+    """Several sweeps at once (``generic_activation_patch`` for each (activation, index_axis_names)
+    of ``specs``), their patched runs batched together: a list of their results."""
+    for activation_name, _ in specs:
+        if activation_name not in _HOOKS:
+            raise ValueError(f"unknown activation {activation_name!r}; expected one of {', '.join(_HOOKS)}")
     tokens = _check_runs(model, corrupted_tokens, clean_cache)
     batch, n_pos = tokens.shape
-    kind = _kind(activation_name)
-    sizes = {"layer": model.cfg.n_layer, "pos": n_pos, "dest_pos": n_pos, "src_pos": n_pos,
-             "head": model.cfg.n_head, "head_index": model.cfg.n_head}
-    patches, axes = _patches(index_axis_names, index_df, kind, activation_name, sizes)  # [(layer, (i, ...))]
-    if corrupted_cache is None or any(f"blocks.{l}.hook_resid_pre" not in corrupted_cache
-                                      for l in range(model.cfg.n_layer)):
-        _, corrupted_cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
-    if max_batch is None:
-        max_batch = max(1, int(256e6 // (n_pos * model.cfg.d_vocab * model.dtype.itemsize)))
-    per_pass = max(1, max_batch // batch)  # variants per forward pass
+    sizes = axis_sizes(model, n_pos)
+    if max_batch is not None and chunk_size is None:
+        chunk_size = max(1, max_batch // batch)
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a whole number of patched runs >= 1")
+    runs, layouts = patched_runs(specs, index_df, sizes)
+    desc = f"patching {specs[0][0]}" if len(specs) == 1 else f"patching {', '.join(a for a, _ in specs)}"
+    values = patch_runs.patched_values(model, tokens, clean_cache, patching_metric, runs, chunk_size, progress, desc)
+    results, first = [], 0
+    for n, axes, patches in layouts:
+        out = values[first:first + n]
+        first += n
+        out = out if index_df is not None else out.reshape([sizes[a] for a in axes])
+        if return_index_df:
+            out = (out, pd.DataFrame([(l, *idx) for l, idx in patches], columns=axes))
+        results.append(out)
+    return results
 
-    values = np.zeros(len(patches))
-    for layer in tqdm(sorted({l for l, _ in patches}), desc=f"patching {activation_name}", disable=not progress,
-                      leave=False):
-        hook = f"blocks.{layer}.{_HOOKS[activation_name]}"
-        clean = clean_cache[hook]
-        start = corrupted_cache["resid_pre", layer]
-        rows = [i for i, (l, _) in enumerate(patches) if l == layer]
-        for chunk_start in range(0, len(rows), per_pass):
-            chunk = [patches[i][1] for i in rows[chunk_start : chunk_start + per_pass]]
 
-            def patch(act, hook_point, chunk=chunk):
-                act = act.copy().reshape(len(chunk), batch, *act.shape[1:])
-                for v, idx in enumerate(chunk):
-                    where = [slice(None)] * clean.ndim
-                    for axis_name, i in zip(axes[1:], idx):
-                        where[_AXES[(kind, axis_name)]] = i
-                    act[v][tuple(where)] = clean[tuple(where)]
-                return act.reshape(len(chunk) * batch, *act.shape[2:])
-
-            logits = model.run_with_hooks(np.tile(start, (len(chunk), 1, 1)), fwd_hooks=[(hook, patch)],
-                                          start_at_layer=layer)
-            for v, row in enumerate(rows[chunk_start : chunk_start + per_pass]):
-                values[row] = patching_metric(logits[v * batch : (v + 1) * batch])
-    out = values if index_df is not None else values.reshape([sizes[a] for a in axes])
-    if return_index_df:
-        return out, pd.DataFrame([(l, *idx) for l, idx in patches], columns=axes)
-    return out
+def patched_runs(specs, index_df, sizes):
+    """The patched runs of sweeps ``specs`` [(activation, index_axis_names)]: ([(activation, layer,
+    index into the activation [batch, ...])], [(runs of each sweep, its axes, its patches)])."""
+    runs, layouts = [], []
+    for activation_name, index_axis_names in specs:
+        kind = _kind(activation_name)
+        patches, axes = _patches(index_axis_names, index_df, kind, activation_name, sizes)  # [(layer, (i, ...))]
+        for layer, idx in patches:
+            where = [slice(None)] * _NDIM[kind]
+            for axis_name, i in zip(axes[1:], idx):
+                where[_AXES[(kind, axis_name)]] = i
+            runs.append((activation_name, layer, tuple(where)))
+        layouts.append((len(patches), axes, patches))
+    return runs, layouts
 
 
 def _patches(index_axis_names, index_df, kind, activation_name, sizes):
@@ -197,28 +224,30 @@ for _name, (_activation, _axes, _doc) in SWEEPS.items():
     _publish(f"get_act_patch_{_name}", _patcher(_activation, _axes, _doc))
 
 
+def _every(model, corrupted_tokens, clean_cache, metric, names, **kwargs) -> list:
+    """The results of the sweeps ``names`` (keys of ``SWEEPS``), their patched runs batched together."""
+    return _sweeps(model, corrupted_tokens, clean_cache, metric, [SWEEPS[n][:2] for n in names], **kwargs)
+
+
 def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
     """resid_pre, attn_out and mlp_out patched by (layer, pos): [3, layer, pos]."""
-    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in
-                     (get_act_patch_resid_pre, get_act_patch_attn_out, get_act_patch_mlp_out)])
+    return np.stack(_every(model, corrupted_tokens, clean_cache, metric, ("resid_pre", "attn_out", "mlp_out"), **kwargs))
 
 
 def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
     """Head output, q, k, v and pattern patched by (layer, head) over all positions: [5, layer, head]."""
-    return np.stack([f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
-        get_act_patch_attn_head_out_all_pos, get_act_patch_attn_head_q_all_pos,
-        get_act_patch_attn_head_k_all_pos, get_act_patch_attn_head_v_all_pos,
-        get_act_patch_attn_head_pattern_all_pos)])
+    return np.stack(_every(model, corrupted_tokens, clean_cache, metric, (
+        "attn_head_out_all_pos", "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos",
+        "attn_head_pattern_all_pos"), **kwargs))
 
 
 def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> np.ndarray:
     """Head output, q, k, v and pattern patched by (layer, pos, head): [5, layer, pos, head], in
     TransformerLens's order. The pattern row is patched at each destination position (its sweep,
     [layer, head_index, dest_pos], transposed to [layer, pos, head])."""
-    by_pos = [f(model, corrupted_tokens, clean_cache, metric, **kwargs) for f in (
-        get_act_patch_attn_head_out_by_pos, get_act_patch_attn_head_q_by_pos,
-        get_act_patch_attn_head_k_by_pos, get_act_patch_attn_head_v_by_pos)]
-    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
+    *by_pos, pattern = _every(model, corrupted_tokens, clean_cache, metric, (
+        "attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos",
+        "attn_head_pattern_by_pos"), **kwargs)
     return np.stack(by_pos + [pattern.transpose(0, 2, 1)])
 
 

@@ -1,0 +1,291 @@
+"""Many patched runs of one corrupted batch, computed together: the engine of the exact patching
+sweeps (patching.py).
+
+A patched run is the corrupted prompts' forward pass with one activation of one layer replaced,
+in part, by the clean run's. Three things make a sweep of them cheap, none of which changes the
+numbers (the tests compare every sweep with a plain loop of ``run_with_hooks``, one patch per run):
+
+* A patch that copies values equal to the corrupted run's (positions before the first token where
+  clean and corrupted prompts differ, say) changes nothing: it scores the corrupted run.
+* A run patched at layer l starts at layer l, from the corrupted run's residual stream there, and
+  recomputes only the positions from the first one the patch changes (p0): attention is causal,
+  so the earlier positions keep the corrupted run's activations, and their keys and values, which
+  the recomputed positions read from the corrupted run (``CorruptedPrefix``, a key/value cache).
+  A metric that says which logits it reads (``Metric.logits_read``, as ``logit_diff`` does) gets
+  only those computed; any other metric gets every logit (the corrupted run's before p0).
+* Runs of the same layer go in one batch, several copies of the corrupted prompts each patched at
+  its own place: sorted by p0, cut into chunks of about ``TARGET_ROWS`` rows (a chunk recomputes
+  from its first run's p0), fewer when their memory would pass ``memory_budget()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import metrics, ops
+from ..hooks import block_hook
+
+TARGET_ROWS = 512  # rows (prompt copies x positions) per batched pass: the products run near full speed
+MAX_CHUNK_BYTES = 1 << 30  # the most working memory one pass may take
+
+
+def kind(activation: str) -> str:
+    """Which layout an activation has: "pattern" [batch, head, dest_pos, src_pos], "head"
+    [batch, pos, head, d_head] (z, q, k, v) or "resid" [batch, pos, d_model]."""
+    return "pattern" if activation == "pattern" else "head" if activation in ("z", "q", "k", "v") else "resid"
+
+
+POS_AXIS = {"resid": 1, "head": 1, "pattern": 2}  # the axis of an activation that runs along the queries
+
+
+def memory_available() -> int:
+    """Bytes of memory the machine has available now (MemAvailable; the free pages where there is
+    no /proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def memory_budget() -> int:
+    """The most bytes one batched pass may hold: an eighth of the memory available, at most
+    ``MAX_CHUNK_BYTES``, at least 64 MB."""
+    return int(max(64 << 20, min(MAX_CHUNK_BYTES, memory_available() // 8)))
+
+
+def run_bytes(cfg, batch: int, n_pos: int, n_new: int, itemsize: int, all_logits: bool) -> int:
+    """Working memory of one patched run of a ``batch`` of ``n_pos``-token prompts recomputing
+    ``n_new`` positions: per recomputed row, the activations of a block at d_model (residual
+    stream, layer norms, q|k|v, z, outputs: about 12 x d_model) and at d_mlp (3 x d_mlp), the
+    attention scores and pattern of every head (2 x n_head x n_pos), the keys and values over all
+    positions (2 x d_model x n_pos / n_new), and every logit (2 x d_vocab) when the metric may read
+    any of them."""
+    per_row = 12 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_head * n_pos + 2 * cfg.d_model * n_pos / n_new
+    if all_logits:
+        per_row += 2 * cfg.d_vocab
+    return int(batch * n_new * per_row * itemsize)
+
+
+class CorruptedPrefix:
+    """The corrupted run's keys and values at positions [0, p0), as a key/value cache for a batch
+    of ``copies`` patched runs that recompute positions p0 on: a forward pass given it as
+    ``past_kv`` appends each layer's new keys and values after these (the part of
+    ``kv_cache.KeyValueCache`` a forward pass calls: ``length``, ``keys_mask``, ``extend``,
+    ``advance``). The prompts carry no padding."""
+
+    def __init__(self, corrupted, p0: int, copies: int):
+        self.corrupted, self.length, self.copies = corrupted, p0, copies
+
+    def keys_mask(self, mask, shape, start, stop):
+        return None  # no padding
+
+    def extend(self, l: int, k: np.ndarray, v: np.ndarray):
+        """k, v [copies x batch, n_new, head, d_head] -> [copies x batch, p0 + n_new, head, d_head]"""
+        def joined(name, new):
+            past = self.corrupted[f"blocks.{l}.attn.hook_{name}"][:, : self.length]  # [batch, p0, head, d_head]
+            out = np.empty((new.shape[0], self.length + new.shape[1], *new.shape[2:]), new.dtype)
+            out.reshape(self.copies, -1, *out.shape[1:])[:, :, : self.length] = past
+            out[:, self.length:] = new
+            return out
+
+        return joined("k", k), joined("v", v)
+
+    def advance(self, pos: int) -> None:
+        pass
+
+
+def first_changed_positions(clean_cache, corrupted, runs) -> np.ndarray:
+    """For each run (activation, layer, index into the activation [batch, ...]): the first query
+    position whose computation the patch changes (-1: the patch copies the corrupted run's own
+    values, and changes nothing)."""
+    differs = {}  # hook name -> clean != corrupted
+    out = np.empty(len(runs), dtype=np.int64)
+    for i, (activation, layer, where) in enumerate(runs):
+        name = f"blocks.{layer}.{block_hook(activation)}"
+        if name not in differs:
+            differs[name] = np.asarray(clean_cache[name] != corrupted[name])
+        changed = np.zeros_like(differs[name])
+        changed[where] = differs[name][where]
+        axis = POS_AXIS[kind(activation)]
+        by_pos = changed.any(axis=tuple(a for a in range(changed.ndim) if a != axis))  # [pos]
+        out[i] = by_pos.argmax() if by_pos.any() else -1
+    return out
+
+
+def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
+    """How ``patched_values`` will run ``runs``: the corrupted run once (its logits, and the
+    activations, keys and values the patched runs read), each run's first changed position and
+    the batches."""
+    batch, n_pos = tokens.shape
+    cfg = model.cfg
+    first_layer = min((layer for _, layer, _ in runs), default=0)
+    names = {f"blocks.{layer}.{block_hook(a)}" for a, layer, _ in runs}
+    names |= {f"blocks.{l}.{h}" for l in range(first_layer, cfg.n_layer)
+              for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
+    corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
+    reads = _reads(metric, batch, n_pos, cfg.d_vocab)
+    starts = first_changed_positions(clean_cache, corrupted, runs)
+    if not model._new_run().idle():  # a hook of the model's own may read positions by number: give it them all
+        starts[starts > 0] = 0
+    live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (runs[i][1], starts[i]))
+    chunks = _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, model.dtype.itemsize, reads is None)
+    return Plan(corrupted_logits, corrupted, reads, starts, chunks)
+
+
+@dataclass
+class Plan:
+    """What ``plan`` decided: the corrupted run, and which runs go in which batch."""
+
+    corrupted_logits: np.ndarray  # [batch, pos, d_vocab]
+    corrupted: object  # the corrupted run's ActivationCache
+    reads: "_Reads | None"  # the logits the metric reads (None: all)
+    starts: np.ndarray  # [runs]: each run's first changed position, -1 for a run that changes nothing
+    chunks: list  # [[run, ...], ...]: the batched passes, each of one layer, from its first run's start
+
+
+def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, progress=True,
+                   desc="patching") -> np.ndarray:
+    """The metric of each patched run: runs [(activation, layer, index)] -> values [len(runs)].
+
+    tokens: the corrupted prompts [batch, pos]; ``clean_cache`` holds each run's activation;
+    index: a tuple indexing the activation [batch, ...] (slice(None) over the batch), the entries
+    patched from the clean run. chunk_size: most runs per batched pass (None: by rows and memory,
+    see ``run_bytes``)."""
+    from tqdm.auto import tqdm
+
+    p = plan(model, tokens, clean_cache, metric, runs, chunk_size)
+    values = np.empty(len(runs))
+    with tqdm(total=len(runs), desc=desc, disable=not progress, leave=False) as bar:
+        bar.update(int((p.starts < 0).sum()))
+        for chunk in p.chunks:
+            for i, value in zip(chunk, _run_chunk(model, [runs[i] for i in chunk], int(p.starts[chunk[0]]),
+                                                  clean_cache, p.corrupted, p.corrupted_logits, metric, p.reads)):
+                values[i] = value
+            bar.update(len(chunk))
+    if (p.starts < 0).any():  # the patches that change nothing score the corrupted run
+        values[p.starts < 0] = float(metric(p.corrupted_logits))
+    return values
+
+
+def _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, itemsize, all_logits):
+    """``live`` (sorted by layer, then first changed position) cut into batches of one layer each."""
+    chunks, chunk, limit = [], [], 0
+    budget = memory_budget()
+    for i in live:
+        if chunk and (runs[i][1] != runs[chunk[0]][1] or len(chunk) >= limit):
+            chunks.append(chunk)
+            chunk = []
+        if not chunk:
+            n_new = n_pos - int(starts[i])  # the positions this chunk recomputes
+            if chunk_size is not None:
+                limit = chunk_size
+            else:
+                by_rows = math.ceil(TARGET_ROWS / (batch * n_new))
+                by_memory = budget // run_bytes(cfg, batch, n_pos, n_new, itemsize, all_logits)
+                limit = max(1, min(by_rows, by_memory))
+        chunk.append(i)
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric, reads):
+    """One batched pass: the runs [(activation, layer, index)] (all of one layer), each a copy of
+    the corrupted prompts recomputed from position ``p0``. -> the metric of each run."""
+    layer = runs[0][1]
+    copies = len(runs)
+    batch = corrupted_logits.shape[0]
+    by_activation = defaultdict(list)  # activation -> [(copy, index)]
+    for copy, (activation, _, where) in enumerate(runs):
+        by_activation[activation].append((copy, where))
+    hooks = []
+    for activation, patches in by_activation.items():
+        name = f"blocks.{layer}.{block_hook(activation)}"
+        axis = POS_AXIS[kind(activation)]
+        clean = clean_cache[name][(slice(None),) * axis + (slice(p0, None),)]  # from position p0 on
+        shifted = [(copy, _shift(where, axis, p0)) for copy, where in patches]
+
+        def patch(act, hook, clean=clean, shifted=shifted):
+            act = act.reshape(copies, batch, *act.shape[1:]).copy()  # [copies, batch, ...]
+            for copy, where in shifted:
+                act[copy][where] = clean[where]
+            return act.reshape(copies * batch, *act.shape[2:])
+
+        hooks.append((name, patch))
+    start = corrupted[f"blocks.{layer}.hook_resid_pre"][:, p0:]  # [batch, n_new, d_model]
+    start = np.broadcast_to(start, (copies, *start.shape)).reshape(copies * batch, *start.shape[1:])
+    prefix = CorruptedPrefix(corrupted, p0, copies) if p0 else None
+    if reads is None:  # every logit: the corrupted run's before p0, the patched runs' from p0
+        logits = model.run_with_hooks(start, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix)
+        logits = logits.reshape(copies, batch, *logits.shape[1:])  # [copies, batch, n_new, d_vocab]
+        return [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
+    resid = model.run_with_hooks(start, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
+                                 stop_at_layer=model.cfg.n_layer)  # [copies x batch, n_new, d_model]
+    read = reads.read(model, resid.reshape(copies, batch, *resid.shape[1:]), p0, corrupted_logits)
+    return [metric(reads.logits(read[c])) for c in range(copies)]
+
+
+def _shift(where: tuple, axis: int, p0: int) -> tuple:
+    """An index into an activation, for the same activation from position ``p0`` on (along ``axis``)."""
+    i = where[axis]
+    return where if isinstance(i, slice) else where[:axis] + (i - p0,) + where[axis + 1:]
+
+
+class _Reads:
+    """The logits a metric says it reads (``Metric.logits_read``): position ``pos[b]`` of each
+    prompt b, there the vocabulary ``columns``."""
+
+    def __init__(self, pos: np.ndarray, columns: np.ndarray, d_vocab: int, n_pos: int):
+        self.pos, self.columns, self.d_vocab, self.n_pos = pos, columns, d_vocab, n_pos
+
+    def read(self, model, resid, p0, corrupted_logits) -> np.ndarray:
+        """resid [copies, batch, n_new, d_model], from position p0 -> the read logits of each copy,
+        [copies, batch, columns] (the corrupted run's where a prompt's read position is before p0)."""
+        w = model.weights
+        batch = resid.shape[1]
+        rows = np.arange(batch)
+        late = self.pos >= p0
+        out = np.empty((resid.shape[0], batch, len(self.columns)), resid.dtype)
+        out[:, ~late] = corrupted_logits[rows[~late], self.pos[~late]][:, self.columns]
+        if late.any():
+            x = resid[:, rows[late], self.pos[late] - p0]  # [copies, late rows, d_model]
+            normalized = ops.layer_norm(x, w.ln_final_w, w.ln_final_b, model.cfg.layer_norm_epsilon)
+            b_U = None if w.b_U is None else w.b_U[self.columns]
+            out[:, late] = ops.linear(normalized, w.W_U[:, self.columns], b_U)
+        return out
+
+    def logits(self, read: np.ndarray) -> np.ndarray:
+        """[batch, columns] (or whole logits [batch, pos, d_vocab], of which those are taken) ->
+        logits [batch, pos, d_vocab] holding them, zero elsewhere (what ``Metric.logits_read``
+        promises a metric that declares it)."""
+        rows = np.arange(len(read))
+        if read.ndim == 3:
+            read = read[rows, self.pos][:, self.columns]
+        logits = np.zeros((len(read), self.n_pos, self.d_vocab), read.dtype)
+        logits[rows[:, None], self.pos[:, None], self.columns[None, :]] = read
+        return logits
+
+
+def _reads(metric, batch: int, n_pos: int, d_vocab: int) -> _Reads | None:
+    read = metrics.logits_read_by(metric, batch)
+    if read is None:
+        return None
+    pos, columns = np.asarray(read[0]), read[1]
+    if np.any((pos < -n_pos) | (pos >= n_pos)):
+        raise ValueError(f"the metric reads position {pos[(pos < -n_pos) | (pos >= n_pos)][0]}; the prompts have "
+                         f"{n_pos} positions (0 to {n_pos - 1}, or -1 to -{n_pos} from the end)")
+    pos = pos % n_pos
+    columns = np.arange(d_vocab) if columns is None else np.asarray(columns)
+    return _Reads(pos.astype(np.int64), columns.astype(np.int64), d_vocab, n_pos)
