@@ -21,13 +21,12 @@ numbers (the tests compare every sweep with a plain loop of ``run_with_hooks``, 
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import metrics, ops
+from .. import memory, metrics, ops
 from ..hooks import block_hook
 
 TARGET_ROWS = 512  # rows (prompt copies x positions) per batched pass: the products run near full speed
@@ -43,26 +42,12 @@ def kind(activation: str) -> str:
 POS_AXIS = {"resid": 1, "head": 1, "pattern": 2}  # the axis of an activation that runs along the queries
 
 
-def memory_available() -> int:
-    """Bytes of memory the machine has available now (MemAvailable; the free pages where there is
-    no /proc/meminfo)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 def memory_budget() -> int:
     """The most bytes one batched pass may hold: an eighth of the memory available, at most
     ``MAX_CHUNK_BYTES``, at least 64 MB."""
-    return int(max(64 << 20, min(MAX_CHUNK_BYTES, memory_available() // 8)))
+    available = memory.available_bytes()
+    available = 8 << 30 if available is None else available  # (unknown: assume 8 GB)
+    return int(max(64 << 20, min(MAX_CHUNK_BYTES, available // 8)))
 
 
 def run_bytes(cfg, batch: int, n_pos: int, n_new: int, itemsize: int, all_logits: bool) -> int:
