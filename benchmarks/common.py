@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the random gpt2-small-shaped checkpoint and a timer."""
+"""What the benchmark scripts share: random checkpoints of every GPT-2 size, timers, memory peaks."""
 
 from __future__ import annotations
 
@@ -12,14 +12,48 @@ import npgpt2
 from npgpt2.testing import random_state_dict, write_checkpoint
 
 
-def gpt2_small_folder(folder: str | None = None) -> str:
-    """A folder with random gpt2-small-shaped weights in the hub's layout (written on first use)."""
-    folder = folder or os.path.join(tempfile.gettempdir(), "npgpt2-bench-gpt2-small")
+def random_checkpoint_folder(size: str = "gpt2", folder: str | None = None) -> str:
+    """A folder with random weights of a published GPT-2 size (``npgpt2.config.KNOWN_SIZES``:
+    "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") in the hub's layout, written on first use
+    (``model.safetensors``, ``config.json`` and the BPE files). Default place: the system's temporary
+    folder, ``npgpt2-bench-{size}``. gpt2-xl's weights are 6.2 GB on disk and, while written, in
+    memory: write it in a process that holds nothing else."""
+    from npgpt2.config import KNOWN_SIZES
+
+    if size not in KNOWN_SIZES:
+        raise ValueError(f"size={size!r}: expected one of {', '.join(KNOWN_SIZES)}")
+    name = "gpt2-small" if size == "gpt2" else size
+    folder = folder or os.path.join(tempfile.gettempdir(), f"npgpt2-bench-{name}")
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        print(f"writing random gpt2-small-shaped weights to {folder} ...", flush=True)
-        cfg = npgpt2.GPT2Config()
+        print(f"writing random {name}-shaped weights to {folder} ...", flush=True)
+        n_layer, n_head, n_embd = KNOWN_SIZES[size]
+        cfg = npgpt2.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         write_checkpoint(folder, cfg, random_state_dict(cfg, seed=0))
     return folder
+
+
+def gpt2_small_folder(folder: str | None = None) -> str:
+    """A folder with random gpt2-small-shaped weights in the hub's layout (written on first use)."""
+    return random_checkpoint_folder("gpt2", folder)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it started or since ``reset_peak_rss()``
+    (Linux's VmHWM; ``ru_maxrss`` would also count what a forked child shared with its parent)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes (Linux's VmRSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def reset_peak_rss() -> None:
+    """Start ``peak_rss()`` again from the memory held now (Linux: 5 into /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def median_time(fn, repeats: int, warmup: bool = True) -> float:
