@@ -25,7 +25,7 @@ Each side's GFLOP/s in the forward passes is printed to explain a missed target,
 ``--floor`` the matrix-multiply floor of npgpt2's forward (``common.matmul_products``, the same BLAS). Targets: forward <= 0.9x and generation
 <= 0.6x transformers' time, gradients <= 0.8x torch's, load no slower than reading the file once.
 
-    python benchmarks/bench_sizes.py [--sizes gpt2-medium,gpt2-large,gpt2-xl] [--repeats 3] [--keep] [--floor] [--threads N]
+    python benchmarks/bench_sizes.py [--sizes gpt2-medium,gpt2-large,gpt2-xl] [--repeats 3] [--keep] [--floor] [--threads N] [--quick]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from common import (current_rss, describe_machine, matmul_products, median_time,
                     random_checkpoint_folder, reset_peak_rss)
 
 PROMPT, NEW = 16, 32  # generation: prompt length, new tokens
+QUICK = os.environ.get("NPGPT2_BENCH_QUICK") == "1"  # --quick: no warm-up after the first measurement
 THREADS = int(os.environ.get("NPGPT2_BENCH_THREADS", "0"))  # 0: each library's default (--threads)
 TARGETS = {"forward 128": 0.9, "forward 1024": 0.9, "gradients 256": 0.8, "generate 16+32": 0.6}
 
@@ -63,9 +64,11 @@ def eap_pair():
 
 
 def measure(results: dict, name: str, fn, repeats: int) -> None:
-    """Median time of ``fn`` and the process's peak memory while it ran, into ``results[name]``."""
+    """Median time of ``fn`` and the process's peak memory while it ran, into ``results[name]``.
+    A warm-up run first, unless ``--quick`` (then only the first measurement has one)."""
     reset_peak_rss()
-    results[name] = {"s": median_time(fn, repeats), "peak": peak_rss()}
+    warmup = not QUICK or name == "forward 128"  # each side's first measurement
+    results[name] = {"s": median_time(fn, repeats, warmup=warmup), "peak": peak_rss()}
     print(f"  {name}: {results[name]['s']:.3f} s", file=sys.stderr, flush=True)
 
 
@@ -236,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="threads of both sides (npgpt2.set_num_threads, torch.set_num_threads); "
                     "default: each library's own (one per core)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one warm-up run per side (before its first forward) instead of one per measurement")
     ap.add_argument("--child", nargs=3, metavar=("WHAT", "FOLDER", "ARG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -257,6 +262,9 @@ def main(argv=None):
     if args.threads:
         os.environ["NPGPT2_BENCH_THREADS"] = str(args.threads)  # for the children
         print(f"both sides on {args.threads} thread(s)")
+    if args.quick:
+        os.environ["NPGPT2_BENCH_QUICK"] = "1"
+        print("quick: a warm-up run only before each side's first forward pass")
     lines = []
     for size in args.sizes.split(","):
         n_layer, n_head, n_embd = KNOWN_SIZES[size]
