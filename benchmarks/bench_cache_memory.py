@@ -54,6 +54,7 @@ def child(which: str, folder: str, n: int) -> dict:
         import transformers
         from transformer_lens.model_bridge import TransformerBridge
 
+        transformers.utils.logging.disable_progress_bar()  # no 'Loading weights' bars in the table
         hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
         tok = transformers.GPT2TokenizerFast.from_pretrained(folder)
         model = TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=tok, dtype=torch.float32)

@@ -120,6 +120,9 @@ def child_transformers(folder: str, repeats: int) -> dict:
     import torch
     from transformers import GPT2LMHeadModel
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no 'Loading weights' bars in the table
     if THREADS:
         torch.set_num_threads(THREADS)
     load = lambda: GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()  # noqa: E731
