@@ -172,13 +172,13 @@ def test_the_inspectors_screenshots_are_remade_and_shown(screenshots):
 @pytest.mark.docs
 def test_the_inspector_page_shows_what_the_docs_say(screenshots):
     """The head shown is an induction head of layer 1 that looks one past the earlier copy of the
-    word; zero-ablating it alone moves the metric by less than a tenth (the others copy too)."""
+    word; zero-ablating it alone lowers the metric, by less than half (the other heads copy too)."""
     _, _, record = screenshots
     assert record["induction_head"].startswith("L1") and record["induction_score"] > 0.5, record
     assert float(record["shown"]["attention"].rsplit(": ", 1)[1]) > 0.5, record
     metric = float(record["shown"]["metric"])
     change = float(record["shown"]["ablation"].rsplit("change ", 1)[1])
-    assert metric > 0 and abs(change) < 0.1 * metric, record
+    assert metric > 0 and 0 < -change < 0.5 * metric, record
 
 
 # ------------------------------------------------------------------------- the strict build
