@@ -109,12 +109,18 @@ def _run_docs_script(script: str, record: str):
         return started, images, json.load(f)
 
 
+def _docs_script(name: str):
+    """docs/NAME.py imported as a module (for the lists of files it writes)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(DOCS, f"{name}.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.docs
 def test_the_pictures_are_remade_from_the_trained_model(pictures):
     started, images, record = pictures
-    spec = importlib.util.spec_from_file_location("make_pictures", os.path.join(DOCS, "make_pictures.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _docs_script("make_pictures")
     assert sorted(record["files"]) == sorted(script.PICTURES)
     for name in script.PICTURES:
         path = os.path.join(images, name)
@@ -156,9 +162,7 @@ def screenshots():
 @pytest.mark.docs
 def test_the_inspectors_screenshots_are_remade_and_shown(screenshots):
     started, images, record = screenshots
-    spec = importlib.util.spec_from_file_location("make_screenshots", os.path.join(DOCS, "make_screenshots.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _docs_script("make_screenshots")
     assert sorted(record["files"]) == sorted(script.SHOTS)
     page = open(os.path.join(DOCS, "inspect.md"), encoding="utf-8").read()
     for name in script.SHOTS:
