@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     corrupted[0, 1 + prefix:start] = others[: period]
     metric = metrics.logit_diff(answer, wrong)
     scores = edge_attribution(model, tokens, corrupted, metric, method="eap-ig")
-    edges, curve = smallest_circuit(model, tokens, corrupted, scores, metric)  # in steps of 10 edges, to 0.8
+    edges, curve = smallest_circuit(model, tokens, corrupted, scores, metric, progress=False)  # steps of 10 edges, to 0.8
     faithfulness = float(curve["faithfulness"].iloc[-1])
     picture = dict(n_head=model.cfg.n_head, n_layer=model.cfg.n_layer, model=name)
     fig = plot.circuit(edges, path=out("circuit.png"), **picture)

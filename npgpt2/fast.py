@@ -353,7 +353,7 @@ def _head_views(model, a, pos: int, tasks: range):
         rows = slice(batch_rows.start * pos, batch_rows.stop * pos)
         tasks_here = slice(batch_rows.start * n_head + heads.start, (batch_rows.stop - 1) * n_head + heads.stop)
 
-        def by_head(x, part, rows=rows, heads=heads):  # a view, no copy
+        def by_head(x, part, rows=rows, batch_rows=batch_rows, heads=heads):  # a view, no copy
             cols = slice(part * d_model + heads.start * d_head, part * d_model + heads.stop * d_head)
             return x[rows, cols].reshape(len(batch_rows), pos, len(heads), d_head).transpose(0, 2, 1, 3)
 

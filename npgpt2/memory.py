@@ -111,15 +111,15 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
     by_kind: dict[str, int] = {}
     parts = {}
 
-    def add(names, part: str, half_patterns: bool = False, skip=frozenset()):
+    def add(names, part: str, saved: bool = False, skip=frozenset()):
         total = 0
         for name in names:
             kind = _kind(name)
-            if name in skip or (kind in _ON_REQUEST and part.startswith("activations saved")):
+            if name in skip or (saved and kind in _ON_REQUEST):
                 continue  # (kept already; or, like hook_result, made only when someone asks for it)
             n = _elements(dims, kind, batch, pos, key_pos) * itemsize
-            if half_patterns and kind.endswith(("hook_pattern", "hook_attn_scores")):
-                n //= 2
+            if saved and kind.endswith(("hook_pattern", "hook_attn_scores")):
+                n //= 2  # (the blockwise backward keeps a causal half)
             total += n
             if part == "cached activations":
                 by_kind[kind] = by_kind.get(kind, 0) + n
@@ -127,7 +127,7 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
             parts[part] = total
 
     add(keep, "cached activations")
-    add(save, "activations saved for the backward pass", half_patterns=True, skip=frozenset(keep))
+    add(save, "activations saved for the backward pass", saved=True, skip=frozenset(keep))
     add(keep_grad, "cached gradients")
     if param_grads:
         unique = {a.__array_interface__["data"][0]: a.size for _, a in model.weights.arrays()}  # (W_U: W_E.T)

@@ -88,7 +88,7 @@ def test_the_cache_estimate_is_the_cache_it_keeps(small):
 def test_the_weights_gradients_estimate_is_their_size(small):
     _, grads = small.value_and_grad(np.random.default_rng(0).integers(0, 50257, (1, 10)))
     e = memory.estimate(small, 1, 10, param_grads=True)
-    assert e.parts["the weights' gradients"] == sum(a.nbytes for _, a in grads.arrays() if _ != "W_U")
+    assert e.parts["the weights' gradients"] == sum(a.nbytes for name, a in grads.arrays() if name != "W_U")
 
 
 def test_sweeps_and_harvests_go_through_the_check(small, monkeypatch):

@@ -452,12 +452,19 @@ def _run_with_corrupted_edges(model, clean, outputs, edges, metric) -> float:
 def circuit_faithfulness(model, clean_tokens, corrupted_tokens, edges, metric) -> float:
     """(metric of the circuit - corrupted metric) / (clean metric - corrupted metric): 1 when the
     circuit alone restores the clean behaviour, 0 when it does nothing."""
+    clean, corrupted, clean_value, corrupted_value = _faithfulness_ends(model, clean_tokens, corrupted_tokens, metric)
+    return (patch_edges(model, clean, corrupted, edges, metric) - corrupted_value) / (clean_value - corrupted_value)
+
+
+def _faithfulness_ends(model, clean_tokens, corrupted_tokens, metric):
+    """What a faithfulness is measured between: (clean tokens, corrupted tokens, the clean run's
+    metric, the corrupted run's), refused when the two metrics are equal."""
     clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
     clean_value, corrupted_value = float(metric(model(clean))), float(metric(model(corrupted)))
     if clean_value == corrupted_value:
         raise ValueError(f"the clean and corrupted runs give the same metric ({clean_value:.6g}): there is no "
                          "difference for a circuit to restore, so faithfulness is undefined (are the prompts the same?)")
-    return (patch_edges(model, clean, corrupted, edges, metric) - corrupted_value) / (clean_value - corrupted_value)
+    return clean, corrupted, clean_value, corrupted_value
 
 
 def greedy_circuit(scores: pd.DataFrame, n_edges: int) -> pd.DataFrame:
@@ -478,21 +485,27 @@ def greedy_circuit(scores: pd.DataFrame, n_edges: int) -> pd.DataFrame:
 
 
 def smallest_circuit(model, clean_tokens, corrupted_tokens, scores: pd.DataFrame, metric, target: float = 0.8,
-                     step: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     step: int = 10, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The smallest ``greedy_circuit`` of ``scores`` (``edge_attribution``'s table), trying the top
     ``step``, 2 ``step``, ... edges, whose exact ``circuit_faithfulness`` reaches ``target``.
     -> (edges: ``greedy_circuit``'s table of the first size that reaches it, or of every edge when
     none does; curve: one row per size tried, columns top_edges, edges (after pruning), faithfulness)
 
+    Each size tried costs one patched forward pass (the clean and corrupted runs are made once): on
+    gpt2-small's 32,491 edges, a target never reached means thousands of them; ``progress`` shows a bar.
     A circuit found by attribution is a hypothesis; its faithfulness, exact, is the finding."""
+    from tqdm.auto import tqdm
+
     if not isinstance(step, (int, np.integer)) or step < 1:
         raise ValueError(f"step={step!r}: expected a positive number of edges")
     if not np.isfinite(target):
         raise ValueError(f"target={target!r}: expected a finite faithfulness, such as 0.8")
+    clean, corrupted, clean_value, corrupted_value = _faithfulness_ends(model, clean_tokens, corrupted_tokens, metric)
     rows = []
-    for size in range(step, len(scores) + step, step):
+    for size in tqdm(range(step, len(scores) + step, step), desc="circuit sizes", disable=not progress, leave=False):
         edges = greedy_circuit(scores, min(size, len(scores)))
-        faithfulness = circuit_faithfulness(model, clean_tokens, corrupted_tokens, edges, metric)
+        faithfulness = ((patch_edges(model, clean, corrupted, edges, metric) - corrupted_value)
+                        / (clean_value - corrupted_value))
         rows.append({"top_edges": min(size, len(scores)), "edges": len(edges), "faithfulness": faithfulness})
         if faithfulness >= target:
             break
