@@ -13,6 +13,10 @@ Two rules from the forward:
 * a weight used in two places gets both gradients: the tied embedding is read by the lookup and
   written by the unembedding, so ``grads.W_E`` is the sum of the two.
 
+The products go through fast.py (``fast.linear_backward``, ``fast.attention_backward``, ``fast.matmul``):
+the same products as ops.py's, in pieces with BLAS's thread count held fixed, so that the gradients'
+bits do not depend on what other threads are doing (threads.py).
+
 The forward keeps only what this needs (the activations named in ``hooks.py``'s
 ``_saved_for_backward``), and only in calls that ask for gradients.
 """
@@ -45,12 +49,8 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
 
     # the unembedding: logits = final_ln_out @ W_U + b_U
     final_ln_out = ops.affine(hook.saved["ln_final.hook_normalized"], w.ln_final_w, w.ln_final_b)  # [batch, pos, d_model]
-    if hook.tape is not None and columns is None:  # fast.py's, on the pool
-        d_final_ln_out, d_W_U, d_b_U = fast.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
-                                                            weights=hook.param_grads)
-    else:
-        d_final_ln_out, d_W_U, d_b_U = ops.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
-                                                           weights=hook.param_grads, columns=columns)
+    d_final_ln_out, d_W_U, d_b_U = fast.linear_backward(d_logits, final_ln_out, w.W_U, transpose_dW=True,
+                                                        weights=hook.param_grads, columns=columns)
     d_resid, d_ln_final_w, d_ln_final_b = _layer_norm_backward(hook, "ln_final.", d_final_ln_out, w.ln_final_w)
 
     # the blocks, last to first; blocks before start_at_layer did not run and get zero gradients
@@ -118,11 +118,11 @@ def _block_backward(model, hook: Run, l: int, d_resid_post: np.ndarray, padding=
 def _mlp_backward(hook: Run, name: str, w: BlockWeights, d_mlp_out, mlp_in):
     """mlp_out = gelu(mlp_in @ W_in + b_in) @ W_out + b_out, backwards."""
     pre, post = hook.saved[name + "mlp.hook_pre"], hook.saved[name + "mlp.hook_post"]  # [batch, pos, d_mlp]
-    d_post, d_W_out, d_b_out = ops.linear_backward(d_mlp_out, post, w.W_out, weights=hook.param_grads)  # [batch, pos, d_mlp]
+    d_post, d_W_out, d_b_out = fast.linear_backward(d_mlp_out, post, w.W_out, weights=hook.param_grads)  # [batch, pos, d_mlp]
     d_post = hook.grad(name + "mlp.hook_post", d_post)  # [batch, pos, d_mlp]
     d_pre = ops.gelu_new_backward(d_post, pre, overwrite=hook.private(name + "mlp.hook_post"))  # [batch, pos, d_mlp]
     d_pre = hook.grad(name + "mlp.hook_pre", d_pre)  # [batch, pos, d_mlp]
-    d_mlp_in, d_W_in, d_b_in = ops.linear_backward(d_pre, mlp_in, w.W_in, weights=hook.param_grads)  # [batch, pos, d_model]
+    d_mlp_in, d_W_in, d_b_in = fast.linear_backward(d_pre, mlp_in, w.W_in, weights=hook.param_grads)  # [batch, pos, d_model]
     return d_mlp_in, d_W_in, d_b_in, d_W_out, d_b_out
 
 
@@ -139,12 +139,12 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
         d_result_heads = d_result.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_model)  # [head, rows, d_model]
         z_heads_rows = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_head)  # [head, rows, d_head]
         # result[h] = z[h] @ W_O[h], per head
-        d_z = (d_result_heads @ W_O.swapaxes(-1, -2)).reshape(n_head, batch, pos, d_head).transpose(1, 2, 0, 3)
-        d_W_O = (z_heads_rows.swapaxes(-1, -2) @ d_result_heads).reshape(d_model, d_model) \
+        d_z = fast.matmul(d_result_heads, W_O.swapaxes(-1, -2)).reshape(n_head, batch, pos, d_head).transpose(1, 2, 0, 3)
+        d_W_O = fast.matmul(z_heads_rows.swapaxes(-1, -2), d_result_heads).reshape(d_model, d_model) \
             if hook.param_grads else None  # [head * d_head, d_model]
         d_b_O = d_attn_out.sum(axis=(0, 1)) if hook.param_grads else None
     else:  # attn_out = concat(z) @ W_O + b_O
-        d_z_flat, d_W_O, d_b_O = ops.linear_backward(d_attn_out, z.reshape(batch, pos, d_model), w.W_O,
+        d_z_flat, d_W_O, d_b_O = fast.linear_backward(d_attn_out, z.reshape(batch, pos, d_model), w.W_O,
                                                             weights=hook.param_grads)
         d_z = d_z_flat.reshape(batch, pos, n_head, d_head)  # [batch, pos, head, d_head]
     d_z = hook.grad(a + "hook_z", d_z)  # [batch, pos, head, d_head]
@@ -155,16 +155,16 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
     v_heads = hook.saved[a + "hook_v"].transpose(0, 2, 1, 3)  # [batch, head, key_pos, d_head]
     pattern = hook.saved.get(a + "hook_pattern")  # saved when the forward took the eager path
     if pattern is not None:  # z_heads = pattern @ v_heads; pattern = softmax(scores)
-        d_v_heads = pattern.swapaxes(-1, -2) @ d_z_heads  # [batch, head, key_pos, d_head]
-        d_pattern = hook.grad(a + "hook_pattern", d_z_heads @ v_heads.swapaxes(-1, -2))  # [batch, head, query_pos, key_pos]
+        d_v_heads = fast.matmul(pattern.swapaxes(-1, -2), d_z_heads)  # [batch, head, key_pos, d_head]
+        d_pattern = hook.grad(a + "hook_pattern", fast.matmul(d_z_heads, v_heads.swapaxes(-1, -2)))  # [batch, head, query_pos, key_pos]
         d_scores = hook.grad(a + "hook_attn_scores", ops.softmax_backward(d_pattern, hook.computed(a + "hook_pattern")))
         d_scores = np.where(pattern > 0, d_scores, 0) if hook.bwd_hooks else d_scores  # masked keys pass nothing on
         # scores = q_heads @ k_heads^T / sqrt(d_head) + mask
-        d_q_heads = d_scores @ k_heads / math.sqrt(d_head)  # [batch, head, query_pos, d_head]
-        d_k_heads = d_scores.swapaxes(-1, -2) @ q_heads / math.sqrt(d_head)  # [batch, head, key_pos, d_head]
+        d_q_heads = fast.matmul(d_scores, k_heads) / math.sqrt(d_head)  # [batch, head, query_pos, d_head]
+        d_k_heads = fast.matmul(d_scores.swapaxes(-1, -2), q_heads) / math.sqrt(d_head)  # [batch, head, key_pos, d_head]
     else:  # the blockwise forward kept no pattern: recompute it a block at a time
         z_heads = hook.computed(a + "hook_z").transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]
-        d_q_heads, d_k_heads, d_v_heads = ops.causal_attention_backward(
+        d_q_heads, d_k_heads, d_v_heads = fast.attention_backward(
             d_z_heads, q_heads / math.sqrt(d_head), k_heads, v_heads, z_heads, padding=padding)
         d_q_heads = d_q_heads / math.sqrt(d_head)  # the forward divided q by sqrt(d_head)
 
@@ -172,7 +172,7 @@ def _attention_backward(model, hook: Run, name: str, w: BlockWeights, d_attn_out
     d_k = hook.grad(a + "hook_k", d_k_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
     d_v = hook.grad(a + "hook_v", d_v_heads.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
     d_qkv = np.concatenate([g.reshape(batch, pos, d_model) for g in (d_q, d_k, d_v)], axis=-1)  # [batch, pos, 3 * d_model]
-    d_attn_in, d_W_qkv, d_b_qkv = ops.linear_backward(d_qkv, attn_in, w.W_qkv, weights=hook.param_grads)  # [batch, pos, d_model]
+    d_attn_in, d_W_qkv, d_b_qkv = fast.linear_backward(d_qkv, attn_in, w.W_qkv, weights=hook.param_grads)  # [batch, pos, d_model]
     return d_attn_in, d_W_qkv, d_b_qkv, d_W_O, d_b_O
 
 
@@ -286,7 +286,7 @@ def _read_logits(model, hook: Run, resid: np.ndarray, pos: np.ndarray, columns: 
     W_U, b_U = w.W_U, w.b_U
     if columns is not None:
         W_U, b_U = W_U[:, columns], None if b_U is None else b_U[columns]
-    read = ops.linear(normalized[rows, pos], W_U, b_U)  # [batch, columns]
+    read = fast.linear(normalized[rows, pos], W_U, b_U)  # [batch, columns]
     logits = np.zeros(resid.shape[:2] + (w.W_U.shape[1],), read.dtype)  # [batch, pos, d_vocab]
     if columns is None:
         logits[rows, pos] = read

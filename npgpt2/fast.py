@@ -44,7 +44,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import ops
-from .threads import get_num_threads, worker_pool
+from .threads import get_num_threads, own_blas, worker_pool
 
 MIN_ROWS = 128  # fewer rows (batch x position) than this: the textbook blocks are as fast or faster
 TILE = 256  # the most rows of the residual stream in a tile
@@ -200,11 +200,12 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = 
     thread count, so a call with hooks, doing each product whole, would differ in the last bits from
     one without. by="rows": x's rows in the tiles ``blocks`` uses (``_tiles``); by="columns": W's
     columns in blocks of ``VOCAB_BLOCK``, all rows at once, as ``unembed`` does. Below
-    ``MIN_ROWS`` rows the fast path is not taken, and this is ``ops.linear``.
+    ``MIN_ROWS`` rows the fast path is not taken, and this is ``ops.linear`` (under ``own_blas``).
     """
     rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     if not pays((1, rows.shape[0])):
-        return ops.linear(x, W, b)
+        with own_blas():
+            return ops.linear(x, W, b)
     out = np.empty((rows.shape[0], W.shape[1]), np.result_type(x, W))  # [rows, n_out]
     if by == "rows":
         pieces = [(r, slice(None)) for r in _tiles(rows.shape[0])]
@@ -228,11 +229,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray |
     ``_head_batches`` makes, each on a thread of the pool, BLAS on one thread. Arguments and results as theirs: q [batch, head,
     query_pos, d_head] (divided by sqrt(d_head)), k, v [batch, head, key_pos, d_head] -> z
     [batch, head, query_pos, d_head] (``kept``: (scores, pattern, z), scores and pattern [batch,
-    head, query_pos, key_pos]). Below ``MIN_ROWS`` rows: ``ops.causal_attention(_kept)`` itself."""
+    head, query_pos, key_pos]). Below ``MIN_ROWS`` rows: ``ops.causal_attention(_kept)`` itself
+    (under ``own_blas``)."""
     batch, n_head, pos = q.shape[:3]
     whole = ops.causal_attention_kept if kept else ops.causal_attention
     if not pays((batch, pos)):
-        return whole(q, k, v, padding=padding)
+        with own_blas():
+            return whole(q, k, v, padding=padding)
     z = np.empty(q.shape, np.result_type(q, v))
     if kept:
         scores = np.empty(q.shape[:3] + (k.shape[2],), np.result_type(q, k))
@@ -253,12 +256,48 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray |
     return (scores, pattern, z) if kept else z
 
 
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (numpy's, stacked dimensions and all) under ``own_blas``: for the products of
+    attention's textbook steps, whose bits must not depend on what other threads are doing."""
+    with own_blas():
+        return a @ b
+
+
+def attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, z: np.ndarray,
+                       padding: np.ndarray | None = None):
+    """``ops.causal_attention_backward``, its heads in the pieces ``attention`` uses, each on a
+    thread of the pool, BLAS on one thread (below ``MIN_ROWS`` rows: itself, under ``own_blas``).
+    Arguments and results as its: d_z, z [batch, head, query_pos, d_head]; q (divided by
+    sqrt(d_head)), k, v [batch, head, key_pos, d_head] -> (d_q, d_k, d_v), shaped as q, k, v."""
+    batch, n_head, pos = q.shape[:3]
+    if not pays((batch, pos)):
+        with own_blas():
+            return ops.causal_attention_backward(d_z, q, k, v, z, padding=padding)
+    d_q = np.empty(q.shape, np.result_type(q, k))
+    d_k, d_v = np.empty(k.shape, d_q.dtype), np.empty(v.shape, np.result_type(q, v))
+    pieces = [piece for group in _head_groups(batch * n_head) for piece in _head_batches(group, n_head, pos)]
+
+    def heads(piece):
+        rows, hs = piece  # (range of batch rows, range of heads)
+        at = (slice(rows.start, rows.stop), slice(hs.start, hs.stop))
+        d_q[at], d_k[at], d_v[at] = ops.causal_attention_backward(
+            d_z[at], q[at], k[at], v[at], z[at], padding=None if padding is None else padding[rows.start:rows.stop])
+
+    with worker_pool() as run:
+        run(heads, pieces)
+    return d_q, d_k, d_v
+
+
 def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,
-                    weights: bool = True):
+                    weights: bool = True, columns: np.ndarray | None = None):
     """``ops.linear_backward`` on the pool: d_x by row tiles, d_W and d_b by blocks of
     ``VOCAB_BLOCK`` output columns, each product on one thread, so that every thread count gives
-    the same numbers (for the unembedding, whose products are the largest).
+    the same numbers. Below ``MIN_ROWS`` rows, or for a gradient with only a few non-zero
+    ``columns`` (as ``ops.linear_backward`` takes them): ``ops.linear_backward``, under ``own_blas``.
     d_out [..., n_out], x [..., n_in], W [n_in, n_out] -> (d_x [..., n_in], d_W, d_b)"""
+    if columns is not None or not pays((1, int(np.prod(x.shape[:-1])))):
+        with own_blas():
+            return ops.linear_backward(d_out, x, W, transpose_dW=transpose_dW, weights=weights, columns=columns)
     d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
     x_rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     d_x = np.empty(x_rows.shape, np.result_type(d_out, W))

@@ -27,7 +27,8 @@ Attention has two implementations that give the same numbers (to rounding):
 When nobody looks inside, fast.py runs the blocks instead. The products here (``fast.linear``) and
 the blockwise attention (``fast.attention``) are cut into the pieces fast.py uses, so a call with a
 cache or hooks gives the plain call's logits bit for bit (the eager path: within rounding, about
-1e-6 of the logits in float32).
+1e-6 of the logits in float32). ``fast.matmul`` is ``@`` with BLAS's thread count held fixed, so
+that what other threads do cannot change the last bits (threads.py).
 """
 
 from __future__ import annotations
@@ -199,9 +200,9 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             k, v = call.past_kv.extend(l, k, v)  # [batch, key_pos, head, d_head]
         if l in call.eager:  # the textbook way, every step named (a hook, or attn_implementation="eager")
             # [batch, head, query_pos, key_pos]: query . key / sqrt(d_head), -inf where a query may not look
-            scores = run(f"blocks.{l}.attn.hook_attn_scores", q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1) / math.sqrt(self.cfg.d_head) + call.mask)
+            scores = run(f"blocks.{l}.attn.hook_attn_scores", fast.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) / math.sqrt(self.cfg.d_head) + call.mask)
             pattern = run(f"blocks.{l}.attn.hook_pattern", ops.softmax(scores))  # [batch, head, query_pos, key_pos]
-            z = pattern @ v.transpose(0, 2, 1, 3)  # [batch, head, query_pos, d_head]: each query's mix of values
+            z = fast.matmul(pattern, v.transpose(0, 2, 1, 3))  # [batch, head, query_pos, d_head]: each query's mix of values
         else:  # the same numbers, a block of queries at a time
             z = self._attention_by_blocks(run, l, q, k, v, call)  # [batch, head, query_pos, d_head]
         z = run(f"blocks.{l}.attn.hook_z", z.transpose(0, 2, 1, 3))  # [batch, pos, head, d_head]
@@ -212,7 +213,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
             batch, pos, n_head, d_head = z.shape
             W_O = w.W_O.reshape(n_head, d_head, -1)  # [head, d_head, d_model]
             z_rows = z.transpose(2, 0, 1, 3).reshape(n_head, batch * pos, d_head)  # [head, rows, d_head]: one product per head
-            result = (z_rows @ W_O).reshape(n_head, batch, pos, -1).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
+            result = fast.matmul(z_rows, W_O).reshape(n_head, batch, pos, -1).transpose(1, 2, 0, 3)  # [batch, pos, head, d_model]
             result = run(f"blocks.{l}.attn.hook_result", result)  # [batch, pos, head, d_model]
             return result.sum(axis=2) + w.b_O  # [batch, pos, d_model]
         return fast.linear(z.reshape(*z.shape[:2], -1), w.W_O, w.b_O)  # [batch, pos, d_model]: concat(z) @ W_O + b_O

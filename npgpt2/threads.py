@@ -13,13 +13,13 @@ The default is the number of threads BLAS uses when npgpt2 is imported (OpenBLAS
 OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS; usually one per core). The tiles do not
 depend on the number of threads, so every setting gives the same numbers, bit for bit.
 
-BLAS's thread count belongs to the whole process, not to a thread. The forward pass's products
-from ``fast.MIN_ROWS`` rows up, on either path, run on the pool with BLAS at one thread whatever
-else runs (``fast.linear``, ``fast.attention``). Other products (inputs of fewer rows, the backward
-pass of a call with hooks) take BLAS as they find it: while a fast call in one thread holds BLAS at
-one thread, they compute with that one thread too, and their float32 results can differ in the last
-bits (about 1e-6 relative) from the same call run alone. For results that are the same bit for bit
-whatever runs beside them, use ``npgpt2.set_num_threads(1)``: BLAS then stays at one thread throughout.
+BLAS's thread count belongs to the whole process, not to a thread, and BLAS rounds a product
+differently on one thread and on two. So the model's products (forward and backward, on either
+path) never take BLAS as they find it: from ``fast.MIN_ROWS`` rows up they run in pieces on the
+pool, BLAS at one thread; below, on the calling thread, under ``own_blas``, BLAS at npgpt2's
+thread count, while no tiled work (which holds BLAS at one thread for the whole process) runs
+beside them. A call gives the same bits whatever other threads are doing. (Products in your own
+code, or in analysis code outside the model's calls, take BLAS as they find it.)
 
 BLAS's thread count is set through its own C function (``openblas_set_num_threads`` or
 ``MKL_Set_Num_Threads``), found among the libraries this process has loaded. Where no known BLAS is
@@ -155,6 +155,22 @@ def worker_pool():
             yield _runner(_pool if n > 1 else None)
         finally:
             _blas.set(blas_before)
+
+
+@contextlib.contextmanager
+def own_blas():
+    """For a product outside the pool (fast.py's small inputs): BLAS at npgpt2's thread count, and
+    no tiled work beside it, which sets BLAS to one thread for the whole process meanwhile. Then the
+    product's bits do not depend on what other threads are doing."""
+    with _lock:
+        blas_before = _blas.get()
+        if blas_before != _num_threads:
+            _blas.set(_num_threads)
+        try:
+            yield
+        finally:
+            if blas_before != _num_threads:
+                _blas.set(blas_before)
 
 
 def _runner(pool):

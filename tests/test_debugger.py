@@ -36,8 +36,9 @@ counted, tokenizer_lines, found = [], [], {}
 def local(frame, event, arg):
     if event == "line" and "scores" not in found:
         name = os.path.basename(frame.f_code.co_filename)
-        if name not in ("hooks.py", "inputs.py", "tokenizer.py", "fast.py", "memory.py"):  # hook dispatch, input handling,
-            # and how a product is cut into pieces (fast.linear; the debugger does not stop there either)
+        if name not in ("hooks.py", "inputs.py", "tokenizer.py", "fast.py", "threads.py", "memory.py"):  # hook dispatch,
+            # input handling, and how a product is cut into pieces and given its BLAS threads (fast.linear,
+            # threads.own_blas; the debugger does not stop there either)
             counted.append(f"{name}:{frame.f_lineno}")
         if "scores" in frame.f_locals:
             found["scores"] = (name, frame.f_code.co_name)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import npgpt2
-from npgpt2 import fast
+from npgpt2 import fast, metrics, threads
 from npgpt2.testing import assert_close, synthetic_model
 
 V = 50257
@@ -221,7 +221,6 @@ def test_gradients_on_the_fast_path_equal_the_textbook_ones(models, shape, monke
     calls = []
     real = fast.blocks_backward
     monkeypatch.setattr(fast, "blocks_backward", lambda *a: calls.append(1) or real(*a))
-    from npgpt2 import metrics
 
     for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
         m = models[dtype]
@@ -300,7 +299,6 @@ def test_concurrent_fast_gradients_are_each_correct(models):
 
 
 def test_a_metric_with_no_hook_runs_the_fast_backward_for_activations_only(models, monkeypatch):
-    from npgpt2 import metrics
 
     m = models["float64"]
     tokens = np.random.default_rng(5).integers(0, V, (2, 70))
@@ -311,3 +309,52 @@ def test_a_metric_with_no_hook_runs_the_fast_backward_for_activations_only(model
     value = m.run_with_hooks(tokens, metric=metric)
     assert calls == [False]  # the fast blocks, without the weights' gradients
     assert value == pytest.approx(metric(_plain(m, tokens)), rel=1e-12)
+
+
+@pytest.mark.skipif(not threads._blas.found, reason="no BLAS whose thread count npgpt2 can set")
+@pytest.mark.parametrize("shape", [(1, 20), (2, 100), (1, 200)])
+def test_no_product_takes_blas_as_another_thread_left_it(shape, monkeypatch):
+    # BLAS's thread count belongs to the process: tiled work in another thread holds it at one thread
+    # meanwhile. Every product of a call, forward or backward, textbook path or eager attention, must
+    # give the same bits whether BLAS was left at one thread or at npgpt2's own count.
+    monkeypatch.setattr(fast, "MIN_ROWS", 128)  # (the real threshold: (1, 20) is below it)
+    m = synthetic_model(n_layer=2, n_head=4, n_embd=256, n_ctx=256, seed=3, dtype="float32")
+    tokens = np.random.default_rng(1).integers(0, m.cfg.d_vocab, shape)
+    seen = []
+    calls = {
+        "forward": lambda: m(tokens),
+        "cache, eager attention, per-head results": lambda: _eager_cache(m, tokens),
+        "gradients with a backward hook": lambda: _hooked_grads(m, tokens, None),
+        "a logit difference's gradients with a backward hook": lambda: _hooked_grads(m, tokens, metrics.logit_diff(5, 7)),
+        "gradients, textbook path": lambda: _grads(m, tokens, fast_path=False)[1].blocks[0].W_qkv,
+    }
+    before = npgpt2.get_num_threads()
+    npgpt2.set_num_threads(2)
+    try:
+        for what, call in calls.items():
+            results = []
+            for left_at in (1, 2):
+                threads._blas.set(left_at)  # as another thread's tiled work, or nothing, left it
+                results.append(call())
+            for a, b in zip(*(r if isinstance(r, list) else [r] for r in results)):
+                assert np.array_equal(a, b), f"{what} at {shape}: BLAS's thread count changed the bits"
+            seen.append(what)
+    finally:
+        npgpt2.set_num_threads(before)
+    assert len(seen) == len(calls)
+
+
+def _eager_cache(m, tokens):
+    m.attn_implementation, m.cfg.use_attn_result = "eager", True
+    try:
+        logits, cache = m.run_with_cache(tokens)
+    finally:
+        m.attn_implementation, m.cfg.use_attn_result = "blockwise", False
+    return [logits, cache["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_result"]]
+
+
+def _hooked_grads(m, tokens, metric):
+    # a backward hook that changes nothing: the gradient takes backward.py's textbook path
+    with m.hooks(bwd_hooks=[("blocks.1.hook_resid_mid", lambda g, hook: g)]):
+        value, grads = m.value_and_grad(tokens, metric=metric)
+    return [np.float64(value), grads.W_E, grads.W_pos, grads.blocks[0].W_qkv, grads.blocks[1].W_O, grads.blocks[1].W_in]
