@@ -10,10 +10,12 @@ depending on the rows beside it and on its thread count.
 What changes, and why it is faster:
 
 * Rows in tiles. The residual stream's rows (batch x position) are cut into an even number of
-  tiles of at most ``TILE`` rows (``_tiles``). One tile goes through the end of one block and the
-  start of the next in one go: attention output projection, residual add, layer norm, MLP (whose
-  [tile, d_mlp] hidden layer stays in the processor's last-level cache), residual add, the next block's layer
-  norm and q/k/v projection. Then attention runs one (batch row, head) at a time, a block of
+  tiles (``_tiles``): of at most ``TILE`` rows at gpt2-small's width and wider, taller in narrower
+  models, so that a tile's [tile, d_mlp] hidden layer is about the same size (it stays in the
+  processor's cache) and a narrow model does not pay NumPy's cost per call on many thin tiles.
+  One tile goes through the end of one block and the start of the next in one go: attention
+  output projection, residual add, layer norm, MLP, residual add, the next block's layer norm and
+  q/k/v projection. Then attention runs one (batch row, head) at a time, a block of
   queries against the keys they may see (as ``ops.causal_attention``).
 * Threads. Tiles and heads are independent, so a pool of threads takes them (threads.py), each
   with a single-threaded BLAS: elementwise work (layer norm, GELU, softmax), which NumPy runs on one
@@ -47,7 +49,8 @@ from . import ops
 from .threads import get_num_threads, own_blas, worker_pool
 
 MIN_ROWS = 128  # fewer rows (batch x position) than this: the textbook blocks are as fast or faster
-TILE = 256  # the most rows of the residual stream in a tile
+TILE = 256  # the most rows of the residual stream in a tile, at gpt2-small's width (768) and wider
+TILE_ELEMENTS = TILE * 4 * 768  # narrower models: tiles whose MLP hidden layer is about this size
 QUERY_BLOCK = ops.QUERY_BLOCK  # queries per attention block (as model.py's blockwise attention)
 VOCAB_BLOCK = 2048  # columns of the unembedding per task
 
@@ -149,7 +152,7 @@ def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.nda
     at = ws if tape is None else tape  # where layer l's intermediates go: at.layer(l)
     try:
         np.copyto(ws.resid, resid.reshape(-1, d_model))
-        tiles = _tiles(batch * pos)
+        tiles = _tiles(batch * pos, _width(cfg))
         head_groups = _head_groups(batch * cfg.n_head)
         with worker_pool() as run:
             run(lambda r: _rows(model, ws, at, r, None, start), tiles)  # block `start` begins
@@ -187,7 +190,7 @@ def unembed(model, resid: np.ndarray, hook=None) -> np.ndarray:
                        normalized=norm_kept[rows] if kept else None, scale=scale_kept[rows] if kept else None)
 
     with worker_pool() as run:
-        run(norm, _tiles(x.shape[0]))
+        run(norm, _tiles(x.shape[0], d_model))
     return linear(normalized, w.W_U, w.b_U, by="columns").reshape(*lead, -1)
 
 
@@ -208,7 +211,7 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = 
             return ops.linear(x, W, b)
     out = np.empty((rows.shape[0], W.shape[1]), np.result_type(x, W))  # [rows, n_out]
     if by == "rows":
-        pieces = [(r, slice(None)) for r in _tiles(rows.shape[0])]
+        pieces = [(r, slice(None)) for r in _tiles(rows.shape[0], min(W.shape))]
     elif by == "columns":
         pieces = [(slice(None), slice(c, c + VOCAB_BLOCK)) for c in range(0, W.shape[1], VOCAB_BLOCK)]
     else:
@@ -301,7 +304,7 @@ def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_d
     d_out_rows = d_out.reshape(-1, d_out.shape[-1])  # [rows, n_out]
     x_rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     d_x = np.empty(x_rows.shape, np.result_type(d_out, W))
-    jobs = [lambda r=r: np.matmul(d_out_rows[r], W.T, out=d_x[r]) for r in _tiles(len(x_rows))]
+    jobs = [lambda r=r: np.matmul(d_out_rows[r], W.T, out=d_x[r]) for r in _tiles(len(x_rows), min(W.shape))]
     d_W = d_b = None
     if weights:
         d_W = np.empty(W.shape[::-1] if transpose_dW else W.shape, d_x.dtype)  # (as ops.linear_backward)
@@ -320,12 +323,24 @@ def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_d
     return d_x.reshape(x.shape), (d_W.T if transpose_dW and weights else d_W), d_b
 
 
-def _tiles(n_rows: int) -> list[slice]:
-    """The row tiles: an even number (work for two or more threads), of at most ``TILE`` rows each.
-    They depend on the number of rows only, never on the number of threads."""
-    n_tiles = 2 * max(1, math.ceil(n_rows / (2 * TILE)))
+def _tiles(n_rows: int, width: int) -> list[slice]:
+    """The row tiles: an even number (work for two or more threads), each of at most ``TILE`` rows,
+    or, in a model narrower than gpt2-small, of at most TILE_ELEMENTS // (4 * width) rows (a
+    [tile, d_mlp] hidden layer of about the same size). ``width``: the model's d_model, which is
+    the narrower side of each of a block's weight matrices (``min(W.shape)``: that is how
+    ``linear`` knows it). They depend on the shapes only, never on the number of threads."""
+    most = max(TILE, TILE_ELEMENTS // (4 * width))
+    n_tiles = 2 * max(1, math.ceil(n_rows / (2 * most)))
     size = math.ceil(n_rows / n_tiles)
     return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def _width(cfg) -> int:
+    """The ``width`` of ``_tiles`` for a model: the narrower side of its block weights, d_model.
+    (In a model whose MLP is narrower than d_model, ``n_inner < n_embd``, no single width is every
+    product's narrower side: there ``linear`` can tile a product otherwise than ``blocks`` does,
+    and a call with hooks can differ from a plain call in the last bits.)"""
+    return min(cfg.d_model, cfg.d_mlp)
 
 
 def _head_groups(n_tasks: int) -> list[range]:
@@ -457,7 +472,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
     try:
         d = ws.resid  # d metric / d residual stream, updated in place from block to block
         np.copyto(d, d_resid.reshape(-1, d_model))
-        tiles = list(enumerate(_tiles(batch * pos)))
+        tiles = list(enumerate(_tiles(batch * pos, _width(cfg))))
         head_groups = _head_groups(batch * cfg.n_head)
         # the gradients that flow through the block, in the workspace's buffers:
         d_post, d_z, d_qkv = ws.pre, ws.z, ws.qkv  # d_post becomes d_pre in place; d_z, then d_attn_in

@@ -150,9 +150,9 @@ def worker_pool():
         blas_before = _blas.get()
         _blas.set(1)  # the tiles' products, each on the thread that runs the tile
         if n > 1 and _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="npgpt2")
+            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npgpt2")
         try:
-            yield _runner(_pool if n > 1 else None)
+            yield _runner(_pool if n > 1 else None, n)
         finally:
             _blas.set(blas_before)
 
@@ -173,13 +173,37 @@ def own_blas():
                 _blas.set(blas_before)
 
 
-def _runner(pool):
+def _runner(pool, n: int):
+    """``run(fn, items)``: the calling thread and the pool's n - 1 threads take the items one at a
+    time from a shared list until none is left. (The caller works too: one hand-over to each pool
+    thread per call, instead of one per item and a caller that only waits.)"""
     def run(fn, items):
         items = list(items)
         if pool is None or len(items) == 1:
             for item in items:
                 fn(item)
             return
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()  # re-raises a worker's exception here
+        left = iter(items)
+        taking = threading.Lock()
+
+        def take():
+            while True:
+                with taking:
+                    item = next(left, _NONE_LEFT)
+                if item is _NONE_LEFT:
+                    return
+                fn(item)
+
+        helpers = [pool.submit(take) for _ in range(min(n, len(items)) - 1)]
+        try:
+            take()
+        finally:  # (after an error too: the helpers stop at the next item, and are waited for)
+            with taking:
+                for _ in left:
+                    pass
+            for helper in helpers:
+                helper.result()  # re-raises a helper's exception here
     return run
+
+
+_NONE_LEFT = object()
