@@ -80,7 +80,7 @@ def backward(model, hook: Run, d_logits: np.ndarray, tokens: np.ndarray | None, 
     if start_at_layer == 0:
         ops.embedding_backward(d_embed, tokens, cfg.d_vocab, out=d_W_E)  # adds each position's row
         positions = position_ids(attention_mask, d_pos_embed.shape[:2])  # [batch, pos], as the forward's
-        np.add.at(d_W_pos, positions, d_pos_embed)  # [n_ctx, d_model]: each position's row
+        ops.embedding_backward(d_pos_embed, positions, cfg.n_ctx, out=d_W_pos)  # [n_ctx, d_model]: each position's row
     grads = GPT2Weights(
         W_E=d_W_E, W_pos=d_W_pos, blocks=block_grads, ln_final_w=d_ln_final_w,
         ln_final_b=None if w.ln_final_b is None else d_ln_final_b,

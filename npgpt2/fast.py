@@ -30,7 +30,8 @@ numbers, bit for bit.
 
 Gradients too. A call that asks for them with nobody looking inside (``value_and_grad`` with no
 hook) runs ``blocks`` with a tape (``_Tape``): what backward.py would read from the hook points
-(layer norms' normalized values and scales, q|k|v, z, the MLP's pre and post) and each head's
+(layer norms' normalized values and scales, q|k|v, z, the MLP's post, and GELU's slope at its
+pre, computed beside its tanh) and each head's
 attention pattern, a causal half in blocks of queries, kept layer by layer. ``blocks_backward``
 then reads the blocks from the last to the first as backward.py's ``_block_backward`` does, on the
 pool; the tests compare the two as they compare the forwards.
@@ -81,7 +82,8 @@ class _Tape:
     """What the backward pass reads of one forward pass, kept by ``blocks`` layer by layer:
     ``layers[l]`` has the fields of ``_Workspace`` (qkv, z, pre, post, the layer norms' outputs
     attn_in and mlp_in) and the layer norms' normalized values and scales (norm1, scale1, norm2,
-    scale2) and each head's attention pattern, all [rows, ...]. Made for one call and dropped with
+    scale2) and each head's attention pattern, all [rows, ...]. Its ``pre`` ends up holding GELU's
+    slope at pre (``ops.gelu_new(slope=)``), which is all the backward pass needs of it. Made for one call and dropped with
     it (~75 MB a layer at 1024 tokens, float32: kept from call to call it would cost more memory
     than the time it saves)."""
 
@@ -363,7 +365,8 @@ def _rows(model, ws: _Workspace, at, rows: slice, ending: int | None, beginning:
         resid += branch  # resid_mid
         mlp_in = ops.layer_norm(resid, w.ln2_w, w.ln2_b, eps, out=a.mlp_in[rows], **_kept(a.norm2, a.scale2, rows))
         pre = ops.linear(mlp_in, w.W_in, w.b_in, out=a.pre[rows])  # [tile, d_mlp]
-        post = ops.gelu_new(pre, out=a.post[rows])  # [tile, d_mlp]
+        # (a tape keeps GELU's slope, all the backward pass needs of pre, in pre's place)
+        post = ops.gelu_new(pre, out=a.post[rows], slope=None if a.norm2 is None else pre)  # [tile, d_mlp]
         ops.linear(post, w.W_out, w.b_out, out=branch)  # MLP output
         resid += branch  # resid_post
     if beginning is not None:
@@ -485,7 +488,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
                 i, r = tile
                 d_resid_post[r] = d[r]
                 np.matmul(d[r], w.W_out.T, out=d_post[r])  # mlp_out = post @ W_out + b_out
-                ops.gelu_new_backward(d_post[r], a.pre[r], overwrite=True)  # d_pre
+                d_post[r] *= a.pre[r]  # d_pre: GELU's slope, kept by the forward in pre's place
                 np.matmul(d_post[r], w.W_in.T, out=d_z[r])  # d_mlp_in (d_z's rows, not yet needed)
                 d_x, d_gain, d_bias = ops.layer_norm_backward(d_z[r], a.norm2[r], a.scale2[r], w.ln2_w, param_grads)
                 d[r] += d_x  # d_resid_mid

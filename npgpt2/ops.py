@@ -160,20 +160,26 @@ def affine_backward(d_out: np.ndarray, x: np.ndarray, w: np.ndarray | None):
     return (d_out if w is None else d_out * w), d_w, d_out.sum(axis=rows)
 
 
-def gelu_new(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def gelu_new(x: np.ndarray, out: np.ndarray | None = None, slope: np.ndarray | None = None) -> np.ndarray:
     """GPT-2's tanh approximation of GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
     [...] -> [...]. Written with in-place steps so a [pos, d_mlp] activation costs one new array
-    (or none: ``out``, an array shaped like x, other than x, receives the result).
+    (or none: ``out``, an array shaped like x, other than x, receives the result). ``slope``: an
+    array shaped like x (x itself may be it: it is written last) that receives d gelu / dx at x,
+    for a backward pass, computed here while tanh is at hand (``gelu_new_backward`` recomputes it).
     """
     inner = np.multiply(x, x, out=out)
     inner *= 0.044715 * x
     inner += x
     inner *= _GELU_C
     np.tanh(inner, out=inner)
-    inner += 1.0
+    inner += 1.0  # 1 + t
+    if slope is not None:
+        d_gelu = _gelu_slope(x, inner)
     inner *= x
     inner *= 0.5
+    if slope is not None:
+        np.copyto(slope, d_gelu)
     return inner
 
 
@@ -184,25 +190,32 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
     With u = c (x + 0.044715 x^3) and t = tanh(u), gelu = 0.5 x (1 + t), so
     d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
     """
-    # in place from here on: two [pos, d_mlp] arrays instead of ten temporaries
-    a = x * x
-    t = a * (0.044715 * _GELU_C)
+    # in place from here on: three [pos, d_mlp] arrays instead of ten temporaries
+    t = x * x
+    t *= 0.044715 * _GELU_C
     t += _GELU_C
     t *= x
     np.tanh(t, out=t)  # t = tanh(u)
+    t += 1.0
+    slope = _gelu_slope(x, t)
+    if overwrite:
+        d_out *= slope
+        return d_out
+    slope *= d_out
+    return slope
+
+
+def _gelu_slope(x: np.ndarray, one_plus_t: np.ndarray) -> np.ndarray:
+    """d gelu_new / dx = (1 + t) (a (1 - t) + 0.5), with a = 0.5 x c (1 + 3 * 0.044715 x^2), from
+    x and 1 + t (t = tanh(u)): a new array."""
+    a = x * x
     a *= 3 * 0.044715 * _GELU_C
     a += _GELU_C
     a *= x
-    a *= 0.5  # a = 0.5 x c (1 + 3 * 0.044715 x^2); the slope is (1 + t) (a (1 - t) + 0.5)
-    np.subtract(1.0, t, out=t)  # 1 - t
-    a *= t
+    a *= 0.5  # a
+    a *= 2.0 - one_plus_t  # 1 - t
     a += 0.5
-    np.subtract(2.0, t, out=t)  # 1 + t
-    a *= t
-    if overwrite:
-        d_out *= a
-        return d_out
-    a *= d_out
+    a *= one_plus_t
     return a
 
 

@@ -59,7 +59,7 @@ MUTANTS = [
     Mutant("loss accumulated in float16 (value_and_grad)", (
         Edit("npgpt2.metrics.Loss.value_and_grad", "nll.astype(np.float64)", "nll.astype(np.float16)"),), grad=True),
     Mutant("GELU's derivative without the 3 of 3x^2", (
-        Edit("npgpt2.ops.gelu_new_backward", "a *= 3 * 0.044715 * _GELU_C", "a *= 0.044715 * _GELU_C"),), grad=True),
+        Edit("npgpt2.ops._gelu_slope", "a *= 3 * 0.044715 * _GELU_C", "a *= 0.044715 * _GELU_C"),), grad=True),
     Mutant("layer norm's backward forgets that the scale depends on x", (
         Edit("npgpt2.backward._layer_norm_backward",
              "d_centred = d_centred + ops.ln_scale_backward(d_scale, normalized)", "d_centred = d_centred"),
@@ -76,8 +76,8 @@ MUTANTS = [
              "d_W_E = np.zeros_like(w.W_E)"),), grad=True),
     Mutant("keys' gradient not divided by sqrt(d_head)", (
         Edit("npgpt2.backward._attention_backward",
-             "d_k_heads = d_scores.swapaxes(-1, -2) @ q_heads / math.sqrt(d_head)",
-             "d_k_heads = d_scores.swapaxes(-1, -2) @ q_heads"),
+             "d_k_heads = fast.matmul(d_scores.swapaxes(-1, -2), q_heads) / math.sqrt(d_head)",
+             "d_k_heads = fast.matmul(d_scores.swapaxes(-1, -2), q_heads)"),
         Edit("npgpt2.ops.causal_attention_backward", "d_k[:, :, :visible] += d_scores.swapaxes(-1, -2) @ q_blk",
              "d_k[:, :, :visible] += d_scores.swapaxes(-1, -2) @ q_blk * math.sqrt(q.shape[-1])"),
         Edit("npgpt2.fast._attention_backward", "d_k[..., :stop, :] += d_scores.swapaxes(-1, -2) @ (q[..., start:stop, :] / root)",
