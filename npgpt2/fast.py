@@ -204,7 +204,8 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = 
     BLAS rounds a row of a product differently depending on the rows around it and on its own
     thread count, so a call with hooks, doing each product whole, would differ in the last bits from
     one without. by="rows": x's rows in the tiles ``blocks`` uses (``_tiles``); by="columns": W's
-    columns in blocks of ``VOCAB_BLOCK``, all rows at once, as ``unembed`` does. Below
+    columns in blocks of ``VOCAB_BLOCK``, all rows at once, as ``unembed`` does (or, when W has
+    only one such block, the rows in tiles). Below
     ``MIN_ROWS`` rows the fast path is not taken, and this is ``ops.linear`` (under ``own_blas``).
     """
     rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
@@ -214,8 +215,10 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = 
     out = np.empty((rows.shape[0], W.shape[1]), np.result_type(x, W))  # [rows, n_out]
     if by == "rows":
         pieces = [(r, slice(None)) for r in _tiles(rows.shape[0], min(W.shape))]
-    elif by == "columns":
+    elif by == "columns" and W.shape[1] > VOCAB_BLOCK:
         pieces = [(slice(None), slice(c, c + VOCAB_BLOCK)) for c in range(0, W.shape[1], VOCAB_BLOCK)]
+    elif by == "columns":  # a small vocabulary, one block of columns: the rows in tiles instead
+        pieces = [(r, slice(None)) for r in _tiles(rows.shape[0], min(W.shape))]
     else:
         raise ValueError(f"by={by!r}: expected 'rows' or 'columns'")
 
@@ -296,7 +299,8 @@ def attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndar
 def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,
                     weights: bool = True, columns: np.ndarray | None = None):
     """``ops.linear_backward`` on the pool: d_x by row tiles, d_W and d_b by blocks of
-    ``VOCAB_BLOCK`` output columns, each product on one thread, so that every thread count gives
+    ``VOCAB_BLOCK`` output columns (a single block: in two halves of its input rows), each product
+    on one thread, so that every thread count gives
     the same numbers. Below ``MIN_ROWS`` rows, or for a gradient with only a few non-zero
     ``columns`` (as ``ops.linear_backward`` takes them): ``ops.linear_backward``, under ``own_blas``.
     d_out [..., n_out], x [..., n_in], W [n_in, n_out] -> (d_x [..., n_in], d_W, d_b)"""
@@ -312,14 +316,18 @@ def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_d
         d_W = np.empty(W.shape[::-1] if transpose_dW else W.shape, d_x.dtype)  # (as ops.linear_backward)
         d_b = np.empty(W.shape[1], d_x.dtype)
 
-        def columns(c):
+        def part(c, s):  # d_W's output columns c and input rows s (and d_b's columns c, once)
             if transpose_dW:
-                np.matmul(d_out_rows[:, c].T, x_rows, out=d_W[c])
+                np.matmul(d_out_rows[:, c].T, x_rows[:, s], out=d_W[c, s])
             else:
-                np.matmul(x_rows.T, d_out_rows[:, c], out=d_W[:, c])
-            d_out_rows[:, c].sum(axis=0, out=d_b[c])
+                np.matmul(x_rows[:, s].T, d_out_rows[:, c], out=d_W[s, c])
+            if s.start == 0:
+                d_out_rows[:, c].sum(axis=0, out=d_b[c])
 
-        jobs += [lambda c=slice(c0, c0 + VOCAB_BLOCK): columns(c) for c0 in range(0, W.shape[1], VOCAB_BLOCK)]
+        blocks = [slice(c0, c0 + VOCAB_BLOCK) for c0 in range(0, W.shape[1], VOCAB_BLOCK)]
+        # one block of columns (a small vocabulary): its input rows in two halves, work for two threads
+        inputs = _slices(W.shape[0], -(-W.shape[0] // 2)) if len(blocks) == 1 else [slice(0, W.shape[0])]
+        jobs += [lambda c=c, s=s: part(c, s) for c in blocks for s in inputs]
     with worker_pool() as run:
         run(lambda job: job(), jobs)
     return d_x.reshape(x.shape), (d_W.T if transpose_dW and weights else d_W), d_b
@@ -506,18 +514,22 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
                 if param_grads:
                     sums[i].update(ln1_w=d_gain, ln1_b=d_bias, b_qkv=d_qkv[r].sum(axis=0))
 
+            # the weights' gradients, d W = input^T @ d output summed over the rows, go beside the
+            # attention and the rows (they read what those leave alone), each once its d output is made
+            products = {"W_out": (a.post, d_resid_post), "W_in": (a.mlp_in, d_post),
+                        "W_O": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)} if param_grads else {}
+            g = {name: np.empty(getattr(w, name).shape, d.dtype) for name in products}
+
+            def weight_jobs(*names):
+                return [lambda x=products[name][0][:, s], d_out=products[name][1], out=g[name][s]:
+                        np.matmul(x.T, d_out, out=out) for name in names if name in products
+                        for s in _slices(products[name][0].shape[1])]
+
             with worker_pool() as run:
-                run(mlp_rows, tiles)
-                run(lambda tasks: _attention_backward(model, ws, a, pos, tasks), head_groups)
-                jobs = [lambda tile=tile: attn_rows(tile) for tile in tiles]
-                if param_grads:  # the weights' gradients, beside the rows (they read what the rows leave alone)
-                    products = {  # d W = input^T @ d output, summed over the rows
-                        "W_out": (a.post, d_resid_post), "W_in": (a.mlp_in, d_post),
-                        "W_O": (a.z, d_resid_mid), "W_qkv": (a.attn_in, d_qkv)}
-                    g = {name: np.empty(getattr(w, name).shape, d.dtype) for name in products}
-                    jobs = [lambda x=x[:, s], d_out=d_out, out=g[name][s]: np.matmul(x.T, d_out, out=out)
-                            for name, (x, d_out) in products.items() for s in _slices(x.shape[1])] + jobs
-                run(lambda job: job(), jobs)
+                run(mlp_rows, tiles)  # makes d_resid_post, d_post (d_pre), d_resid_mid, d_z
+                run(lambda job: job(), weight_jobs("W_out", "W_in", "W_O") + [
+                    lambda tasks=tasks: _attention_backward(model, ws, a, pos, tasks) for tasks in head_groups])
+                run(lambda job: job(), weight_jobs("W_qkv") + [lambda tile=tile: attn_rows(tile) for tile in tiles])
             if param_grads:
                 for name in sums[0]:  # the tiles' parts, added in tile order
                     g[name] = None if getattr(w, name) is None else sum(part[name] for part in sums)
