@@ -294,6 +294,29 @@ def test_any_shard_size_and_shard_order_give_the_same_tables(reference, model):
     pd.testing.assert_frame_equal(merged.examples_table(), reference.examples, check_exact=True)
 
 
+def test_one_thread_counts_on_that_thread_with_the_same_tables(reference, model, monkeypatch):
+    # with npgpt2 on one thread (a Dask worker's setting) the statistics are counted after each
+    # batch on the calling thread, not on a second thread: the tables do not change. (Only the
+    # counting's thread count is set to one here: with fewer than fast.MIN_ROWS rows, the model's
+    # own products on one BLAS thread may differ from two in the last bits.)
+    import threading
+
+    from npgpt2.harvest import run
+
+    counted_on = []
+    real_add = FeatureStats.add
+    monkeypatch.setattr(FeatureStats, "add", lambda self, *a: counted_on.append(threading.current_thread().name)
+                        or real_add(self, *a))
+    monkeypatch.setattr(run, "get_num_threads", lambda: 1)
+    one = harvest(TEXTS, model, HOOK, shard_contexts=8, **KW)
+    assert set(counted_on) == {threading.current_thread().name}
+    assert_same_tables(one, reference)
+    counted_on.clear()
+    monkeypatch.setattr(run, "get_num_threads", lambda: 2)
+    harvest(TEXTS, model, HOOK, shard_contexts=8, **KW)
+    assert counted_on and all(name.startswith("npgpt2-stats") for name in counted_on)
+
+
 def test_parquet_and_manifest_round_trip(reference, model, tmp_path):
     out = tmp_path / "h"
     h = harvest(TEXTS, model, HOOK, shard_contexts=8, out=str(out), **KW)

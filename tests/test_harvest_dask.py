@@ -41,15 +41,19 @@ def client2():
 
 @pytest.fixture(scope="module")
 def in_process(tiny_dir, tmp_path_factory):
-    """The in-process harvest, with BLAS on one thread as on each worker here (threads_per_worker=1,
-    two workers on two cores): OpenBLAS's multi-threaded products may sum in another order than its
-    single-threaded ones (its Haswell kernels do), which moves activations in the last bit and can
-    move a count at the threshold by one. Same arithmetic, same bits."""
-    from threadpoolctl import threadpool_limits
-
+    """The in-process harvest, npgpt2 on one thread as each worker here (threads_per_worker=1,
+    two workers on two cores): with batches of fewer than fast.MIN_ROWS rows (4 x 24 here), the
+    model's products run whole, with BLAS at npgpt2's thread count, and OpenBLAS's multi-threaded
+    products may sum in another order than its single-threaded ones (its Haswell kernels do), which
+    moves activations in the last bit and can move a count at the threshold by one. Same
+    arithmetic, same bits."""
     out = str(tmp_path_factory.mktemp("in-process") / "h")
-    with threadpool_limits(1):
+    before = npgpt2.get_num_threads()
+    npgpt2.set_num_threads(1)
+    try:
         harvest(TEXTS, str(tiny_dir), HOOK, out=out, **ARGS)
+    finally:
+        npgpt2.set_num_threads(before)
     return out
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .corpus import Corpus, CorpusError, HarvestError, Shard, fingerprint, iter_shards, open_corpus, read_contexts
+from ..threads import get_num_threads
 from .stats import HIST_HI, HIST_LO, PER_OCTAVE, FeatureStats
 
 FORMAT = "npgpt2-harvest/1"
@@ -138,14 +139,19 @@ def harvest_shard(harvester: Harvester, shard: Shard, spec: HarvestSpec, into: F
     stats = into if into is not None else FeatureStats.empty(harvester.n_features, spec.top_k, spec.per_band,
                                                              spec.threshold)
     # a batch's statistics are counted on a second thread while the model runs the next batch (the
-    # forward pass leaves a core idle in its one-threaded steps); one at a time, in order
+    # forward pass leaves a core idle in its one-threaded steps); one at a time, in order. With
+    # npgpt2 on one thread (``set_num_threads(1)``, a Dask worker with a core of its own) they are
+    # counted on this thread, after each batch: one thread means one core.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npgpt2-stats") as counter:
         counting = None
         for b in range(0, len(shard.tokens), spec.batch_size):
             acts = harvester(shard.tokens[b : b + spec.batch_size])  # [batch, pos, F]
             if counting is not None:
                 counting.result()  # (re-raises its error here)
-            counting = counter.submit(stats.add, acts, shard.start + b, harvester.first_position)
+            if get_num_threads() == 1:
+                stats.add(acts, shard.start + b, harvester.first_position)
+            else:
+                counting = counter.submit(stats.add, acts, shard.start + b, harvester.first_position)
         if counting is not None:
             counting.result()
     stats.shards = tuple(sorted(stats.shards + (shard.index,)))
