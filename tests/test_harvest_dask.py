@@ -155,3 +155,14 @@ def test_a_worker_killed_mid_run_changes_nothing(in_process, tiny_dir, client2, 
     assert any("harvest_task" in str(k) or "merge_task" in str(k) for k in held)  # work was lost with it
     assert victims[0] not in client2.run(os.getpid).values()  # that process is gone (its nanny started another)
     assert_same_parquet(out, in_process)
+
+
+def test_local_workers_keep_glibcs_memory_defaults():
+    # Dask's nannies set MALLOC_TRIM_THRESHOLD_, which turns off glibc's growing mmap threshold: each
+    # large array of a forward pass is then mapped and page-faulted afresh (a third slower)
+    from npgpt2.harvest.cluster import connect
+
+    with connect(workers=1) as client:
+        seen = client.run(lambda: (__import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                   __import__("os").environ.get("OPENBLAS_NUM_THREADS")))
+    assert list(seen.values()) == [(None, str(os.cpu_count() or 1))]
