@@ -172,10 +172,10 @@ def gelu_new(x: np.ndarray, out: np.ndarray | None = None, slope: np.ndarray | N
     inner *= 0.044715 * x
     inner += x
     inner *= _GELU_C
-    np.tanh(inner, out=inner)
-    inner += 1.0  # 1 + t
+    np.tanh(inner, out=inner)  # t
     if slope is not None:
         d_gelu = _gelu_slope(x, inner)
+    inner += 1.0
     inner *= x
     inner *= 0.5
     if slope is not None:
@@ -190,13 +190,11 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
     With u = c (x + 0.044715 x^3) and t = tanh(u), gelu = 0.5 x (1 + t), so
     d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
     """
-    # in place from here on: three [pos, d_mlp] arrays instead of ten temporaries
     t = x * x
     t *= 0.044715 * _GELU_C
     t += _GELU_C
     t *= x
     np.tanh(t, out=t)  # t = tanh(u)
-    t += 1.0
     slope = _gelu_slope(x, t)
     if overwrite:
         d_out *= slope
@@ -205,17 +203,18 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
     return slope
 
 
-def _gelu_slope(x: np.ndarray, one_plus_t: np.ndarray) -> np.ndarray:
+def _gelu_slope(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """d gelu_new / dx = (1 + t) (a (1 - t) + 0.5), with a = 0.5 x c (1 + 3 * 0.044715 x^2), from
-    x and 1 + t (t = tanh(u)): a new array."""
+    x and t = tanh(u): a new array. (1 - t and 1 + t are each taken from t itself: from 1 + t,
+    1 - t would carry the rounding of a number near 2 where it is itself near 0.)"""
     a = x * x
     a *= 3 * 0.044715 * _GELU_C
     a += _GELU_C
     a *= x
     a *= 0.5  # a
-    a *= 2.0 - one_plus_t  # 1 - t
+    a *= 1.0 - t
     a += 0.5
-    a *= one_plus_t
+    a *= 1.0 + t
     return a
 
 
