@@ -104,12 +104,12 @@ table.sort_values("exact_change", ascending=False).round(3)
 # Attribution ranks the heads as exact patching does, but it is a first-order estimate: where a
 # head's effect saturates (a softmax near 1), the estimate falls short of the exact change.
 #
-# The previous-token heads do not restore anything alone; the best of them makes the metric
-# *worse*. That is the circuit at work, not a failure of the method: patched in alone, the clean
-# previous-token head tells the corrupted run's keys "the word before me was *hand*" at the
-# position where the clean prompt had *key* after *hand*. The induction head, asked about *hand*,
-# now looks there, and copies the word the corrupted prompt has in that place, which is not *key*.
-# A head whose job is to say *where* to look cannot restore *what* is there.
+# The previous-token heads restore little alone (a few percent at most), although the circuit
+# cannot work without them. That is the circuit at work, not a failure of the method: patched in
+# alone, the clean previous-token head tells the corrupted run's keys "the word before me was
+# *hand*" at the position where the clean prompt had *key* after *hand*. The induction head, asked
+# about *hand*, now looks there, and copies the word the corrupted prompt has in that place, which
+# is not *key*. A head whose job is to say *where* to look cannot restore *what* is there.
 #
 # ## 3. Which edges matter: EAP-IG
 #
