@@ -173,9 +173,10 @@ def gelu_new(x: np.ndarray, out: np.ndarray | None = None, slope: np.ndarray | N
     inner += x
     inner *= _GELU_C
     np.tanh(inner, out=inner)  # t
-    if slope is not None:
-        d_gelu = _gelu_slope(x, inner)
-    inner += 1.0
+    if slope is None:
+        inner += 1.0
+    else:
+        d_gelu = _gelu_slope(x, inner)  # (and inner = 1 + t)
     inner *= x
     inner *= 0.5
     if slope is not None:
@@ -205,8 +206,8 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
 
 def _gelu_slope(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """d gelu_new / dx = (1 + t) (a (1 - t) + 0.5), with a = 0.5 x c (1 + 3 * 0.044715 x^2), from
-    x and t = tanh(u): a new array. (1 - t and 1 + t are each taken from t itself: from 1 + t,
-    1 - t would carry the rounding of a number near 2 where it is itself near 0.)"""
+    x and t = tanh(u): a new array; t is left holding 1 + t. (1 - t and 1 + t are each taken from
+    t itself: from 1 + t, 1 - t would carry the rounding of a number near 2 where it is near 0.)"""
     a = x * x
     a *= 3 * 0.044715 * _GELU_C
     a += _GELU_C
@@ -214,7 +215,8 @@ def _gelu_slope(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     a *= 0.5  # a
     a *= 1.0 - t
     a += 0.5
-    a *= 1.0 + t
+    t += 1.0
+    a *= t
     return a
 
 
