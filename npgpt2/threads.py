@@ -11,7 +11,9 @@ stay in the processor's cache.
 
 The default is the number of threads BLAS uses when npgpt2 is imported (OpenBLAS and MKL read
 OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS; usually one per core). The tiles do not
-depend on the number of threads, so every setting gives the same numbers, bit for bit.
+depend on the number of threads, so from ``fast.MIN_ROWS`` rows (batch x position) up every setting
+gives the same numbers, bit for bit; below, the products run whole on BLAS's threads (see next),
+and one thread and two can differ in the last bits.
 
 BLAS's thread count belongs to the whole process, not to a thread, and BLAS rounds a product
 differently on one thread and on two. So the model's products (forward and backward, on either
