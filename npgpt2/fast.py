@@ -208,19 +208,17 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = 
     only one such block, the rows in tiles). Below
     ``MIN_ROWS`` rows the fast path is not taken, and this is ``ops.linear`` (under ``own_blas``).
     """
+    if by not in ("rows", "columns"):
+        raise ValueError(f"by={by!r}: expected 'rows' or 'columns'")
     rows = x.reshape(-1, x.shape[-1])  # [rows, n_in]
     if not pays((1, rows.shape[0])):
         with own_blas():
             return ops.linear(x, W, b)
     out = np.empty((rows.shape[0], W.shape[1]), np.result_type(x, W))  # [rows, n_out]
-    if by == "rows":
-        pieces = [(r, slice(None)) for r in _tiles(rows.shape[0], min(W.shape))]
-    elif by == "columns" and W.shape[1] > VOCAB_BLOCK:
+    if by == "columns" and W.shape[1] > VOCAB_BLOCK:
         pieces = [(slice(None), slice(c, c + VOCAB_BLOCK)) for c in range(0, W.shape[1], VOCAB_BLOCK)]
-    elif by == "columns":  # a small vocabulary, one block of columns: the rows in tiles instead
+    else:  # by rows (and a small vocabulary's one block of columns)
         pieces = [(r, slice(None)) for r in _tiles(rows.shape[0], min(W.shape))]
-    else:
-        raise ValueError(f"by={by!r}: expected 'rows' or 'columns'")
 
     def product(piece):
         r, c = piece
@@ -234,7 +232,7 @@ def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, by: str = 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray | None = None, kept: bool = False):
     """``ops.causal_attention`` (``kept``: ``ops.causal_attention_kept``) computed as the fast path
     computes it, for the textbook path (model.py) to give the same bits: the heads in the pieces
-    ``_head_batches`` makes, each on a thread of the pool, BLAS on one thread. Arguments and results as theirs: q [batch, head,
+    ``_head_pieces`` makes, each on a thread of the pool, BLAS on one thread. Arguments and results as theirs: q [batch, head,
     query_pos, d_head] (divided by sqrt(d_head)), k, v [batch, head, key_pos, d_head] -> z
     [batch, head, query_pos, d_head] (``kept``: (scores, pattern, z), scores and pattern [batch,
     head, query_pos, key_pos]). Below ``MIN_ROWS`` rows: ``ops.causal_attention(_kept)`` itself
@@ -248,19 +246,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray |
     if kept:
         scores = np.empty(q.shape[:3] + (k.shape[2],), np.result_type(q, k))
         pattern = np.empty_like(scores)
-    pieces = [piece for group in _head_groups(batch * n_head) for piece in _head_batches(group, n_head, pos)]
 
-    def heads(piece):
-        rows, hs = piece  # (range of batch rows, range of heads)
-        at = (slice(rows.start, rows.stop), slice(hs.start, hs.stop))
-        result = whole(q[at], k[at], v[at], padding=None if padding is None else padding[rows.start:rows.stop])
+    def heads(at):
+        result = whole(q[at], k[at], v[at], padding=None if padding is None else padding[at[0]])
         if kept:
             scores[at], pattern[at], z[at] = result
         else:
             z[at] = result
 
     with worker_pool() as run:
-        run(heads, pieces)
+        run(heads, _head_pieces(batch, n_head, pos))
     return (scores, pattern, z) if kept else z
 
 
@@ -283,17 +278,21 @@ def attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndar
             return ops.causal_attention_backward(d_z, q, k, v, z, padding=padding)
     d_q = np.empty(q.shape, np.result_type(q, k))
     d_k, d_v = np.empty(k.shape, d_q.dtype), np.empty(v.shape, np.result_type(q, v))
-    pieces = [piece for group in _head_groups(batch * n_head) for piece in _head_batches(group, n_head, pos)]
 
-    def heads(piece):
-        rows, hs = piece  # (range of batch rows, range of heads)
-        at = (slice(rows.start, rows.stop), slice(hs.start, hs.stop))
+    def heads(at):
         d_q[at], d_k[at], d_v[at] = ops.causal_attention_backward(
-            d_z[at], q[at], k[at], v[at], z[at], padding=None if padding is None else padding[rows.start:rows.stop])
+            d_z[at], q[at], k[at], v[at], z[at], padding=None if padding is None else padding[at[0]])
 
     with worker_pool() as run:
-        run(heads, pieces)
+        run(heads, _head_pieces(batch, n_head, pos))
     return d_q, d_k, d_v
+
+
+def _head_pieces(batch: int, n_head: int, pos: int) -> list[tuple[slice, slice]]:
+    """The pieces ``attention`` and ``attention_backward`` share out: (batch rows, heads) slices
+    into [batch, head, ...] arrays, as ``_head_batches`` cuts them."""
+    return [(slice(rows.start, rows.stop), slice(hs.start, hs.stop))
+            for group in _head_groups(batch * n_head) for rows, hs in _head_batches(group, n_head, pos)]
 
 
 def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,

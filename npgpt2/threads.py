@@ -147,16 +147,11 @@ def worker_pool():
     into disjoint parts of preallocated arrays, so the order they run in changes nothing.
     """
     global _pool
-    with _lock:
+    with _blas_held(1):  # the tiles' products, each on the thread that runs the tile
         n = _num_threads if _blas.found else 1
-        blas_before = _blas.get()
-        _blas.set(1)  # the tiles' products, each on the thread that runs the tile
         if n > 1 and _pool is None:
             _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="npgpt2")
-        try:
-            yield _runner(_pool if n > 1 else None, n)
-        finally:
-            _blas.set(blas_before)
+        yield _runner(_pool if n > 1 else None, n)
 
 
 @contextlib.contextmanager
@@ -164,21 +159,28 @@ def own_blas():
     """For a product outside the pool (fast.py's small inputs): BLAS at npgpt2's thread count, and
     no tiled work beside it, which sets BLAS to one thread for the whole process meanwhile. Then the
     product's bits do not depend on what other threads are doing."""
+    with _blas_held(_num_threads):
+        yield
+
+
+@contextlib.contextmanager
+def _blas_held(n: int):
+    """BLAS at ``n`` threads, and the lock that every holder of BLAS's setting takes (restored after)."""
     with _lock:
-        blas_before = _blas.get()
-        if blas_before != _num_threads:
-            _blas.set(_num_threads)
+        before = _blas.get()
+        if before != n:
+            _blas.set(n)
         try:
             yield
         finally:
-            if blas_before != _num_threads:
-                _blas.set(blas_before)
+            if before != n:
+                _blas.set(before)
 
 
 def _runner(pool, n: int):
     """``run(fn, items)``: the calling thread and the pool's n - 1 threads take the items one at a
-    time from a shared list until none is left. (The caller works too: one hand-over to each pool
-    thread per call, instead of one per item and a caller that only waits.)"""
+    time from a shared list until none is left: the caller works too, and each pool thread is
+    handed the call once, not each item (a hand-over costs tens of microseconds)."""
     def run(fn, items):
         items = list(items)
         if pool is None or len(items) == 1:

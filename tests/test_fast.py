@@ -358,3 +358,11 @@ def _hooked_grads(m, tokens, metric):
     with m.hooks(bwd_hooks=[("blocks.1.hook_resid_mid", lambda g, hook: g)]):
         value, grads = m.value_and_grad(tokens, metric=metric)
     return [np.float64(value), grads.W_E, grads.W_pos, grads.blocks[0].W_qkv, grads.blocks[1].W_O, grads.blocks[1].W_in]
+
+
+@pytest.mark.parametrize("rows", [2, 300])
+def test_linear_refuses_an_unknown_way_to_cut_at_every_size(rows, monkeypatch):
+    monkeypatch.setattr(fast, "MIN_ROWS", 128)
+    x, W = np.ones((rows, 4), np.float32), np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="by='cols': expected 'rows' or 'columns'"):
+        fast.linear(x, W, by="cols")
