@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             page.wait_for_selector(f"#components tr[data-component='{name}']")
             shot("components")
             page.click(f"#components tr[data-component='{name}'] button[data-method='zero']")
-            page.wait_for_selector("#int-change")
+            page.wait_for_function("document.querySelector('#int-change') && " + idle)
             shown["ablation"] = page.inner_text("#intervention-result")
             shot("interventions")
             view("circuit")

@@ -533,6 +533,12 @@ def view(page, name):
     page.wait_for_function("!document.body.classList.contains('busy')")
 
 
+def intervention_change(page):
+    """The change the page shows once the interventions asked for have their answer."""
+    page.wait_for_function("document.querySelector('#int-change') && !document.body.classList.contains('busy')")
+    return page.inner_text("#int-change")
+
+
 def choose_head(page, layer, head):
     """The attention view, the layer chosen and drawn, then the head."""
     view(page, "attention")
@@ -602,11 +608,11 @@ def test_page_ablate_a_head_and_read_the_change_run_with_hooks_gives(browser, se
     analyse(page)
     choose_head(page, 1, 2)
     page.click("#ablate-head")
-    page.wait_for_selector("#int-change")
+    shown = intervention_change(page)
     tokens = tokens_of(model, CLEAN)
     change = metric_by_hand(model, model.run_with_hooks(tokens, fwd_hooks=[zero_head(1, 2)])) - \
         metric_by_hand(model, model(tokens))
-    assert page.inner_text("#int-change") == f"{change:.4f}"
+    assert shown == f"{change:.4f}"
     assert page.locator("#active-interventions li").all_inner_texts()[0].startswith("zero L1H2")
     snap(page, "interventions")
     page.click("#active-interventions .remove")  # removing it: no change left
@@ -624,7 +630,7 @@ def test_page_patch_from_the_corrupted_prompt_and_read_the_change(browser, serve
     page.wait_for_selector("#components tr[data-component='L0H1']")
     snap(page, "components")
     page.click("#components tr[data-component='L0H1'] button[data-method='patch']")
-    page.wait_for_selector("#int-change")
+    shown = intervention_change(page)
     _, corrupted = model.run_with_cache(tokens_of(model, CORRUPTED))
 
     def patch(z, point):
@@ -635,7 +641,7 @@ def test_page_patch_from_the_corrupted_prompt_and_read_the_change(browser, serve
     tokens = tokens_of(model, CLEAN)
     change = metric_by_hand(model, model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", patch)])) - \
         metric_by_hand(model, model(tokens))
-    assert page.inner_text("#int-change") == f"{change:.4f}"
+    assert shown == f"{change:.4f}"
     assert page.errors == []
     page.close()
 
@@ -661,17 +667,18 @@ def test_two_pages_at_once_get_their_own_results(browser, server, model):
     for p in pages:
         view(p, "interventions")
         p.fill("#int-component", "L1H2")
+    for p in pages:  # each page shows its empty list's result first: the clicks must take it away
+        assert intervention_change(p) == "0.0000"
     for p in pages:  # both clicks before either answer is read
-        p.click("#int-add")
-    for p in pages:
-        p.wait_for_selector("#int-change")
+        p.click("#int-add")  # the page takes its last result away within the click
+    shown = [intervention_change(p) for p in pages]
     expected = []
     for prompt, target, distractor in ((CLEAN, " Mary", " John"), (other, " Tom", " Kate")):
         tokens = tokens_of(model, prompt)
         t, d = model.to_single_token(target), model.to_single_token(distractor)
         before, after = model(tokens), model.run_with_hooks(tokens, fwd_hooks=[zero_head(1, 2)])
         expected.append(f"{(after[0, -1, t] - after[0, -1, d]) - (before[0, -1, t] - before[0, -1, d]):.4f}")
-    assert [p.inner_text("#int-change") for p in pages] == expected and expected[0] != expected[1]
+    assert shown == expected and expected[0] != expected[1]
     for p in pages:
         assert p.errors == []
         p.close()

@@ -227,7 +227,11 @@ async function runInterventions() {
   list.replaceChildren(...state.interventions.map((iv, k) => el("li", { class: "chip" },
     `${iv.method} ${iv.component} `, el("button", { type: "button", class: "remove", title: "remove", text: "\u00d7",
       onclick: () => { state.interventions.splice(k, 1); guarded(runInterventions); } }))));
+  // the last result is taken away at once, and an answer that a newer request has overtaken is dropped
+  const asked = state.interventionRequests = (state.interventionRequests || 0) + 1;
+  $("intervention-result").replaceChildren("computing\u2026");
   const d = await api("/api/intervene", { ...state.request, interventions: state.interventions });
+  if (asked !== state.interventionRequests) return;
   $("intervention-result").replaceChildren(`${d.metric_name}: `, el("span", { id: "int-before", text: fmt(d.before) }),
     " \u2192 ", el("span", { id: "int-after", text: fmt(d.after) }), "; change ",
     shade(el("b", { id: "int-change", text: fmt(d.change) }), div(d.change, Math.max(Math.abs(d.change), Math.abs(d.before), 1e-9))));
