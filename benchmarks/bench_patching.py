@@ -48,10 +48,11 @@ def transformer_lens_bridge(folder: str):
 
 
 def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float, int]:
-    """(GFLOP of the matrix products npgpt2's sweep runs, the rows of its typical pass): the
-    patched runs as ``patch_runs`` batches them (the same functions), each pass's rows through
-    every block from the patched layer on (the linear layers, and q k^T and pattern v against
-    every key), then the final layer norm's products with the columns of W_U the metric reads."""
+    """(GFLOP of the matrix products npgpt2's sweep runs, the rows of its median block pass): the
+    patched runs as ``patch_runs`` batches them (the same functions), each run's rows through every
+    block from its patched layer on, beside the runs of its batch that joined before it (the linear
+    layers, and q k^T and pattern v against every key), then the final layer norm's products with
+    the columns of W_U the metric reads."""
     cfg = model.cfg
     batch, n_pos = tokens.shape
     specs = [patching.SWEEPS[s][:2] for s in PARTS.get(sweep, [sweep])]
@@ -62,12 +63,15 @@ def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float
     per_row_block = 2 * (d * 3 * d + d * d + 2 * d * m)
     flop, rows_seen = 0.0, []
     for chunk in chunks:
-        layer, p0 = runs[chunk[0]][1], int(starts[chunk[0]])
+        p0 = int(starts[chunk].min())
         n_new = n_pos - p0
-        rows = len(chunk) * batch * n_new
-        rows_seen.append(rows)
         keys = p0 + (n_new + 1) / 2  # keys a recomputed query sees, on average
-        flop += (cfg.n_layer - layer) * rows * (per_row_block + 4 * keys * d)
+        layers = np.array([runs[i][1] for i in chunk])
+        for layer in range(int(layers.min()), cfg.n_layer):
+            rows = int((layers <= layer).sum()) * batch * n_new
+            rows_seen.append(rows)
+            flop += rows * (per_row_block + 4 * keys * d)
+        rows = len(chunk) * batch * n_new
         flop += len(chunk) * batch * 2 * d * len(reads.columns) if reads is not None else rows * 2 * d * cfg.d_vocab
     return flop / 1e9, int(np.median(rows_seen)) if rows_seen else 0
 

@@ -259,6 +259,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray |
     return (scores, pattern, z) if kept else z
 
 
+def gelu_new(x: np.ndarray) -> np.ndarray:
+    """``ops.gelu_new`` by row tiles, each on a thread of the pool (an elementwise function: the
+    same bits however it is cut), for the textbook path's MLP. Below ``MIN_ROWS`` rows:
+    ``ops.gelu_new`` itself. [..., d_mlp] -> [..., d_mlp]"""
+    rows = x.reshape(-1, x.shape[-1])  # [rows, d_mlp]
+    if not pays((1, rows.shape[0])):
+        return ops.gelu_new(x)
+    out = np.empty_like(rows)
+    with worker_pool() as run:  # (tiles as a block's: d_mlp is 4 d_model)
+        run(lambda r: ops.gelu_new(rows[r], out=out[r]), _tiles(rows.shape[0], max(1, rows.shape[1] // 4)))
+    return out.reshape(x.shape)
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` (numpy's, stacked dimensions and all) under ``own_blas``: for the products of
     attention's textbook steps, whose bits must not depend on what other threads are doing."""

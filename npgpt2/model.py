@@ -237,7 +237,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
     def _mlp(self, run: Run, l: int, w: BlockWeights, x: np.ndarray) -> np.ndarray:
         """The feed-forward layer of block ``l``.  [batch, pos, d_model] -> [batch, pos, d_model]"""
         pre = run(f"blocks.{l}.mlp.hook_pre", fast.linear(x, w.W_in, w.b_in))  # [batch, pos, d_mlp]
-        post = run(f"blocks.{l}.mlp.hook_post", ops.gelu_new(pre))  # [batch, pos, d_mlp]
+        post = run(f"blocks.{l}.mlp.hook_post", fast.gelu_new(pre))  # [batch, pos, d_mlp]
         return fast.linear(post, w.W_out, w.b_out)  # [batch, pos, d_model]
 
     def _unembed(self, run: Run, resid: np.ndarray) -> np.ndarray:

@@ -13,9 +13,11 @@ numbers (the tests compare every sweep with a plain loop of ``run_with_hooks``, 
   the recomputed positions read from the corrupted run (``CorruptedPrefix``, a key/value cache).
   A metric that says which logits it reads (``Metric.logits_read``, as ``logit_diff`` does) gets
   only those computed; any other metric gets every logit (the corrupted run's before p0).
-* Runs of the same layer go in one batch, several copies of the corrupted prompts each patched at
-  its own place: sorted by p0, cut into chunks of about ``TARGET_ROWS`` rows (a chunk recomputes
-  from its first run's p0), fewer when their memory would pass ``memory_budget()``.
+* Runs go in batches, several copies of the corrupted prompts each patched at its own place:
+  sorted by p0, then by layer, and cut into chunks (a chunk recomputes from its first run's p0, so
+  a run whose p0 is much later starts a new one; at most ``TARGET_ROWS`` rows, and less memory
+  than ``memory_budget()``). In a chunk, the copies of a run patched at layer l join the batch at
+  layer l: each block reads its weights once for every run of the chunk that has reached it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 from .. import memory, metrics, ops
 from ..hooks import block_hook
 
-TARGET_ROWS = 512  # rows (prompt copies x positions) per batched pass: the products run near full speed
+TARGET_ROWS = 2048  # most rows (prompt copies x positions) of a batched pass's last layer
+MOST_REDUNDANT = 4 / 3  # a run of a batched pass recomputes at most this many times the positions it needs
 MAX_CHUNK_BYTES = 1 << 30  # the most working memory one pass may take
 
 
@@ -124,7 +127,7 @@ def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
     starts = first_changed_positions(clean_cache, corrupted, runs)
     if not model._new_run().idle():  # a hook of the model's own may read positions by number: give it them all
         starts[starts > 0] = 0
-    live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (runs[i][1], starts[i]))
+    live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (starts[i], runs[i][1]))
     chunks = _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, model.dtype.itemsize, reads is None)
     return Plan(corrupted_logits, corrupted, reads, starts, chunks)
 
@@ -155,7 +158,7 @@ def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, pr
     with tqdm(total=len(runs), desc=desc, disable=not progress, leave=False) as bar:
         bar.update(int((p.starts < 0).sum()))
         for chunk in p.chunks:
-            for i, value in zip(chunk, _run_chunk(model, [runs[i] for i in chunk], int(p.starts[chunk[0]]),
+            for i, value in zip(chunk, _run_chunk(model, [runs[i] for i in chunk], int(p.starts[chunk].min()),
                                                   clean_cache, p.corrupted, p.corrupted_logits, metric, p.reads)):
                 values[i] = value
             bar.update(len(chunk))
@@ -165,11 +168,14 @@ def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, pr
 
 
 def _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, itemsize, all_logits):
-    """``live`` (sorted by layer, then first changed position) cut into batches of one layer each."""
+    """``live`` (sorted by first changed position, then layer) cut into batches: a batch recomputes
+    the positions from its first run's start, so a run that would recompute more than
+    1 / ``MOST_REDUNDANT`` times the positions it needs starts a new one; so does a run that would
+    take the last layer past ``TARGET_ROWS`` rows, ``chunk_size`` runs or the memory budget."""
     chunks, chunk, limit = [], [], 0
     budget = memory_budget()
     for i in live:
-        if chunk and (runs[i][1] != runs[chunk[0]][1] or len(chunk) >= limit):
+        if chunk and (len(chunk) >= limit or n_pos - starts[i] < (n_pos - starts[chunk[0]]) / MOST_REDUNDANT):
             chunks.append(chunk)
             chunk = []
         if not chunk:
@@ -183,17 +189,41 @@ def _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, itemsize, all_log
         chunk.append(i)
     if chunk:
         chunks.append(chunk)
-    return chunks
+    return [sorted(chunk, key=lambda i: runs[i][1]) for chunk in chunks]  # by layer: the order they join in
 
 
 def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric, reads):
-    """One batched pass: the runs [(activation, layer, index)] (all of one layer), each a copy of
-    the corrupted prompts recomputed from position ``p0``. -> the metric of each run."""
-    layer = runs[0][1]
-    copies = len(runs)
+    """One batched pass: the runs [(activation, layer, index)] (sorted by layer), each a copy of the
+    corrupted prompts recomputed from position ``p0``, the copies of a run patched at layer l
+    joining the batch there. -> the metric of each run."""
     batch = corrupted_logits.shape[0]
+    n_layer = model.cfg.n_layer
+    joins = sorted({layer for _, layer, _ in runs}) + [n_layer]
+    x = None
+    for layer, until in zip(joins, joins[1:]):  # blocks [layer, until) with the copies joined so far
+        first = 0 if x is None else x.shape[0] // batch  # the copy index of the first one joining here
+        joining = [r for r in runs if r[1] == layer]
+        start = corrupted[f"blocks.{layer}.hook_resid_pre"][:, p0:]  # [batch, n_new, d_model]
+        start = np.broadcast_to(start, (len(joining), *start.shape)).reshape(-1, *start.shape[1:])
+        x = start if x is None else np.concatenate([x, start])
+        copies = x.shape[0] // batch
+        hooks = _patch_hooks(joining, first, copies, batch, p0, clean_cache)
+        prefix = CorruptedPrefix(corrupted, p0, copies) if p0 else None
+        if until == n_layer and reads is None:  # every logit: the corrupted run's before p0, the patched runs' from p0
+            logits = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix)
+            logits = logits.reshape(copies, batch, *logits.shape[1:])  # [copies, batch, n_new, d_vocab]
+            return [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
+        x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
+                                 stop_at_layer=until)  # [copies x batch, n_new, d_model]
+    read = reads.read(model, x.reshape(copies, batch, *x.shape[1:]), p0, corrupted_logits)
+    return [metric(reads.logits(read[c])) for c in range(copies)]
+
+
+def _patch_hooks(joining, first, copies, batch, p0, clean_cache):
+    """The hooks that patch the runs ``joining`` at their layer: copies ``first``, ``first`` + 1, ...
+    of a batch of ``copies`` copies, from position ``p0`` on."""
     by_activation = defaultdict(list)  # activation -> [(copy, index)]
-    for copy, (activation, _, where) in enumerate(runs):
+    for copy, (activation, layer, where) in enumerate(joining, start=first):
         by_activation[activation].append((copy, where))
     hooks = []
     for activation, patches in by_activation.items():
@@ -209,17 +239,7 @@ def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric
             return act.reshape(copies * batch, *act.shape[2:])
 
         hooks.append((name, patch))
-    start = corrupted[f"blocks.{layer}.hook_resid_pre"][:, p0:]  # [batch, n_new, d_model]
-    start = np.broadcast_to(start, (copies, *start.shape)).reshape(copies * batch, *start.shape[1:])
-    prefix = CorruptedPrefix(corrupted, p0, copies) if p0 else None
-    if reads is None:  # every logit: the corrupted run's before p0, the patched runs' from p0
-        logits = model.run_with_hooks(start, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix)
-        logits = logits.reshape(copies, batch, *logits.shape[1:])  # [copies, batch, n_new, d_vocab]
-        return [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
-    resid = model.run_with_hooks(start, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
-                                 stop_at_layer=model.cfg.n_layer)  # [copies x batch, n_new, d_model]
-    read = reads.read(model, resid.reshape(copies, batch, *resid.shape[1:]), p0, corrupted_logits)
-    return [metric(reads.logits(read[c])) for c in range(copies)]
+    return hooks
 
 
 def _shift(where: tuple, axis: int, p0: int) -> tuple:

@@ -86,10 +86,10 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     activation_name: resid_pre, resid_mid, resid_post, attn_out, mlp_out (axes layer, pos);
         z, q, k, v (axes layer, head / layer, pos, head); pattern (layer, head_index /
         layer, head_index, dest_pos / layer, head_index, dest_pos, src_pos).
-    chunk_size: most patched runs stacked into one forward pass. Default: from the prompt batch,
-        the positions a run recomputes, the model's widths and the memory available: enough runs
-        for about ``patch_runs.TARGET_ROWS`` (512) rows (prompt copies x recomputed positions) per
-        pass, fewer if their working memory (``patch_runs.run_bytes``: each row's activations at
+    chunk_size: most patched runs stacked into one batch (each joins it at its layer). Default:
+        from the prompt batch, the positions a run recomputes, the model's widths and the memory
+        available: at most ``patch_runs.TARGET_ROWS`` (2048) rows (prompt copies x recomputed
+        positions) at the batch's last layer, fewer if their working memory (``patch_runs.run_bytes``: each row's activations at
         d_model and d_mlp, the attention scores over every position, the keys and values, and
         every logit unless the metric says which it reads) would pass ``patch_runs.memory_budget()``
         (an eighth of the memory available, at most 1 GB).
@@ -104,7 +104,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     corrupted run; each other patch's run starts at its layer from the corrupted residual stream
     and recomputes only the positions from the first one it changes (attention is causal: the
     earlier positions keep the corrupted run's activations, keys and values); several runs go
-    in one batch.
+    in one batch, each joining it at its layer.
     """
     (out,) = _sweeps(model, corrupted_tokens, clean_cache, patching_metric, [(activation_name, index_axis_names)],
                      max_batch=max_batch, progress=progress, index_df=index_df, return_index_df=return_index_df,
