@@ -71,24 +71,33 @@ class CorruptedPrefix:
     of ``copies`` patched runs that recompute positions p0 on: a forward pass given it as
     ``past_kv`` appends each layer's new keys and values after these (the part of
     ``kv_cache.KeyValueCache`` a forward pass calls: ``length``, ``keys_mask``, ``extend``,
-    ``advance``). The prompts carry no padding."""
+    ``advance``). The prompts carry no padding. ``then``: (layer, k, v), the patched runs' own
+    keys and values [copies x batch, n, head, d_head] at positions [p0, p0 + n) of that one layer,
+    after the corrupted run's (``length`` is then p0 + n)."""
 
-    def __init__(self, corrupted, p0: int, copies: int):
-        self.corrupted, self.length, self.copies = corrupted, p0, copies
+    def __init__(self, corrupted, p0: int, copies: int, then=None):
+        self.corrupted, self.p0, self.copies, self.then = corrupted, p0, copies, then
+        self.length = p0 + (0 if then is None else then[1].shape[1])
 
     def keys_mask(self, mask, shape, start, stop):
         return None  # no padding
 
     def extend(self, l: int, k: np.ndarray, v: np.ndarray):
-        """k, v [copies x batch, n_new, head, d_head] -> [copies x batch, p0 + n_new, head, d_head]"""
-        def joined(name, new):
-            past = self.corrupted[f"blocks.{l}.attn.hook_{name}"][:, : self.length]  # [batch, p0, head, d_head]
+        """k, v [copies x batch, n_new, head, d_head] -> [copies x batch, length + n_new, head, d_head]"""
+        if self.then is not None and self.then[0] != l:
+            raise ValueError(f"this prefix holds layer {self.then[0]}'s recomputed keys and values, not layer {l}'s")
+
+        def joined(name, new, own):
+            past = self.corrupted[f"blocks.{l}.attn.hook_{name}"][:, : self.p0]  # [batch, p0, head, d_head]
             out = np.empty((new.shape[0], self.length + new.shape[1], *new.shape[2:]), new.dtype)
-            out.reshape(self.copies, -1, *out.shape[1:])[:, :, : self.length] = past
+            out.reshape(self.copies, -1, *out.shape[1:])[:, :, : self.p0] = past
+            if own is not None:
+                out[:, self.p0: self.length] = own
             out[:, self.length:] = new
             return out
 
-        return joined("k", k), joined("v", v)
+        own = (None, None) if self.then is None else self.then[1:]
+        return joined("k", k, own[0]), joined("v", v, own[1])
 
     def advance(self, pos: int) -> None:
         pass
@@ -125,11 +134,12 @@ def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
     corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
     reads = _reads(metric, batch, n_pos, cfg.d_vocab)
     starts = first_changed_positions(clean_cache, corrupted, runs)
-    if not model._new_run().idle():  # a hook of the model's own may read positions by number: give it them all
+    own_hooks = not model._new_run().idle()
+    if own_hooks:  # a hook of the model's own may read positions by number: give it them all
         starts[starts > 0] = 0
     live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (starts[i], runs[i][1]))
     chunks = _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, model.dtype.itemsize, reads is None)
-    return Plan(corrupted_logits, corrupted, reads, starts, chunks)
+    return Plan(corrupted_logits, corrupted, reads, starts, chunks, own_hooks)
 
 
 @dataclass
@@ -140,7 +150,8 @@ class Plan:
     corrupted: object  # the corrupted run's ActivationCache
     reads: "_Reads | None"  # the logits the metric reads (None: all)
     starts: np.ndarray  # [runs]: each run's first changed position, -1 for a run that changes nothing
-    chunks: list  # [[run, ...], ...]: the batched passes, each of one layer, from its first run's start
+    chunks: list  # [[run, ...], ...]: the batched passes, by layer, each from its earliest run's start
+    own_hooks: bool  # the model has hooks of its own (every position is computed for them)
 
 
 def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, progress=True,
@@ -159,7 +170,8 @@ def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, pr
         bar.update(int((p.starts < 0).sum()))
         for chunk in p.chunks:
             for i, value in zip(chunk, _run_chunk(model, [runs[i] for i in chunk], int(p.starts[chunk].min()),
-                                                  clean_cache, p.corrupted, p.corrupted_logits, metric, p.reads)):
+                                                  clean_cache, p.corrupted, p.corrupted_logits, metric, p.reads,
+                                                  p.own_hooks)):
                 values[i] = value
             bar.update(len(chunk))
     if (p.starts < 0).any():  # the patches that change nothing score the corrupted run
@@ -192,17 +204,23 @@ def _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, itemsize, all_log
     return [sorted(chunk, key=lambda i: runs[i][1]) for chunk in chunks]  # by layer: the order they join in
 
 
-def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric, reads):
+def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric, reads, own_hooks=False):
     """One batched pass: the runs [(activation, layer, index)] (sorted by layer), each a copy of the
     corrupted prompts recomputed from position ``p0``, the copies of a run patched at layer l
-    joining the batch there. -> the metric of each run."""
+    joining the batch there. -> the metric of each run.
+
+    When the metric reads one position r of every prompt (and the model has no hooks of its own,
+    ``own_hooks``), the last block of the runs that joined before it computes position r alone:
+    the other positions' keys and values are all it needs of them (``_last_block_at``)."""
     batch = corrupted_logits.shape[0]
     n_layer = model.cfg.n_layer
+    r = None if reads is None or own_hooks else reads.one_position()
+    only_r = r is not None and r >= p0
     joins = sorted({layer for _, layer, _ in runs}) + [n_layer]
     x = None
     for layer, until in zip(joins, joins[1:]):  # blocks [layer, until) with the copies joined so far
         first = 0 if x is None else x.shape[0] // batch  # the copy index of the first one joining here
-        joining = [r for r in runs if r[1] == layer]
+        joining = [run for run in runs if run[1] == layer]
         start = corrupted[f"blocks.{layer}.hook_resid_pre"][:, p0:]  # [batch, n_new, d_model]
         start = np.broadcast_to(start, (len(joining), *start.shape)).reshape(-1, *start.shape[1:])
         x = start if x is None else np.concatenate([x, start])
@@ -213,10 +231,43 @@ def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric
             logits = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix)
             logits = logits.reshape(copies, batch, *logits.shape[1:])  # [copies, batch, n_new, d_vocab]
             return [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
-        x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
-                                 stop_at_layer=until)  # [copies x batch, n_new, d_model]
+        if until < n_layer or not only_r:
+            x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
+                                     stop_at_layer=until)  # [copies x batch, n_new, d_model]
+            continue
+        if layer < n_layer - 1:  # every block but the last, then the last with no run joining it
+            x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix, stop_at_layer=n_layer - 1)
+            joining, first = [], copies
+        earlier = _last_block_at(model, x[: first * batch], r - p0, corrupted, p0, first)  # [first x batch, 1, d_model]
+        if joining:  # the runs patched at the last block run all of it, their hooks on
+            hooks = _patch_hooks(joining, 0, len(joining), batch, p0, clean_cache)
+            prefix = CorruptedPrefix(corrupted, p0, len(joining)) if p0 else None
+            late = model.run_with_hooks(x[first * batch:], fwd_hooks=hooks, start_at_layer=n_layer - 1,
+                                        past_kv=prefix, stop_at_layer=n_layer)[:, r - p0: r - p0 + 1]
+            earlier = np.concatenate([earlier, late])
+        read = reads.read(model, earlier.reshape(copies, batch, *earlier.shape[1:]), r, corrupted_logits)
+        return [metric(reads.logits(read[c])) for c in range(copies)]
     read = reads.read(model, x.reshape(copies, batch, *x.shape[1:]), p0, corrupted_logits)
     return [metric(reads.logits(read[c])) for c in range(copies)]
+
+
+def _last_block_at(model, x, i, corrupted, p0, copies):
+    """The last block at one recomputed position i of ``copies`` patched runs: the earlier
+    positions' keys and values (its first layer norm and the k and v columns of W_qkv) are all it
+    needs of them. x [copies x batch, n_new, d_model] entering it, from position p0 ->
+    [copies x batch, 1, d_model] leaving it, at position p0 + i."""
+    if not len(x):
+        return x[:, :1]
+    l = model.cfg.n_layer - 1
+    w, cfg = model.weights.blocks[l], model.cfg
+    then = None
+    if i:
+        normalized = ops.layer_norm(x[:, :i], w.ln1_w, w.ln1_b, cfg.layer_norm_epsilon)  # [rows, i, d_model]
+        kv = ops.linear(normalized, w.W_qkv[:, cfg.d_model:], w.b_qkv[cfg.d_model:])  # [rows, i, 2 d_model]
+        kv = kv.reshape(*kv.shape[:2], 2, cfg.n_head, cfg.d_head)
+        then = (l, kv[:, :, 0], kv[:, :, 1])
+    prefix = CorruptedPrefix(corrupted, p0, copies, then) if p0 or then else None
+    return model.run_with_hooks(x[:, i: i + 1], start_at_layer=l, stop_at_layer=l + 1, past_kv=prefix)
 
 
 def _patch_hooks(joining, first, copies, batch, p0, clean_cache):
@@ -270,6 +321,10 @@ class _Reads:
             b_U = None if w.b_U is None else w.b_U[self.columns]
             out[:, late] = ops.linear(normalized, w.W_U[:, self.columns], b_U)
         return out
+
+    def one_position(self) -> int | None:
+        """The position every prompt's metric reads, if they read the same one (else None)."""
+        return int(self.pos[0]) if (self.pos == self.pos[0]).all() else None
 
     def logits(self, read: np.ndarray) -> np.ndarray:
         """[batch, columns] (or whole logits [batch, pos, d_vocab], of which those are taken) ->
