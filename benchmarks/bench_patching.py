@@ -51,8 +51,9 @@ def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float
     """(GFLOP of the matrix products npgpt2's sweep runs, the rows of its median block pass): the
     patched runs as ``patch_runs`` batches them (the same functions), each run's rows through every
     block from its patched layer on, beside the runs of its batch that joined before it (the linear
-    layers, and q k^T and pattern v against every key), then the final layer norm's products with
-    the columns of W_U the metric reads."""
+    layers, and q k^T and pattern v against every key; in the last block, only the read position
+    of the runs that joined before it, and the keys and values of the positions before it), then the
+    final layer norm's products with the columns of W_U the metric reads."""
     cfg = model.cfg
     batch, n_pos = tokens.shape
     specs = [patching.SWEEPS[s][:2] for s in PARTS.get(sweep, [sweep])]
@@ -67,8 +68,15 @@ def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float
         n_new = n_pos - p0
         keys = p0 + (n_new + 1) / 2  # keys a recomputed query sees, on average
         layers = np.array([runs[i][1] for i in chunk])
+        r = None if reads is None else reads.one_position()
         for layer in range(int(layers.min()), cfg.n_layer):
             rows = int((layers <= layer).sum()) * batch * n_new
+            if layer == cfg.n_layer - 1 and r is not None and r >= p0:
+                # the runs that joined earlier: their last block at the read position alone, and
+                # the keys and values of the positions before it
+                earlier = int((layers < layer).sum()) * batch
+                flop += earlier * (r - p0) * 2 * d * 2 * d
+                rows -= earlier * (n_new - 1)
             rows_seen.append(rows)
             flop += rows * (per_row_block + 4 * keys * d)
         rows = len(chunk) * batch * n_new
