@@ -209,45 +209,44 @@ def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric
     corrupted prompts recomputed from position ``p0``, the copies of a run patched at layer l
     joining the batch there. -> the metric of each run.
 
-    When the metric reads one position r of every prompt (and the model has no hooks of its own,
-    ``own_hooks``), the last block of the runs that joined before it computes position r alone:
-    the other positions' keys and values are all it needs of them (``_last_block_at``)."""
+    When the metric reads one position r >= p0 of every prompt (and the model has no hooks of its
+    own, ``own_hooks``), the last block of the runs that joined before it computes position r
+    alone: the other positions' keys and values are all it needs of them (``_last_block_at``)."""
     batch = corrupted_logits.shape[0]
     n_layer = model.cfg.n_layer
     r = None if reads is None or own_hooks else reads.one_position()
-    only_r = r is not None and r >= p0
+    r = None if r is None or r < p0 else r
     joins = sorted({layer for _, layer, _ in runs}) + [n_layer]
     x = None
     for layer, until in zip(joins, joins[1:]):  # blocks [layer, until) with the copies joined so far
-        first = 0 if x is None else x.shape[0] // batch  # the copy index of the first one joining here
+        before = 0 if x is None else x.shape[0] // batch  # the copies that joined earlier
         joining = [run for run in runs if run[1] == layer]
         start = corrupted[f"blocks.{layer}.hook_resid_pre"][:, p0:]  # [batch, n_new, d_model]
         start = np.broadcast_to(start, (len(joining), *start.shape)).reshape(-1, *start.shape[1:])
         x = start if x is None else np.concatenate([x, start])
         copies = x.shape[0] // batch
-        hooks = _patch_hooks(joining, first, copies, batch, p0, clean_cache)
+        hooks = _patch_hooks(joining, before, copies, batch, p0, clean_cache)
         prefix = CorruptedPrefix(corrupted, p0, copies) if p0 else None
-        if until == n_layer and reads is None:  # every logit: the corrupted run's before p0, the patched runs' from p0
+        if until < n_layer or (reads is not None and r is None):
+            x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
+                                     stop_at_layer=until)  # [copies x batch, n_new, d_model]
+        elif reads is None:  # every logit: the corrupted run's before p0, the patched runs' from p0
             logits = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix)
             logits = logits.reshape(copies, batch, *logits.shape[1:])  # [copies, batch, n_new, d_vocab]
             return [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
-        if until < n_layer or not only_r:
-            x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
-                                     stop_at_layer=until)  # [copies x batch, n_new, d_model]
-            continue
-        if layer < n_layer - 1:  # every block but the last, then the last with no run joining it
-            x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix, stop_at_layer=n_layer - 1)
-            joining, first = [], copies
-        earlier = _last_block_at(model, x[: first * batch], r - p0, corrupted, p0, first)  # [first x batch, 1, d_model]
-        if joining:  # the runs patched at the last block run all of it, their hooks on
-            hooks = _patch_hooks(joining, 0, len(joining), batch, p0, clean_cache)
-            prefix = CorruptedPrefix(corrupted, p0, len(joining)) if p0 else None
-            late = model.run_with_hooks(x[first * batch:], fwd_hooks=hooks, start_at_layer=n_layer - 1,
-                                        past_kv=prefix, stop_at_layer=n_layer)[:, r - p0: r - p0 + 1]
-            earlier = np.concatenate([earlier, late])
-        read = reads.read(model, earlier.reshape(copies, batch, *earlier.shape[1:]), r, corrupted_logits)
-        return [metric(reads.logits(read[c])) for c in range(copies)]
-    read = reads.read(model, x.reshape(copies, batch, *x.shape[1:]), p0, corrupted_logits)
+        else:  # the last block at position r alone, but for the runs patched in it (all of it, their hooks on)
+            if layer < n_layer - 1:
+                x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
+                                         stop_at_layer=n_layer - 1)
+                joining, before = [], copies
+            at_r = [_last_block_at(model, x[: before * batch], r - p0, corrupted, p0, before)]
+            if joining:
+                at_r.append(model.run_with_hooks(
+                    x[before * batch:], fwd_hooks=_patch_hooks(joining, 0, len(joining), batch, p0, clean_cache),
+                    start_at_layer=n_layer - 1, stop_at_layer=n_layer,
+                    past_kv=CorruptedPrefix(corrupted, p0, len(joining)) if p0 else None)[:, r - p0: r - p0 + 1])
+            x = np.concatenate(at_r)  # [copies x batch, 1, d_model], at position r
+    read = reads.read(model, x.reshape(copies, batch, *x.shape[1:]), p0 if r is None else r, corrupted_logits)
     return [metric(reads.logits(read[c])) for c in range(copies)]
 
 
@@ -274,8 +273,9 @@ def _patch_hooks(joining, first, copies, batch, p0, clean_cache):
     """The hooks that patch the runs ``joining`` at their layer: copies ``first``, ``first`` + 1, ...
     of a batch of ``copies`` copies, from position ``p0`` on."""
     by_activation = defaultdict(list)  # activation -> [(copy, index)]
-    for copy, (activation, layer, where) in enumerate(joining, start=first):
+    for copy, (activation, _, where) in enumerate(joining, start=first):
         by_activation[activation].append((copy, where))
+    layer = joining[0][1] if joining else None  # (one layer: the runs that join there)
     hooks = []
     for activation, patches in by_activation.items():
         name = f"blocks.{layer}.{block_hook(activation)}"
