@@ -345,7 +345,8 @@ def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_d
     return d_x.reshape(x.shape), (d_W.T if transpose_dW and weights else d_W), d_b
 
 
-def _tiles(n_rows: int, width: int) -> list[slice]:
+@lru_cache(maxsize=64)
+def _tiles(n_rows: int, width: int) -> tuple[slice, ...]:
     """The row tiles: an even number (work for two or more threads), each of at most ``TILE`` rows,
     or, in a model narrower than gpt2-small, of at most TILE_ELEMENTS // (4 * width) rows (a
     [tile, d_mlp] hidden layer of about the same size). ``width``: the model's d_model, which is
@@ -354,7 +355,7 @@ def _tiles(n_rows: int, width: int) -> list[slice]:
     most = max(TILE, TILE_ELEMENTS // (4 * width))
     n_tiles = 2 * max(1, math.ceil(n_rows / (2 * most)))
     size = math.ceil(n_rows / n_tiles)
-    return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+    return tuple(slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size))
 
 
 def _width(cfg) -> int:
@@ -365,12 +366,17 @@ def _width(cfg) -> int:
     return min(cfg.d_model, cfg.d_mlp)
 
 
-def _head_groups(n_tasks: int) -> list[range]:
+def _head_groups(n_tasks: int) -> tuple[range, ...]:
     """(batch row, head) tasks in contiguous groups, two per thread: fewer hand-overs to the pool
     when each head's work is small. (Which thread runs a head changes none of its arithmetic.)"""
-    n_groups = min(n_tasks, 2 * get_num_threads())
-    bounds = np.linspace(0, n_tasks, n_groups + 1).round().astype(int)
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return _groups(n_tasks, min(n_tasks, 2 * get_num_threads()))
+
+
+@lru_cache(maxsize=64)
+def _groups(n: int, parts: int) -> tuple[range, ...]:
+    """[0, n) in ``parts`` contiguous ranges of about equal length."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return tuple(range(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 def _rows(model, ws: _Workspace, at, rows: slice, ending: int | None, beginning: int | None) -> None:
@@ -552,11 +558,9 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
         _release(key, ws)
 
 
-def _slices(n: int, size: int = 384) -> list[slice]:
+def _slices(n: int, size: int = 384) -> tuple[slice, ...]:
     """[0, n) in slices of about ``size`` (a weight gradient's rows, one slice per task)."""
-    parts = max(1, round(n / size))
-    bounds = np.linspace(0, n, parts + 1).round().astype(int)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return tuple(slice(r.start, r.stop) for r in _groups(n, max(1, round(n / size))))
 
 
 def _attention_backward(model, ws: _Workspace, a, pos: int, tasks: range) -> None:

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from .hooks import HOOK_POINTS
 
 enabled = True  # set to False to run calls without the check
@@ -82,9 +84,15 @@ def _elements(dims: dict, kind: str, batch: int, pos: int, key_pos: int) -> int:
     """Elements of one activation of hook point kind ``kind`` (hooks.HOOK_POINTS' shapes)."""
     sizes = {"batch": batch, "pos": pos, "query_pos": pos, "key_pos": key_pos, "1": 1, **dims}
     n = 1
-    for axis in _SPECS[kind].shape.strip("[]").split(","):
-        n *= sizes[axis.strip()]
+    for axis in _axes(kind):
+        n *= sizes[axis]
     return n
+
+
+@lru_cache(maxsize=None)
+def _axes(kind: str) -> tuple[str, ...]:
+    """"[batch, pos, d_model]" -> ("batch", "pos", "d_model"): the axes of hook point kind ``kind``."""
+    return tuple(axis.strip() for axis in _SPECS[kind].shape.strip("[]").split(","))
 
 
 def _dims(model) -> dict:
@@ -130,8 +138,9 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
     add(save, "activations saved for the backward pass", saved=True, skip=frozenset(keep))
     add(keep_grad, "cached gradients")
     if param_grads:
-        unique = {a.__array_interface__["data"][0]: a.size for _, a in model.weights.arrays()}  # (W_U: W_E.T)
-        parts["the weights' gradients"] = sum(unique.values()) * itemsize
+        w = model.weights
+        tied = w.W_U is not None and np.may_share_memory(w.W_U, w.W_E)  # (W_U: W_E.T, one array)
+        parts["the weights' gradients"] = sum(a.size for name, a in w.arrays() if not (tied and name == "W_U")) * itemsize
     rows = batch * pos
     working = rows * dims["d_vocab"] * (2 if save else 1)  # the logits (and their gradient)
     working += rows * (4 * dims["d_model"] + 2 * dims["d_mlp"])  # residual stream, a layer's intermediates

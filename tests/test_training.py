@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import npgpt2
 from npgpt2 import training
+from npgpt2.config import GPT2Config
 from npgpt2.save import hub_state_dict
 from npgpt2.tokenizer import ENDOFTEXT_ID
 from npgpt2.training.optim import Adam
@@ -37,7 +38,8 @@ def test_adamw_owns_writable_weights_that_the_forward_uses(tiny_dir):
     before_logits, before_WQ = model(tokens), model.W_Q.copy()
     opt = training.AdamW(model, lr=1e-2)
     assert all(a.flags.writeable for _, a in model.weights.arrays())
-    assert model.weights.W_U.base is model.weights.W_E  # still tied: one parameter
+    W_E, W_U = model.weights.W_E, model.weights.W_U  # still tied: one parameter, W_U a view of W_E
+    assert W_U.shape == W_E.shape[::-1] and W_U.ctypes.data == W_E.ctypes.data and np.array_equal(W_U, W_E.T)
     assert np.array_equal(model(tokens), before_logits)  # installing copies changes nothing
     loss, grads = model.value_and_grad(tokens)
     opt.step(grads)
@@ -84,6 +86,45 @@ def test_adamw_gives_the_same_bits_on_any_number_of_threads(tiny_dir):
     for other in results[1:]:
         for name, p in other.items():
             np.testing.assert_array_equal(p, results[0][name], err_msg=name)
+
+
+def test_a_small_models_update_in_one_array_equals_the_update_parameter_by_parameter():
+    # a small model's parameters, gradients and moments are updated as a few long arrays; a large
+    # model's parameter by parameter (no copy of its gradients): the same arithmetic, element by element
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_ctx=32, vocab_size=300)
+    batches = np.random.default_rng(0).integers(0, 300, (3, 4, 32))
+    grads = [training.new_model(cfg, seed=0, dtype="float32").value_and_grad(tokens)[1] for tokens in batches]
+    for decayed in (None, {"W_E", "blocks.0.ln1_b", "blocks.1.W_in"}):  # the layout's two runs; six
+        results = []
+        for whole in (True, False):
+            model = training.new_model(cfg, seed=0, dtype="float32")
+            opt = training.AdamW(model, lr=3e-3, weight_decay=0.1)
+            assert opt._g is not None  # a small model: its gradients go into one array
+            if decayed is not None:
+                opt.decayed = decayed  # (as load_state_dict may bring: not the layout's order)
+            if not whole:
+                opt._g = None  # (as for a model above _SHARED parameters)
+            assert len(training.adamw._runs(opt._layout, opt.decayed)) == (2 if decayed is None else 6)
+            for g in grads:
+                opt.step(g)
+            results.append(params_of(model))
+        for name, p in results[0].items():
+            np.testing.assert_array_equal(p, results[1][name], err_msg=name)
+
+
+def test_adamw_state_loads_into_its_one_array(tiny_dir, tmp_path):
+    model = fresh(tiny_dir)
+    opt = training.AdamW(model, lr=3e-3, weight_decay=0.1)
+    for tokens in random_batches(2):
+        opt.step(model.value_and_grad(tokens)[1])
+    opt.save(tmp_path / "opt.safetensors")
+    again = training.AdamW(fresh(tiny_dir), lr=3e-3, weight_decay=0.1)
+    again.load(tmp_path / "opt.safetensors")
+    for key in ("m", "v"):
+        for name, a in getattr(opt, key).items():
+            b = getattr(again, key)[name]
+            np.testing.assert_array_equal(a, b, err_msg=name)
+            assert np.shares_memory(b, again._flat[key]), name  # still a view of the one array
 
 
 def test_weight_decay_is_decoupled_and_only_on_matrices_by_default(tiny_dir):

@@ -12,7 +12,9 @@ One step, for each parameter p with gradient g (torch.optim.AdamW, ``t`` countin
 
 The parameters: ``AdamW(model)`` copies every weight of ``model.weights`` (read-only memory maps
 after loading) into writable arrays of the model's dtype that it owns, and installs them as
-``model.weights``. ``step`` updates them in place and then installs a fresh ``GPT2Weights`` over
+``model.weights``. They are views into one long array (the decayed parameters first), as are the
+two moments: a small model's update is then a few passes over three long arrays rather than a
+dozen NumPy calls on each of its short ones. ``step`` updates them in place and then installs a fresh ``GPT2Weights`` over
 the same arrays, so that the forward pass uses the new values at once and the TransformerLens
 views (``model.W_Q`` ...) are rebuilt on their next access. The tied unembedding stays tied:
 ``W_U`` is ``W_E.T``, one parameter, updated once with the whole gradient (``grads.W_E``).
@@ -140,28 +142,41 @@ class AdamW:
         self.model = model
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.t = 0  # steps taken
-        self.params = self._install(model)  # {name: writable array}, owned here, used by the model
+        named = named_parameters(model.weights)
         if decay is None:
             decay = default_decay
         if callable(decay):
-            self.decayed = {name for name, p in self.params.items() if decay(name, p)}
+            self.decayed = {name for name, p in named if decay(name, p)}
         else:
             self.decayed = set(decay)
-            unknown = self.decayed - set(self.params)
+            unknown = self.decayed - {name for name, _ in named}
             if unknown:
                 raise ValueError(f"decay names unknown parameters {sorted(unknown)[:3]}; parameters are "
-                                 f"named as GPT2Weights.arrays(), e.g. {list(self.params)[:3]}")
-        self.m = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.v = {name: np.zeros_like(p) for name, p in self.params.items()}
+                                 f"named as GPT2Weights.arrays(), e.g. {[name for name, _ in named[:3]]}")
+        # every parameter, and each of its two moments, is a view into one long array, laid out in
+        # the same order, the decayed parameters first (``_layout``: [(name, start, stop)])
+        self._layout = _layout(named, self.decayed)
+        size = self._layout[-1][2]
+        self._flat = {key: np.zeros(size, model.dtype) for key in ("p", "m", "v")}
+        self.params = self._install(model)  # {name: writable array}, owned here, used by the model
+        self.m, self.v = self._views("m"), self._views("v")
+        self._g = np.empty(size, model.dtype) if size <= _SHARED else None  # a small model's gradients, in one array
 
     # ------------------------------------------------------------------------------- parameters
-    @staticmethod
-    def _install(model) -> dict[str, np.ndarray]:
-        """Writable copies of the model's weights, installed as ``model.weights``."""
+    def _views(self, key: str) -> dict[str, np.ndarray]:
+        """{name: the parameter's part of flat array ``key``} ("p", "m" or "v"), in the model's order."""
+        parts = {name: (start, stop) for name, start, stop in self._layout}
+        return {name: self._flat[key][slice(*parts[name])].reshape(a.shape)
+                for name, a in named_parameters(self.model.weights)}
+
+    def _install(self, model) -> dict[str, np.ndarray]:
+        """Writable copies of the model's weights (views into the flat array "p"), installed as
+        ``model.weights``."""
         w = model.weights
         tied = is_tied(w)
-        dtype = model.dtype
-        copy = {name: np.array(a, dtype=dtype, order="C", copy=True) for name, a in named_parameters(w)}
+        copy = self._views("p")
+        for name, a in named_parameters(w):
+            copy[name][...] = a
         blocks = [BlockWeights(**{f.name: copy.get(f"blocks.{l}.{f.name}") for f in dataclasses.fields(BlockWeights)})
                   for l in range(len(w.blocks))]
         model.weights = GPT2Weights(
@@ -194,21 +209,27 @@ class AdamW:
         beta1, beta2 = self.betas
         step_size = lr / (1 - beta1 ** self.t)
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.t)
-        chunks = []  # (p, g, m, v, decay, start): independent pieces of the update, flat
         for name, p in self.params.items():
-            g = grads[name]
-            if g.shape != p.shape:
-                raise ValueError(f"gradient {name} has shape {list(g.shape)}; expected {list(p.shape)}")
-            decay = 1 - lr * self.weight_decay if name in self.decayed else 1.0
-            flat = (p.reshape(-1), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1),
-                    self.m[name].reshape(-1), self.v[name].reshape(-1))
-            chunks += [flat + (decay, start) for start in range(0, p.size, _CHUNK)]
+            if grads[name].shape != p.shape:
+                raise ValueError(f"gradient {name} has shape {list(grads[name].shape)}; expected {list(p.shape)}")
+        decay = {True: 1 - lr * self.weight_decay, False: 1.0}
+        flat = self._flat
+        if self._g is not None:  # a small model: its gradients in one array too, the update a few long passes
+            for name, start, stop in self._layout:
+                self._g[start:stop] = grads[name].reshape(-1)
+            pieces = [(flat["p"][a:b], self._g[a:b], flat["m"][a:b], flat["v"][a:b], decay[decayed])
+                      for a, b, decayed in _runs(self._layout, self.decayed)]
+        else:  # one piece a parameter (no copy of the gradients)
+            pieces = [(p.reshape(-1), np.ascontiguousarray(grads[name], dtype=p.dtype).reshape(-1),
+                       self.m[name].reshape(-1), self.v[name].reshape(-1), decay[name in self.decayed])
+                      for name, p in self.params.items()]
+        # (p, g, m, v, decay, start): independent pieces of the update, flat
+        chunks = [piece + (start,) for piece in pieces for start in range(0, piece[0].size, _CHUNK)]
         # elementwise: the chunks spread over npgpt2's threads, in a few runs of consecutive chunks
         # (one hand-over to the pool per run, not per chunk)
-        # (a small model's update stays on this thread: on many short arrays, the threads would
+        # (a small model's update stays on this thread: on short arrays, the threads would
         # mostly wait for Python's lock, which every NumPy call takes)
-        size = sum(p.size for p in self.params.values())
-        runs = np.array_split(np.arange(len(chunks)), min(len(chunks), 4 * get_num_threads()) if size > _SHARED else 1)
+        runs = np.array_split(np.arange(len(chunks)), 1 if self._g is not None else min(len(chunks), 4 * get_num_threads()))
         fused = axpby(next(iter(self.params.values())).dtype)  # y = a x + b y in one pass, or None
         with worker_pool() as run:
             run(lambda r: [_update(*chunks[i], beta1, beta2, step_size, bias_correction2_sqrt, self.eps, fused)
@@ -242,8 +263,9 @@ class AdamW:
         if state.get("lr") is not None and not callable(self.lr):
             self.lr = float(state["lr"])
         self.decayed = set(state["decay"])
-        self.m = {n: np.array(a, dtype=self.params[n].dtype, order="C", copy=True) for n, a in state["m"].items()}
-        self.v = {n: np.array(a, dtype=self.params[n].dtype, order="C", copy=True) for n, a in state["v"].items()}
+        for key in ("m", "v"):  # into the flat arrays' views
+            for n, a in state[key].items():
+                np.copyto(getattr(self, key)[n], a, casting="same_kind")
 
     def save(self, path: str) -> None:
         """Write the state to one safetensors file (tensors ``m.NAME``, ``v.NAME``; the numbers in
@@ -275,6 +297,28 @@ class AdamW:
                 kind, name = key.split(".", 1)
                 state[kind][name] = f.get_tensor(key)
         self.load_state_dict(state)
+
+
+def _layout(named: list, decayed: set) -> list[tuple[str, int, int]]:
+    """Where each parameter goes in the flat arrays: [(name, start, stop)], the decayed ones first
+    (then a step's decay changes once along the array), each group in the model's order."""
+    layout, start = [], 0
+    for name, a in sorted(named, key=lambda item: item[0] not in decayed):  # (a stable sort)
+        layout.append((name, start, start + a.size))
+        start += a.size
+    return layout
+
+
+def _runs(layout: list, decayed: set) -> list[tuple[int, int, bool]]:
+    """The flat arrays as runs of parameters that are all decayed or all not: [(start, stop, decayed)]
+    (two runs, unless ``load_state_dict`` brought another choice of decayed parameters)."""
+    runs = []
+    for name, start, stop in layout:
+        if runs and runs[-1][2] == (name in decayed):
+            runs[-1] = (runs[-1][0], stop, runs[-1][2])
+        else:
+            runs.append((start, stop, name in decayed))
+    return runs
 
 
 def _update(p, g, m, v, decay, start, beta1, beta2, step_size, bias_correction2_sqrt, eps, fused=None) -> None:
