@@ -21,11 +21,15 @@ the other (never two models of that size in one process), batch 1, float32:
 
 Each time is a median over ``--repeats`` runs after a warm-up, torch with its default threads; each
 peak is the child's resident memory high-water mark during that measurement (weights included).
+``--rounds N`` runs the two sides' children N times, taking turns, and reports each measurement's
+median over the rounds: on a machine whose speed drifts, both sides then see the same spread of it.
+``--only`` picks measurements (forward, cache, gradients, eap, generate; the load always runs).
 Each side's GFLOP/s in the forward passes is printed to explain a missed target, and with
 ``--floor`` the matrix-multiply floor of npgpt2's forward (``common.matmul_products``, the same BLAS). Targets: forward <= 0.9x and generation
 <= 0.6x transformers' time, gradients <= 0.8x torch's, load no slower than reading the file once.
 
-    python benchmarks/bench_sizes.py [--sizes gpt2-medium,gpt2-large,gpt2-xl] [--repeats 3] [--keep] [--floor] [--threads N] [--quick]
+    python benchmarks/bench_sizes.py [--sizes gpt2-medium,gpt2-large,gpt2-xl] [--repeats 3] [--rounds 1]
+        [--only forward,cache,gradients,eap,generate] [--keep] [--floor] [--threads N] [--quick]
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ PROMPT, NEW = 16, 32  # generation: prompt length, new tokens
 QUICK = os.environ.get("NPGPT2_BENCH_QUICK") == "1"  # --quick: no warm-up after the first measurement
 THREADS = int(os.environ.get("NPGPT2_BENCH_THREADS", "0"))  # 0: each library's default (--threads)
 TARGETS = {"forward 128": 0.9, "forward 1024": 0.9, "gradients 256": 0.8, "generate 16+32": 0.6}
+KINDS = ("forward", "cache", "gradients", "eap", "generate")  # what --only chooses from
+ONLY = set(os.environ.get("NPGPT2_BENCH_ONLY", ",".join(KINDS)).split(","))  # --only, for the children
 
 
 def tokens(n: int, seed: int) -> np.ndarray:
@@ -95,24 +101,28 @@ def child_npgpt2(folder: str, repeats: int, floor: bool = False) -> dict:
         npgpt2.set_num_threads(THREADS)
     first, warm, model = load_times(lambda: npgpt2.from_pretrained(folder), repeats)
     r = {"load": {"s": warm, "first": first, "peak": peak_rss()}, "threads": npgpt2.get_num_threads()}
-    for n in (128, 1024):
+    for n in (128, 1024) if "forward" in ONLY else ():
         t = tokens(n, n)
         measure(r, f"forward {n}", lambda: model(t), repeats)
         if floor:
             measure(r, f"floor {n}", matmul_products(model.cfg, n), repeats)
-    t = tokens(1024, 1024)
-    measure(r, "cache 1024", lambda: model.run_with_cache(t, names_filter=lambda name: name.endswith("hook_resid_post")),
-            repeats)
-    t = tokens(256, 256)
-    measure(r, "gradients 256", lambda: model.value_and_grad(t), repeats)
-    clean, corrupted, (right, wrong) = eap_pair()
-    metric = logit_diff_metric(right, wrong)
-    measure(r, "EAP 15", lambda: edge_attribution(model, clean, corrupted, metric, method="eap"), repeats)
-    measure(r, "forward 15", lambda: model(corrupted), repeats)
-    prompt = tokens(PROMPT, 7)
-    gen = lambda: model.generate(prompt, max_new_tokens=NEW, stop_at_eos=False, return_type="tokens")  # noqa: E731
-    measure(r, f"generate {PROMPT}+{NEW}", gen, repeats)
-    r["generated"] = np.asarray(gen()).ravel()[-NEW:].tolist()
+    if "cache" in ONLY:
+        t = tokens(1024, 1024)
+        measure(r, "cache 1024", lambda: model.run_with_cache(
+            t, names_filter=lambda name: name.endswith("hook_resid_post")), repeats)
+    if "gradients" in ONLY:
+        t = tokens(256, 256)
+        measure(r, "gradients 256", lambda: model.value_and_grad(t), repeats)
+    if "eap" in ONLY:
+        clean, corrupted, (right, wrong) = eap_pair()
+        metric = logit_diff_metric(right, wrong)
+        measure(r, "EAP 15", lambda: edge_attribution(model, clean, corrupted, metric, method="eap"), repeats)
+        measure(r, "forward 15", lambda: model(corrupted), repeats)
+    if "generate" in ONLY:
+        prompt = tokens(PROMPT, 7)
+        gen = lambda: model.generate(prompt, max_new_tokens=NEW, stop_at_eos=False, return_type="tokens")  # noqa: E731
+        measure(r, f"generate {PROMPT}+{NEW}", gen, repeats)
+        r["generated"] = np.asarray(gen()).ravel()[-NEW:].tolist()
     return r
 
 
@@ -130,18 +140,20 @@ def child_transformers(folder: str, repeats: int) -> dict:
     r = {"load": {"s": warm, "first": first, "peak": peak_rss()}, "threads": torch.get_num_threads()}
     t_ = lambda n, seed: torch.from_numpy(tokens(n, seed))  # noqa: E731
     with torch.no_grad():
-        for n in (128, 1024):
+        for n in (128, 1024) if "forward" in ONLY else ():
             t = t_(n, n)
             measure(r, f"forward {n}", lambda: hf(t).logits, repeats)
-        t = t_(1024, 1024)
-        measure(r, "cache 1024", lambda: hf(t, output_hidden_states=True).hidden_states, repeats)
+        if "cache" in ONLY:
+            t = t_(1024, 1024)
+            measure(r, "cache 1024", lambda: hf(t, output_hidden_states=True).hidden_states, repeats)
     t = t_(256, 256)
 
     def forward_backward():
         hf.zero_grad(set_to_none=True)
         hf(t, labels=t).loss.backward()
 
-    measure(r, "gradients 256", forward_backward, repeats)
+    if "gradients" in ONLY:
+        measure(r, "gradients 256", forward_backward, repeats)
     clean, corrupted, (right, wrong) = (torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in eap_pair())
 
     def eap_floor():  # a clean forward, a corrupted forward + backward of the logit difference
@@ -151,10 +163,14 @@ def child_transformers(folder: str, repeats: int) -> dict:
         logits = hf(corrupted).logits
         (logits[0, -1, right] - logits[0, -1, wrong]).backward()
 
-    measure(r, "EAP 15", eap_floor, repeats)
+    if "eap" in ONLY:
+        measure(r, "EAP 15", eap_floor, repeats)
     hf.zero_grad(set_to_none=True)
     with torch.no_grad():
-        measure(r, "forward 15", lambda: hf(corrupted).logits, repeats)
+        if "eap" in ONLY:
+            measure(r, "forward 15", lambda: hf(corrupted).logits, repeats)
+        if "generate" not in ONLY:
+            return r
         prompt = t_(PROMPT, 7)
 
         def gen():
@@ -204,18 +220,22 @@ def report(size: str, cfg, ours: dict, theirs: dict, read: dict) -> list[str]:
              f"{'npgpt2 GB':>11}{'transf. GB':>12}"]
     for name in ("load", "forward 128", "forward 1024", "cache 1024", "gradients 256", "EAP 15",
                  f"generate {PROMPT}+{NEW}"):
+        if name not in ours:  # (not chosen with --only)
+            continue
         a, b = ours[name], theirs[name]
         target = TARGETS.get(name)
         ratio = a["s"] / b["s"]
         mark = "" if target is None else ("  ok" if ratio <= target else "  MISSED")
         lines.append(f"{name:<26}{a['s']:>10.3f}{b['s']:>11.3f}{ratio:>7.2f}"
                      f"{'<= ' + str(target) if target else '':>8}{gb(a['peak']):>11}{gb(b['peak']):>12}{mark}")
+        if "each" in a:  # --rounds: every round's ratio, in the order they ran
+            lines.append(f"{'':<4}rounds: " + ", ".join(f"{x:.3f}/{y:.3f} = {x / y:.2f}" for x, y in zip(a["each"], b["each"])))
     load = ours["load"]["s"]
     lines.append(f"load: npgpt2 {load:.3f} s (first in its process {ours['load']['first']:.3f} s; the weights are "
                  f"memory-mapped, paged in by the first forward), transformers {theirs['load']['s']:.3f} s "
                  f"(first {theirs['load']['first']:.3f} s); reading the file once {read['read']:.3f} s: npgpt2 / "
                  f"that = {load / read['read']:.2f} (target <= 1){'' if load <= read['read'] else '  MISSED'}")
-    for n in (128, 1024):
+    for n in (128, 1024) if "forward 128" in ours else ():
         flops = forward_flops(cfg, n)
         f, tr = ours[f"forward {n}"]["s"], theirs[f"forward {n}"]["s"]
         line = f"forward {n:>4}: GFLOP/s npgpt2 {flops / f / 1e9:.0f}, transformers {flops / tr / 1e9:.0f}"
@@ -223,18 +243,36 @@ def report(size: str, cfg, ours: dict, theirs: dict, read: dict) -> list[str]:
             fl = ours[f"floor {n}"]["s"]
             line += f"; npgpt2's matrix-multiply floor (numpy's BLAS) {flops / fl / 1e9:.0f}, npgpt2 / floor = {f / fl:.2f}"
         lines.append(line)
-    eap = ours["EAP 15"]["s"]
-    lines.append(f"EAP at 15 tokens = {eap / ours['forward 15']['s']:.1f} npgpt2 forward passes; the torch floor (clean "
-                 f"forward + corrupted forward and backward) = {theirs['EAP 15']['s'] / theirs['forward 15']['s']:.1f} "
-                 "transformers forward passes")
-    lines.append(f"greedy generation: same tokens on both sides: {ours['generated'] == theirs['generated']}")
+    if "EAP 15" in ours:
+        eap = ours["EAP 15"]["s"]
+        lines.append(f"EAP at 15 tokens = {eap / ours['forward 15']['s']:.1f} npgpt2 forward passes; the torch floor "
+                     f"(clean forward + corrupted forward and backward) = "
+                     f"{theirs['EAP 15']['s'] / theirs['forward 15']['s']:.1f} transformers forward passes")
+    if "generated" in ours:
+        lines.append(f"greedy generation: same tokens on both sides: {ours['generated'] == theirs['generated']}")
     return lines
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One child's results over several rounds: each time the median, each peak the largest."""
+    out = dict(rounds[0])
+    for name, first in rounds[0].items():
+        if isinstance(first, dict) and "s" in first:
+            out[name] = dict(first, s=float(np.median([r[name]["s"] for r in rounds])),
+                             peak=max(r[name]["peak"] for r in rounds))
+            if len(rounds) > 1:
+                out[name]["each"] = [r[name]["s"] for r in rounds]
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="gpt2-medium,gpt2-large,gpt2-xl")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each side's child this many times, taking turns; report the medians")
+    ap.add_argument("--only", default=",".join(KINDS),
+                    help=f"the measurements to make, from {','.join(KINDS)} (default: all; the load always)")
     ap.add_argument("--root", default=tempfile.gettempdir(), help="where the checkpoint folders go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint folders afterwards")
     ap.add_argument("--floor", action="store_true",
@@ -262,6 +300,11 @@ def main(argv=None):
     from npgpt2.config import KNOWN_SIZES
 
     print(describe_machine())
+    unknown = set(args.only.split(",")) - set(KINDS)
+    if unknown or args.rounds < 1:
+        ap.error(f"--only {args.only!r}: expected some of {','.join(KINDS)}" if unknown else
+                 f"--rounds {args.rounds}: expected at least 1")
+    os.environ["NPGPT2_BENCH_ONLY"] = args.only  # for the children
     if args.threads:
         os.environ["NPGPT2_BENCH_THREADS"] = str(args.threads)  # for the children
         print(f"both sides on {args.threads} thread(s)")
@@ -279,8 +322,9 @@ def main(argv=None):
             if not existed:
                 print(f"  written in {run_child('write', folder, size)['write']:.1f} s", flush=True)
             read = run_child("read", folder, args.repeats)
-            ours = run_child("npgpt2", folder, args.repeats, floor=args.floor)
-            theirs = run_child("transformers", folder, args.repeats)
+            rounds = [(run_child("npgpt2", folder, args.repeats, floor=args.floor),
+                       run_child("transformers", folder, args.repeats)) for _ in range(args.rounds)]
+            ours, theirs = combine([o for o, _ in rounds]), combine([t for _, t in rounds])
         finally:
             if not args.keep and not existed:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
+from .threads import get_num_threads, worker_pool
 
 
 class Metric:
@@ -44,6 +45,19 @@ class Metric:
         array of token ids; None: all). A forward pass made only for this metric (a gradient)
         computes just those; the rest of its logits are zero."""
         return None
+
+
+_SHARED = 1 << 21  # logits (numbers) from which the loss's softmax is shared among the threads
+
+
+def _pieces(batch: int, pos: int, parts: int) -> list[tuple[slice, slice]]:
+    """[batch, pos] in about ``parts`` pieces (batch rows, positions): whole rows when there are
+    several, else positions of the one row."""
+    if batch > 1:
+        bounds = np.linspace(0, batch, min(batch, parts) + 1).round().astype(int)
+        return [(slice(a, b), slice(None)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    bounds = np.linspace(0, pos, min(pos, parts) + 1).round().astype(int)
+    return [(slice(None), slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def _checked(logits) -> np.ndarray:
@@ -128,16 +142,25 @@ class Loss(Metric):
         logits = _checked(logits)
         self._check(logits)
         d_logits = np.zeros_like(logits) if out is None else out
-        probs = d_logits[:, :-1]  # [batch, pos - 1, d_vocab], worked on in place
-        np.subtract(logits[:, :-1], logits[:, :-1].max(axis=-1, keepdims=True), out=probs)
-        targets = self.tokens[:, 1:, None]
-        target_logit = np.take_along_axis(probs, targets, axis=-1)  # [batch, pos - 1, 1], shifted
-        np.exp(probs, out=probs)
-        total = probs.sum(axis=-1, keepdims=True)  # [batch, pos - 1, 1]
-        nll = (np.log(total) - target_logit)[..., 0]  # [batch, pos - 1]
-        weights = self.weights.astype(logits.dtype)[..., None]
-        probs *= weights / total  # weights * softmax
-        np.put_along_axis(probs, targets, np.take_along_axis(probs, targets, axis=-1) - weights, axis=-1)
+        nll = np.empty(self.weights.shape, logits.dtype)  # [batch, pos - 1]
+        weights = self.weights.astype(logits.dtype)[..., None]  # [batch, pos - 1, 1]
+
+        def predictions(at):  # the predictions at[0] (batch rows), at[1] (positions): each on its own
+            probs = d_logits[:, :-1][at]  # [rows, positions, d_vocab], worked on in place
+            np.subtract(logits[:, :-1][at], logits[:, :-1][at].max(axis=-1, keepdims=True), out=probs)
+            targets = self.tokens[:, 1:, None][at]
+            target_logit = np.take_along_axis(probs, targets, axis=-1)  # [rows, positions, 1], shifted
+            np.exp(probs, out=probs)
+            total = probs.sum(axis=-1, keepdims=True)  # [rows, positions, 1]
+            nll[at] = (np.log(total) - target_logit)[..., 0]
+            probs *= weights[at] / total  # weights * softmax
+            np.put_along_axis(probs, targets, np.take_along_axis(probs, targets, axis=-1) - weights[at], axis=-1)
+
+        if logits.size < _SHARED:  # small: on this thread (short NumPy calls on two would wait for each other)
+            predictions((slice(None), slice(None)))
+        else:
+            with worker_pool() as run:  # (every prediction's softmax is its own: shared among the threads)
+                run(predictions, _pieces(*nll.shape, 2 * get_num_threads()))
         d_logits[:, -1] = 0  # the last position predicts nothing
         return float((nll.astype(np.float64) * self.weights).sum()), d_logits
 

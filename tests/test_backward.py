@@ -194,6 +194,20 @@ def test_value_and_grad_of_the_loss_along_random_directions(model64, batch):
         _agree(float((G * D).sum()), fd, G, D, name)
 
 
+@pytest.mark.parametrize("shape", [(3, 20, 700), (1, 40, 500)])  # pieces of batch rows; of one row's positions
+def test_the_loss_shared_among_threads_gives_the_same_bits(shape, monkeypatch):
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal(shape) * 4
+    loss = metrics.Loss(rng.integers(0, shape[2], shape[:2]), weights=rng.random((shape[0], shape[1] - 1)))
+    results = []
+    for shared in (1 << 40, 1):  # on this thread alone; shared among the threads
+        monkeypatch.setattr(metrics, "_SHARED", shared)
+        results.append(loss.value_and_grad(logits.copy()))
+    assert results[0][0] == results[1][0]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[0][0] == pytest.approx(loss(logits), abs=1e-12)  # and the value is the loss
+
+
 def test_the_tied_embedding_gets_both_gradients(model64, batch):
     _, grads = model64.value_and_grad(batch)
     assert np.shares_memory(grads.W_U, grads.W_E)
