@@ -22,7 +22,9 @@ the other (never two models of that size in one process), batch 1, float32:
 Each time is a median over ``--repeats`` runs after a warm-up, torch with its default threads; each
 peak is the child's resident memory high-water mark during that measurement (weights included).
 ``--rounds N`` runs the two sides' children N times, taking turns, and reports each measurement's
-median over the rounds: on a machine whose speed drifts, both sides then see the same spread of it.
+median time over the rounds and, as its ratio, the median of the rounds' ratios (each side's time
+beside the other's in the same round): on a machine whose speed drifts, both sides then see the
+same spread of it.
 ``--only`` picks measurements (forward, cache, gradients, eap, generate; the load always runs).
 Each side's GFLOP/s in the forward passes is printed to explain a missed target, and with
 ``--floor`` the matrix-multiply floor of npgpt2's forward (``common.matmul_products``, the same BLAS). Targets: forward <= 0.9x and generation
@@ -224,7 +226,9 @@ def report(size: str, cfg, ours: dict, theirs: dict, read: dict) -> list[str]:
             continue
         a, b = ours[name], theirs[name]
         target = TARGETS.get(name)
-        ratio = a["s"] / b["s"]
+        # with --rounds: the median of each round's ratio (a side's time beside the other's, run
+        # right after it), which the machine's drift moves less than the ratio of the medians
+        ratio = float(np.median(np.divide(a["each"], b["each"]))) if "each" in a else a["s"] / b["s"]
         mark = "" if target is None else ("  ok" if ratio <= target else "  MISSED")
         lines.append(f"{name:<26}{a['s']:>10.3f}{b['s']:>11.3f}{ratio:>7.2f}"
                      f"{'<= ' + str(target) if target else '':>8}{gb(a['peak']):>11}{gb(b['peak']):>12}{mark}")
