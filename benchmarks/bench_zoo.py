@@ -6,7 +6,9 @@ Measures, in one run:
   * one training step of that model on the recipe's batches (forward, backward, clipping, AdamW),
     npgpt2 against torch: transformers' GPT2LMHeadModel of the same config and weights, the same
     batches and loss weights (the copyable words), ``clip_grad_norm_`` and ``torch.optim.AdamW`` with
-    the recipe's settings; median time per step over the same steps, taken in alternating rounds.
+    the recipe's settings; median time per step over the same steps, taken in alternating rounds,
+    each round after ``common.SETTLE`` seconds of quiet (the other side's idle threads spin for a
+    while after its last operation: OpenBLAS's about 0.1 s) and without its first tenth of steps.
     Target: npgpt2 / torch <= 1.0.
 
     python benchmarks/bench_zoo.py [--steps 200] [--no-build]
@@ -22,7 +24,7 @@ import time
 
 import numpy as np
 
-from common import describe_machine
+from common import SETTLE, describe_machine
 from npgpt2 import training, zoo
 
 
@@ -97,10 +99,12 @@ def main():
     skip = max(1, per_round // 10)
     for r in range(ROUNDS):
         part = data[r * per_round:(r + 1) * per_round]
+        time.sleep(SETTLE)  # the other side's idle threads stop spinning before this side's round starts
         ours += npgpt2_steps(recipe, part)[skip:]
         if theirs is not None:
             if r == 0:
                 torch_steps(recipe, data[:30])  # (its warm-up)
+            time.sleep(SETTLE)
             theirs += torch_steps(recipe, part)[skip:]
     ours_ms = 1e3 * float(np.median(ours))
     line = f"training step, median of {len(ours)} in {ROUNDS} rounds: npgpt2 {ours_ms:.1f} ms"
