@@ -261,7 +261,12 @@ class Differentiable:
         start = self._check_layer(start_at_layer, "start_at_layer", 0)
         # a metric of a few logits (a logit difference) takes only their columns back through W_U:
         # those it says it reads, or those its gradient shows (the loss's, a softmax, has every column)
-        columns = read[1] if read is not None else None if isinstance(metric, metrics.Loss) else ops.nonzero_columns(d_logits)
+        if read is not None:
+            columns = read[1]
+        elif isinstance(metric, metrics.Loss):
+            columns = None
+        else:
+            columns = ops.nonzero_columns(d_logits)
         grads, _ = backward(self, run, d_logits, tokens, start, mask, columns)
         return value, grads
 

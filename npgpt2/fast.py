@@ -47,7 +47,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import ops
-from .threads import get_num_threads, own_blas, worker_pool
+from .threads import get_num_threads, own_blas, ranges, worker_pool
 
 MIN_ROWS = 128  # fewer rows (batch x position) than this: the textbook blocks are as fast or faster
 TILE = 256  # the most rows of the residual stream in a tile, at gpt2-small's width (768) and wider
@@ -369,14 +369,7 @@ def _width(cfg) -> int:
 def _head_groups(n_tasks: int) -> tuple[range, ...]:
     """(batch row, head) tasks in contiguous groups, two per thread: fewer hand-overs to the pool
     when each head's work is small. (Which thread runs a head changes none of its arithmetic.)"""
-    return _groups(n_tasks, min(n_tasks, 2 * get_num_threads()))
-
-
-@lru_cache(maxsize=64)
-def _groups(n: int, parts: int) -> tuple[range, ...]:
-    """[0, n) in ``parts`` contiguous ranges of about equal length."""
-    bounds = np.linspace(0, n, parts + 1).round().astype(int)
-    return tuple(range(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+    return ranges(n_tasks, min(n_tasks, 2 * get_num_threads()))
 
 
 def _rows(model, ws: _Workspace, at, rows: slice, ending: int | None, beginning: int | None) -> None:
@@ -560,7 +553,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
 
 def _slices(n: int, size: int = 384) -> tuple[slice, ...]:
     """[0, n) in slices of about ``size`` (a weight gradient's rows, one slice per task)."""
-    return tuple(slice(r.start, r.stop) for r in _groups(n, max(1, round(n / size))))
+    return tuple(slice(r.start, r.stop) for r in ranges(n, max(1, round(n / size))))
 
 
 def _attention_backward(model, ws: _Workspace, a, pos: int, tasks: range) -> None:

@@ -31,8 +31,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
-
 from .hooks import HOOK_POINTS
 
 enabled = True  # set to False to run calls without the check
@@ -138,9 +136,7 @@ def estimate(model, batch: int, pos: int, keep=(), save=(), keep_grad=(), param_
     add(save, "activations saved for the backward pass", saved=True, skip=frozenset(keep))
     add(keep_grad, "cached gradients")
     if param_grads:
-        w = model.weights
-        tied = w.W_U is not None and np.may_share_memory(w.W_U, w.W_E)  # (W_U: W_E.T, one array)
-        parts["the weights' gradients"] = sum(a.size for name, a in w.arrays() if not (tied and name == "W_U")) * itemsize
+        parts["the weights' gradients"] = model.weights.n_params() * itemsize
     rows = batch * pos
     working = rows * dims["d_vocab"] * (2 if save else 1)  # the logits (and their gradient)
     working += rows * (4 * dims["d_model"] + 2 * dims["d_mlp"])  # residual stream, a layer's intermediates

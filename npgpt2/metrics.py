@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
-from .threads import get_num_threads, worker_pool
+from .threads import get_num_threads, ranges, worker_pool
 
 
 class Metric:
@@ -54,10 +54,8 @@ def _pieces(batch: int, pos: int, parts: int) -> list[tuple[slice, slice]]:
     """[batch, pos] in about ``parts`` pieces (batch rows, positions): whole rows when there are
     several, else positions of the one row."""
     if batch > 1:
-        bounds = np.linspace(0, batch, min(batch, parts) + 1).round().astype(int)
-        return [(slice(a, b), slice(None)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    bounds = np.linspace(0, pos, min(pos, parts) + 1).round().astype(int)
-    return [(slice(None), slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return [(slice(r.start, r.stop), slice(None)) for r in ranges(batch, min(batch, parts))]
+    return [(slice(None), slice(r.start, r.stop)) for r in ranges(pos, min(pos, parts))]
 
 
 def _checked(logits) -> np.ndarray:

@@ -327,10 +327,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
 
     def n_params(self) -> int:
         """Number of parameters (a tied unembedding counted once)."""
-        total = sum(a.size for _, a in self.weights.arrays())
-        if np.may_share_memory(self.weights.W_U, self.weights.W_E):
-            total -= self.weights.W_U.size
-        return total
+        return self.weights.n_params()
 
     def _repr_html_(self) -> str:
         """Jupyter's view: sizes, dtype, processing and where the files are (see display.py)."""

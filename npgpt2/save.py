@@ -28,8 +28,6 @@ from .weights import _BLOCK_KEYS, GPT2Weights
 
 def hub_state_dict(weights: GPT2Weights, n_layer: int, dtype=np.float32) -> dict[str, np.ndarray]:
     """GPT2Weights -> {hub key: contiguous array in ``dtype``}; the tied W_U is left out."""
-    from .training.adamw import is_tied
-
     def arr(a):
         return np.ascontiguousarray(a, dtype=dtype)
 
@@ -39,7 +37,7 @@ def hub_state_dict(weights: GPT2Weights, n_layer: int, dtype=np.float32) -> dict
         block = weights.blocks[l]
         for suffix, (field, _) in _BLOCK_KEYS.items():
             state[f"h.{l}.{suffix}"] = arr(getattr(block, field))
-    if not is_tied(weights):
+    if not weights.tied():
         state["lm_head.weight"] = arr(weights.W_U.T)
     return state
 
@@ -60,15 +58,13 @@ def save_pretrained(model, folder) -> str:
         raise ValueError("the model has an unembedding bias b_U, which GPT-2's layout has no place for")
     from safetensors.numpy import save_file
 
-    from .training.adamw import is_tied
-
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"save_pretrained: {folder!r} is a file; expected a folder (new, or one to write into)")
     config = model.cfg.to_hf_dict()
     if model.tokenizer.eot_token < model.cfg.vocab_size:  # <|endoftext|>: GPT-2's 50256, or a word vocabulary's own
         config["bos_token_id"] = config["eos_token_id"] = int(model.tokenizer.eot_token)
-    config["tie_word_embeddings"] = is_tied(model.weights)
+    config["tie_word_embeddings"] = model.weights.tied()
     config["torch_dtype"] = "float32"
     state = hub_state_dict(model.weights, model.cfg.n_layer)
 

@@ -138,6 +138,13 @@ def get_num_threads() -> int:
     return _num_threads
 
 
+@lru_cache(maxsize=64)
+def ranges(n: int, parts: int) -> tuple[range, ...]:
+    """[0, n) in ``parts`` contiguous ranges of about equal length (pieces of work to share out)."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return tuple(range(a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
 @contextlib.contextmanager
 def worker_pool():
     """For one tiled computation: yields ``run(fn, items)``, which calls ``fn(item)`` for every

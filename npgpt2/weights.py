@@ -156,6 +156,15 @@ class GPT2Weights:
             elif value is not None:
                 yield f.name, value
 
+    def tied(self) -> bool:
+        """Is the unembedding the embedding, transposed (GPT-2's tie)? Then they are one array."""
+        return self.W_U is not None and np.may_share_memory(self.W_U, self.W_E)
+
+    def n_params(self) -> int:
+        """The number of weights, a tied unembedding counted once."""
+        tied = self.tied()
+        return sum(a.size for name, a in self.arrays() if not (tied and name == "W_U"))
+
 
 # Hugging Face key (without the optional "transformer." prefix) -> (block field, shape builder)
 _BLOCK_KEYS = {

@@ -14,8 +14,8 @@ The parameters: ``AdamW(model)`` copies every weight of ``model.weights`` (read-
 after loading) into writable arrays of the model's dtype that it owns, and installs them as
 ``model.weights``. They are views into one long array (the decayed parameters first), as are the
 two moments: a small model's update is then a few passes over three long arrays rather than a
-dozen NumPy calls on each of its short ones. ``step`` updates them in place and then installs a fresh ``GPT2Weights`` over
-the same arrays, so that the forward pass uses the new values at once and the TransformerLens
+dozen NumPy calls on each of its short ones. ``step`` updates them in place and then installs a
+fresh ``GPT2Weights`` over the same arrays, so that the forward pass uses the new values at once and the TransformerLens
 views (``model.W_Q`` ...) are rebuilt on their next access. The tied unembedding stays tied:
 ``W_U`` is ``W_E.T``, one parameter, updated once with the whole gradient (``grads.W_E``).
 
@@ -45,17 +45,12 @@ _SHARED = 1 << 20  # parameters (numbers) from which the update is shared among 
 # the two cross near 700,000: 0.95 ms alone against 1.3 ms shared at 127,000; 5.4 against 4.0 at 2.6 million)
 
 
-def is_tied(weights: GPT2Weights) -> bool:
-    """Is the unembedding the embedding, transposed (GPT-2's tie)? Then they are one parameter."""
-    return weights.W_U is not None and np.may_share_memory(weights.W_U, weights.W_E)
-
-
 def named_parameters(weights) -> list[tuple[str, np.ndarray]]:
     """The trainable arrays of a ``GPT2Weights`` (or of its gradients), each once: the tied ``W_U``
     (a view of ``W_E``) is left out. A dict {name: array} passes through as its items."""
     if isinstance(weights, dict):
         return list(weights.items())
-    tied = is_tied(weights)
+    tied = weights.tied()
     return [(name, a) for name, a in weights.arrays() if not (tied and name == "W_U")]
 
 
@@ -173,7 +168,7 @@ class AdamW:
         """Writable copies of the model's weights (views into the flat array "p"), installed as
         ``model.weights``."""
         w = model.weights
-        tied = is_tied(w)
+        tied = w.tied()
         copy = self._views("p")
         for name, a in named_parameters(w):
             copy[name][...] = a
