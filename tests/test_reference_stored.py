@@ -156,6 +156,22 @@ def test_one_unlucky_row_does_not_fail_but_one_far_off_row_does():
     assert not v.passed and v.worst_row == 1 * 5 + 2 and "row 7 off by" in v.reason and "limit 20x" in v.reason
 
 
+def test_a_worst_row_within_the_references_own_largest_error_passes():
+    """A gradient's rows are single entries: where the reference rounded one luckily, npgpt2 may be
+    25x off it there and still no less accurate than the reference is on its worst entry."""
+    ref = np.linspace(-1, 1, 200)[:, None] * 0.05  # one entry per row, scale 0.05 (the largest |value|)
+    hf32 = ref + 1e-8  # the reference off by 1e-8 everywhere...
+    hf32[7] = ref[7] + 2e-6  # ...but 2e-6 on one outlier entry
+    hf32[3] = ref[3] + 1e-10  # and lucky on another
+    ours = ref + 1e-8
+    ours[3] = ref[3] + 1.5e-6  # 1.5e-6 where the reference was lucky: 15,000x its error there
+    v = judge(ours, ref, hf32, "float32", unit=0.05)
+    assert v.passed and v.ratio_worst > 20 and v.worst_row == 3
+    ours[3] = ref[3] + 2.5e-6  # beyond the reference's own largest error (2e-6): fails
+    v = judge(ours, ref, hf32, "float32", unit=0.05)
+    assert not v.passed and "row 3 off by" in v.reason and "against the reference's largest" in v.reason
+
+
 def test_a_few_float32_steps_are_never_held_against_npgpt2():
     """Where transformers' float32 result is exact by luck, npgpt2 may still be off by 4 steps."""
     ref = np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32).astype(np.float64) * 100
