@@ -31,7 +31,7 @@ numbers, bit for bit.
 Gradients too. A call that asks for them with nobody looking inside (``value_and_grad`` with no
 hook) runs ``blocks`` with a tape (``_Tape``): what backward.py would read from the hook points
 (layer norms' normalized values and scales, q|k|v, z, the MLP's post, and GELU's slope at its
-pre, computed beside its tanh) and each head's
+pre, computed beside its exponential) and each head's
 attention pattern, a causal half in blocks of queries, kept layer by layer. ``blocks_backward``
 then reads the blocks from the last to the first as backward.py's ``_block_backward`` does, on the
 pool; the tests compare the two as they compare the forwards.

@@ -161,42 +161,35 @@ def affine_backward(d_out: np.ndarray, x: np.ndarray, w: np.ndarray | None):
 
 
 def gelu_new(x: np.ndarray, out: np.ndarray | None = None, slope: np.ndarray | None = None) -> np.ndarray:
-    """GPT-2's tanh approximation of GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    """GPT-2's tanh approximation of GELU: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
 
-    [...] -> [...]. Written with in-place steps so a [pos, d_mlp] activation costs one new array
-    (or none: ``out``, an array shaped like x, other than x, receives the result). ``slope``: an
-    array shaped like x (x itself may be it: it is written last) that receives d gelu / dx at x,
-    for a backward pass, computed here while tanh is at hand (``gelu_new_backward`` recomputes it).
+    [...] -> [...]. Computed as x / (1 + exp(-2u)), the same function (0.5 (1 + tanh(u)) is the
+    logistic sigmoid of 2u): NumPy's exp costs about half its tanh, and where GELU is near 0
+    (negative x) the quotient keeps digits that 1 + tanh(u), near 0 there, would cancel. Where
+    exp(-2u) overflows (x below about -10) it is inf, and x / inf is GELU's limit, -0.
+    Written with in-place steps so a [pos, d_mlp] activation costs one new array (or none:
+    ``out``, an array shaped like x, other than x, receives the result). ``slope``: an array shaped
+    like x (x itself may be it: it is written last) that receives d gelu / dx at x, for a backward
+    pass, computed here while exp(-2u) is at hand (``gelu_new_backward`` recomputes it).
     """
-    inner = np.multiply(x, x, out=out)
-    inner *= 0.044715 * x
-    inner += x
-    inner *= _GELU_C
-    np.tanh(inner, out=inner)  # t
-    if slope is None:
-        inner += 1.0
-    else:
-        d_gelu = _gelu_slope(x, inner)  # (and inner = 1 + t)
-    inner *= x
-    inner *= 0.5
     if slope is not None:
-        np.copyto(slope, d_gelu)
-    return inner
+        return _gelu_and_slope(x, out, slope)[0]
+    x_squared = np.multiply(x, x, out=out)
+    denominator = _exp_minus_2u(x, x_squared, out=x_squared)
+    denominator += 1.0  # 1 + exp(-2u)
+    return np.divide(x, denominator, out=denominator)
 
 
 def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Gradient of ``gelu_new`` at its input x.  d_out, x [...] -> d_x [...]
     (``overwrite=True``: written into d_out's memory, which no one else may be holding)
 
-    With u = c (x + 0.044715 x^3) and t = tanh(u), gelu = 0.5 x (1 + t), so
-    d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
+    With e = exp(-2u) and s = 1 / (1 + e) (the sigmoid of 2u, whose own slope is s (1 - s)),
+    gelu = x s, so d gelu / dx = s + x s (1 - s) 2 du/dx = s + gelu (1 - s) 2 du/dx, with
+    du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2). 1 - s is taken as 1 / (1 + 1 / e), which is exact
+    to a few roundings where s is near 1 (1 - s would be the difference of two numbers near 1).
     """
-    t = x * x
-    t *= 0.044715 * _GELU_C
-    t += _GELU_C
-    t *= x
-    np.tanh(t, out=t)  # t = tanh(u)
-    slope = _gelu_slope(x, t)
+    _, slope = _gelu_and_slope(x)
     if overwrite:
         d_out *= slope
         return d_out
@@ -204,20 +197,35 @@ def gelu_new_backward(d_out: np.ndarray, x: np.ndarray, overwrite: bool = False)
     return slope
 
 
-def _gelu_slope(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """d gelu_new / dx = (1 + t) (a (1 - t) + 0.5), with a = 0.5 x c (1 + 3 * 0.044715 x^2), from
-    x and t = tanh(u): a new array; t is left holding 1 + t. (1 - t and 1 + t are each taken from
-    t itself: from 1 + t, 1 - t would carry the rounding of a number near 2 where it is near 0.)"""
-    a = x * x
-    a *= 3 * 0.044715 * _GELU_C
-    a += _GELU_C
-    a *= x
-    a *= 0.5  # a
-    a *= 1.0 - t
-    a += 0.5
-    t += 1.0
-    a *= t
-    return a
+def _exp_minus_2u(x: np.ndarray, x_squared: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """exp(-2u) at x, given x^2: -2u = -2 sqrt(2/pi) (x + 0.044715 x^3).  [...] -> [...]"""
+    e = np.multiply(x_squared, 0.044715, out=out)
+    e *= x
+    e += x
+    e *= -2 * _GELU_C  # -2u, rounded as u is in the tanh form (the exponential magnifies its roundings)
+    with np.errstate(over="ignore"):  # (inf where x < about -10: see gelu_new)
+        return np.exp(e, out=e)
+
+
+def _gelu_and_slope(x: np.ndarray, out: np.ndarray | None = None, slope: np.ndarray | None = None):
+    """(gelu_new(x), d gelu_new / dx at x), as ``gelu_new_backward`` derives them, written into
+    ``out`` and ``slope`` (new arrays where None; slope may be x itself).  [...] -> ([...], [...])"""
+    x_squared = np.multiply(x, x)
+    e = _exp_minus_2u(x, x_squared)  # exp(-2u)
+    denominator = e + 1.0
+    gelu = np.divide(x, denominator, out=out)  # gelu_new's steps, so its bits
+    s = np.reciprocal(denominator, out=denominator)
+    with np.errstate(divide="ignore", over="ignore"):  # (inf where exp(-2u) underflows, x above about 10: 1 - s = 0)
+        one_minus_s = np.reciprocal(e, out=e)
+    one_minus_s += 1.0
+    np.reciprocal(one_minus_s, out=one_minus_s)
+    two_du = x_squared
+    two_du *= 6 * 0.044715 * _GELU_C
+    two_du += 2 * _GELU_C  # 2 du/dx
+    slope = np.multiply(two_du, one_minus_s, out=two_du if slope is None else slope)  # (x is read no more)
+    slope *= gelu
+    slope += s
+    return gelu, slope
 
 
 def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:

@@ -38,7 +38,8 @@ class Mutant:
 
 MUTANTS = [
     Mutant("GELU constant 0.044715 -> 0.0447", (
-        Edit("npgpt2.ops.gelu_new", "inner *= 0.044715 * x", "inner *= 0.0447 * x"),)),
+        Edit("npgpt2.ops._exp_minus_2u", "np.multiply(x_squared, 0.044715, out=out)",
+             "np.multiply(x_squared, 0.0447, out=out)"),)),
     Mutant("layer-norm epsilon 1e-5 -> 1e-6", (
         Edit("npgpt2.ops.ln_scale", "keepdims=True) + eps)", "keepdims=True) + eps / 10)"),)),
     Mutant("softmax without its max shift", (
@@ -59,7 +60,8 @@ MUTANTS = [
     Mutant("loss accumulated in float16 (value_and_grad)", (
         Edit("npgpt2.metrics.Loss.value_and_grad", "nll.astype(np.float64)", "nll.astype(np.float16)"),), grad=True),
     Mutant("GELU's derivative without the 3 of 3x^2", (
-        Edit("npgpt2.ops._gelu_slope", "a *= 3 * 0.044715 * _GELU_C", "a *= 0.044715 * _GELU_C"),), grad=True),
+        Edit("npgpt2.ops._gelu_and_slope", "two_du *= 6 * 0.044715 * _GELU_C", "two_du *= 2 * 0.044715 * _GELU_C"),),
+           grad=True),
     Mutant("layer norm's backward forgets that the scale depends on x", (
         Edit("npgpt2.backward._layer_norm_backward",
              "d_centred = d_centred + ops.ln_scale_backward(d_scale, normalized)", "d_centred = d_centred"),

@@ -2,6 +2,7 @@
 written in by_hand.py."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -28,6 +29,30 @@ def test_gelu_new_follows_the_formula_over_a_wide_range():
     x = np.linspace(-12, 12, 2001)
     np.testing.assert_allclose(ops.gelu_new(x.copy()), by_hand.gelu_new(x), rtol=1e-13, atol=1e-15)
     assert ops.gelu_new(np.array([-40.0]))[0] == 0 and ops.gelu_new(np.array([40.0]))[0] == 40
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_new_and_its_slope_where_exp_overflows_and_underflows(dtype):
+    # gelu_new is x / (1 + exp(-2u)): in float32, exp(-2u) overflows below about x = -10 and
+    # underflows above about x = 10 (to subnormal numbers, whose reciprocal overflows, then to 0);
+    # neither may give a NaN, an inf or a warning, and the value and slope kept for a backward pass
+    # must be those of the plain call and of gelu_new_backward
+    x = np.array([-1e4, -60, -12, -10.5, -9.8, -5, -1e-3, 0, 1e-3, 5.0, 9.8, 10.3, 10.6, 12, 60, 1e4], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = ops.gelu_new(x)
+        kept = x.copy()
+        y_kept = ops.gelu_new(kept, slope=kept)  # the slope written over its input, as fast.py's tape does
+        slope = ops.gelu_new_backward(np.ones_like(x), x)
+    assert np.isfinite(y).all() and np.isfinite(slope).all()
+    np.testing.assert_array_equal(y_kept, y)
+    np.testing.assert_array_equal(kept, slope)
+    x64 = x.astype(np.float64)
+    t = np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3))
+    d_ref = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x64 ** 2)
+    # (the reference's 1 + tanh(u) cancels where u is very negative: it is judged in absolute terms there)
+    np.testing.assert_allclose(y, by_hand.gelu_new(x64), rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(slope, d_ref, rtol=0, atol=4 * np.finfo(dtype).eps)
 
 
 def test_gelu_new_leaves_its_input_alone():

@@ -147,7 +147,7 @@ def check_ov_copies(model):
     """The induction heads' full OV circuit, summed over them: a word's embedding (through layer 1's
     first layer norm) -> W_V W_O -> the final layer norm's gain -> W_U. Each word, attended to, should
     raise its own logit among the highest: the share of words whose own logit is in their row's top 5
-    (above half; chance is 5 / 299; measured 0.78)."""
+    (above half; chance is 5 / 299; measured 0.75)."""
     circuit = find_heads(model)["circuit"]
     heads = [h for l, h in circuit if l == 1] or [find_heads(model)["best_induction"][1]]
     w, words = model.weights, np.arange(model.cfg.d_vocab - 1)
@@ -204,7 +204,7 @@ def test_trained_model_shows_it(trained, check):
 
 def test_attribution_patching_agrees_with_exact_patching(trained):
     """Attribution patching's estimate of each head's effect against the exact patch, on the
-    log-probability of the copied word: correlation 0.978 measured (seed 0)."""
+    log-probability of the copied word: correlation 0.992 measured (seed 0)."""
     clean, corrupted, answers = pair(trained)
     metric = metrics.LogProb(answers)
     _, clean_cache = trained.run_with_cache(clean)
