@@ -26,13 +26,21 @@ from . import utils  # noqa: F401  (TransformerLens's utils: get_act_name, test_
 __version__ = "0.1.0"
 
 
+# subpackages and modules reached as npgpt2.<name> after a plain `import npgpt2` (npgpt2.zoo.induction(),
+# npgpt2.analysis.patching, ...), imported when first asked for: several bring pandas with them,
+# and `import npgpt2` stays light
+_ON_FIRST_USE = ("analysis", "display", "harvest", "inspect", "parity", "plot", "prompts", "sae", "training", "zoo")
+
+
 def __getattr__(name):
-    # The SAE module brings pandas with it: import it when it is first asked for, so that
-    # `import npgpt2` stays light.
     if name in ("SAE", "SAEError"):
         from . import sae
 
         return getattr(sae, name)
+    if name in _ON_FIRST_USE:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'npgpt2' has no attribute {name!r}")
 
 __all__ = [

@@ -104,3 +104,26 @@ def test_no_import_circles_inside_functions_either():
     # a lower module reaching up from inside a function is the same circle, hidden: move the shared
     # piece down, or pass it in (as harvest/run.py hands its shard functions to cluster.py)
     assert cycles(imports(modules()), module_level_only=False) == []
+
+
+def test_a_plain_import_reaches_the_subpackages_the_docs_use():
+    """``import npgpt2`` then ``npgpt2.zoo.induction()`` (the README's example), in a fresh process
+    outside the repository, without pandas imported until a subpackage that needs it is asked for."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import sys, npgpt2; light = 'pandas' not in sys.modules; "
+            "assert callable(npgpt2.zoo.induction) and npgpt2.zoo.InductionRecipe().n_layer == 2; "
+            "assert callable(npgpt2.training.AdamW) and callable(npgpt2.analysis.logit_lens); "
+            "assert callable(npgpt2.parity.judge) and callable(npgpt2.plot.imshow); print(light)")
+    with tempfile.TemporaryDirectory() as cwd:
+        done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
+    try:
+        npgpt2.no_such_module
+    except AttributeError as e:
+        assert "no attribute 'no_such_module'" in str(e)
+    else:
+        raise AssertionError("npgpt2.no_such_module did not raise")
