@@ -30,7 +30,7 @@ unchanged code the largest ratios measured were 3.0 at the percentile (an MLP ac
 gradient at gpt2-medium's width) and 16.7 to 26.7 at a worst row (one entry of a layer norm's gain
 gradient, in an outlier dimension whose terms nearly cancel: a gradient's rows are single entries,
 and where the reference rounded that entry luckily, any other order of summation is many times
-off, yet within the reference's own error on the gradient's other outlier entry); the mutants of
+off, yet within the reference's own largest error on the gradient); the mutants of
 tests/mutants.py measure 7 to 10^6 (docs/parity.md).
 
 ``judge`` returns a ``Verdict`` (errors, ratios, worst row, pass or fail and why; ``as_dict`` for
