@@ -131,8 +131,12 @@ def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
     names = {f"blocks.{layer}.{block_hook(a)}" for a, layer, _ in runs}
     names |= {f"blocks.{l}.{h}" for l in range(first_layer, cfg.n_layer)
               for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
-    corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
     reads = _reads(metric, batch, n_pos, cfg.d_vocab)
+    if reads is None:
+        corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
+    else:  # only the logits the metric reads
+        resid, corrupted = model.run_with_cache(tokens, names_filter=sorted(names), stop_at_layer=cfg.n_layer)
+        corrupted_logits = reads.read(model, resid[None], 0, None)[0]  # [batch, columns]
     starts = first_changed_positions(clean_cache, corrupted, runs)
     own_hooks = not model._new_run().idle()
     if own_hooks:  # a hook of the model's own may read positions by number: give it them all
@@ -146,7 +150,7 @@ def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
 class Plan:
     """What ``plan`` decided: the corrupted run, and which runs go in which batch."""
 
-    corrupted_logits: np.ndarray  # [batch, pos, d_vocab]
+    corrupted_logits: np.ndarray  # [batch, pos, d_vocab]; [batch, columns] when the metric says which it reads
     corrupted: object  # the corrupted run's ActivationCache
     reads: "_Reads | None"  # the logits the metric reads (None: all)
     starts: np.ndarray  # [runs]: each run's first changed position, -1 for a run that changes nothing
@@ -175,7 +179,7 @@ def patched_values(model, tokens, clean_cache, metric, runs, chunk_size=None, pr
                 values[i] = value
             bar.update(len(chunk))
     if (p.starts < 0).any():  # the patches that change nothing score the corrupted run
-        values[p.starts < 0] = float(metric(p.corrupted_logits))
+        values[p.starts < 0] = float(metric(p.corrupted_logits if p.reads is None else p.reads.logits(p.corrupted_logits)))
     return values
 
 
@@ -306,15 +310,17 @@ class _Reads:
     def __init__(self, pos: np.ndarray, columns: np.ndarray, d_vocab: int, n_pos: int):
         self.pos, self.columns, self.d_vocab, self.n_pos = pos, columns, d_vocab, n_pos
 
-    def read(self, model, resid, p0, corrupted_logits) -> np.ndarray:
+    def read(self, model, resid, p0, corrupted_read) -> np.ndarray:
         """resid [copies, batch, n_new, d_model], from position p0 -> the read logits of each copy,
-        [copies, batch, columns] (the corrupted run's where a prompt's read position is before p0)."""
+        [copies, batch, columns] (``corrupted_read`` [batch, columns], the corrupted run's, where a
+        prompt's read position is before p0)."""
         w = model.weights
         batch = resid.shape[1]
         rows = np.arange(batch)
         late = self.pos >= p0
         out = np.empty((resid.shape[0], batch, len(self.columns)), resid.dtype)
-        out[:, ~late] = corrupted_logits[rows[~late], self.pos[~late]][:, self.columns]
+        if not late.all():
+            out[:, ~late] = corrupted_read[~late]
         if late.any():
             x = resid[:, rows[late], self.pos[late] - p0]  # [copies, late rows, d_model]
             normalized = ops.layer_norm(x, w.ln_final_w, w.ln_final_b, model.cfg.layer_norm_epsilon)
