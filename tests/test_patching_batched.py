@@ -201,3 +201,38 @@ def test_hooks_on_the_model_see_every_position(model64, runs, reference):
         expected = one_at_a_time(model64, corrupted, clean_cache, metrics["logit_diff"], "resid_pre")
     np.testing.assert_allclose(result, expected, rtol=0, atol=TOL)
     assert np.abs(expected - reference("resid_pre")).max() > 1e-3  # the hook matters
+
+
+@pytest.mark.parametrize("activation,where", [
+    ("resid_pre", (slice(None), 5)), ("resid_post", (slice(None), 4)), ("mlp_out", (slice(None), 6)),
+    ("resid_mid", (slice(None), 3)), ("attn_out", (slice(None), 5)),
+    ("z", (slice(None), slice(None), 2)), ("q", (slice(None), 4, 1)), ("k", (slice(None), slice(None), 3)),
+    ("v", (slice(None), 6, slice(None))), ("pattern", (slice(None), 0)), ("pattern", (slice(None), 2, 6, 4)),
+])
+def test_a_run_joins_with_the_residual_stream_its_patch_makes(model64, runs, activation, where):
+    """With a metric that declares its logits, a patched run joins the batch where its patch enters
+    the residual stream, without a hook: a patch inside block 0 (resid_mid, attn_out, a head's z, q,
+    k, v, pattern) after block 0, its heads' attention and the MLP computed for it alone. Its start
+    must be the residual stream entering that block in a full run patched by a hook."""
+    from npgpt2.analysis import patch_runs
+    from npgpt2.hooks import block_hook
+
+    corrupted, clean_cache, metrics = runs
+    run = (activation, 0, where)
+    p = patch_runs.plan(model64, corrupted, clean_cache, metrics["logit_diff"], [run])
+    p0 = int(p.starts[0])
+    assert p0 > 0 and not p.own_hooks
+    [(block, i, start)] = patch_runs._joins(model64, [run], p0, clean_cache, p.corrupted, direct=True)
+    assert block == (0 if activation == "resid_pre" else 1)
+    name = f"blocks.0.{block_hook(activation)}"
+
+    def patch(act, hook):
+        act = act.copy()
+        act[where] = clean_cache[name][where]
+        return act
+
+    with model64.hooks([(name, patch)]):
+        _, cache = model64.run_with_cache(corrupted, names_filter=f"blocks.{block}.hook_resid_pre")
+    expected = cache[f"blocks.{block}.hook_resid_pre"][:, p0:]
+    np.testing.assert_allclose(start, expected, rtol=0, atol=TOL)
+    assert np.abs(expected - p.corrupted[f"blocks.{block}.hook_resid_pre"][:, p0:]).max() > 1e-6  # the patch matters

@@ -12,12 +12,19 @@ numbers (the tests compare every sweep with a plain loop of ``run_with_hooks``, 
   so the earlier positions keep the corrupted run's activations, and their keys and values, which
   the recomputed positions read from the corrupted run (``CorruptedPrefix``, a key/value cache).
   A metric that says which logits it reads (``Metric.logits_read``, as ``logit_diff`` does) gets
-  only those computed; any other metric gets every logit (the corrupted run's before p0).
+  only those computed, in the patched runs and in the corrupted run; any other metric gets every
+  logit (the corrupted run's before p0).
+* With such a metric (and no hooks of the model's own), a run joins where its patch enters the
+  residual stream: a patch of resid_pre at block l, of resid_post or mlp_out after it, and one
+  inside block l (resid_mid, attn_out, or a head's z, q, k, v or pattern) after block l too,
+  once the patched heads' attention and block l's MLP are computed for it alone: the other
+  heads of block l are the corrupted run's (``_joins``). No hook is needed then.
 * Runs go in batches, several copies of the corrupted prompts each patched at its own place:
   sorted by p0, then by layer, and cut into chunks (a chunk recomputes from its first run's p0, so
   a run whose p0 is much later starts a new one; at most ``TARGET_ROWS`` rows, and less memory
   than ``memory_budget()``). In a chunk, the copies of a run patched at layer l join the batch at
-  layer l: each block reads its weights once for every run of the chunk that has reached it.
+  block l (or l + 1, above): each block reads its weights once for every run of the chunk that
+  has reached it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import memory, metrics, ops
+from .. import fast, memory, metrics, ops
 from ..hooks import block_hook
 
 TARGET_ROWS = 2048  # most rows (prompt copies x positions) of a batched pass's last layer
@@ -132,13 +139,15 @@ def plan(model, tokens, clean_cache, metric, runs, chunk_size=None) -> "Plan":
     names |= {f"blocks.{l}.{h}" for l in range(first_layer, cfg.n_layer)
               for h in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
     reads = _reads(metric, batch, n_pos, cfg.d_vocab)
+    own_hooks = not model._new_run().idle()
+    if reads is not None and not own_hooks:  # what ``_joins`` reads to put the patches into the residual stream
+        names |= {f"blocks.{layer}.{h}" for a, layer, _ in runs for h in _DIRECT_NEEDS[a]}
     if reads is None:
         corrupted_logits, corrupted = model.run_with_cache(tokens, names_filter=sorted(names))
     else:  # only the logits the metric reads
         resid, corrupted = model.run_with_cache(tokens, names_filter=sorted(names), stop_at_layer=cfg.n_layer)
         corrupted_logits = reads.read(model, resid[None], 0, None)[0]  # [batch, columns]
     starts = first_changed_positions(clean_cache, corrupted, runs)
-    own_hooks = not model._new_run().idle()
     if own_hooks:  # a hook of the model's own may read positions by number: give it them all
         starts[starts > 0] = 0
     live = sorted((i for i in range(len(runs)) if starts[i] >= 0), key=lambda i: (starts[i], runs[i][1]))
@@ -210,48 +219,139 @@ def _chunks(live, runs, starts, chunk_size, cfg, batch, n_pos, itemsize, all_log
 
 def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric, reads, own_hooks=False):
     """One batched pass: the runs [(activation, layer, index)] (sorted by layer), each a copy of the
-    corrupted prompts recomputed from position ``p0``, the copies of a run patched at layer l
-    joining the batch there. -> the metric of each run.
+    corrupted prompts recomputed from position ``p0``. -> the metric of each run.
+
+    Each run joins the batch where its patch first changes the residual stream (``_joins``):
+    the copies of a run patched at layer l join at block l, or, when the metric says which
+    logits it reads and the model has no hooks of its own, with the patch already applied to the
+    residual stream: at block l for resid_pre, after block l for resid_post, mlp_out, resid_mid,
+    attn_out and a head's z, q, k, v or pattern (the patched heads' attention and block l's MLP
+    computed for them alone: the other heads' work in block l is the corrupted run's).
 
     When the metric reads one position r >= p0 of every prompt (and the model has no hooks of its
-    own, ``own_hooks``), the last block of the runs that joined before it computes position r
-    alone: the other positions' keys and values are all it needs of them (``_last_block_at``)."""
+    own), the last block computes position r alone: the other positions' keys and values are all
+    it needs of them (``_last_block_at``)."""
     batch = corrupted_logits.shape[0]
     n_layer = model.cfg.n_layer
-    r = None if reads is None or own_hooks else reads.one_position()
+    direct = reads is not None and not own_hooks  # the patches go into the residual stream, no hooks
+    r = reads.one_position() if direct else None
     r = None if r is None or r < p0 else r
-    joins = sorted({layer for _, layer, _ in runs}) + [n_layer]
-    x = None
-    for layer, until in zip(joins, joins[1:]):  # blocks [layer, until) with the copies joined so far
+    joins = _joins(model, runs, p0, clean_cache, corrupted, direct)  # [(block, run's position in runs, start)]
+    copy_of = {i: c for c, (_, i, _) in enumerate(joins)}  # run -> its copy in the batch
+    x = None  # [copies x batch, n_new (or 1: position r alone), d_model]
+    layers = sorted({block for block, _, _ in joins})
+    for layer, until in zip(layers, layers[1:] + [n_layer]):  # blocks [layer, until) with the copies joined so far
         before = 0 if x is None else x.shape[0] // batch  # the copies that joined earlier
-        joining = [run for run in runs if run[1] == layer]
-        start = corrupted[f"blocks.{layer}.hook_resid_pre"][:, p0:]  # [batch, n_new, d_model]
-        start = np.broadcast_to(start, (len(joining), *start.shape)).reshape(-1, *start.shape[1:])
+        joining = [(i, start) for block, i, start in joins if block == layer]
+        start = np.concatenate([start for _, start in joining])  # [joining x batch, n_new, d_model]
+        if layer == n_layer and r is not None:  # (joining after the last block: position r alone)
+            start = start[:, r - p0: r - p0 + 1]
         x = start if x is None else np.concatenate([x, start])
         copies = x.shape[0] // batch
-        hooks = _patch_hooks(joining, before, copies, batch, p0, clean_cache)
+        if layer == n_layer:
+            break
+        hooks = [] if direct else _patch_hooks([runs[i] for i, _ in joining], before, copies, batch, p0, clean_cache)
         prefix = CorruptedPrefix(corrupted, p0, copies) if p0 else None
-        if until < n_layer or (reads is not None and r is None):
+        if until < n_layer or r is None and reads is not None:
             x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
                                      stop_at_layer=until)  # [copies x batch, n_new, d_model]
         elif reads is None:  # every logit: the corrupted run's before p0, the patched runs' from p0
             logits = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix)
             logits = logits.reshape(copies, batch, *logits.shape[1:])  # [copies, batch, n_new, d_vocab]
-            return [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
-        else:  # the last block at position r alone, but for the runs patched in it (all of it, their hooks on)
+            values = [metric(np.concatenate([corrupted_logits[:, :p0], logits[c]], axis=1)) for c in range(copies)]
+            return [values[copy_of[i]] for i in range(len(runs))]
+        else:  # the last block at position r alone
             if layer < n_layer - 1:
-                x = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=layer, past_kv=prefix,
-                                         stop_at_layer=n_layer - 1)
-                joining, before = [], copies
-            at_r = [_last_block_at(model, x[: before * batch], r - p0, corrupted, p0, before)]
-            if joining:
-                at_r.append(model.run_with_hooks(
-                    x[before * batch:], fwd_hooks=_patch_hooks(joining, 0, len(joining), batch, p0, clean_cache),
-                    start_at_layer=n_layer - 1, stop_at_layer=n_layer,
-                    past_kv=CorruptedPrefix(corrupted, p0, len(joining)) if p0 else None)[:, r - p0: r - p0 + 1])
-            x = np.concatenate(at_r)  # [copies x batch, 1, d_model], at position r
+                x = model(x, start_at_layer=layer, past_kv=prefix, stop_at_layer=n_layer - 1)
+            x = _last_block_at(model, x, r - p0, corrupted, p0, copies)  # [copies x batch, 1, d_model], at position r
     read = reads.read(model, x.reshape(copies, batch, *x.shape[1:]), p0 if r is None else r, corrupted_logits)
-    return [metric(reads.logits(read[c])) for c in range(copies)]
+    values = [metric(reads.logits(read[c])) for c in range(copies)]
+    return [values[copy_of[i]] for i in range(len(runs))]
+
+
+# what the corrupted run must keep at a run's layer for ``_joins`` to put its patch into the
+# residual stream, beside the patched activation itself
+_DIRECT_NEEDS = {
+    "resid_pre": (), "resid_post": (), "resid_mid": (), "mlp_out": ("hook_resid_mid",), "attn_out": ("hook_resid_pre",),
+    "z": ("hook_resid_mid",), "pattern": ("hook_resid_mid", "attn.hook_z", "attn.hook_v"),
+    **{a: ("hook_resid_mid", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v") for a in "qkv"},
+}
+
+
+def _joins(model, runs, p0, clean_cache, corrupted, direct):
+    """Where each run joins the batch and with what: [(block, i, start)], sorted by block, ``start``
+    [batch, n_new, d_model] the residual stream entering that block (``n_layer``: leaving the last)
+    at positions p0 on. ``direct`` False: every run joins at its layer with the corrupted run's
+    residual stream, a hook to patch it there (``_patch_hooks``). ``direct``: the patch is
+    already in the residual stream; the runs whose patch is inside block l (resid_mid, attn_out,
+    and a head's z, q, k, v, pattern) go through the rest of block l here, together."""
+    cfg = model.cfg
+
+    def at(l, hook):  # the corrupted run's [batch, pos, ...] activation at block l, positions p0 on
+        return corrupted[f"blocks.{l}.{hook}"][:, p0:]
+
+    def patched(activation, l, where):  # the corrupted residual-stream activation, clean at ``where``, from p0
+        name = f"blocks.{l}.{block_hook(activation)}"
+        act = corrupted[name][:, p0:].copy()  # [batch, n_new, d_model]
+        where = _shift(where, 1, p0)
+        act[where] = clean_cache[name][:, p0:][where]
+        return act
+
+    joins, mids = [], defaultdict(list)  # mids: layer -> [(i, resid_mid)], to go through that layer's MLP
+    for i, (activation, l, where) in enumerate(runs):
+        if not direct:
+            joins.append((l, i, at(l, "hook_resid_pre")))
+        elif activation in ("resid_pre", "resid_post"):
+            joins.append((l + (activation == "resid_post"), i, patched(activation, l, where)))
+        elif activation == "mlp_out":
+            joins.append((l + 1, i, at(l, "hook_resid_mid") + patched(activation, l, where)))
+        elif activation == "resid_mid":
+            mids[l].append((i, patched(activation, l, where)))
+        elif activation == "attn_out":
+            mids[l].append((i, at(l, "hook_resid_pre") + patched(activation, l, where)))
+        else:  # a head's z, q, k, v or pattern: the heads it touches, their z, into W_O
+            head_axis = 1 if activation == "pattern" else 2
+            heads = np.atleast_1d(np.arange(cfg.n_head)[where[head_axis]])
+            z = _heads_z(model, activation, l, where, heads, p0, clean_cache, corrupted)  # [batch, n_new, heads, d_head]
+            dz = (z - at(l, "attn.hook_z")[:, :, heads]).reshape(*z.shape[:2], -1)  # [batch, n_new, heads x d_head]
+            W_O = model.weights.blocks[l].W_O.reshape(cfg.n_head, cfg.d_head, cfg.d_model)[heads]
+            mids[l].append((i, at(l, "hook_resid_mid") + dz @ W_O.reshape(-1, cfg.d_model)))
+    for l, group in mids.items():  # block l's MLP, for every run that joins after it at once
+        resid_mid = np.concatenate([start for _, start in group])  # [runs x batch, n_new, d_model]
+        resid_post = _rest_of_block(model, l, resid_mid).reshape(len(group), -1, *resid_mid.shape[1:])
+        joins += [(l + 1, i, resid_post[k]) for k, (i, _) in enumerate(group)]
+    return sorted(joins, key=lambda j: (j[0], j[1]))
+
+
+def _heads_z(model, activation, l, where, heads, p0, clean_cache, corrupted) -> np.ndarray:
+    """The z of ``heads`` in block l with one of their activations patched (z, q, k, v or pattern;
+    ``where`` indexes it), at positions p0 on: the attention of model.py for those heads alone.
+    -> [batch, n_new, heads, d_head]"""
+    def act(name):  # block l's corrupted activation, patched if it is the one named
+        full = corrupted[f"blocks.{l}.attn.hook_{name}"]
+        if name == activation:
+            full = np.array(full)
+            full[where] = clean_cache[f"blocks.{l}.attn.hook_{name}"][where]
+        return full
+
+    if activation == "z":
+        return act("z")[:, p0:, heads]
+    v = act("v")[:, :, heads].transpose(0, 2, 1, 3)  # [batch, heads, pos, d_head]
+    if activation == "pattern":
+        z = act("pattern")[:, heads, p0:] @ v  # [batch, heads, n_new, d_head]
+    else:
+        q = act("q")[:, p0:, heads].transpose(0, 2, 1, 3) / math.sqrt(model.cfg.d_head)  # [batch, heads, n_new, d_head]
+        z = ops.causal_attention(q, act("k")[:, :, heads].transpose(0, 2, 1, 3), v)
+    return z.transpose(0, 2, 1, 3)
+
+
+def _rest_of_block(model, l, resid_mid):
+    """Block l after its attention: resid_mid + MLP(layer norm 2 (resid_mid)), as model.py's
+    ``_block`` computes it.  [..., d_model] -> [..., d_model]"""
+    w = model.weights.blocks[l]
+    mlp_in = ops.layer_norm(resid_mid, w.ln2_w, w.ln2_b, model.cfg.layer_norm_epsilon)
+    post = fast.gelu_new(fast.linear(mlp_in, w.W_in, w.b_in))
+    return resid_mid + fast.linear(post, w.W_out, w.b_out)
 
 
 def _last_block_at(model, x, i, corrupted, p0, copies):
