@@ -23,6 +23,13 @@ thread count, while no tiled work (which holds BLAS at one thread for the whole 
 beside them. A call gives the same bits whatever other threads are doing. (Products in your own
 code, or in analysis code outside the model's calls, take BLAS as they find it.)
 
+OpenBLAS's threads, once a product is done, wait for the next by spinning, 2**28 processor cycles
+(about 0.1 s) by default, before they sleep: a tiled computation that follows a product run on
+BLAS's threads (a small input's) then shares the cores with them, at about half its speed. So,
+unless ``OPENBLAS_THREAD_TIMEOUT`` is set, npgpt2 shortens the spin to ``BLAS_SPIN`` = 2**20
+cycles (under a millisecond; a sequence of products, as in generation, still finds the threads
+awake) when it is imported: it sets that variable, OpenBLAS reads it again and restarts its threads.
+
 BLAS's thread count is set through its own C function (``openblas_set_num_threads`` or
 ``MKL_Set_Num_Threads``), found among the libraries this process has loaded. Where no known BLAS is
 found, npgpt2 cannot keep BLAS off the cores its threads use, and works on one Python thread.
@@ -114,7 +121,26 @@ def _loaded_libraries() -> list[str]:
     return sorted(paths)
 
 
+BLAS_SPIN = 20  # OpenBLAS's idle threads spin 2**BLAS_SPIN cycles before they sleep (see above)
+
+
+def _shorten_blas_spin(blas: _Blas) -> None:
+    """OpenBLAS's idle threads: spin 2**BLAS_SPIN cycles, not its default 2**28, unless the user
+    set ``OPENBLAS_THREAD_TIMEOUT``. OpenBLAS reads the variable when it starts its threads, so
+    they are stopped and started again (no BLAS call is running while a module is imported)."""
+    lib = blas._lib
+    functions = [getattr(lib, name, None) for name in ("openblas_read_env", "blas_thread_shutdown_", "blas_thread_init")]
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ or lib is None or None in functions:
+        return
+    read_env, shutdown, start = functions
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(BLAS_SPIN)  # (processes started from this one inherit it)
+    read_env()
+    shutdown()
+    start()
+
+
 _blas = _Blas()
+_shorten_blas_spin(_blas)
 _num_threads = max(1, _blas.get()) if _blas.found else 1
 _pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()  # one tiled computation at a time owns the pool and BLAS's setting
