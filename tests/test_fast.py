@@ -366,3 +366,39 @@ def test_linear_refuses_an_unknown_way_to_cut_at_every_size(rows, monkeypatch):
     x, W = np.ones((rows, 4), np.float32), np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="by='cols': expected 'rows' or 'columns'"):
         fast.linear(x, W, by="cols")
+
+
+_OPENBLAS_RESTART = all(hasattr(threads._blas._lib, n) for n in ("openblas_read_env", "blas_thread_shutdown_",
+                                                                  "blas_thread_init", "openblas_thread_timeout"))
+
+
+@pytest.mark.skipif(not _OPENBLAS_RESTART, reason="numpy's BLAS is not an OpenBLAS whose threads npgpt2 can restart")
+@pytest.mark.parametrize("users", [None, "25"])
+def test_openblas_idle_threads_spin_briefly_unless_the_user_says(users):
+    """Imported after numpy has run a product on BLAS's threads (started with OpenBLAS's default
+    timeout), npgpt2 restarts them with a spin of 2**BLAS_SPIN cycles, unless the user set
+    OPENBLAS_THREAD_TIMEOUT; products on two threads still give the right numbers afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "a = np.random.default_rng(0).standard_normal((512, 512))\n"
+        "before = a @ a\n"  # OpenBLAS's threads are running
+        "from npgpt2 import threads\n"
+        "lib = threads._blas._lib\n"
+        "threads._blas.set(2)\n"
+        "after = a.astype(np.float32) @ a.astype(np.float32)\n"
+        "assert np.allclose(after, before, rtol=1e-4, atol=1e-3), 'a product after the restart is wrong'\n"
+        "print(lib.openblas_thread_timeout(), threads.BLAS_SPIN)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    if users is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = users
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    timeout, spin = map(int, done.stdout.split())
+    assert timeout == (spin if users is None else int(users))
+    assert spin < 28  # shorter than OpenBLAS's default

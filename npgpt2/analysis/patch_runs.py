@@ -236,16 +236,14 @@ def _run_chunk(model, runs, p0, clean_cache, corrupted, corrupted_logits, metric
     direct = reads is not None and not own_hooks  # the patches go into the residual stream, no hooks
     r = reads.one_position() if direct else None
     r = None if r is None or r < p0 else r
-    joins = _joins(model, runs, p0, clean_cache, corrupted, direct)  # [(block, run's position in runs, start)]
+    joins = _joins(model, runs, p0, clean_cache, corrupted, direct, r)  # [(block, run's position in runs, start)]
     copy_of = {i: c for c, (_, i, _) in enumerate(joins)}  # run -> its copy in the batch
     x = None  # [copies x batch, n_new (or 1: position r alone), d_model]
     layers = sorted({block for block, _, _ in joins})
     for layer, until in zip(layers, layers[1:] + [n_layer]):  # blocks [layer, until) with the copies joined so far
         before = 0 if x is None else x.shape[0] // batch  # the copies that joined earlier
         joining = [(i, start) for block, i, start in joins if block == layer]
-        start = np.concatenate([start for _, start in joining])  # [joining x batch, n_new, d_model]
-        if layer == n_layer and r is not None:  # (joining after the last block: position r alone)
-            start = start[:, r - p0: r - p0 + 1]
+        start = np.concatenate([start for _, start in joining])  # [joining x batch, n_new (or 1), d_model]
         x = start if x is None else np.concatenate([x, start])
         copies = x.shape[0] // batch
         if layer == n_layer:
@@ -278,10 +276,10 @@ _DIRECT_NEEDS = {
 }
 
 
-def _joins(model, runs, p0, clean_cache, corrupted, direct):
+def _joins(model, runs, p0, clean_cache, corrupted, direct, r=None):
     """Where each run joins the batch and with what: [(block, i, start)], sorted by block, ``start``
     [batch, n_new, d_model] the residual stream entering that block (``n_layer``: leaving the last)
-    at positions p0 on. ``direct`` False: every run joins at its layer with the corrupted run's
+    at positions p0 on (after the last block, at position ``r`` alone when one is given). ``direct`` False: every run joins at its layer with the corrupted run's
     residual stream, a hook to patch it there (``_patch_hooks``). ``direct``: the patch is
     already in the residual stream; the runs whose patch is inside block l (resid_mid, attn_out,
     and a head's z, q, k, v, pattern) go through the rest of block l here, together."""
@@ -316,7 +314,13 @@ def _joins(model, runs, p0, clean_cache, corrupted, direct):
             dz = (z - at(l, "attn.hook_z")[:, :, heads]).reshape(*z.shape[:2], -1)  # [batch, n_new, heads x d_head]
             W_O = model.weights.blocks[l].W_O.reshape(cfg.n_head, cfg.d_head, cfg.d_model)[heads]
             mids[l].append((i, at(l, "hook_resid_mid") + dz @ W_O.reshape(-1, cfg.d_model)))
+    last = cfg.n_layer - 1
+    if r is not None:  # after the last block only position r is read
+        joins = [(block, i, start[:, r - p0: r - p0 + 1] if block > last else start) for block, i, start in joins]
+        mids[last] = [(i, resid_mid[:, r - p0: r - p0 + 1]) for i, resid_mid in mids.get(last, [])]
     for l, group in mids.items():  # block l's MLP, for every run that joins after it at once
+        if not group:
+            continue
         resid_mid = np.concatenate([start for _, start in group])  # [runs x batch, n_new, d_model]
         resid_post = _rest_of_block(model, l, resid_mid).reshape(len(group), -1, *resid_mid.shape[1:])
         joins += [(l + 1, i, resid_post[k]) for k, (i, _) in enumerate(group)]
