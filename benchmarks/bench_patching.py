@@ -26,7 +26,7 @@ import numpy as np
 
 import npgpt2
 from common import describe_machine, gpt2_small_folder, median_time
-from npgpt2.analysis import patch_runs, patching
+from npgpt2.analysis import patching
 
 SWEEPS = ["resid_pre", "attn_out", "mlp_out", "attn_head_by_pos_every", "attn_head_out_all_pos",
           "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos"]
@@ -48,40 +48,34 @@ def transformer_lens_bridge(folder: str):
 
 
 def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float, int]:
-    """(GFLOP of the matrix products npgpt2's sweep runs, the rows of its median block pass): the
-    patched runs as ``patch_runs`` batches them (the same functions), each run's rows through every
-    block from its patched layer on, beside the runs of its batch that joined before it (the linear
-    layers, and q k^T and pattern v against every key; in the last block, only the read position
-    of the runs that joined before it, and the keys and values of the positions before it), then the
-    final layer norm's products with the columns of W_U the metric reads."""
-    cfg = model.cfg
-    batch, n_pos = tokens.shape
-    specs = [patching.SWEEPS[s][:2] for s in PARTS.get(sweep, [sweep])]
-    runs, _ = patching.patched_runs(specs, None, patching.axis_sizes(model, n_pos))
-    plan = patch_runs.plan(model, tokens, clean_cache, metric, runs)
-    starts, chunks, reads = plan.starts, plan.chunks, plan.reads
-    d, m = cfg.d_model, cfg.d_mlp
-    per_row_block = 2 * (d * 3 * d + d * d + 2 * d * m)
-    flop, rows_seen = 0.0, []
-    for chunk in chunks:
-        p0 = int(starts[chunk].min())
-        n_new = n_pos - p0
-        keys = p0 + (n_new + 1) / 2  # keys a recomputed query sees, on average
-        layers = np.array([runs[i][1] for i in chunk])
-        r = None if reads is None else reads.one_position()
-        for layer in range(int(layers.min()), cfg.n_layer):
-            rows = int((layers <= layer).sum()) * batch * n_new
-            if layer == cfg.n_layer - 1 and r is not None and r >= p0:
-                # the runs that joined earlier: their last block at the read position alone, and
-                # the keys and values of the positions before it
-                earlier = int((layers < layer).sum()) * batch
-                flop += earlier * (r - p0) * 2 * d * 2 * d
-                rows -= earlier * (n_new - 1)
-            rows_seen.append(rows)
-            flop += rows * (per_row_block + 4 * keys * d)
-        rows = len(chunk) * batch * n_new
-        flop += len(chunk) * batch * 2 * d * len(reads.columns) if reads is not None else rows * 2 * d * cfg.d_vocab
-    return flop / 1e9, int(np.median(rows_seen)) if rows_seen else 0
+    """(GFLOP of the linear layers' products npgpt2's sweep ran, counted as they ran: every
+    ``ops.linear`` call in one more run of the sweep, the corrupted run's included; the attention's
+    q k^T and pattern v, a few percent more, are not counted. The rows of its median product,
+    weighted by arithmetic: half the GFLOP were done in products of fewer rows.)"""
+    from npgpt2 import fast, ops
+
+    done, products = [], []  # (rows, n_in, n_out) of each ops.linear call; (rows, GFLOP) of each product
+    real_ops, real_fast = ops.linear, fast.linear
+
+    def counted_ops(x, W, *args, **kwargs):
+        done.append((x.size // x.shape[-1], W.shape[0], W.shape[1]))
+        return real_ops(x, W, *args, **kwargs)
+
+    def counted_fast(x, W, *args, **kwargs):
+        rows = x.size // x.shape[-1]
+        products.append((rows, 2 * rows * W.shape[0] * W.shape[1] / 1e9))
+        return real_fast(x, W, *args, **kwargs)
+
+    ops.linear, fast.linear = counted_ops, counted_fast
+    try:
+        getattr(patching, f"get_act_patch_{sweep}")(model, tokens, clean_cache, metric, progress=False)
+    finally:
+        ops.linear, fast.linear = real_ops, real_fast
+    gflop = sum(2 * rows * n_in * n_out for rows, n_in, n_out in done) / 1e9
+    products.sort()
+    weight = np.cumsum([g for _, g in products])
+    median_rows = products[int(np.searchsorted(weight, weight[-1] / 2))][0] if products else 0
+    return gflop, median_rows
 
 
 def full_forward_gflop(cfg, batch: int, n_pos: int) -> float:
@@ -182,7 +176,7 @@ def main(argv=None):
     print(f"{args.batch} prompt pair(s) of {args.tokens} tokens, corrupted at position {args.corrupt_at}; "
           f"gpt2-small shape; metric: logit difference at the last position\n")
     print("columns: runs in the sweep; time of each; ratio; largest difference of the results; npgpt2's products:"
-          "\nGFLOP done, GFLOP/s, rows of its median pass, a plain [rows, d_model] @ [d_model, d_mlp]'s GFLOP/s;"
+          "\nGFLOP its linear layers did (the corrupted run's included), GFLOP/s, rows of its median product by arithmetic, a plain [rows, d_model] @ [d_model, d_mlp]'s GFLOP/s;"
           " TransformerLens's GFLOP (a full forward pass per run) and GFLOP/s")
     print(f"{'sweep':<28} {'runs':>6} {'npgpt2':>8} {'TL 4.3':>8} {'ratio':>6} {'max|diff|':>9}"
           f" {'GFLOP':>6} {'GFLOP/s':>7} {'rows':>5} {'plain':>6} {'TL GFLOP':>8} {'GFLOP/s':>7}")
