@@ -213,12 +213,17 @@ def _circuit_layout(edges: pd.DataFrame, n_head, n_layer):
     return names, n_head, n_layer, where
 
 
+_PORTS = {"q": -0.32, "k": 0.0, "v": 0.32}  # where a head's inputs sit, across from its centre (one head: 1)
+_PORT_DROP = 0.3  # and how far below it (one layer: 1)
+
+
 def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: str = "",
             n_layer: int | None = None, model: str = ""):
     """Draw a circuit the way the EAP and ACDC papers do: every layer a row (embeddings at the
     bottom, logits at the top), each head and the layer's MLP a node in it (grey dots: not in the
     circuit), one line per edge, blue for a positive score and red for a negative one, its width
-    by |score|; a head's edge is marked with the input it feeds (q, k or v).
+    by |score|; an edge into a head ends at the input it feeds, one of three ports below the head
+    marked q, k and v.
 
     edges: columns upstream, downstream, input and score (``edge_attribution`` / ``greedy_circuit``).
     n_head, n_layer: the model's (default: the largest the edges name, which may miss layers).
@@ -231,14 +236,20 @@ def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: st
     grid = [(h, l) for l in range(n_layer) for h in range(n_head)] + [(n_head + 0.5, l) for l in range(n_layer)]
     ax.scatter(*zip(*grid), s=14, color=style.NEUTRAL, alpha=0.45, zorder=1, linewidths=0)
     biggest = max(float(edges["score"].abs().max()), 1e-12) if len(edges) else 1.0
+    ports = set()  # (head, input): a head's q, k and v each have a port below it, where their edges end
     for row in edges.reindex(edges["score"].abs().sort_values().index).itertuples():  # strongest on top
         (x0, y0), (x1, y1) = where(row.upstream), where(row.downstream)
+        if row.input in _PORTS:
+            x1, y1 = x1 + _PORTS[row.input], y1 - _PORT_DROP
+            ports.add((row.downstream, row.input))
         colour = style.POSITIVE if row.score >= 0 else style.NEGATIVE
         ax.plot([x0, x1], [y0, y1], color=colour, alpha=0.8, solid_capstyle="round", zorder=2,
                 linewidth=0.8 + 4.2 * abs(row.score) / biggest)
-        if row.input in ("q", "k", "v"):
-            ax.text(x0 + 0.8 * (x1 - x0), y0 + 0.8 * (y1 - y0), row.input, fontsize=NOTE_SIZE, ha="center",
-                    va="center", zorder=4, bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": colour, "lw": 0.6})
+    for head, part in sorted(ports):  # each port labelled once, joined to its head
+        x, y = where(head)
+        ax.plot([x + _PORTS[part], x], [y - _PORT_DROP, y], color="black", linewidth=0.6, zorder=2)
+        ax.text(x + _PORTS[part], y - _PORT_DROP, part, fontsize=NOTE_SIZE, ha="center", va="center", zorder=4,
+                bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "black", "lw": 0.6})
     for name in sorted(names):  # a fixed order: the same drawing every run
         x, y = where(name)
         ax.scatter([x], [y], s=150, color="white", edgecolor="black", zorder=3, linewidths=1.2)
@@ -256,7 +267,7 @@ def circuit(edges: pd.DataFrame, path=None, n_head: int | None = None, title: st
     legend.append(Line2D([], [], marker="o", color="none", markerfacecolor=style.NEUTRAL, markeredgecolor="none",
                          markersize=5, label="component not in it"))
     if edges["input"].isin(["q", "k", "v"]).any():
-        legend.append(Line2D([], [], color="none", label="q / k / v: the head input an edge feeds"))
+        legend.append(Line2D([], [], color="none", label="q / k / v: a head's inputs, where its edges end"))
     ax.legend(handles=legend, fontsize=NOTE_SIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_yticks(range(-1, n_layer + 1), ["embed"] + [f"layer {l}" for l in range(n_layer)] + ["logits"],
                   fontsize=TICK_SIZE)

@@ -207,12 +207,25 @@ def test_the_other_figures_are_labelled():
     assert ticks(ax, "y") == ["embed"] + [f"layer {l}" for l in range(12)] + ["logits"]  # every layer drawn
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[:2] == ["edge, positive score", "edge, negative score"]
-    assert "q / k / v: the head input an edge feeds" in legend
+    assert "q / k / v: a head's inputs, where its edges end" in legend
     fig.canvas.draw()
     inside = ax.get_window_extent()
     for text in ax.texts:  # node names (logits at the top) are inside the picture, not clipped
         box = text.get_window_extent()
         assert inside.x0 - 1 <= box.x0 and box.x1 <= inside.x1 + 1 and box.y1 <= inside.y1 + 1, text.get_text()
+    # several edges into one head's inputs (two into its k): one label per input, none over another
+    edges = pd.DataFrame({"upstream": ["L0H0", "L0H1", "mlp0", "embed", "L0H2", "L1H2"],
+                          "downstream": ["L1H2", "L1H2", "L1H2", "L1H2", "L1H1", "logits"],
+                          "input": ["k", "k", "q", "v", "k", "logits"], "score": [1.0, 0.8, -0.5, 0.3, 0.7, 2.0]})
+    fig = plot.circuit(edges, n_head=4, n_layer=2)
+    ax = panels(fig)[0]
+    fig.canvas.draw()
+    labels = sorted(t.get_text() for t in ax.texts if t.get_text() in ("q", "k", "v"))
+    assert labels == ["k", "k", "q", "v"]  # L1H2's k, q, v and L1H1's k
+    boxes = [(t.get_text(), t.get_window_extent().expanded(1.0, 1.0)) for t in ax.texts]
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            assert not box_a.overlaps(box_b), (a, b)
 
 
 CIRCUIT_PROBE = """
