@@ -6,9 +6,9 @@ The functions carry TransformerLens's names, argument order and output shapes
 so code from the TransformerLens demos ports by changing an import; ``index_df`` cuts a sweep down
 to the patches given. Each value is what one forward pass with that one patch gives, but the
 sweeps run far less (patch_runs.py): a patch that copies the corrupted run's own values is not
-run; the others start at the patched layer and at the first position they change (the corrupted
-run's residual stream, keys and values before it), compute only the logits the metric reads
-(``Metric.logits_read``), and go through the model's blocks many at once.
+run; the others start where the patch enters the residual stream and at the first position they
+change (the corrupted run's residual stream, keys and values before it), compute only the logits
+the metric reads (``Metric.logits_read``), and go through the model's blocks many at once.
 
 ``patching_metric(logits) -> float`` sees logits [batch, pos, d_vocab] of the corrupted prompts.
 ``logit_diff_metric`` and ``normalized_metric`` build the usual ones.
@@ -102,9 +102,10 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
     How it runs (the numbers are those of one full forward pass per patch; ``patch_runs``):
     a patch that copies values equal to the corrupted run's changes nothing and scores the
     corrupted run; each other patch's run starts at its layer from the corrupted residual stream
-    and recomputes only the positions from the first one it changes (attention is causal: the
-    earlier positions keep the corrupted run's activations, keys and values); several runs go
-    in one batch, each joining it at its layer.
+    (with a metric that declares its logits, where the patch enters the residual stream: after
+    block l for a patch inside it) and recomputes only the positions from the first one it
+    changes (attention is causal: the earlier positions keep the corrupted run's activations,
+    keys and values); several runs go in one batch, each joining it where it starts.
     """
     (out,) = _sweeps(model, corrupted_tokens, clean_cache, patching_metric, [(activation_name, index_axis_names)],
                      max_batch=max_batch, progress=progress, index_df=index_df, return_index_df=return_index_df,
