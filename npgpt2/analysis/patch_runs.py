@@ -279,10 +279,12 @@ _DIRECT_NEEDS = {
 def _joins(model, runs, p0, clean_cache, corrupted, direct, r=None):
     """Where each run joins the batch and with what: [(block, i, start)], sorted by block, ``start``
     [batch, n_new, d_model] the residual stream entering that block (``n_layer``: leaving the last)
-    at positions p0 on (after the last block, at position ``r`` alone when one is given). ``direct`` False: every run joins at its layer with the corrupted run's
-    residual stream, a hook to patch it there (``_patch_hooks``). ``direct``: the patch is
-    already in the residual stream; the runs whose patch is inside block l (resid_mid, attn_out,
-    and a head's z, q, k, v, pattern) go through the rest of block l here, together."""
+    at positions p0 on (after the last block, at position ``r`` alone when one is given).
+
+    ``direct`` False: every run joins at its layer with the corrupted run's residual stream, a
+    hook to patch it there (``_patch_hooks``). ``direct``: the patch is already in the residual
+    stream; the runs whose patch is inside block l (resid_mid, attn_out, and a head's z, q, k, v,
+    pattern) go through the rest of block l here, those of one layer together."""
     cfg = model.cfg
 
     def at(l, hook):  # the corrupted run's [batch, pos, ...] activation at block l, positions p0 on
