@@ -290,12 +290,8 @@ def _joins(model, runs, p0, clean_cache, corrupted, direct, r=None):
     def at(l, hook):  # the corrupted run's [batch, pos, ...] activation at block l, positions p0 on
         return corrupted[f"blocks.{l}.{hook}"][:, p0:]
 
-    def patched(activation, l, where):  # the corrupted residual-stream activation, clean at ``where``, from p0
-        name = f"blocks.{l}.{block_hook(activation)}"
-        act = corrupted[name][:, p0:].copy()  # [batch, n_new, d_model]
-        where = _shift(where, 1, p0)
-        act[where] = clean_cache[name][:, p0:][where]
-        return act
+    def patched(activation, l, where):  # the patched run's activation from p0: [batch, n_new, d_model]
+        return _patched(corrupted, clean_cache, f"blocks.{l}.{block_hook(activation)}", where)[:, p0:]
 
     joins, mids = [], defaultdict(list)  # mids: layer -> [(i, resid_mid)], to go through that layer's MLP
     for i, (activation, l, where) in enumerate(runs):
@@ -334,11 +330,8 @@ def _heads_z(model, activation, l, where, heads, p0, clean_cache, corrupted) -> 
     ``where`` indexes it), at positions p0 on: the attention of model.py for those heads alone.
     -> [batch, n_new, heads, d_head]"""
     def act(name):  # block l's corrupted activation, patched if it is the one named
-        full = corrupted[f"blocks.{l}.attn.hook_{name}"]
-        if name == activation:
-            full = np.array(full)
-            full[where] = clean_cache[f"blocks.{l}.attn.hook_{name}"][where]
-        return full
+        hook = f"blocks.{l}.attn.hook_{name}"
+        return _patched(corrupted, clean_cache, hook, where) if name == activation else corrupted[hook]
 
     if activation == "z":
         return act("z")[:, p0:, heads]
@@ -349,6 +342,13 @@ def _heads_z(model, activation, l, where, heads, p0, clean_cache, corrupted) -> 
         q = act("q")[:, p0:, heads].transpose(0, 2, 1, 3) / math.sqrt(model.cfg.d_head)  # [batch, heads, n_new, d_head]
         z = ops.causal_attention(q, act("k")[:, :, heads].transpose(0, 2, 1, 3), v)
     return z.transpose(0, 2, 1, 3)
+
+
+def _patched(corrupted, clean_cache, name: str, where: tuple) -> np.ndarray:
+    """The corrupted run's activation ``name`` with the clean run's entries at ``where``: a new array."""
+    act = np.array(corrupted[name])
+    act[where] = clean_cache[name][where]
+    return act
 
 
 def _rest_of_block(model, l, resid_mid):
