@@ -2,7 +2,8 @@
 
 Read model.py to learn GPT-2; this file only rearranges the same arithmetic. The model runs it in
 place of its loop over ``_block`` when nobody looks inside: no hook, no cache, no gradient, no
-key/value cache, and blockwise attention (``model.fast_path = False`` turns it off). The two give
+padding, and blockwise attention (``model.fast_path = False`` turns it off). A key/value cache is
+fine: each layer's new keys and values go into it, and attention reads them from there. The two give
 the same bits: model.py computes its products (``linear``) and its blockwise attention
 (``attention``) in the pieces used here, because BLAS rounds a row of a product differently
 depending on the rows beside it and on its thread count.
@@ -59,15 +60,16 @@ VOCAB_BLOCK = 2048  # columns of the unembedding per task
 class _Workspace:
     """The buffers of one forward pass of ``batch`` x ``pos`` rows, reused by later calls."""
 
-    def __init__(self, batch: int, pos: int, n_head: int, d_model: int, d_mlp: int, dtype):
+    def __init__(self, batch: int, pos: int, n_head: int, d_model: int, d_mlp: int, dtype, keys: int | None = None):
         rows = batch * pos
+        keys = pos if keys is None else keys  # the key positions attention sees: pos, and a cache's before them
         self.resid = np.empty((rows, d_model), dtype)  # the residual stream, updated in place
         self.branch = np.empty((rows, d_model), dtype)  # layer-norm outputs, then branch outputs
         self.qkv = np.empty((rows, 3 * d_model), dtype)  # q | k | v of the current block
         self.z = np.empty((rows, d_model), dtype)  # attention's heads' outputs, side by side
         self.pre = np.empty((rows, d_mlp), dtype)  # MLP hidden layer before GELU
         self.post = np.empty((rows, d_mlp), dtype)  # and after
-        self.scores = np.empty((batch * n_head, QUERY_BLOCK * pos), dtype)  # one block's scores per head
+        self.scores = np.empty((batch * n_head, QUERY_BLOCK * keys), dtype)  # one block's scores per head
         self.d_scores = None  # and their gradients, made by the first backward pass
         # where a block's intermediates go when nothing is kept for a backward pass: shared by all
         # layers, and the layer norms' outputs go into ``branch``
@@ -136,19 +138,24 @@ def pays(shape) -> bool:
     return shape[0] * shape[1] >= MIN_ROWS
 
 
-def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.ndarray:
+def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None, past_kv=None) -> np.ndarray:
     """Blocks [start, stop) of ``model``, as ``model._block`` would run them with no hooks.
     resid [batch, pos, d_model] -> [batch, pos, d_model] (a new array)
 
     ``hook``: the call's Run; when it saves for a backward pass, what ``blocks_backward`` will read
-    is kept on a tape, ``hook.tape``."""
+    is kept on a tape, ``hook.tape``. ``past_kv``: a key/value cache holding earlier positions
+    (as ``model.forward`` takes it, with no padding); each layer's new keys and values go into it
+    (``extend``) and attention reads all of them."""
     cfg = model.cfg
     batch, pos, d_model = resid.shape
     if start == stop:
         return resid
-    key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, resid.dtype)
+    offset = 0 if past_kv is None else past_kv.length  # positions before these, in the cache
+    key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, resid.dtype, offset + pos)
     tape = None
     if hook is not None and hook.save:
+        if past_kv is not None:
+            raise ValueError("fast.blocks keeps no tape for a backward pass through a key/value cache")
         tape = hook.tape = _Tape(batch, pos, cfg.n_layer, cfg.n_head, d_model, cfg.d_mlp, resid.dtype)
     ws = _acquire(key)
     at = ws if tape is None else tape  # where layer l's intermediates go: at.layer(l)
@@ -159,7 +166,8 @@ def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None) -> np.nda
         with worker_pool() as run:
             run(lambda r: _rows(model, ws, at, r, None, start), tiles)  # block `start` begins
             for l in range(start, stop):
-                run(lambda tasks: _attention(model, ws, at.layer(l), pos, tasks), head_groups)
+                kv = None if past_kv is None else _extend(model, past_kv, l, at.layer(l).qkv, batch, pos)
+                run(lambda tasks: _attention(model, ws, at.layer(l), pos, tasks, kv), head_groups)
                 following = l + 1 if l + 1 < stop else None
                 run(lambda r: _rows(model, ws, at, r, l, following), tiles)  # block l ends, l + 1 begins
         return ws.resid.reshape(batch, pos, d_model).copy()
@@ -255,7 +263,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, padding: np.ndarray |
             z[at] = result
 
     with worker_pool() as run:
-        run(heads, _head_pieces(batch, n_head, pos))
+        run(heads, _head_pieces(batch, n_head, pos, k.shape[2]))
     return (scores, pattern, z) if kept else z
 
 
@@ -297,15 +305,15 @@ def attention_backward(d_z: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndar
             d_z[at], q[at], k[at], v[at], z[at], padding=None if padding is None else padding[at[0]])
 
     with worker_pool() as run:
-        run(heads, _head_pieces(batch, n_head, pos))
+        run(heads, _head_pieces(batch, n_head, pos, k.shape[2]))
     return d_q, d_k, d_v
 
 
-def _head_pieces(batch: int, n_head: int, pos: int) -> list[tuple[slice, slice]]:
+def _head_pieces(batch: int, n_head: int, pos: int, keys: int | None = None) -> list[tuple[slice, slice]]:
     """The pieces ``attention`` and ``attention_backward`` share out: (batch rows, heads) slices
     into [batch, head, ...] arrays, as ``_head_batches`` cuts them."""
     return [(slice(rows.start, rows.stop), slice(hs.start, hs.stop))
-            for group in _head_groups(batch * n_head) for rows, hs in _head_batches(group, n_head, pos)]
+            for group in _head_groups(batch * n_head) for rows, hs in _head_batches(group, n_head, pos, keys)]
 
 
 def linear_backward(d_out: np.ndarray, x: np.ndarray, W: np.ndarray, transpose_dW: bool = False,
@@ -399,37 +407,55 @@ def _kept(normalized, scale, rows) -> dict:
     return {} if normalized is None else {"normalized": normalized[rows], "scale": scale[rows]}
 
 
-def _attention(model, ws: _Workspace, a, pos: int, tasks: range) -> None:
+def _extend(model, past_kv, l: int, qkv: np.ndarray, batch: int, pos: int):
+    """Layer l's new keys and values (in ``qkv``, [rows, 3 * d_model]) written into ``past_kv``
+    after the positions it holds, as model.py's ``_attention`` writes them: -> (k, v), every
+    position's, [batch, key_pos, head, d_head]."""
+    qkv = qkv.reshape(batch, pos, 3, model.cfg.n_head, model.cfg.d_head)  # [batch, pos, 3, head, d_head]
+    return past_kv.extend(l, qkv[:, :, 1], qkv[:, :, 2])
+
+
+def _attention(model, ws: _Workspace, a, pos: int, tasks: range, kv=None) -> None:
     """Causal attention of the (batch row, head) ``tasks`` of a layer whose q|k|v are in ``a.qkv``:
     writes their z into a.z. Heads go together, [batch rows, heads, queries, d_head] at a time
     (``_head_batches``): with short sequences, one NumPy call for many small heads costs less than
-    one each. Every head's arithmetic is the same either way."""
-    for group, tasks_here, by_head in _head_views(model, a, pos, tasks):
-        q, k, v, z = by_head(a.qkv, 0), by_head(a.qkv, 1), by_head(a.qkv, 2), by_head(a.z, 0)
-        for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..stop-1
+    one each. Every head's arithmetic is the same either way. ``kv``: (k, v) [batch, key_pos, head,
+    d_head], every position's keys and values when a cache holds key_pos - pos earlier ones
+    (``_extend``); the queries are the last pos positions."""
+    keys = pos if kv is None else kv[0].shape[1]
+    offset = keys - pos  # a query's position in the sequence, minus its row in q
+    for group, tasks_here, by_head in _head_views(model, a, pos, tasks, keys):
+        q, z = by_head(a.qkv, 0), by_head(a.z, 0)
+        k, v = (by_head(a.qkv, 1), by_head(a.qkv, 2)) if kv is None else (by_head(kv[0]), by_head(kv[1]))
+        for start, stop, end in _query_blocks(pos):  # queries start..stop-1 see keys 0..offset+stop-1
+            visible = offset + stop
             if a.pattern is None:  # one block's scores at a time, in the workspace
-                scores = ws.scores[tasks_here, : (stop - start) * stop]
-            else:  # kept for the backward pass
+                scores = ws.scores[tasks_here, : (stop - start) * visible]
+            else:  # kept for the backward pass (never with a cache)
                 scores = a.pattern[tasks_here, end - (stop - start) * stop: end]
-            scores = scores.reshape(*group, stop - start, stop)  # [rows, heads, block, stop]
-            np.matmul(q[..., start:stop, :] / math.sqrt(model.cfg.d_head), k[..., :stop, :].swapaxes(-1, -2), out=scores)
-            scores += ops.causal_mask(stop - start, stop, scores.dtype)
+            scores = scores.reshape(*group, stop - start, visible)  # [rows, heads, block, visible]
+            np.matmul(q[..., start:stop, :] / math.sqrt(model.cfg.d_head), k[..., :visible, :].swapaxes(-1, -2), out=scores)
+            scores += ops.causal_mask(stop - start, visible, scores.dtype)
             ops.softmax(scores, out=scores)  # the pattern, in place
-            np.matmul(scores, v[..., :stop, :], out=z[..., start:stop, :])
+            np.matmul(scores, v[..., :visible, :], out=z[..., start:stop, :])
 
 
-def _head_views(model, a, pos: int, tasks: range):
+def _head_views(model, a, pos: int, tasks: range, keys: int | None = None):
     """For each piece of ``tasks`` that ``_head_batches`` makes: ((batch rows, heads), the slice of
     tasks it covers, and ``by_head(x, part)``, which views part ``part`` (0, 1, 2 for q, k, v) of
-    an [rows, parts * d_model] array as [batch rows, heads, pos, d_head])."""
+    an [rows, parts * d_model] array as [batch rows, heads, pos, d_head]; ``by_head(x)`` views a
+    [batch, key_pos, head, d_head] array (a cache's keys or values) as [batch rows, heads, key_pos,
+    d_head]. ``keys``: the key positions (pos, unless a cache holds earlier ones)."""
     n_head = model.cfg.n_head
     d_model = model.cfg.n_embd
     d_head = d_model // n_head
-    for batch_rows, heads in _head_batches(tasks, n_head, pos):
+    for batch_rows, heads in _head_batches(tasks, n_head, pos, keys):
         rows = slice(batch_rows.start * pos, batch_rows.stop * pos)
         tasks_here = slice(batch_rows.start * n_head + heads.start, (batch_rows.stop - 1) * n_head + heads.stop)
 
-        def by_head(x, part, rows=rows, batch_rows=batch_rows, heads=heads):  # a view, no copy
+        def by_head(x, part=None, rows=rows, batch_rows=batch_rows, heads=heads):  # a view, no copy
+            if part is None:  # [batch, key_pos, head, d_head]
+                return x[batch_rows.start: batch_rows.stop, :, heads.start: heads.stop].transpose(0, 2, 1, 3)
             cols = slice(part * d_model + heads.start * d_head, part * d_model + heads.stop * d_head)
             return x[rows, cols].reshape(len(batch_rows), pos, len(heads), d_head).transpose(0, 2, 1, 3)
 
@@ -439,12 +465,13 @@ def _head_views(model, a, pos: int, tasks: range):
 HEAD_BATCH_ELEMENTS = 1 << 17  # heads go together while their scores of a block of queries are no more
 
 
-def _head_batches(tasks: range, n_head: int, pos: int):
+def _head_batches(tasks: range, n_head: int, pos: int, keys: int | None = None):
     """``tasks`` (batch row x n_head + head) as (range of batch rows, range of heads) pieces whose
     scores for a block of queries stay within ``HEAD_BATCH_ELEMENTS``: several whole batch rows
     when all their heads fit (short sequences), else part of one batch row's heads (several heads
-    at 128 tokens, one at 1024)."""
-    most = max(1, HEAD_BATCH_ELEMENTS // (min(pos, QUERY_BLOCK) * pos))  # heads in one piece
+    at 128 tokens, one at 1024). ``keys``: the key positions, when a cache holds more than ``pos``."""
+    keys = pos if keys is None else keys
+    most = max(1, HEAD_BATCH_ELEMENTS // (min(pos, QUERY_BLOCK) * keys))  # heads in one piece
     task = tasks.start
     while task < tasks.stop:
         b, h = divmod(task, n_head)
@@ -486,7 +513,7 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
 
     cfg = model.cfg
     batch, pos, d_model = d_resid.shape
-    key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, d_resid.dtype)
+    key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, d_resid.dtype, pos)  # (as the forward's)
     ws = _acquire(key)
     if ws.d_scores is None:
         ws.d_scores, ws.d_mid = np.empty_like(ws.scores), np.empty_like(ws.branch)

@@ -141,7 +141,7 @@ class TokenInput:
         if eager:  # the causal mask, and the padding's on top: [query_pos, key_pos] or [batch, 1, query_pos, key_pos]
             scores_mask = ops.causal_mask(shape[1], offset + shape[1], self.dtype)
             scores_mask = scores_mask if padding is None else scores_mask + padding
-        quick = (self.fast_path and run.idle() and past_kv is None and padding is None
+        quick = (self.fast_path and run.idle() and padding is None
                  and implementation == "blockwise" and fast.pays(shape))
         memory.check(self, run, shape[0], shape[1], offset + shape[1])  # before anything large is made
         return Call(tokens, mask, resid, positions, start, stop, past_kv, scores_mask, padding, eager, quick)

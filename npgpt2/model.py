@@ -140,7 +140,7 @@ class GPT2(HookedModel, Differentiable, TokenInput, WeightViews, ModuleAccessors
         call = self._prepare_call(run, input, attention_mask, past_kv, start_at_layer, stop_at_layer, tokens, prepend_bos, padding_side)
         x = self._embed(run, call.tokens, call.positions) if call.resid is None else call.resid  # [batch, pos, d_model]
         if call.fast:  # nobody looks inside: fast.py computes the same numbers on every core
-            x = fast.blocks(self, x, call.start, call.stop, run)  # [batch, pos, d_model]
+            x = fast.blocks(self, x, call.start, call.stop, run, past_kv)  # [batch, pos, d_model]
         else:
             for l in range(call.start, call.stop):
                 x = self._block(run, l, self.weights.blocks[l], x, call)  # [batch, pos, d_model]

@@ -54,6 +54,30 @@ def test_fast_path_equals_the_textbook_blocks(models, shape, monkeypatch):
         np.testing.assert_array_equal(fast_logits, plain, err_msg=f"{dtype} logits {shape}")  # the same arithmetic
 
 
+@pytest.mark.parametrize("steps", [(70, 80), (1, 130, 20), (150, 1, 9)])
+def test_fast_path_with_a_key_value_cache_equals_the_textbook_blocks(models, steps, monkeypatch):
+    # a prompt into an empty cache, then more positions after it: queries in blocks of 128 that
+    # start after the cached keys (70 + 80: a block of 58 after 70 keys, then one of 22 after 198)
+    tokens = np.random.default_rng(sum(steps)).integers(0, V, (2, sum(steps)))
+    for dtype in ("float32", "float64"):
+        m = models[dtype]
+        calls = _calls(m, monkeypatch)
+        caches = {way: npgpt2.KeyValueCache(m.cfg, 2, m.dtype) for way in ("fast", "plain")}
+        at = 0
+        for n in steps:
+            part = tokens[:, at: at + n]
+            fast_logits = m(part, past_kv=caches["fast"])
+            plain = _plain(m, part, past_kv=caches["plain"])
+            np.testing.assert_array_equal(fast_logits, plain, err_msg=f"{dtype}, positions {at}..{at + n - 1}")
+            at += n
+        assert len(calls) == len(steps)  # every step went the fast way (MIN_ROWS is 1 here)
+        for l in range(m.cfg.n_layer):
+            for a, b in zip(caches["fast"].layer(l), caches["plain"].layer(l)):
+                np.testing.assert_array_equal(a, b)
+        whole = _plain(m, tokens)  # and it is the model: the cached steps give the whole prompt's logits
+        assert_close(fast_logits, whole[:, -steps[-1]:], rel=1e-12 if dtype == "float64" else 1e-4)
+
+
 @pytest.mark.parametrize("elements, pieces", [
     (1, [(1, 1), (1, 1)]),  # one head at a time
     (1 << 14, [(1, 3), (1, 1)]),  # 3 then 1 of a batch row's 4 heads at 70 tokens
