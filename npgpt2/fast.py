@@ -579,8 +579,9 @@ def blocks_backward(model, tape: _Tape, d_resid: np.ndarray, start: int, stop: i
 
 
 def _slices(n: int, size: int = 384) -> tuple[slice, ...]:
-    """[0, n) in slices of about ``size`` (a weight gradient's rows, one slice per task)."""
-    return tuple(slice(r.start, r.stop) for r in ranges(n, max(1, round(n / size))))
+    """[0, n) in an even number of slices of about ``size`` (a weight gradient's rows, one slice per
+    task: an even number, so that two threads finish together)."""
+    return tuple(slice(r.start, r.stop) for r in ranges(n, 2 * max(1, round(n / (2 * size)))))
 
 
 def _attention_backward(model, ws: _Workspace, a, pos: int, tasks: range) -> None:
