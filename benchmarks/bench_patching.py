@@ -51,11 +51,13 @@ def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float
     """(GFLOP of the linear layers' products npgpt2's sweep ran, counted as they ran: every
     ``ops.linear`` call in one more run of the sweep, the corrupted run's included; the attention's
     q k^T and pattern v, a few percent more, are not counted. The rows of its median product,
-    weighted by arithmetic: half the GFLOP were done in products of fewer rows.)"""
+    weighted by arithmetic: half the GFLOP were done in products of fewer rows. A product counts
+    whole, as ``fast.linear`` and each block of ``fast.blocks`` take it, not by the tiles they cut
+    it into.)"""
     from npgpt2 import fast, ops
 
     done, products = [], []  # (rows, n_in, n_out) of each ops.linear call; (rows, GFLOP) of each product
-    real_ops, real_fast = ops.linear, fast.linear
+    real_ops, real_fast, real_blocks = ops.linear, fast.linear, fast.blocks
 
     def counted_ops(x, W, *args, **kwargs):
         done.append((x.size // x.shape[-1], W.shape[0], W.shape[1]))
@@ -66,11 +68,16 @@ def products_done(model, tokens, clean_cache, metric, sweep: str) -> tuple[float
         products.append((rows, 2 * rows * W.shape[0] * W.shape[1] / 1e9))
         return real_fast(x, W, *args, **kwargs)
 
-    ops.linear, fast.linear = counted_ops, counted_fast
+    def counted_blocks(model, resid, start, stop, *args):  # each block's products, whole (fast.py cuts them into tiles)
+        rows, (d, m) = resid.shape[0] * resid.shape[1], (model.cfg.d_model, model.cfg.d_mlp)
+        products.extend([(rows, 2 * rows * (4 * d * d + 2 * d * m) / 1e9)] * (stop - start))
+        return real_blocks(model, resid, start, stop, *args)
+
+    ops.linear, fast.linear, fast.blocks = counted_ops, counted_fast, counted_blocks
     try:
         getattr(patching, f"get_act_patch_{sweep}")(model, tokens, clean_cache, metric, progress=False)
     finally:
-        ops.linear, fast.linear = real_ops, real_fast
+        ops.linear, fast.linear, fast.blocks = real_ops, real_fast, real_blocks
     gflop = sum(2 * rows * n_in * n_out for rows, n_in, n_out in done) / 1e9
     products.sort()
     weight = np.cumsum([g for _, g in products])

@@ -27,7 +27,8 @@ beside the other's in the same round): on a machine whose speed drifts, both sid
 same spread of it.
 ``--only`` picks measurements (forward, cache, gradients, eap, generate; the load always runs).
 Each side's GFLOP/s in the forward passes is printed to explain a missed target, and with
-``--floor`` the matrix-multiply floor of npgpt2's forward (``common.matmul_products``, the same BLAS). Targets: forward <= 0.9x and generation
+``--floor`` the matrix-multiply floor of npgpt2's forward (``common.matmul_products``, the same BLAS)
+and generation's (``weight_reads``: every weight read once per new token). Targets: forward <= 0.9x and generation
 <= 0.6x transformers' time, gradients <= 0.8x torch's, load no slower than reading the file once.
 
     python benchmarks/bench_sizes.py [--sizes gpt2-medium,gpt2-large,gpt2-xl] [--repeats 3] [--rounds 1]
@@ -125,7 +126,27 @@ def child_npgpt2(folder: str, repeats: int, floor: bool = False) -> dict:
         gen = lambda: model.generate(prompt, max_new_tokens=NEW, stop_at_eos=False, return_type="tokens")  # noqa: E731
         measure(r, f"generate {PROMPT}+{NEW}", gen, repeats)
         r["generated"] = np.asarray(gen()).ravel()[-NEW:].tolist()
+        if floor:
+            measure(r, "floor generate", weight_reads(model, NEW), repeats)
     return r
+
+
+def weight_reads(model, passes: int):
+    """A function that reads every weight as one greedy step must, ``passes`` times: one row times
+    each block's W_qkv, W_O, W_in and W_out and times W_U (the model's own arrays), with numpy's
+    BLAS. A token of generation cannot cost less: the floor generation is judged by (at these
+    sizes, the speed at which this machine reads memory)."""
+    w = model.weights
+    mats = [W for b in w.blocks for W in (b.W_qkv, b.W_O, b.W_in, b.W_out)] + [w.W_U]
+    rows = [np.ones((1, W.shape[0]), W.dtype) for W in mats]
+    outs = [np.empty((1, W.shape[1]), W.dtype) for W in mats]
+
+    def reads():
+        for _ in range(passes):
+            for x, W, out in zip(rows, mats, outs):
+                np.matmul(x, W, out=out)
+
+    return reads
 
 
 def child_transformers(folder: str, repeats: int) -> dict:
@@ -254,6 +275,12 @@ def report(size: str, cfg, ours: dict, theirs: dict, read: dict) -> list[str]:
                      f"{theirs['EAP 15']['s'] / theirs['forward 15']['s']:.1f} transformers forward passes")
     if "generated" in ours:
         lines.append(f"greedy generation: same tokens on both sides: {ours['generated'] == theirs['generated']}")
+    if "floor generate" in ours:
+        fl, name = ours["floor generate"]["s"], f"generate {PROMPT}+{NEW}"
+        weights = 4 * (cfg.n_layer * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.d_mlp) + cfg.d_model * cfg.d_vocab)
+        lines.append(f"generation's floor (every weight read once per new token, {NEW} times, numpy's BLAS): {fl:.3f} s, "
+                     f"{NEW * weights / fl / 1e9:.1f} GB/s; npgpt2 / floor = {ours[name]['s'] / fl:.2f}, transformers / "
+                     f"floor = {theirs[name]['s'] / fl:.2f}: npgpt2 at its floor would be {fl / theirs[name]['s']:.2f}x transformers")
     return lines
 
 
@@ -280,7 +307,8 @@ def main(argv=None):
     ap.add_argument("--root", default=tempfile.gettempdir(), help="where the checkpoint folders go")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint folders afterwards")
     ap.add_argument("--floor", action="store_true",
-                    help="also time npgpt2's matrix-multiply floor at 128 and 1024 tokens (common.matmul_products)")
+                    help="also time npgpt2's matrix-multiply floor at 128 and 1024 tokens (common.matmul_products) "
+                         "and generation's (every weight read once per new token)")
     ap.add_argument("--threads", type=int, default=0,
                     help="threads of both sides (npgpt2.set_num_threads, torch.set_num_threads); "
                     "default: each library's own (one per core)")
