@@ -1,7 +1,7 @@
 """The transformer blocks once more, arranged for speed: the numbers of model.py, on every core.
 
 Read model.py to learn GPT-2; this file only rearranges the same arithmetic. The model runs it in
-place of its loop over ``_block`` when nobody looks inside: no hook, no cache, no gradient, no
+place of its loop over ``_block`` when nobody looks inside: no hook, no activation cache, no
 padding, and blockwise attention (``model.fast_path = False`` turns it off). A key/value cache is
 fine: each layer's new keys and values go into it, and attention reads them from there. The two give
 the same bits: model.py computes its products (``linear``) and its blockwise attention
@@ -153,9 +153,7 @@ def blocks(model, resid: np.ndarray, start: int, stop: int, hook=None, past_kv=N
     offset = 0 if past_kv is None else past_kv.length  # positions before these, in the cache
     key = (batch, pos, cfg.n_head, d_model, cfg.d_mlp, resid.dtype, offset + pos)
     tape = None
-    if hook is not None and hook.save:
-        if past_kv is not None:
-            raise ValueError("fast.blocks keeps no tape for a backward pass through a key/value cache")
+    if hook is not None and hook.save:  # (never with past_kv: the gradients refuse one)
         tape = hook.tape = _Tape(batch, pos, cfg.n_layer, cfg.n_head, d_model, cfg.d_mlp, resid.dtype)
     ws = _acquire(key)
     at = ws if tape is None else tape  # where layer l's intermediates go: at.layer(l)
